@@ -1,0 +1,145 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Language mode 5 for now: the NIO handlers pass non-Sendable state between loop-bound closures in the
+// way NIO documents; moving to Swift 6 mode is tracked as follow-up work.
+let swiftSettings: [SwiftSetting] = [.swiftLanguageMode(.v5)]
+
+let package = Package(
+    name: "starling",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "starling", targets: ["starling"]),
+        .executable(name: "starlingctl", targets: ["starlingctl"]),
+    ],
+    dependencies: [
+        .package(path: "PluginAPI"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.3"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        // 3.x builds markedly faster than 4.x and has everything SCRAM needs (PBKDF2 in _CryptoExtras).
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"4.0.0"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
+        .package(url: "https://github.com/apple/swift-asn1.git", from: "1.7.4"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/vapor/sqlite-nio.git", from: "1.13.2"),
+    ],
+    targets: [
+        // C: only StarlingXML sees libxml2.
+        .systemLibrary(
+            name: "CLibXML2",
+            pkgConfig: "libxml-2.0",
+            providers: [.apt(["libxml2-dev"])]
+        ),
+        .target(
+            name: "StarlingXML",
+            dependencies: ["CLibXML2", .product(name: "StarlingAPI", package: "PluginAPI")],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "StarlingSASL",
+            dependencies: [
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "StarlingConfig",
+            dependencies: [
+                "Yams",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "StarlingStorage",
+            dependencies: [
+                "StarlingSASL",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "StarlingSQLite",
+            dependencies: [
+                "StarlingStorage",
+                .product(name: "SQLiteNIO", package: "sqlite-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "StarlingServer",
+            dependencies: [
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOFoundationCompat", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "starling",
+            dependencies: [
+                "StarlingServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "starlingctl",
+            dependencies: [
+                "StarlingServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // Our own XMPP client: used by the integration tests and, later, the load generator.
+        .target(
+            name: "StarlingTestClient",
+            dependencies: [
+                "StarlingXML", "StarlingSASL",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "StarlingUnitTests",
+            dependencies: [
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "StarlingIntegrationTests",
+            dependencies: [
+                "StarlingTestClient", "StarlingServer",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+    ]
+)
