@@ -54,6 +54,12 @@ public struct SCRAMServer: Sendable {
         self.serverNonce = serverNonce ?? randomNonce()
     }
 
+    /// True until the client's first message arrived (it may come after an empty challenge).
+    public var isAwaitingClientFirst: Bool {
+        if case .awaitingClientFirst = state { return true }
+        return false
+    }
+
     public mutating func receiveClientFirst(_ message: [UInt8]) -> FirstStep {
         guard case .awaitingClientFirst = state else { return fail(.malformedRequest) }
         guard let text = String(validating: message, as: UTF8.self) else { return fail(.incorrectEncoding) }

@@ -1,0 +1,247 @@
+import Foundation
+import Logging
+import StarlingAPI
+import Yams
+
+/// How a client listener does TLS.
+public enum ListenerTLS: String, Sendable {
+    /// Plaintext first, `<starttls/>` offered (RFC 6120 §5).
+    case starttls
+    /// TLS from the first byte (XEP-0368).
+    case direct
+}
+
+public struct ListenerConfiguration: Sendable, Equatable {
+    public var address: String
+    public var port: Int
+    public var tls: ListenerTLS
+    public var backlog: Int
+}
+
+public struct TLSConfiguration: Sendable, Equatable {
+    /// PEM certificate chain; nil means "generate a self-signed one for development".
+    public var certificatePath: String?
+    public var privateKeyPath: String?
+    /// Refuse authentication before TLS.
+    public var required: Bool
+}
+
+public struct AuthConfiguration: Sendable, Equatable {
+    public var mechanisms: [String]
+    public var scramIterations: Int
+    /// Seconds a wrong password waits before `<not-authorized/>`.
+    public var failureDelay: Double
+    /// Failures from one address within `failureWindow` after which each attempt is slowed further.
+    public var failuresBeforeSlowdown: Int
+    public var failureWindow: Double
+}
+
+public struct LimitsConfiguration: Sendable, Equatable {
+    public var maxStanzaSize: Int
+    public var maxDepth: Int
+    public var maxSessionsPerUser: Int
+    /// Seconds allowed from connect to bound resource.
+    public var authTimeout: Double
+    /// Seconds without any input after which a session is closed.
+    public var idleTimeout: Double
+    /// Seconds between whitespace keepalives we send.
+    public var keepaliveInterval: Double
+}
+
+public enum StorageBackend: String, Sendable { case sqlite }
+
+public struct StorageConfiguration: Sendable, Equatable {
+    public var backend: StorageBackend
+    public var path: String
+}
+
+public struct AdminConfiguration: Sendable, Equatable {
+    /// Unix socket `starlingctl` talks to.
+    public var socketPath: String
+}
+
+/// The whole server configuration, read and validated in one go at start.
+public struct StarlingConfiguration: Sendable, Equatable {
+    public var hosts: [String]
+    public var dataDirectory: String
+    public var logLevel: Logger.Level
+    public var listeners: [ListenerConfiguration]
+    public var tls: TLSConfiguration
+    public var auth: AuthConfiguration
+    public var limits: LimitsConfiguration
+    public var storage: StorageConfiguration
+    public var admin: AdminConfiguration
+    /// Where this configuration came from (for messages and reloads).
+    public var sourcePath: String
+
+    // MARK: Declarations: each option once, with default, bounds and doc.
+
+    static let hostsOption = ConfigOption<[String]>("hosts", default: ["localhost"], doc: "Domains this server serves.")
+    static let dataDirectoryOption = ConfigOption<String>("data_dir", default: "var", doc: "Directory for the embedded database, generated certificates and the admin socket; relative to the config file.")
+    static let logLevelOption = ConfigOption<String>("log_level", default: "info", oneOf: Logger.Level.allCases.map(\.rawValue), doc: "Log verbosity.")
+
+    static let listenerAddress = ConfigOption<String>("address", default: "0.0.0.0", doc: "Address to bind.")
+    static let listenerPort = ConfigOption<Int>("port", default: 5222, range: 0...65535, doc: "TCP port (0 picks a free one, reported on standard output).")
+    static let listenerTLS = ConfigOption<String>("tls", default: "starttls", oneOf: ["starttls", "direct"], doc: "starttls (RFC 6120) or direct TLS (XEP-0368).")
+    static let listenerBacklog = ConfigOption<Int>("backlog", default: 1024, range: 1...65535, doc: "Listen backlog.")
+    static let listenerType = ConfigOption<String>("type", default: "c2s", oneOf: ["c2s"], doc: "Listener kind.")
+
+    static let tlsCertificate = ConfigOption<String?>("certificate", default: nil, doc: "PEM certificate chain. When unset, a self-signed certificate is generated in data_dir (development only).")
+    static let tlsKey = ConfigOption<String?>("key", default: nil, doc: "PEM private key for the certificate.")
+    static let tlsRequired = ConfigOption<Bool>("required", default: true, doc: "Require STARTTLS before authentication.")
+
+    static let supportedMechanisms = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"]
+    static let authMechanisms = ConfigOption<[String]>("mechanisms", default: supportedMechanisms, doc: "SASL mechanisms offered, in order of preference. PLAIN is only offered over TLS.") { value in
+        let unknown = value.filter { !supportedMechanisms.contains($0) }
+        if !unknown.isEmpty { return "unknown mechanism \(unknown.joined(separator: ", ")) (known: \(supportedMechanisms.joined(separator: ", ")))" }
+        return value.isEmpty ? "at least one mechanism is needed" : nil
+    }
+    static let authIterations = ConfigOption<Int>("scram_iterations", default: 4096, range: 4096...1_000_000, doc: "PBKDF2 iterations for newly stored SCRAM credentials.")
+    static let authFailureDelay = ConfigOption<Double>("failure_delay", default: 1.0, range: 0...30, doc: "Seconds before a failed authentication is answered.")
+    static let authFailuresBeforeSlowdown = ConfigOption<Int>("failures_before_slowdown", default: 5, range: 1...1000, doc: "Failed attempts from one IP address after which each further failure waits twice as long (up to 30 s).")
+    static let authFailureWindow = ConfigOption<Double>("failure_window", default: 300, range: 1...86400, doc: "Seconds over which failures from one address are counted.")
+
+    static let maxStanzaSize = ConfigOption<Int>("max_stanza_size", default: 262_144, range: 1024...16_777_216, doc: "Largest stanza in bytes; larger gets <policy-violation/>.")
+    static let maxDepth = ConfigOption<Int>("max_depth", default: 32, range: 4...256, doc: "Deepest element nesting inside a stanza.")
+    static let maxSessions = ConfigOption<Int>("max_sessions_per_user", default: 10, range: 1...1000, doc: "Resources one account may have bound at once.")
+    static let authTimeout = ConfigOption<Double>("auth_timeout", default: 30, range: 1...3600, doc: "Seconds from connect until a resource must be bound.")
+    static let idleTimeout = ConfigOption<Double>("idle_timeout", default: 600, range: 5...86400, doc: "Seconds without any data from a client before its session is closed.")
+    static let keepaliveInterval = ConfigOption<Double>("keepalive_interval", default: 90, range: 1...86400, doc: "Seconds of silence towards a client after which a whitespace keepalive is sent.")
+
+    static let storageBackend = ConfigOption<String>("backend", default: "sqlite", oneOf: ["sqlite"], doc: "Storage backend.")
+    static let storagePath = ConfigOption<String>("path", default: "starling.sqlite", doc: "SQLite database file, relative to data_dir.")
+
+    static let adminSocket = ConfigOption<String>("socket", default: "starling.sock", doc: "Unix socket for starlingctl, relative to data_dir (mode 0600).")
+
+    // MARK: Loading
+
+    /// Reads and validates `path`. Every problem is a `ConfigError` naming file, line and key.
+    public static func load(path: String) throws(ConfigError) -> StarlingConfiguration {
+        let text: String
+        do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+            throw ConfigError(file: path, line: nil, key: nil, message: "cannot read: \(error.localizedDescription)")
+        }
+        return try parse(yaml: text, file: path)
+    }
+
+    public static func parse(yaml: String, file: String, reference: ConfigReference = ConfigReference()) throws(ConfigError) -> StarlingConfiguration {
+        let root: Node?
+        do { root = try Yams.compose(yaml: yaml) } catch let error as YamlError {
+            throw ConfigError(file: file, line: Self.line(of: error), key: nil, message: "YAML syntax error: \(Self.problem(of: error))")
+        } catch {
+            throw ConfigError(file: file, line: nil, key: nil, message: "YAML error: \(error)")
+        }
+        if let root, root.mapping == nil, root.scalar?.string != "" {
+            throw ConfigError(file: file, line: root.mark?.line, key: nil, message: "the top level must be a mapping")
+        }
+        let top = ConfigSection(file: file, path: "", node: root, reference: reference)
+        let baseDirectory = URL(fileURLWithPath: file).deletingLastPathComponent().path
+
+        let hosts = try top.read(hostsOption)
+        if hosts.isEmpty { throw top.error("hosts", "at least one host is needed") }
+        for host in hosts {
+            guard let jid = JID(host), jid.localpart == nil, jid.resourcepart == nil else {
+                throw top.error("hosts", "'\(host)' is not a valid domain")
+            }
+        }
+        let dataDirectory = resolve(try top.read(dataDirectoryOption), against: baseDirectory)
+        let logLevel = Logger.Level(rawValue: try top.read(logLevelOption))!
+
+        var listeners: [ListenerConfiguration] = []
+        let listenerSections = try top.sections("listeners") ?? []
+        reference.record(key: "listeners", type: "section", defaultText: "", doc: "Client listeners (list). Default: STARTTLS on 5222 and direct TLS on 5223.")
+        for section in listenerSections {
+            _ = try section.read(listenerType)
+            listeners.append(ListenerConfiguration(
+                address: try section.read(listenerAddress),
+                port: try section.read(listenerPort),
+                tls: ListenerTLS(rawValue: try section.read(listenerTLS))!,
+                backlog: try section.read(listenerBacklog)
+            ))
+            try section.rejectUnknownKeys()
+        }
+        if listenerSections.isEmpty {
+            listeners = [
+                ListenerConfiguration(address: "0.0.0.0", port: 5222, tls: .starttls, backlog: 1024),
+                ListenerConfiguration(address: "0.0.0.0", port: 5223, tls: .direct, backlog: 1024),
+            ]
+        }
+
+        let tlsSection = try top.section("tls", doc: "TLS for client connections.")
+        let tls = TLSConfiguration(
+            certificatePath: try tlsSection.read(tlsCertificate).map { resolve($0, against: baseDirectory) },
+            privateKeyPath: try tlsSection.read(tlsKey).map { resolve($0, against: baseDirectory) },
+            required: try tlsSection.read(tlsRequired)
+        )
+        if (tls.certificatePath == nil) != (tls.privateKeyPath == nil) {
+            throw tlsSection.error(tls.certificatePath == nil ? "certificate" : "key", "certificate and key must be set together")
+        }
+        try tlsSection.rejectUnknownKeys()
+
+        let authSection = try top.section("auth", doc: "Authentication.")
+        let auth = AuthConfiguration(
+            mechanisms: try authSection.read(authMechanisms),
+            scramIterations: try authSection.read(authIterations),
+            failureDelay: try authSection.read(authFailureDelay),
+            failuresBeforeSlowdown: try authSection.read(authFailuresBeforeSlowdown),
+            failureWindow: try authSection.read(authFailureWindow)
+        )
+        try authSection.rejectUnknownKeys()
+
+        let limitsSection = try top.section("limits", doc: "Resource limits on what clients control.")
+        let limits = LimitsConfiguration(
+            maxStanzaSize: try limitsSection.read(maxStanzaSize),
+            maxDepth: try limitsSection.read(maxDepth),
+            maxSessionsPerUser: try limitsSection.read(maxSessions),
+            authTimeout: try limitsSection.read(authTimeout),
+            idleTimeout: try limitsSection.read(idleTimeout),
+            keepaliveInterval: try limitsSection.read(keepaliveInterval)
+        )
+        try limitsSection.rejectUnknownKeys()
+
+        let storageSection = try top.section("storage", doc: "Where accounts and other durable state live.")
+        let storage = StorageConfiguration(
+            backend: StorageBackend(rawValue: try storageSection.read(storageBackend))!,
+            path: resolve(try storageSection.read(storagePath), against: dataDirectory)
+        )
+        try storageSection.rejectUnknownKeys()
+
+        let adminSection = try top.section("admin", doc: "The local admin interface used by starlingctl.")
+        let admin = AdminConfiguration(socketPath: resolve(try adminSection.read(adminSocket), against: dataDirectory))
+        try adminSection.rejectUnknownKeys()
+
+        try top.rejectUnknownKeys()
+        return StarlingConfiguration(
+            hosts: hosts.map { JID($0)!.domainpart }, dataDirectory: dataDirectory, logLevel: logLevel,
+            listeners: listeners, tls: tls, auth: auth, limits: limits, storage: storage, admin: admin,
+            sourcePath: file
+        )
+    }
+
+    /// The documentation of every option, generated from the declarations.
+    public static var referenceText: String {
+        let reference = ConfigReference()
+        let example = "listeners:\n  - port: 5222\n"
+        _ = try? parse(yaml: example, file: "(reference)", reference: reference)
+        return reference.text
+    }
+
+    private static func resolve(_ path: String, against base: String) -> String {
+        if path.hasPrefix("/") { return path }
+        return URL(fileURLWithPath: base).appendingPathComponent(path).standardizedFileURL.path
+    }
+
+    private static func line(of error: YamlError) -> Int? {
+        switch error {
+        case .scanner(_, _, let mark, _), .parser(_, _, let mark, _): return mark.line
+        default: return nil
+        }
+    }
+
+    private static func problem(of error: YamlError) -> String {
+        switch error {
+        case .scanner(_, let problem, _, _), .parser(_, let problem, _, _): return problem
+        default: return "\(error)"
+        }
+    }
+}

@@ -1,0 +1,93 @@
+import Foundation
+import NIOCore
+import SQLiteNIO
+import StarlingSASL
+import StarlingStorage
+
+extension SQLiteStore: AccountStore {
+    public func createAccount(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
+        try await run {
+            try await self.transaction {
+                let existing = try await self.connection.query(
+                    "SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
+                if !existing.isEmpty { throw StorageError.accountExists }
+                _ = try await self.connection.query(
+                    "INSERT INTO accounts (host, username, created_at) VALUES (?, ?, ?)",
+                    [.text(host), .text(username), .integer(Int(Date().timeIntervalSince1970))])
+                try await self.insert(credentials, username: username, host: host)
+            }
+        }
+    }
+
+    public func credentials(username: String, host: String) async throws(StorageError) -> [SCRAMCredentials]? {
+        try await run {
+            let account = try await self.connection.query(
+                "SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
+            if account.isEmpty { return nil }
+            let rows = try await self.connection.query(
+                "SELECT hash, salt, iterations, stored_key, server_key FROM scram_credentials WHERE host = ? AND username = ?",
+                [.text(host), .text(username)])
+            return rows.compactMap { row -> SCRAMCredentials? in
+                guard let hash = row.column("hash")?.string.flatMap(SCRAMHash.init(rawValue:)),
+                      let salt = row.column("salt")?.blob, let iterations = row.column("iterations")?.integer,
+                      let storedKey = row.column("stored_key")?.blob, let serverKey = row.column("server_key")?.blob
+                else { return nil }
+                return SCRAMCredentials(hash: hash, salt: Array(buffer: salt), iterations: iterations,
+                                        storedKey: Array(buffer: storedKey), serverKey: Array(buffer: serverKey))
+            }
+        }
+    }
+
+    public func setCredentials(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
+        try await run {
+            try await self.transaction {
+                let existing = try await self.connection.query(
+                    "SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
+                if existing.isEmpty { throw StorageError.accountNotFound }
+                _ = try await self.connection.query(
+                    "DELETE FROM scram_credentials WHERE host = ? AND username = ?", [.text(host), .text(username)])
+                try await self.insert(credentials, username: username, host: host)
+            }
+        }
+    }
+
+    public func deleteAccount(username: String, host: String) async throws(StorageError) {
+        try await run {
+            try await self.transaction {
+                let existing = try await self.connection.query(
+                    "SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
+                if existing.isEmpty { throw StorageError.accountNotFound }
+                _ = try await self.connection.query(
+                    "DELETE FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
+            }
+        }
+    }
+
+    public func accounts(host: String) async throws(StorageError) -> [String] {
+        try await run {
+            try await self.connection.query(
+                "SELECT username FROM accounts WHERE host = ? ORDER BY username", [.text(host)]
+            ).compactMap { $0.column("username")?.string }
+        }
+    }
+
+    private func insert(_ credentials: [SCRAMCredentials], username: String, host: String) async throws {
+        for credential in credentials {
+            _ = try await connection.query(
+                """
+                INSERT INTO scram_credentials (host, username, hash, salt, iterations, stored_key, server_key)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """,
+                [.text(host), .text(username), .text(credential.hash.rawValue), .blob(ByteBuffer(bytes: credential.salt)),
+                 .integer(credential.iterations), .blob(ByteBuffer(bytes: credential.storedKey)),
+                 .blob(ByteBuffer(bytes: credential.serverKey))])
+        }
+    }
+
+    /// Maps every failure to `StorageError`, keeping the store's own errors as they are.
+    private func run<T>(_ body: () async throws -> T) async throws(StorageError) -> T {
+        do { return try await body() } catch let error as StorageError { throw error } catch {
+            throw .backend(String(describing: error))
+        }
+    }
+}

@@ -1,0 +1,127 @@
+import Logging
+import NIOCore
+import NIOPosix
+import SQLiteNIO
+
+/// The embedded database: one SQLite file, WAL mode, statements run on NIO's thread pool so no event
+/// loop ever waits on disk. Versioned migrations run at open.
+public final class SQLiteStore: Sendable {
+    let connection: SQLiteConnection
+    /// One connection serves every caller, so transactions must not interleave.
+    private let gate = TransactionGate()
+
+    /// Each entry is one schema version; append, never edit.
+    static let migrations: [[String]] = [
+        [
+            """
+            CREATE TABLE accounts (
+                host TEXT NOT NULL,
+                username TEXT NOT NULL,
+                created_at INTEGER NOT NULL,
+                PRIMARY KEY (host, username)
+            )
+            """,
+            """
+            CREATE TABLE scram_credentials (
+                host TEXT NOT NULL,
+                username TEXT NOT NULL,
+                hash TEXT NOT NULL,
+                salt BLOB NOT NULL,
+                iterations INTEGER NOT NULL,
+                stored_key BLOB NOT NULL,
+                server_key BLOB NOT NULL,
+                PRIMARY KEY (host, username, hash),
+                FOREIGN KEY (host, username) REFERENCES accounts (host, username) ON DELETE CASCADE
+            )
+            """,
+        ],
+    ]
+
+    private init(connection: SQLiteConnection) {
+        self.connection = connection
+    }
+
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    public static func open(path: String, logger: Logger) async throws(StorageError) -> SQLiteStore {
+        do {
+            let connection = try await SQLiteConnection.open(
+                storage: .file(path: path), threadPool: NIOThreadPool.singleton, logger: logger,
+                on: MultiThreadedEventLoopGroup.singleton.any()
+            )
+            let store = SQLiteStore(connection: connection)
+            // WAL lets starlingctl read and write while the server runs; busy_timeout makes the two wait
+            // for each other instead of failing.
+            _ = try await connection.query("PRAGMA journal_mode=WAL")
+            _ = try await connection.query("PRAGMA busy_timeout=5000")
+            _ = try await connection.query("PRAGMA foreign_keys=ON")
+            try await store.migrate()
+            return store
+        } catch let error as StorageError {
+            throw error
+        } catch {
+            throw .backend("cannot open SQLite database \(path): \(error)")
+        }
+    }
+
+    private func migrate() async throws {
+        _ = try await connection.query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        _ = try await connection.query("BEGIN IMMEDIATE")
+        do {
+            let rows = try await connection.query("SELECT MAX(version) AS version FROM schema_version")
+            let current = rows.first?.column("version")?.integer ?? 0
+            for (index, statements) in Self.migrations.enumerated() where index + 1 > current {
+                for statement in statements { _ = try await connection.query(statement) }
+                _ = try await connection.query("INSERT INTO schema_version (version) VALUES (?)", [.integer(index + 1)])
+            }
+            _ = try await connection.query("COMMIT")
+        } catch {
+            _ = try? await connection.query("ROLLBACK")
+            throw error
+        }
+    }
+
+    public func close() async {
+        try? await connection.close()
+    }
+
+    /// Runs `body` inside a transaction, rolling back on any error.
+    func transaction<T>(_ body: () async throws -> T) async throws -> T {
+        await gate.acquire()
+        do {
+            _ = try await connection.query("BEGIN IMMEDIATE")
+        } catch {
+            await gate.release()
+            throw error
+        }
+        do {
+            let result = try await body()
+            _ = try await connection.query("COMMIT")
+            await gate.release()
+            return result
+        } catch {
+            _ = try? await connection.query("ROLLBACK")
+            await gate.release()
+            throw error
+        }
+    }
+}
+
+/// A FIFO async mutex: the connection runs one transaction at a time.
+actor TransactionGate {
+    private var busy = false
+    private var waiters: [CheckedContinuation<Void, Never>] = []
+
+    func acquire() async {
+        if !busy {
+            busy = true
+            return
+        }
+        await withCheckedContinuation { waiters.append($0) }
+    }
+
+    func release() {
+        if waiters.isEmpty { busy = false } else { waiters.removeFirst().resume() }
+    }
+}
+
+@_exported import StarlingStorage

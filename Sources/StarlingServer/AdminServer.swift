@@ -1,0 +1,110 @@
+import Foundation
+import NIOCore
+import NIOPosix
+
+/// The local admin interface `starlingctl` talks to: a Unix socket (mode 0600, so only the server's
+/// user) carrying one JSON request per line and one JSON reply per line.
+enum AdminProtocol {
+    struct Request: Codable {
+        var command: String
+    }
+
+    struct StatusReply: Codable {
+        var ok: Bool
+        var version: String
+        var uptimeSeconds: Double
+        var connections: Int
+        var sessions: Int
+        var residentMemoryBytes: Int?
+        var hosts: [String]
+    }
+
+    struct UsersReply: Codable {
+        var ok: Bool
+        var users: [String]
+    }
+
+    struct ErrorReply: Codable {
+        var ok: Bool
+        var error: String
+    }
+}
+
+/// Splits the inbound byte stream into lines (bounded, since the peer is local but still untrusted).
+final class LineDecoder: ByteToMessageDecoder {
+    typealias InboundOut = ByteBuffer
+    let maxLength = 64 * 1024
+
+    func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let newline = buffer.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) else {
+            if buffer.readableBytes > maxLength { throw AdminLineTooLong() }
+            return .needMoreData
+        }
+        let line = buffer.readSlice(length: newline - buffer.readerIndex)!
+        buffer.moveReaderIndex(forwardBy: 1)
+        context.fireChannelRead(wrapInboundOut(line))
+        return .continue
+    }
+}
+
+struct AdminLineTooLong: Error {}
+
+final class AdminHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let server: ServerContext
+    private let startedAt: Date
+
+    init(server: ServerContext, startedAt: Date) {
+        self.server = server
+        self.startedAt = startedAt
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let line = unwrapInboundIn(data)
+        let reply: Data
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        do {
+            let request = try JSONDecoder().decode(AdminProtocol.Request.self, from: Data(line.readableBytesView))
+            switch request.command {
+            case "status":
+                reply = try encoder.encode(AdminProtocol.StatusReply(
+                    ok: true, version: StarlingVersion.current,
+                    uptimeSeconds: Date().timeIntervalSince(startedAt),
+                    connections: server.connections.count, sessions: server.registry.sessionCount,
+                    residentMemoryBytes: ProcessMemory.residentBytes(), hosts: server.configuration.hosts
+                ))
+            case "connected-users":
+                reply = try encoder.encode(AdminProtocol.UsersReply(ok: true, users: server.registry.allSessions.map(\.jid.description).sorted()))
+            default:
+                reply = try encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "unknown command '\(request.command)'"))
+            }
+        } catch {
+            reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "bad request: \(error)"))) ?? Data()
+        }
+        var buffer = context.channel.allocator.buffer(capacity: reply.count + 1)
+        buffer.writeBytes(reply)
+        buffer.writeInteger(UInt8(ascii: "\n"))
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
+
+public enum StarlingVersion {
+    public static let current = "0.1.0"
+}
+
+public enum ProcessMemory {
+    /// Resident set size from /proc (Linux); nil elsewhere.
+    public static func residentBytes() -> Int? {
+        guard let statm = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8) else { return nil }
+        let fields = statm.split(separator: " ")
+        guard fields.count > 1, let pages = Int(fields[1]) else { return nil }
+        return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
+    }
+}

@@ -1,0 +1,299 @@
+import Logging
+import NIOCore
+import NIOSSL
+import NIOTLS
+import StarlingAPI
+import StarlingSASL
+import StarlingStorage
+import StarlingXML
+
+/// Carries out the c2s state machine's actions on one channel. All state lives on the channel's event
+/// loop; storage and password hashing run elsewhere and come back to the loop with their result.
+final class C2SHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let server: ServerContext
+    private var machine: C2SStateMachine
+    private let parser: XMLStreamParser
+    private var context: ChannelHandlerContext?
+    private var session: ClientSession?
+    private var logger: Logger
+    private var remoteAddress = "unknown"
+
+    /// Events that arrived while an asynchronous step (lookup, hashing, failure delay) was in flight;
+    /// they are processed in order once it finishes.
+    private var queued = CircularBuffer<XMLStreamEvent>()
+    private var queuedParseError: XMLStreamError?
+    private var waiting = false
+    /// Set when the parser was reset: events still in hand belong to the old document.
+    private var discardRemainingEvents = false
+    private var events: [XMLStreamEvent] = []
+
+    private var inReadBurst = false
+    private var flushPending = false
+    private var flushScheduled = false
+    private var authTimeout: Scheduled<Void>?
+
+    init(server: ServerContext, settings: C2SSettings, directTLS: Bool) {
+        self.server = server
+        self.machine = C2SStateMachine(settings: settings, tlsActive: directTLS,
+                                       channelBinding: directTLS ? server.tls.channelBinding : nil)
+        self.parser = XMLStreamParser(limits: XMLStreamLimits(
+            maxStanzaBytes: server.configuration.limits.maxStanzaSize,
+            maxDepth: server.configuration.limits.maxDepth
+        ))
+        self.logger = server.logger
+    }
+
+    // MARK: Channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        remoteAddress = context.remoteAddress?.ipAddress ?? "unknown"
+        logger[metadataKey: "peer"] = "\(remoteAddress):\(context.remoteAddress?.port ?? 0)"
+        let loop = context.eventLoop
+        let id = ObjectIdentifier(self)
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        server.connections.insert(id) {
+            loop.execute { bound.value.perform(bound.value.machine.shuttingDown()) }
+        }
+        authTimeout = loop.scheduleTask(in: .milliseconds(Int64(server.configuration.limits.authTimeout * 1000))) {
+            bound.value.perform(bound.value.machine.authenticationTimedOut())
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        authTimeout?.cancel()
+        server.connections.remove(ObjectIdentifier(self))
+        if let session {
+            server.registry.unbind(session)
+            logger.debug("session closed", metadata: ["jid": "\(session.jid)"])
+        }
+        session = nil
+        self.context = nil
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        if machine.isClosed { return }
+        inReadBurst = true
+        var parseError: XMLStreamError?
+        events.removeAll(keepingCapacity: true)
+        buffer.withUnsafeReadableBytes { bytes in
+            do throws(XMLStreamError) { try parser.feed(bytes, into: &events) } catch { parseError = error }
+        }
+        discardRemainingEvents = false
+        for event in events {
+            if discardRemainingEvents { break }
+            if waiting { queued.append(event) } else { handle(event) }
+        }
+        if let parseError, !discardRemainingEvents {
+            if waiting { queuedParseError = parseError } else { perform(machine.parseFailed(parseError)) }
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        inReadBurst = false
+        if flushPending {
+            flushPending = false
+            context.flush()
+        }
+        context.fireChannelReadComplete()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let tlsEvent = event as? TLSUserEvent, case .handshakeCompleted = tlsEvent {
+            if !machine.tlsActive { perform(machine.tlsEstablished(channelBinding: server.tls.channelBinding)) }
+            return
+        }
+        if let idle = event as? IdleStateHandler.IdleStateEvent {
+            switch idle {
+            case .read:
+                perform(machine.idleTimedOut())
+            case .write:
+                // Whitespace keepalive (RFC 6120 §4.6.1), only between stanzas of an open stream.
+                if session != nil { write(" ") ; flushSoon() }
+            case .all:
+                break
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        logger.debug("connection error", metadata: ["error": "\(error)"])
+        context.close(promise: nil)
+    }
+
+    // MARK: Carrying out actions
+
+    private func handle(_ event: XMLStreamEvent) {
+        switch event {
+        case .streamOpen(let header, let defaultNamespace):
+            perform(machine.streamOpened(header: header, defaultNamespace: defaultNamespace))
+        case .stanza(let element):
+            perform(machine.elementReceived(element))
+        case .streamClose:
+            perform(machine.streamClosed())
+        }
+    }
+
+    private func perform(_ actions: [C2SStateMachine.Action]) {
+        guard let context else { return }
+        for action in actions {
+            switch action {
+            case .send(let text):
+                write(text)
+            case .sendElement(let element):
+                write(element.serialized(inheritedNamespace: Namespace.client))
+            case .startTLS:
+                context.flush()
+                let handler = NIOSSLServerHandler(context: server.tls.context)
+                discardRemainingEvents = true
+                parser.reset()
+                do { try context.pipeline.syncOperations.addHandler(handler, position: .first) } catch {
+                    logger.error("cannot start TLS", metadata: ["error": "\(error)"])
+                    context.close(promise: nil)
+                }
+            case .resetParser:
+                discardRemainingEvents = true
+                parser.reset()
+            case .lookUpCredentials(let username, let host):
+                suspend()
+                let accounts = server.accounts
+                let future = context.eventLoop.makeFutureWithTask { try await accounts.credentials(username: username, host: host) }
+                future.whenComplete { result in
+                    switch result {
+                    case .success(let credentials): self.perform(self.machine.credentialsLoaded(credentials))
+                    case .failure(let error): self.storageFailed(error)
+                    }
+                    self.resume()
+                }
+            case .verifyPlain(let username, let host, let password):
+                suspend()
+                let accounts = server.accounts
+                let pool = server.threadPool
+                let future = context.eventLoop.makeFutureWithTask { () async throws -> Bool in
+                    guard let stored = try await accounts.credentials(username: username, host: host),
+                          let credential = stored.first(where: { $0.hash == .sha256 }) ?? stored.first
+                    else { return false }
+                    // PBKDF2 takes milliseconds: keep it off the event loops and the cooperative pool.
+                    return try await pool.runIfActive { credential.verify(password: password) }
+                }
+                future.whenComplete { result in
+                    switch result {
+                    case .success(let valid): self.perform(self.machine.plainVerified(username: username, success: valid))
+                    case .failure(let error): self.storageFailed(error)
+                    }
+                    self.resume()
+                }
+            case .authenticationFailed(let reply):
+                suspend()
+                let delay = server.failures.recordFailure(address: remoteAddress)
+                logger.info("authentication failed", metadata: ["delay": "\(delay)"])
+                context.eventLoop.scheduleTask(in: .milliseconds(Int64(delay * 1000))) {
+                    self.write(reply.serialized(inheritedNamespace: Namespace.client))
+                    self.flushSoon()
+                    self.resume()
+                }
+            case .authenticated(let user):
+                logger[metadataKey: "user"] = "\(user)"
+                logger.debug("authenticated")
+            case .bindResource(let user, let requested, let iq):
+                bind(user: user, requested: requested, iq: iq)
+            case .route(let stanza):
+                if let session { server.router.route(stanza, from: session) }
+            case .close:
+                let closeContext = context
+                closeContext.writeAndFlush(wrapOutboundOut(closeContext.channel.allocator.buffer(capacity: 0))).whenComplete { _ in
+                    closeContext.close(promise: nil)
+                }
+                authTimeout?.cancel()
+                return
+            }
+        }
+        flushSoon()
+    }
+
+    private func bind(user: JID, requested: String?, iq: XMLElement) {
+        guard let context else { return }
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let outcome = server.registry.bind(user: user, resource: requested, maxSessions: server.configuration.limits.maxSessionsPerUser) { jid in
+            ClientSession(
+                jid: jid, eventLoop: loop,
+                deliver: { stanza in bound.value.deliver(stanza) },
+                close: { condition in bound.value.closeSession(condition) }
+            )
+        }
+        switch outcome {
+        case .bound(let jid, let replaced):
+            session = server.registry.location(of: jid).flatMap { if case .local(let s) = $0 { return s } else { return nil } }
+            replaced?.close(.conflict)
+            authTimeout?.cancel()
+            logger.debug("resource bound", metadata: ["jid": "\(jid)"])
+            perform(machine.resourceBound(jid, iq: iq))
+        case .failed(let condition):
+            perform(machine.bindFailed(condition, iq: iq))
+        }
+    }
+
+    private func storageFailed(_ error: any Error) {
+        logger.error("storage failure during authentication", metadata: ["error": "\(error)"])
+        perform(machine.authenticationUnavailable())
+    }
+
+    /// A stanza routed to this session from anywhere on the server.
+    private func deliver(_ stanza: XMLElement) {
+        guard session != nil, !machine.isClosed else { return }
+        write(stanza.serialized(inheritedNamespace: Namespace.client))
+        flushSoon()
+    }
+
+    private func closeSession(_ condition: StreamErrorCondition) {
+        switch condition {
+        case .conflict: perform(machine.replaced())
+        default: perform(machine.fail(condition, nil))
+        }
+    }
+
+    private func write(_ text: String) {
+        guard let context else { return }
+        var buffer = context.channel.allocator.buffer(capacity: text.utf8.count)
+        buffer.writeString(text)
+        context.write(wrapOutboundOut(buffer), promise: nil)
+        flushPending = true
+    }
+
+    /// Flushes now, or at the end of the current read burst so one burst costs one syscall.
+    private func flushSoon() {
+        guard flushPending, !inReadBurst, !flushScheduled, let context else { return }
+        // Deliveries from other sessions on this loop arrive one by one: flush once they are all in.
+        flushScheduled = true
+        context.eventLoop.execute {
+            self.flushScheduled = false
+            guard self.flushPending, let context = self.context else { return }
+            self.flushPending = false
+            context.flush()
+        }
+    }
+
+    private func suspend() { waiting = true }
+
+    private func resume() {
+        waiting = false
+        while !waiting, !machine.isClosed, let event = queued.popFirst() { handle(event) }
+        if !waiting, !machine.isClosed, let error = queuedParseError {
+            queuedParseError = nil
+            perform(machine.parseFailed(error))
+        }
+        flushSoon()
+    }
+}

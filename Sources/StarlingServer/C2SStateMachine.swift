@@ -1,0 +1,536 @@
+import Foundation
+import StarlingAPI
+import StarlingSASL
+import StarlingXML
+
+/// What the client-to-server state machine needs to know about the server.
+public struct C2SSettings: Sendable {
+    public var hosts: Set<String>
+    public var defaultHost: String
+    /// Mechanisms in order of preference, from config.
+    public var mechanisms: [String]
+    public var tlsRequired: Bool
+    /// Whether this listener offers STARTTLS (false for direct TLS, where TLS is already up).
+    public var offersStartTLS: Bool
+    public var maxSASLAttempts: Int
+
+    public init(hosts: Set<String>, defaultHost: String, mechanisms: [String], tlsRequired: Bool, offersStartTLS: Bool, maxSASLAttempts: Int = 5) {
+        self.hosts = hosts
+        self.defaultHost = defaultHost
+        self.mechanisms = mechanisms
+        self.tlsRequired = tlsRequired
+        self.offersStartTLS = offersStartTLS
+        self.maxSASLAttempts = maxSASLAttempts
+    }
+}
+
+/// The client-to-server stream protocol (RFC 6120 §4–7) as a plain state machine: events in, actions
+/// out. The NIO handler only carries the actions out, so every rule here is testable without a network.
+public struct C2SStateMachine {
+    public enum Action: Equatable {
+        /// Write raw text (stream headers, stream errors, the closing tag).
+        case send(String)
+        /// Write one top-level element into the `jabber:client` stream.
+        case sendElement(XMLElement)
+        /// `<proceed/>` has been queued: put TLS at the front of the pipeline now.
+        case startTLS
+        /// The next bytes start a new XML document (after TLS and after SASL success).
+        case resetParser
+        /// Fetch the account's stored SCRAM credentials, then call `credentialsLoaded`.
+        case lookUpCredentials(username: String, host: String)
+        /// Check a PLAIN password off the event loop, then call `plainVerified`.
+        case verifyPlain(username: String, host: String, password: String)
+        /// Authentication failed: send `reply` after the failure delay (longer for repeat offenders).
+        case authenticationFailed(reply: XMLElement)
+        case authenticated(JID)
+        /// Ask the session registry for a resource, then call `resourceBound` or `bindFailed`.
+        case bindResource(user: JID, requested: String?, iq: XMLElement)
+        /// A stanza from the bound client, `from` stamped: route it.
+        case route(XMLElement)
+        /// Close the connection once queued writes are out.
+        case close
+    }
+
+    private enum SASLExchange {
+        case scram(SCRAMServer, awaitingCredentials: Bool)
+        case plain
+    }
+
+    private enum State {
+        /// Waiting for a stream header; what has been negotiated so far is in the properties.
+        case awaitingHeader
+        /// Header received and features sent, negotiating.
+        case negotiating
+        /// `<proceed/>` sent, TLS handshake running.
+        case tlsHandshake
+        case authenticating(SASLExchange)
+        /// Bind request handed to the registry.
+        case binding
+        case bound(JID)
+        case closed
+    }
+
+    public let settings: C2SSettings
+    private var state: State = .awaitingHeader
+    private var headerSent = false
+    public private(set) var tlsActive: Bool
+    private var channelBinding: ChannelBinding?
+    public private(set) var host: String
+    /// Bare JID once SASL succeeded.
+    public private(set) var authenticatedUser: JID?
+    private var saslAttempts = 0
+    private var clientAddress: String?
+    private let streamIDGenerator: () -> String
+
+    public init(settings: C2SSettings, tlsActive: Bool, channelBinding: ChannelBinding? = nil, streamID: @escaping () -> String = { UUID().uuidString.lowercased() }) {
+        self.settings = settings
+        self.tlsActive = tlsActive
+        self.channelBinding = channelBinding
+        self.host = settings.defaultHost
+        self.streamIDGenerator = streamID
+    }
+
+    /// The full JID once a resource is bound.
+    public var boundJID: JID? {
+        if case .bound(let jid) = state { return jid }
+        return nil
+    }
+
+    public var isClosed: Bool {
+        if case .closed = state { return true }
+        return false
+    }
+
+    // MARK: Events
+
+    public mutating func streamOpened(header: XMLElement, defaultNamespace: String?) -> [Action] {
+        switch state {
+        case .awaitingHeader:
+            break
+        case .negotiating, .tlsHandshake, .authenticating, .binding, .bound, .closed:
+            return streamError(.notWellFormed, "unexpected stream header")
+        }
+        if let to = header[attribute: "to"], let domain = JID(to)?.domainpart, settings.hosts.contains(domain) {
+            host = domain
+        } else if let to = header[attribute: "to"] {
+            return streamError(.hostUnknown, "this server does not serve \(to)")
+        }
+        clientAddress = header[attribute: "from"].flatMap { JID($0)?.description }
+        var actions = [Action.send(streamHeader())]
+        headerSent = true
+        guard header.name == "stream", header.namespace == Namespace.stream else {
+            return actions + streamError(.invalidNamespace, "the stream element must be <stream:stream/> in \(Namespace.stream)")
+        }
+        guard defaultNamespace == Namespace.client else {
+            return actions + streamError(.invalidNamespace, "the default namespace must be \(Namespace.client)")
+        }
+        guard let version = header[attribute: "version"], let major = version.split(separator: ".").first.flatMap({ Int($0) }), major >= 1 else {
+            return actions + streamError(.unsupportedVersion, "XMPP 1.0 is required")
+        }
+        if major > 1 { return actions + streamError(.unsupportedVersion, "only XMPP 1.0 is supported") }
+        state = .negotiating
+        actions.append(.send("<stream:features>" + features().map { $0.serialized(inheritedNamespace: Namespace.client) }.joined() + "</stream:features>"))
+        return actions
+    }
+
+    public mutating func elementReceived(_ element: XMLElement) -> [Action] {
+        switch state {
+        case .negotiating:
+            return negotiate(element)
+        case .authenticating(let exchange):
+            return continueAuthentication(exchange, element)
+        case .bound(let jid):
+            return stanzaFromClient(element, jid: jid)
+        case .binding:
+            // Bind is in flight: a stanza now would race the registry; RFC 6120 §7.1 forbids it anyway.
+            return streamError(.notAuthorized, "no stanzas before the resource is bound")
+        case .awaitingHeader, .tlsHandshake:
+            return streamError(.notWellFormed, "element before stream header")
+        case .closed:
+            return []
+        }
+    }
+
+    public mutating func streamClosed() -> [Action] {
+        switch state {
+        case .closed:
+            return []
+        case .awaitingHeader, .negotiating, .tlsHandshake, .authenticating, .binding, .bound:
+            state = .closed
+            return [.send("</stream:stream>"), .close]
+        }
+    }
+
+    public mutating func parseFailed(_ error: XMLStreamError) -> [Action] {
+        switch error {
+        case .notWellFormed(let message): return streamError(.notWellFormed, message)
+        case .restrictedXML(let message): return streamError(.restrictedXML, message)
+        case .stanzaTooLarge(let limit): return streamError(.policyViolation, "stanza larger than \(limit) bytes")
+        case .tooDeep(let limit): return streamError(.policyViolation, "elements nested deeper than \(limit)")
+        }
+    }
+
+    public mutating func tlsEstablished(channelBinding: ChannelBinding?) -> [Action] {
+        guard case .tlsHandshake = state else { return streamError(.internalServerError, nil) }
+        tlsActive = true
+        self.channelBinding = channelBinding
+        state = .awaitingHeader
+        headerSent = false
+        return [.resetParser]
+    }
+
+    public mutating func credentialsLoaded(_ credentials: [SCRAMCredentials]?) -> [Action] {
+        guard case .authenticating(.scram(var server, awaitingCredentials: true)) = state else { return [] }
+        let chosen = credentials?.first { $0.hash == server.hash }
+        switch server.receiveCredentials(chosen) {
+        case .challenge(let data):
+            state = .authenticating(.scram(server, awaitingCredentials: false))
+            return [.sendElement(Self.saslElement("challenge", data: data))]
+        case .success, .fail:
+            return saslFailure(.notAuthorized)
+        }
+    }
+
+    public mutating func plainVerified(username: String, success: Bool) -> [Action] {
+        guard case .authenticating(.plain) = state else { return [] }
+        return success ? saslSuccess(username: username, additionalData: nil) : saslFailure(.notAuthorized)
+    }
+
+    /// The store could not answer: tell the client to retry later instead of claiming a wrong password.
+    public mutating func authenticationUnavailable() -> [Action] {
+        guard case .authenticating = state else { return [] }
+        state = .negotiating
+        return [.sendElement(Self.saslFailureElement(.temporaryAuthFailure))]
+    }
+
+    public mutating func resourceBound(_ jid: JID, iq: XMLElement) -> [Action] {
+        guard case .binding = state else { return [] }
+        state = .bound(jid)
+        var bind = XMLElement(name: "bind", namespace: Namespace.bind)
+        bind.append(XMLElement(name: "jid", namespace: Namespace.bind).with(text: jid.description))
+        var result = iq.iqResult(payload: bind)
+        result[attribute: "from"] = nil
+        result[attribute: "to"] = nil
+        return [.sendElement(result)]
+    }
+
+    public mutating func bindFailed(_ condition: StanzaErrorCondition, iq: XMLElement) -> [Action] {
+        guard case .binding = state else { return [] }
+        state = .negotiating
+        return [.sendElement(iq.errorReply(condition))]
+    }
+
+    /// Another session took this resource (RFC 6120 §7.7.2.2).
+    public mutating func replaced() -> [Action] {
+        streamError(.conflict, "replaced by a new connection")
+    }
+
+    public mutating func idleTimedOut() -> [Action] {
+        streamError(.connectionTimeout, "no data received for too long")
+    }
+
+    public mutating func authenticationTimedOut() -> [Action] {
+        switch state {
+        case .bound, .closed: return []
+        case .awaitingHeader, .negotiating, .tlsHandshake, .authenticating, .binding:
+            return streamError(.policyViolation, "authentication took too long")
+        }
+    }
+
+    public mutating func shuttingDown() -> [Action] {
+        streamError(.systemShutdown, "the server is shutting down")
+    }
+
+    /// A condition the state machine did not detect itself (e.g. the storage failed): close cleanly.
+    public mutating func fail(_ condition: StreamErrorCondition, _ text: String?) -> [Action] {
+        streamError(condition, text)
+    }
+
+    // MARK: Negotiation
+
+    private func offeredMechanisms() -> [String] {
+        if !tlsActive && settings.tlsRequired { return [] }
+        return settings.mechanisms.filter { mechanism in
+            if mechanism.hasSuffix("-PLUS") { return tlsActive && channelBinding != nil }
+            if mechanism == "PLAIN" { return tlsActive }
+            return true
+        }
+    }
+
+    private func features() -> [XMLElement] {
+        var features: [XMLElement] = []
+        if authenticatedUser != nil {
+            features.append(XMLElement(name: "bind", namespace: Namespace.bind))
+            var session = XMLElement(name: "session", namespace: Namespace.session)
+            session.append(XMLElement(name: "optional", namespace: Namespace.session))
+            features.append(session)
+            return features
+        }
+        if !tlsActive && settings.offersStartTLS {
+            var starttls = XMLElement(name: "starttls", namespace: Namespace.tls)
+            if settings.tlsRequired { starttls.append(XMLElement(name: "required", namespace: Namespace.tls)) }
+            features.append(starttls)
+        }
+        let mechanisms = offeredMechanisms()
+        if !mechanisms.isEmpty {
+            var list = XMLElement(name: "mechanisms", namespace: Namespace.sasl)
+            for mechanism in mechanisms {
+                list.append(XMLElement(name: "mechanism", namespace: Namespace.sasl).with(text: mechanism))
+            }
+            features.append(list)
+            if let channelBinding {
+                // XEP-0440: say which channel-binding types we support.
+                var types = XMLElement(name: "sasl-channel-binding", namespace: Namespace.saslChannelBinding)
+                types.append(XMLElement(name: "channel-binding", namespace: Namespace.saslChannelBinding, attributes: ["type": channelBinding.type]))
+                features.append(types)
+            }
+        }
+        return features
+    }
+
+    private mutating func negotiate(_ element: XMLElement) -> [Action] {
+        switch (element.namespace, element.name) {
+        case (Namespace.tls, "starttls"):
+            guard !tlsActive, settings.offersStartTLS, authenticatedUser == nil else {
+                state = .closed
+                return [.sendElement(XMLElement(name: "failure", namespace: Namespace.tls)), .send("</stream:stream>"), .close]
+            }
+            state = .tlsHandshake
+            return [.sendElement(XMLElement(name: "proceed", namespace: Namespace.tls)), .startTLS]
+        case (Namespace.sasl, "auth"):
+            return startAuthentication(element)
+        case (Namespace.client, "iq") where authenticatedUser != nil:
+            return iqBeforeBind(element)
+        default:
+            if authenticatedUser == nil && !tlsActive && settings.tlsRequired {
+                return streamError(.policyViolation, "STARTTLS is required")
+            }
+            return streamError(.notAuthorized, "authenticate and bind a resource first")
+        }
+    }
+
+    private mutating func iqBeforeBind(_ iq: XMLElement) -> [Action] {
+        guard let user = authenticatedUser else { return streamError(.notAuthorized, nil) }
+        if iq[attribute: "type"] == "set", let bind = iq.child("bind", namespace: Namespace.bind) {
+            let requested = bind.child("resource", namespace: Namespace.bind)?.text
+            state = .binding
+            return [.bindResource(user: user, requested: requested?.isEmpty == true ? nil : requested, iq: iq)]
+        }
+        return streamError(.notAuthorized, "bind a resource first")
+    }
+
+    private mutating func startAuthentication(_ element: XMLElement) -> [Action] {
+        guard authenticatedUser == nil else { return streamError(.policyViolation, "already authenticated") }
+        saslAttempts += 1
+        if saslAttempts > settings.maxSASLAttempts {
+            return streamError(.policyViolation, "too many authentication attempts")
+        }
+        if !tlsActive && settings.tlsRequired {
+            return [.sendElement(Self.saslFailureElement(.encryptionRequired))]
+        }
+        let mechanism = element[attribute: "mechanism"] ?? ""
+        let offered = offeredMechanisms()
+        guard offered.contains(mechanism) else {
+            return [.sendElement(Self.saslFailureElement(.invalidMechanism))]
+        }
+        let initial: [UInt8]?
+        switch Self.decodeSASLData(element) {
+        case .success(let data): initial = data
+        case .failure: return [.sendElement(Self.saslFailureElement(.incorrectEncoding))]
+        }
+        if mechanism == "PLAIN" {
+            state = .authenticating(.plain)
+            guard let initial else {
+                return [.sendElement(Self.saslElement("challenge", data: []))]
+            }
+            return receivePlain(initial)
+        }
+        let plus = mechanism.hasSuffix("-PLUS")
+        let hash: SCRAMHash = mechanism.hasPrefix("SCRAM-SHA-256") ? .sha256 : .sha1
+        let server = SCRAMServer(hash: hash, plus: plus, channelBinding: channelBinding,
+                                 advertisedPlus: offered.contains { $0.hasSuffix("-PLUS") })
+        state = .authenticating(.scram(server, awaitingCredentials: false))
+        guard let initial else {
+            return [.sendElement(Self.saslElement("challenge", data: []))]
+        }
+        return receiveSCRAMFirst(server, initial)
+    }
+
+    private mutating func continueAuthentication(_ exchange: SASLExchange, _ element: XMLElement) -> [Action] {
+        guard element.namespace == Namespace.sasl else {
+            return streamError(.notAuthorized, "authentication in progress")
+        }
+        if element.name == "abort" {
+            state = .negotiating
+            return [.sendElement(Self.saslFailureElement(.aborted))]
+        }
+        guard element.name == "response" else { return streamError(.notAuthorized, "expected <response/>") }
+        let data: [UInt8]
+        switch Self.decodeSASLData(element) {
+        case .success(let decoded): data = decoded ?? []
+        case .failure: return saslFailure(.incorrectEncoding)
+        }
+        switch exchange {
+        case .plain:
+            return receivePlain(data)
+        case .scram(let server, let awaitingCredentials):
+            if awaitingCredentials { return streamError(.policyViolation, "response before challenge") }
+            if server.isAwaitingClientFirst {
+                return receiveSCRAMFirst(server, data)
+            }
+            var server = server
+            switch server.receiveClientFinal(data) {
+            case .success(let additional, let username, _):
+                return saslSuccess(username: username, additionalData: additional)
+            case .challenge:
+                return saslFailure(.malformedRequest)
+            case .fail(let failure):
+                return saslFailure(failure)
+            }
+        }
+    }
+
+    private mutating func receiveSCRAMFirst(_ server: SCRAMServer, _ data: [UInt8]) -> [Action] {
+        var server = server
+        switch server.receiveClientFirst(data) {
+        case .fail(let failure):
+            return saslFailure(failure)
+        case .lookUpCredentials(let username, let authzid):
+            guard let user = try? JID(localpart: username, domainpart: host) else { return saslFailure(.notAuthorized) }
+            if let authzid, JID(authzid)?.bare != user.bare { return saslFailure(.invalidAuthzid) }
+            state = .authenticating(.scram(server, awaitingCredentials: true))
+            return [.lookUpCredentials(username: user.localpart!, host: host)]
+        }
+    }
+
+    private mutating func receivePlain(_ data: [UInt8]) -> [Action] {
+        let message: PLAINMessage
+        do { message = try PLAINMessage(parsing: data) } catch { return saslFailure(error) }
+        guard let user = try? JID(localpart: message.username, domainpart: host) else { return saslFailure(.notAuthorized) }
+        if let authzid = message.authzid, JID(authzid)?.bare != user.bare { return saslFailure(.invalidAuthzid) }
+        return [.verifyPlain(username: user.localpart!, host: host, password: message.password)]
+    }
+
+    private mutating func saslSuccess(username: String, additionalData: [UInt8]?) -> [Action] {
+        guard let user = try? JID(localpart: username, domainpart: host) else { return saslFailure(.notAuthorized) }
+        authenticatedUser = user
+        state = .awaitingHeader
+        headerSent = false
+        return [.sendElement(Self.saslElement("success", data: additionalData)), .authenticated(user), .resetParser]
+    }
+
+    private mutating func saslFailure(_ failure: SASLFailure) -> [Action] {
+        state = .negotiating
+        let reply = Self.saslFailureElement(failure)
+        if failure == .notAuthorized || failure == .invalidAuthzid {
+            return [.authenticationFailed(reply: reply)]
+        }
+        return [.sendElement(reply)]
+    }
+
+    // MARK: Bound session
+
+    private mutating func stanzaFromClient(_ element: XMLElement, jid: JID) -> [Action] {
+        guard element.namespace == Namespace.client, let kind = StanzaKind(rawValue: element.name) else {
+            if element.namespace == Namespace.sasl || element.namespace == Namespace.tls {
+                return streamError(.policyViolation, "negotiation is over")
+            }
+            return streamError(.unsupportedStanzaType, "<\(element.name)/> in '\(element.namespace)' is not a stanza")
+        }
+        var stanza = element
+        // RFC 6120 §8.1.2.1: the server stamps the full JID; a client claiming someone else is cut off.
+        if let from = stanza[attribute: "from"] {
+            guard let claimed = JID(from), claimed == jid || claimed == jid.bare else {
+                return streamError(.invalidFrom, "'\(from)' is not this session's address")
+            }
+        }
+        stanza[attribute: "from"] = jid.description
+        if let to = stanza[attribute: "to"], JID(to) == nil {
+            if kind == .presence && stanza[attribute: "type"] == "error" { return [] }
+            return [.sendElement(Self.bounce(stanza, .jidMalformed, jid: jid))]
+        }
+        if kind == .iq {
+            let type = stanza[attribute: "type"]
+            switch type {
+            case "get", "set":
+                guard stanza[attribute: "id"] != nil, stanza.elements.count == 1 else {
+                    return [.sendElement(Self.bounce(stanza, .badRequest, jid: jid))]
+                }
+                if type == "set", stanza[attribute: "to"] == nil || JID(stanza[attribute: "to"]!) == jid.domain,
+                   stanza.child("session", namespace: Namespace.session) != nil {
+                    // RFC 3921 session establishment, kept for old clients: nothing left to do.
+                    var result = stanza.iqResult()
+                    result[attribute: "from"] = nil
+                    result[attribute: "to"] = jid.description
+                    return [.sendElement(result)]
+                }
+            case "result", "error":
+                guard stanza[attribute: "id"] != nil else { return [] }
+            default:
+                return [.sendElement(Self.bounce(stanza, .badRequest, jid: jid))]
+            }
+        }
+        return [.route(stanza)]
+    }
+
+    /// An error reply addressed back to the sending client itself.
+    private static func bounce(_ stanza: XMLElement, _ condition: StanzaErrorCondition, jid: JID) -> XMLElement {
+        var reply = stanza.errorReply(condition)
+        reply[attribute: "to"] = jid.description
+        reply[attribute: "from"] = stanza[attribute: "to"].flatMap { JID($0)?.description }
+        return reply
+    }
+
+    // MARK: Helpers
+
+    private func streamHeader() -> String {
+        var header = "<?xml version='1.0'?><stream:stream xmlns='\(Namespace.client)' xmlns:stream='\(Namespace.stream)' id='\(streamIDGenerator())' from='"
+        XMLElement.escapeAttribute(host, into: &header)
+        header += "'"
+        if let clientAddress {
+            header += " to='"
+            XMLElement.escapeAttribute(clientAddress, into: &header)
+            header += "'"
+        }
+        header += " version='1.0' xml:lang='en'>"
+        return header
+    }
+
+    private mutating func streamError(_ condition: StreamErrorCondition, _ text: String?) -> [Action] {
+        if case .closed = state { return [] }
+        var actions: [Action] = []
+        if !headerSent {
+            actions.append(.send(streamHeader()))
+            headerSent = true
+        }
+        state = .closed
+        actions.append(.send(condition.element(text: text) + "</stream:stream>"))
+        actions.append(.close)
+        return actions
+    }
+
+    static func saslElement(_ name: String, data: [UInt8]?) -> XMLElement {
+        var element = XMLElement(name: name, namespace: Namespace.sasl)
+        if let data {
+            element.append(text: data.isEmpty ? "=" : Data(data).base64EncodedString())
+        }
+        return element
+    }
+
+    static func saslFailureElement(_ failure: SASLFailure) -> XMLElement {
+        var element = XMLElement(name: "failure", namespace: Namespace.sasl)
+        element.append(XMLElement(name: failure.rawValue, namespace: Namespace.sasl))
+        return element
+    }
+
+    private enum DecodeFailure: Error { case invalid }
+
+    /// SASL payloads are base64; "=" is an empty payload and no text is no payload (RFC 6120 §6.4.2).
+    private static func decodeSASLData(_ element: XMLElement) -> Result<[UInt8]?, DecodeFailure> {
+        let text = element.text.filter { !$0.isWhitespace }
+        if text.isEmpty { return .success(nil) }
+        if text == "=" { return .success([]) }
+        guard let data = Data(base64Encoded: text) else { return .failure(.invalid) }
+        return .success(Array(data))
+    }
+}

@@ -1,0 +1,66 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import StarlingConfig
+import StarlingStorage
+
+/// What every connection shares: configuration, stores, routing and TLS. Immutable or internally
+/// synchronized, so handlers on any event loop may use it.
+public final class ServerContext: Sendable {
+    public let configuration: StarlingConfiguration
+    public let accounts: any AccountStore
+    public let registry: SessionRegistry
+    public let router: Router
+    public let tls: TLSIdentity
+    public let failures: AuthFailureTracker
+    public let connections: ConnectionSet
+    public let threadPool: NIOThreadPool
+    public let logger: Logger
+
+    public init(configuration: StarlingConfiguration, accounts: any AccountStore, tls: TLSIdentity, threadPool: NIOThreadPool, logger: Logger) {
+        self.configuration = configuration
+        self.accounts = accounts
+        self.tls = tls
+        self.threadPool = threadPool
+        self.logger = logger
+        registry = SessionRegistry()
+        router = Router(registry: registry, hosts: Set(configuration.hosts), logger: logger)
+        failures = AuthFailureTracker(
+            baseDelay: configuration.auth.failureDelay,
+            threshold: configuration.auth.failuresBeforeSlowdown,
+            window: configuration.auth.failureWindow
+        )
+        connections = ConnectionSet()
+    }
+
+    func settings(for listener: ListenerConfiguration) -> C2SSettings {
+        C2SSettings(
+            hosts: Set(configuration.hosts),
+            defaultHost: configuration.hosts[0],
+            mechanisms: configuration.auth.mechanisms,
+            tlsRequired: configuration.tls.required,
+            offersStartTLS: listener.tls == .starttls
+        )
+    }
+}
+
+/// Open client connections, so shutdown can say goodbye to each and status can count them.
+public final class ConnectionSet: Sendable {
+    private let connections = NIOLockedValueBox<[ObjectIdentifier: @Sendable () -> Void]>([:])
+
+    func insert(_ id: ObjectIdentifier, shutdown: @escaping @Sendable () -> Void) {
+        connections.withLockedValue { $0[id] = shutdown }
+    }
+
+    func remove(_ id: ObjectIdentifier) {
+        _ = connections.withLockedValue { $0.removeValue(forKey: id) }
+    }
+
+    public var count: Int { connections.withLockedValue { $0.count } }
+
+    /// Asks every connection to close with `<system-shutdown/>`.
+    func shutdownAll() {
+        for shutdown in connections.withLockedValue({ Array($0.values) }) { shutdown() }
+    }
+}

@@ -1,0 +1,115 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import ServiceLifecycle
+import StarlingConfig
+import StarlingSQLite
+import StarlingStorage
+
+/// The whole server as one long-lived `Service`: opens the store, binds the listeners and the admin
+/// socket, and on graceful shutdown says `<system-shutdown/>` to every client before closing.
+public final class StarlingServer: Service, @unchecked Sendable {
+    private let configuration: StarlingConfiguration
+    private let logger: Logger
+    private let group: MultiThreadedEventLoopGroup
+    private let threadPool: NIOThreadPool
+
+    public init(configuration: StarlingConfiguration, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup = .singleton) {
+        self.configuration = configuration
+        self.logger = logger
+        self.group = eventLoopGroup
+        self.threadPool = NIOThreadPool.singleton
+    }
+
+    public func run() async throws {
+        try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+        let store = try await Self.openStore(configuration, logger: logger)
+        let tls = try TLSIdentity.load(configuration, logger: logger)
+        let context = ServerContext(configuration: configuration, accounts: store, tls: tls, threadPool: threadPool, logger: logger)
+        let startedAt = Date()
+
+        var channels: [any Channel] = []
+        do {
+            for listener in configuration.listeners {
+                let channel = try await bind(listener, context: context)
+                channels.append(channel)
+                let port = channel.localAddress?.port ?? listener.port
+                // One machine-readable line per listener: tests and scripts wait for these.
+                logger.notice("listening", metadata: ["listener": "c2s-\(listener.tls.rawValue)", "address": "\(listener.address)", "port": "\(port)"])
+                print("starling: listening c2s-\(listener.tls.rawValue) \(listener.address) \(port)")
+            }
+            channels.append(try await bindAdmin(context: context, startedAt: startedAt))
+            print("starling: ready")
+            fflush(stdout)
+        } catch {
+            for channel in channels { try? await channel.close() }
+            await store.close()
+            throw error
+        }
+
+        // Runs until SIGTERM/SIGINT (graceful shutdown) or cancellation.
+        try? await gracefulShutdown()
+
+        logger.notice("shutting down", metadata: ["connections": "\(context.connections.count)"])
+        for channel in channels { try? await channel.close() }
+        context.connections.shutdownAll()
+        // Give clients a moment to receive the stream error and close their side.
+        for _ in 0..<50 where context.connections.count > 0 { try? await Task.sleep(for: .milliseconds(20)) }
+        await store.close()
+        try? FileManager.default.removeItem(atPath: configuration.admin.socketPath)
+        logger.notice("stopped")
+    }
+
+    static func openStore(_ configuration: StarlingConfiguration, logger: Logger) async throws -> SQLiteStore {
+        switch configuration.storage.backend {
+        case .sqlite:
+            return try await SQLiteStore.open(path: configuration.storage.path, logger: logger)
+        }
+    }
+
+    private func bind(_ listener: ListenerConfiguration, context: ServerContext) async throws -> any Channel {
+        let settings = context.settings(for: listener)
+        let limits = configuration.limits
+        let tls = context.tls
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: Int32(listener.backlog))
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 16)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    if listener.tls == .direct {
+                        try sync.addHandler(NIOSSLServerHandler(context: tls.context))
+                    }
+                    try sync.addHandler(IdleStateHandler(
+                        readTimeout: .milliseconds(Int64(limits.idleTimeout * 1000)),
+                        writeTimeout: .milliseconds(Int64(limits.keepaliveInterval * 1000))
+                    ))
+                    try sync.addHandler(C2SHandler(server: context, settings: settings, directTLS: listener.tls == .direct))
+                }
+            }
+        do {
+            return try await bootstrap.bind(host: listener.address, port: listener.port).get()
+        } catch {
+            throw TLSSetupError("cannot listen on \(listener.address):\(listener.port): \(error)")
+        }
+    }
+
+    private func bindAdmin(context: ServerContext, startedAt: Date) async throws -> any Channel {
+        let path = configuration.admin.socketPath
+        try? FileManager.default.removeItem(atPath: path)
+        let channel = try await ServerBootstrap(group: group)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineDecoder()))
+                    try channel.pipeline.syncOperations.addHandler(AdminHandler(server: context, startedAt: startedAt))
+                }
+            }
+            .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+        chmod(path, 0o600)
+        return channel
+    }
+}

@@ -1,0 +1,60 @@
+import ArgumentParser
+import Foundation
+import Logging
+import ServiceLifecycle
+import StarlingConfig
+import StarlingServer
+
+@main
+struct StarlingCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "starling",
+        abstract: "The Starling XMPP server."
+    )
+
+    @Option(name: .shortAndLong, help: "Path of the configuration file.")
+    var config: String = "config/starling.yml"
+
+    @Flag(help: "Print every configuration option with its type, default and documentation, then exit.")
+    var configReference = false
+
+    @Flag(help: "Validate the configuration file and exit.")
+    var check = false
+
+    func run() async throws {
+        if configReference {
+            print(StarlingConfiguration.referenceText)
+            return
+        }
+        let configuration: StarlingConfiguration
+        do {
+            configuration = try StarlingConfiguration.load(path: config)
+        } catch {
+            FileHandle.standardError.write(Data("starling: configuration error: \(error)\n".utf8))
+            throw ExitCode(78) // EX_CONFIG
+        }
+        if check {
+            print("\(config): OK")
+            return
+        }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = configuration.logLevel
+            return handler
+        }
+        let logger = Logger(label: "starling")
+        let server = StarlingServer(configuration: configuration, logger: logger)
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: server)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger
+        ))
+        do {
+            try await group.run()
+        } catch {
+            logger.critical("server failed", metadata: ["error": "\(error)"])
+            FileHandle.standardError.write(Data("starling: \(error)\n".utf8))
+            throw ExitCode.failure
+        }
+    }
+}

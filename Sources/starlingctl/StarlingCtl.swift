@@ -1,0 +1,168 @@
+import ArgumentParser
+import Foundation
+import Logging
+import StarlingAPI
+import StarlingConfig
+import StarlingServer
+import StarlingSQLite
+
+@main
+struct StarlingCtl: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "starlingctl",
+        abstract: "Administer a Starling server.",
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self]
+    )
+}
+
+struct ConfigOption: ParsableArguments {
+    @Option(name: .shortAndLong, help: "Path of the server's configuration file.")
+    var config: String = "config/starling.yml"
+
+    func load() throws -> StarlingConfiguration {
+        do { return try StarlingConfiguration.load(path: config) } catch {
+            throw ValidationError("configuration error: \(error)")
+        }
+    }
+}
+
+/// Account commands work on the store directly, so they also work while the server is down.
+struct AccountArguments: ParsableArguments {
+    @Argument(help: "The account's localpart.") var user: String
+    @Argument(help: "The host (one of the configured hosts).") var host: String
+
+    func jid(in configuration: StarlingConfiguration) throws -> JID {
+        let jid: JID
+        do { jid = try JID(localpart: user, domainpart: host) } catch { throw ValidationError("invalid account \(user)@\(host): \(error)") }
+        guard configuration.hosts.contains(jid.domainpart) else {
+            throw ValidationError("\(jid.domainpart) is not a configured host (hosts: \(configuration.hosts.joined(separator: ", ")))")
+        }
+        return jid
+    }
+}
+
+func openStore(_ configuration: StarlingConfiguration) async throws -> SQLiteStore {
+    try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+    var logger = Logger(label: "starlingctl")
+    logger.logLevel = .warning
+    return try await SQLiteStore.open(path: configuration.storage.path, logger: logger)
+}
+
+struct Register: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Create an account.")
+    @OptionGroup var options: ConfigOption
+    @OptionGroup var account: AccountArguments
+    @Argument(help: "The password (use - to read it from standard input).") var password: String
+
+    func run() async throws {
+        let configuration = try options.load()
+        let jid = try account.jid(in: configuration)
+        let password = try readPassword(self.password)
+        let store = try await openStore(configuration)
+        defer { Task { await store.close() } }
+        do {
+            try await store.register(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
+        } catch {
+            throw ValidationError("cannot register \(jid): \(error)")
+        }
+        print("registered \(jid)")
+    }
+}
+
+struct Unregister: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Delete an account.")
+    @OptionGroup var options: ConfigOption
+    @OptionGroup var account: AccountArguments
+
+    func run() async throws {
+        let configuration = try options.load()
+        let jid = try account.jid(in: configuration)
+        let store = try await openStore(configuration)
+        do { try await store.deleteAccount(username: jid.localpart!, host: jid.domainpart) } catch {
+            throw ValidationError("cannot unregister \(jid): \(error)")
+        }
+        print("unregistered \(jid)")
+    }
+}
+
+struct ChangePassword: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "change-password", abstract: "Set an account's password.")
+    @OptionGroup var options: ConfigOption
+    @OptionGroup var account: AccountArguments
+    @Argument(help: "The new password (use - to read it from standard input).") var password: String
+
+    func run() async throws {
+        let configuration = try options.load()
+        let jid = try account.jid(in: configuration)
+        let password = try readPassword(self.password)
+        let store = try await openStore(configuration)
+        do {
+            try await store.changePassword(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
+        } catch {
+            throw ValidationError("cannot change the password of \(jid): \(error)")
+        }
+        print("password changed for \(jid)")
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the running server's status.")
+    @OptionGroup var options: ConfigOption
+
+    func run() throws {
+        print(try AdminClient(path: options.load().admin.socketPath).request("status"))
+    }
+}
+
+struct ConnectedUsers: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "connected-users", abstract: "List bound sessions (full JIDs).")
+    @OptionGroup var options: ConfigOption
+
+    func run() throws {
+        let reply = try AdminClient(path: options.load().admin.socketPath).request("connected-users")
+        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any],
+              let users = object["users"] as? [String]
+        else { throw ValidationError("unexpected reply: \(reply)") }
+        for user in users { print(user) }
+    }
+}
+
+func readPassword(_ argument: String) throws -> String {
+    guard argument == "-" else { return argument }
+    guard let line = readLine(strippingNewline: true), !line.isEmpty else { throw ValidationError("no password on standard input") }
+    return line
+}
+
+/// One request, one reply over the server's admin socket.
+struct AdminClient {
+    let path: String
+
+    func request(_ command: String) throws -> String {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw ValidationError("cannot create a socket") }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let capacity = MemoryLayout.size(ofValue: address.sun_path)
+        guard path.utf8.count < capacity else { throw ValidationError("admin socket path too long: \(path)") }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: Array(path.utf8) + [0])
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else {
+            throw ValidationError("the server is not running (cannot connect to \(path): \(String(cString: strerror(errno))))")
+        }
+        let line = Array("{\"command\":\"\(command)\"}\n".utf8)
+        guard write(fd, line, line.count) == line.count else { throw ValidationError("cannot write to \(path)") }
+        var reply: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while !reply.contains(UInt8(ascii: "\n")) {
+            let count = read(fd, &chunk, chunk.count)
+            if count <= 0 { break }
+            reply += chunk[0..<count]
+        }
+        return String(decoding: reply, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
