@@ -1,0 +1,330 @@
+import Crypto
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import NIOSSL
+import StarlingAPI
+import StarlingSASL
+import StarlingXML
+
+/// What the client sees arrive.
+public enum ClientEvent: Sendable, Equatable {
+    case streamOpen(XMLElement)
+    case element(XMLElement)
+    case streamClose
+    /// The server sent something our parser refused.
+    case parseError(String)
+    /// The TCP connection is gone.
+    case disconnected
+}
+
+public enum TestClientError: Error, CustomStringConvertible {
+    case timeout(String)
+    case unexpected(String)
+    case authenticationFailed(String)
+
+    public var description: String {
+        switch self {
+        case .timeout(let what): return "timed out waiting for \(what)"
+        case .unexpected(let what): return "unexpected: \(what)"
+        case .authenticationFailed(let condition): return "authentication failed: \(condition)"
+        }
+    }
+}
+
+/// A small XMPP client for tests and load generation: real TCP, real TLS, real SASL, no shortcuts.
+public final class TestClient: @unchecked Sendable {
+    public enum TLSMode: Sendable { case starttls, direct, none }
+
+    public let channel: any Channel
+    public let domain: String
+    private let handler: ClientHandler
+    private let events: EventQueue
+    public private(set) var channelBinding: ChannelBinding?
+    public private(set) var boundJID: JID?
+    public private(set) var lastFeatures: XMLElement?
+
+    private init(channel: any Channel, domain: String, handler: ClientHandler, events: EventQueue) {
+        self.channel = channel
+        self.domain = domain
+        self.handler = handler
+        self.events = events
+    }
+
+    /// Opens a TCP connection (with TLS from the first byte for `.direct`).
+    public static func connect(host: String = "127.0.0.1", port: Int, domain: String, tls: TLSMode,
+                               group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> TestClient {
+        let events = EventQueue()
+        let handler = ClientHandler(events: events)
+        let channel = try await ClientBootstrap(group: group)
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    if tls == .direct {
+                        try channel.pipeline.syncOperations.addHandler(try Self.makeTLSHandler(domain: domain))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+            .connect(host: host, port: port).get()
+        return TestClient(channel: channel, domain: domain, handler: handler, events: events)
+    }
+
+    private static func makeTLSHandler(domain: String) throws -> NIOSSLClientHandler {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        // Test servers use self-signed certificates.
+        configuration.certificateVerification = .none
+        configuration.applicationProtocols = ["xmpp-client"]
+        return try NIOSSLClientHandler(context: NIOSSLContext(configuration: configuration), serverHostname: nil)
+    }
+
+    // MARK: Raw I/O
+
+    public func send(_ text: String) {
+        var buffer = channel.allocator.buffer(capacity: text.utf8.count)
+        buffer.writeString(text)
+        channel.writeAndFlush(buffer, promise: nil)
+    }
+
+    public func send(_ element: XMLElement) {
+        send(element.serialized(inheritedNamespace: Namespace.client))
+    }
+
+    /// The next event, or `TestClientError.timeout`.
+    public func next(timeout: Double = 10) async throws -> ClientEvent {
+        try await events.next(timeout: timeout, on: channel.eventLoop)
+    }
+
+    /// The next element, failing on anything else.
+    public func nextElement(timeout: Double = 10) async throws -> XMLElement {
+        let event = try await next(timeout: timeout)
+        guard case .element(let element) = event else { throw TestClientError.unexpected("\(event) instead of an element") }
+        return element
+    }
+
+    /// Skips events until one matches.
+    public func waitFor(timeout: Double = 10, _ description: String, where matches: (ClientEvent) -> Bool) async throws -> ClientEvent {
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            let remaining = deadline.timeIntervalSinceNow
+            guard remaining > 0 else { throw TestClientError.timeout(description) }
+            let event = try await next(timeout: remaining)
+            if matches(event) { return event }
+            if event == .disconnected { throw TestClientError.unexpected("disconnected while waiting for \(description)") }
+        }
+    }
+
+    /// Waits for a stream error and returns its condition name (then expects the stream to close).
+    public func expectStreamError(timeout: Double = 10) async throws -> String {
+        let event = try await waitFor(timeout: timeout, "a stream error") { event in
+            if case .element(let e) = event, e.name == "error", e.namespace == Namespace.stream { return true }
+            return false
+        }
+        guard case .element(let error) = event, let condition = error.elements.first(where: { $0.namespace == Namespace.streamErrors && $0.name != "text" }) else {
+            throw TestClientError.unexpected("\(event)")
+        }
+        return condition.name
+    }
+
+    // MARK: Negotiation
+
+    /// Sends a stream header and returns the features.
+    @discardableResult
+    public func openStream() async throws -> XMLElement {
+        send("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='\(domain)' version='1.0'>")
+        let header = try await next()
+        guard case .streamOpen = header else { throw TestClientError.unexpected("\(header) instead of a stream header") }
+        let features = try await nextElement()
+        guard features.name == "features", features.namespace == Namespace.stream else {
+            throw TestClientError.unexpected("\(features) instead of features")
+        }
+        lastFeatures = features
+        return features
+    }
+
+    public var offeredMechanisms: [String] {
+        lastFeatures?.child("mechanisms", namespace: Namespace.sasl)?.elements.map(\.text) ?? []
+    }
+
+    /// Negotiates STARTTLS on an open stream and opens the new stream.
+    public func startTLS() async throws {
+        send("<starttls xmlns='\(Namespace.tls)'/>")
+        let proceed = try await nextElement()
+        guard proceed.name == "proceed" else { throw TestClientError.unexpected("\(proceed)") }
+        let tlsHandler = try Self.makeTLSHandler(domain: domain)
+        let handler = self.handler
+        try await channel.eventLoop.submit {
+            handler.resetParser()
+            try self.channel.pipeline.syncOperations.addHandler(tlsHandler, position: .first)
+        }.get()
+        try await openStream()
+    }
+
+    /// tls-server-end-point (RFC 5929) of the server's certificate; SHA-256, which matches certificates
+    /// signed with SHA-256 (ours and the common case).
+    private func serverEndPointBinding() async throws -> ChannelBinding? {
+        guard let certificate = try await channel.nioSSL_peerCertificate().get() else { return nil }
+        return ChannelBinding(type: "tls-server-end-point", data: Array(SHA256.hash(data: try certificate.toDERBytes())))
+    }
+
+    /// Runs SASL with `mechanism`; on success restarts the stream. Throws `authenticationFailed(condition)`.
+    public func authenticate(username: String, password: String, mechanism: String, authzid: String? = nil) async throws {
+        if mechanism == "PLAIN" {
+            let message = Array((authzid ?? "").utf8) + [0] + Array(username.utf8) + [0] + Array(password.utf8)
+            send("<auth xmlns='\(Namespace.sasl)' mechanism='PLAIN'>\(Data(message).base64EncodedString())</auth>")
+            try await finishSASL(verify: nil)
+            return
+        }
+        let plus = mechanism.hasSuffix("-PLUS")
+        // Read only now: the handshake is certainly over once the server has answered over TLS.
+        if plus && channelBinding == nil { channelBinding = try await serverEndPointBinding() }
+        let hash: SCRAMHash = mechanism.hasPrefix("SCRAM-SHA-256") ? .sha256 : .sha1
+        var scram = SCRAMClient(hash: hash, username: username, password: password, authzid: authzid,
+                                channelBinding: plus ? channelBinding : nil)
+        send("<auth xmlns='\(Namespace.sasl)' mechanism='\(mechanism)'>\(Data(scram.clientFirst()).base64EncodedString())</auth>")
+        let challenge = try await nextElement()
+        guard challenge.name == "challenge" else { throw Self.failure(challenge) }
+        let final = try scram.clientFinal(serverFirst: Array(Data(base64Encoded: challenge.text) ?? Data()))
+        send("<response xmlns='\(Namespace.sasl)'>\(Data(final).base64EncodedString())</response>")
+        try await finishSASL { data in try scram.verify(serverFinal: data) }
+    }
+
+    private func finishSASL(verify: (([UInt8]) throws -> Void)?) async throws {
+        let outcome = try await nextElement()
+        guard outcome.name == "success" else { throw Self.failure(outcome) }
+        try verify?(Array(Data(base64Encoded: outcome.text) ?? Data()))
+        let handler = self.handler
+        try await channel.eventLoop.submit { handler.resetParser() }.get()
+        try await openStream()
+    }
+
+    private static func failure(_ element: XMLElement) -> TestClientError {
+        if element.name == "failure" { return .authenticationFailed(element.elements.first?.name ?? "?") }
+        return .unexpected("\(element.serialized())")
+    }
+
+    /// Binds a resource (server-generated when nil) and returns the full JID.
+    public func bind(resource: String?) async throws -> JID {
+        var bind = XMLElement(name: "bind", namespace: Namespace.bind)
+        if let resource { bind.append(XMLElement(name: "resource", namespace: Namespace.bind).with(text: resource)) }
+        var iq = XMLElement(name: "iq", namespace: Namespace.client, attributes: ["type": "set", "id": "bind-1"])
+        iq.append(bind)
+        send(iq)
+        let reply = try await nextElement()
+        guard reply[attribute: "type"] == "result", let text = reply.child("bind")?.child("jid")?.text, let jid = JID(text) else {
+            throw TestClientError.unexpected("bind reply \(reply.serialized())")
+        }
+        boundJID = jid
+        return jid
+    }
+
+    /// STARTTLS (unless direct), SASL, bind, initial presence.
+    public static func login(port: Int, domain: String, tls: TLSMode, username: String, password: String,
+                             mechanism: String = "SCRAM-SHA-256", resource: String? = nil, presence: Bool = true) async throws -> TestClient {
+        let client = try await connect(port: port, domain: domain, tls: tls)
+        try await client.openStream()
+        if tls == .starttls { try await client.startTLS() }
+        try await client.authenticate(username: username, password: password, mechanism: mechanism)
+        _ = try await client.bind(resource: resource)
+        if presence { client.send("<presence/>") }
+        return client
+    }
+
+    public func close() async {
+        send("</stream:stream>")
+        try? await channel.close()
+    }
+}
+
+/// Parses what the server sends and queues it for the test.
+final class ClientHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+
+    private let events: EventQueue
+    private let parser = XMLStreamParser(limits: XMLStreamLimits(maxStanzaBytes: 16 * 1024 * 1024, maxDepth: 64))
+    private var scratch: [XMLStreamEvent] = []
+    private var failed = false
+
+    init(events: EventQueue) { self.events = events }
+
+    func resetParser() {
+        parser.reset()
+        failed = false
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        guard !failed else { return }
+        scratch.removeAll(keepingCapacity: true)
+        var failure: XMLStreamError?
+        buffer.withUnsafeReadableBytes { bytes in
+            do throws(XMLStreamError) { try parser.feed(bytes, into: &scratch) } catch { failure = error }
+        }
+        for event in scratch {
+            switch event {
+            case .streamOpen(let header, _): events.push(.streamOpen(header))
+            case .stanza(let element): events.push(.element(element))
+            case .streamClose: events.push(.streamClose)
+            }
+        }
+        if let failure {
+            failed = true
+            events.push(.parseError("\(failure)"))
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        events.push(.disconnected)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
+
+/// A single-consumer queue of events with a timed wait.
+final class EventQueue: Sendable {
+    private struct State {
+        var buffer: [ClientEvent] = []
+        var waiter: CheckedContinuation<ClientEvent, any Error>?
+        var waiterID = 0
+    }
+
+    private let state = NIOLockedValueBox(State())
+
+    func push(_ event: ClientEvent) {
+        let waiter = state.withLockedValue { state -> CheckedContinuation<ClientEvent, any Error>? in
+            if let waiter = state.waiter {
+                state.waiter = nil
+                return waiter
+            }
+            state.buffer.append(event)
+            return nil
+        }
+        waiter?.resume(returning: event)
+    }
+
+    func next(timeout: Double, on loop: any EventLoop) async throws -> ClientEvent {
+        try await withCheckedThrowingContinuation { continuation in
+            let id = state.withLockedValue { state -> Int? in
+                if !state.buffer.isEmpty {
+                    continuation.resume(returning: state.buffer.removeFirst())
+                    return nil
+                }
+                state.waiterID += 1
+                state.waiter = continuation
+                return state.waiterID
+            }
+            guard let id else { return }
+            loop.scheduleTask(in: .milliseconds(Int64(timeout * 1000))) {
+                let expired = self.state.withLockedValue { state -> CheckedContinuation<ClientEvent, any Error>? in
+                    guard state.waiterID == id, let waiter = state.waiter else { return nil }
+                    state.waiter = nil
+                    return waiter
+                }
+                expired?.resume(throwing: TestClientError.timeout("an event"))
+            }
+        }
+    }
+}
