@@ -17,14 +17,17 @@ public struct SCRAMClient: Sendable {
     private var authMessage: [UInt8] = []
     private var saltedPassword: [UInt8] = []
 
-    /// - Parameter channelBinding: set for -PLUS; nil sends the "n" flag.
+    /// - Parameters:
+    ///   - channelBinding: set for -PLUS.
+    ///   - supportsChannelBinding: without `channelBinding`, send "y" (we could bind, the server offered
+    ///     no -PLUS) instead of "n" (we can't bind).
     public init(hash: SCRAMHash, username: String, password: String, authzid: String? = nil,
-                channelBinding: ChannelBinding? = nil, clientNonce: String? = nil) {
+                channelBinding: ChannelBinding? = nil, supportsChannelBinding: Bool = false, clientNonce: String? = nil) {
         self.hash = hash
         self.username = username
         self.password = password
         self.clientNonce = clientNonce ?? randomNonce()
-        let flag = channelBinding.map { "p=\($0.type)" } ?? "n"
+        let flag = channelBinding.map { "p=\($0.type)" } ?? (supportsChannelBinding ? "y" : "n")
         let authz = authzid.map { "a=\(SCRAMServer.encodeSaslName($0))" } ?? ""
         self.gs2Header = "\(flag),\(authz),"
         self.channelBindingData = channelBinding?.data ?? []

@@ -90,6 +90,9 @@ public struct SCRAMServer: Sendable {
         var nonce: String?
         for (index, attribute) in bare.split(separator: ",", omittingEmptySubsequences: false).enumerated() {
             if index == 0 && attribute.hasPrefix("m=") { return fail(.malformedRequest) }
+            // attr-val = ALPHA "=" value (RFC 5802 §7)
+            guard attribute.count >= 2, attribute.first!.isASCII, attribute.first!.isLetter,
+                  attribute[attribute.index(after: attribute.startIndex)] == "=" else { return fail(.malformedRequest) }
             if attribute.hasPrefix("n=") { username = Self.decodeSaslName(attribute.dropFirst(2)) }
             if attribute.hasPrefix("r=") { nonce = String(attribute.dropFirst(2)) }
         }

@@ -41,11 +41,19 @@ struct AccountArguments: ParsableArguments {
     }
 }
 
-func openStore(_ configuration: StarlingConfiguration) async throws -> SQLiteStore {
+/// Opens the configured store, runs `body`, and always closes the store again.
+func withStore(_ configuration: StarlingConfiguration, _ body: (SQLiteStore) async throws -> Void) async throws {
     try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
     var logger = Logger(label: "starlingctl")
     logger.logLevel = .warning
-    return try await SQLiteStore.open(path: configuration.storage.path, logger: logger)
+    let store = try await SQLiteStore.open(path: configuration.storage.path, logger: logger)
+    do {
+        try await body(store)
+    } catch {
+        await store.close()
+        throw error
+    }
+    await store.close()
 }
 
 struct Register: AsyncParsableCommand {
@@ -58,12 +66,12 @@ struct Register: AsyncParsableCommand {
         let configuration = try options.load()
         let jid = try account.jid(in: configuration)
         let password = try readPassword(self.password)
-        let store = try await openStore(configuration)
-        defer { Task { await store.close() } }
-        do {
-            try await store.register(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
-        } catch {
-            throw ValidationError("cannot register \(jid): \(error)")
+        try await withStore(configuration) { store in
+            do {
+                try await store.register(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
+            } catch {
+                throw ValidationError("cannot register \(jid): \(error)")
+            }
         }
         print("registered \(jid)")
     }
@@ -77,9 +85,10 @@ struct Unregister: AsyncParsableCommand {
     func run() async throws {
         let configuration = try options.load()
         let jid = try account.jid(in: configuration)
-        let store = try await openStore(configuration)
-        do { try await store.deleteAccount(username: jid.localpart!, host: jid.domainpart) } catch {
-            throw ValidationError("cannot unregister \(jid): \(error)")
+        try await withStore(configuration) { store in
+            do { try await store.deleteAccount(username: jid.localpart!, host: jid.domainpart) } catch {
+                throw ValidationError("cannot unregister \(jid): \(error)")
+            }
         }
         print("unregistered \(jid)")
     }
@@ -95,11 +104,12 @@ struct ChangePassword: AsyncParsableCommand {
         let configuration = try options.load()
         let jid = try account.jid(in: configuration)
         let password = try readPassword(self.password)
-        let store = try await openStore(configuration)
-        do {
-            try await store.changePassword(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
-        } catch {
-            throw ValidationError("cannot change the password of \(jid): \(error)")
+        try await withStore(configuration) { store in
+            do {
+                try await store.changePassword(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
+            } catch {
+                throw ValidationError("cannot change the password of \(jid): \(error)")
+            }
         }
         print("password changed for \(jid)")
     }

@@ -1,0 +1,59 @@
+import Foundation
+import StarlingTestClient
+import XCTest
+
+/// Starting with bad input and stopping gracefully, as an operator does.
+final class LifecycleTests: XCTestCase {
+    func testSIGTERMSaysSystemShutdownToEveryClientAndExitsCleanly() async throws {
+        let server = try ServerProcess(users: [("erin", "erin-secret")])
+        let bound = try await TestClient.login(port: server.starttlsPort, domain: "localhost", tls: .starttls, username: "erin", password: "erin-secret")
+        let unauthenticated = try await TestClient.connect(port: server.directTLSPort, domain: "localhost", tls: .direct)
+        try await unauthenticated.openStream()
+        let (statusCode, status) = try server.ctl(["status"])
+        XCTAssertEqual(statusCode, 0, status)
+        XCTAssertTrue(status.contains("\"connections\":2"), status)
+        XCTAssertTrue(status.contains("\"sessions\":1"), status)
+
+        kill(server.process.processIdentifier, SIGTERM)
+        let first = try await bound.expectStreamError()
+        XCTAssertEqual(first, "system-shutdown")
+        let second = try await unauthenticated.expectStreamError()
+        XCTAssertEqual(second, "system-shutdown")
+        XCTAssertEqual(server.stop(), 0, server.log)
+        let (code, output) = try server.ctl(["status"])
+        XCTAssertNotEqual(code, 0)
+        XCTAssertTrue(output.contains("not running"), output)
+    }
+
+    func testBadConfigFailsAtStartNamingFileLineAndKey() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-badconfig-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("starling.yml").path
+        try "hosts: [localhost]\nlimits:\n  max_sessions_per_user: 0\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let (status, output) = try ServerProcess.run(ServerProcess.executable("starling"), ["--config", path])
+        XCTAssertEqual(status, 78, output)
+        XCTAssertTrue(output.contains("\(path):3: limits.max_sessions_per_user: 0 is out of range 1...1000"), output)
+    }
+
+    func testStarlingctlAccountCommands() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-ctl-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("starling.yml").path
+        try "hosts: [example.org]\ndata_dir: data\n".write(toFile: path, atomically: true, encoding: .utf8)
+        let ctl = ServerProcess.executable("starlingctl")
+        XCTAssertEqual(try ServerProcess.run(ctl, ["register", "frank", "example.org", "-", "--config", path], stdin: "pw1\n").0, 0)
+        let duplicate = try ServerProcess.run(ctl, ["register", "frank", "example.org", "pw", "--config", path])
+        XCTAssertNotEqual(duplicate.0, 0)
+        XCTAssertTrue(duplicate.1.contains("already exists"), duplicate.1)
+        let wrongHost = try ServerProcess.run(ctl, ["register", "frank", "nowhere.org", "pw", "--config", path])
+        XCTAssertTrue(wrongHost.1.contains("not a configured host"), wrongHost.1)
+        XCTAssertEqual(try ServerProcess.run(ctl, ["change-password", "frank", "example.org", "pw2", "--config", path]).0, 0)
+        XCTAssertEqual(try ServerProcess.run(ctl, ["unregister", "frank", "example.org", "--config", path]).0, 0)
+        XCTAssertNotEqual(try ServerProcess.run(ctl, ["unregister", "frank", "example.org", "--config", path]).0, 0)
+        // The database holds salted keys, never the password.
+        let database = try Data(contentsOf: directory.appendingPathComponent("data/starling.sqlite"))
+        XCTAssertNil(database.range(of: Data("pw2".utf8)))
+    }
+}

@@ -1,0 +1,189 @@
+import Foundation
+import StarlingAPI
+import StarlingSASL
+@testable import StarlingServer
+import StarlingXML
+import XCTest
+
+/// The c2s protocol driven event by event, with no network.
+final class C2SStateMachineTests: XCTestCase {
+    let settings = C2SSettings(hosts: ["example.com"], defaultHost: "example.com",
+                               mechanisms: ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256", "PLAIN"], tlsRequired: true, offersStartTLS: true)
+    let binding = ChannelBinding(type: "tls-server-end-point", data: Array(repeating: 42, count: 32))
+
+    func header(to: String = "example.com", namespace: String = Namespace.client, version: String? = "1.0") -> (XMLElement, String?) {
+        var header = XMLElement(name: "stream", namespace: Namespace.stream)
+        header.prefix = "stream"
+        header[attribute: "to"] = to
+        if let version { header[attribute: "version"] = version }
+        return (header, namespace)
+    }
+
+    func element(_ xml: String) -> XMLElement {
+        let parser = XMLStreamParser()
+        let events = try! parser.feed("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>" + xml)
+        guard case .stanza(let element) = events.last! else { fatalError("no element in \(xml)") }
+        return element
+    }
+
+    func sentText(_ actions: [C2SStateMachine.Action]) -> String {
+        actions.map { action -> String in
+            switch action {
+            case .send(let text): return text
+            case .sendElement(let element): return element.serialized(inheritedNamespace: Namespace.client)
+            default: return ""
+            }
+        }.joined()
+    }
+
+    func streamErrorCondition(_ actions: [C2SStateMachine.Action]) -> String? {
+        let text = sentText(actions)
+        guard let range = text.range(of: "<stream:error><") else { return nil }
+        return String(text[range.upperBound...].prefix { $0 != " " && $0 != "/" })
+    }
+
+    /// Drives a machine through STARTTLS, returning it ready for SASL.
+    func machineAfterTLS() -> C2SStateMachine {
+        var machine = C2SStateMachine(settings: settings, tlsActive: false, streamID: { "s1" })
+        let (h, ns) = header()
+        _ = machine.streamOpened(header: h, defaultNamespace: ns)
+        XCTAssertEqual(machine.elementReceived(element("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")).last, .startTLS)
+        XCTAssertEqual(machine.tlsEstablished(channelBinding: binding), [.resetParser])
+        _ = machine.streamOpened(header: h, defaultNamespace: ns)
+        return machine
+    }
+
+    func testFeaturesBeforeAndAfterTLS() {
+        var machine = C2SStateMachine(settings: settings, tlsActive: false, streamID: { "s1" })
+        let (h, ns) = header()
+        let before = sentText(machine.streamOpened(header: h, defaultNamespace: ns))
+        XCTAssertTrue(before.hasPrefix("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' id='s1' from='example.com' version='1.0'"), before)
+        XCTAssertTrue(before.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"), before)
+        XCTAssertFalse(before.contains("mechanisms"), "no SASL before TLS when TLS is required")
+
+        let proceed = machine.elementReceived(element("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"))
+        XCTAssertEqual(sentText(proceed), "<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        XCTAssertEqual(machine.tlsEstablished(channelBinding: binding), [.resetParser])
+        let after = sentText(machine.streamOpened(header: h, defaultNamespace: ns))
+        XCTAssertFalse(after.contains("starttls"))
+        XCTAssertTrue(after.contains("<mechanism>SCRAM-SHA-256-PLUS</mechanism><mechanism>SCRAM-SHA-256</mechanism><mechanism>PLAIN</mechanism>"), after)
+        XCTAssertTrue(after.contains("<sasl-channel-binding xmlns='urn:xmpp:sasl-cb:0'><channel-binding type='tls-server-end-point'/></sasl-channel-binding>"), after)
+    }
+
+    func testSCRAMPlusThenBindThenStanzas() throws {
+        var machine = machineAfterTLS()
+        var client = SCRAMClient(hash: .sha256, username: "Juliet", password: "r0meo", channelBinding: binding)
+        let auth = machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256-PLUS'>\(Data(client.clientFirst()).base64EncodedString())</auth>"))
+        XCTAssertEqual(auth, [.lookUpCredentials(username: "juliet", host: "example.com")], "the username is prepared as a localpart")
+        let stored = SCRAMCredentials.derive(password: "r0meo", hash: .sha256, salt: [9, 9, 9], iterations: 4096)
+        guard case .sendElement(let challenge) = machine.credentialsLoaded([stored]).first else { return XCTFail() }
+        let final = try client.clientFinal(serverFirst: Array(Data(base64Encoded: challenge.text)!))
+        let success = machine.elementReceived(element("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>\(Data(final).base64EncodedString())</response>"))
+        guard case .sendElement(let successElement) = success.first else { return XCTFail() }
+        XCTAssertEqual(successElement.name, "success")
+        try client.verify(serverFinal: Array(Data(base64Encoded: successElement.text)!))
+        XCTAssertEqual(Array(success.dropFirst()), [.authenticated(JID("juliet@example.com")!), .resetParser])
+
+        let (h, ns) = header()
+        let features = sentText(machine.streamOpened(header: h, defaultNamespace: ns))
+        XCTAssertTrue(features.contains("<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>"), features)
+
+        let bindIQ = element("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>balcony</resource></bind></iq>")
+        XCTAssertEqual(machine.elementReceived(bindIQ), [.bindResource(user: JID("juliet@example.com")!, requested: "balcony", iq: bindIQ)])
+        let full = JID("juliet@example.com/balcony")!
+        XCTAssertEqual(sentText(machine.resourceBound(full, iq: bindIQ)),
+                       "<iq id='b' type='result'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>juliet@example.com/balcony</jid></bind></iq>")
+
+        let routed = machine.elementReceived(element("<message to='romeo@example.com'><body>hi</body></message>"))
+        guard case .route(let stamped) = routed.first else { return XCTFail("\(routed)") }
+        XCTAssertEqual(stamped[attribute: "from"], "juliet@example.com/balcony")
+
+        XCTAssertEqual(streamErrorCondition(machine.elementReceived(element("<message from='romeo@example.com/x' to='a@example.com'/>"))), "invalid-from")
+        XCTAssertTrue(machine.isClosed)
+    }
+
+    func testWrongPasswordIsDelayedAndRetryAllowed() throws {
+        var machine = machineAfterTLS()
+        var client = SCRAMClient(hash: .sha256, username: "juliet", password: "wrong")
+        _ = machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'>\(Data(client.clientFirst()).base64EncodedString())</auth>"))
+        let stored = SCRAMCredentials.derive(password: "r0meo", hash: .sha256, salt: [1], iterations: 4096)
+        guard case .sendElement(let challenge) = machine.credentialsLoaded([stored]).first else { return XCTFail() }
+        let final = try client.clientFinal(serverFirst: Array(Data(base64Encoded: challenge.text)!))
+        let failed = machine.elementReceived(element("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>\(Data(final).base64EncodedString())</response>"))
+        guard case .authenticationFailed(let reply) = failed.first else { return XCTFail("\(failed)") }
+        XCTAssertEqual(reply.serialized(), "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>")
+        // The client may try again on the same stream.
+        let plain = machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>\(Data("\0juliet\0r0meo".utf8).base64EncodedString())</auth>"))
+        XCTAssertEqual(plain, [.verifyPlain(username: "juliet", host: "example.com", password: "r0meo")])
+        XCTAssertEqual(machine.plainVerified(username: "juliet", success: true).last, .resetParser)
+    }
+
+    func testTooManyAttemptsClosesTheStream() {
+        var machine = machineAfterTLS()
+        for _ in 0..<settings.maxSASLAttempts {
+            _ = machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='NOPE'/>"))
+        }
+        XCTAssertEqual(streamErrorCondition(machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='NOPE'/>"))), "policy-violation")
+    }
+
+    func testAuthzidForSomeoneElse() {
+        var machine = machineAfterTLS()
+        let plain = machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>\(Data("romeo@example.com\0juliet\0r0meo".utf8).base64EncodedString())</auth>"))
+        guard case .authenticationFailed(let reply) = plain.first else { return XCTFail("\(plain)") }
+        XCTAssertEqual(reply.elements.first?.name, "invalid-authzid")
+    }
+
+    func testBadHeaders() {
+        var unknownHost = C2SStateMachine(settings: settings, tlsActive: false)
+        let (h1, ns1) = header(to: "elsewhere.org")
+        XCTAssertEqual(streamErrorCondition(unknownHost.streamOpened(header: h1, defaultNamespace: ns1)), "host-unknown")
+
+        var wrongNamespace = C2SStateMachine(settings: settings, tlsActive: false)
+        let (h2, _) = header()
+        let actions = wrongNamespace.streamOpened(header: h2, defaultNamespace: "jabber:server")
+        XCTAssertTrue(sentText(actions).hasPrefix("<?xml"), "our header comes before the error")
+        XCTAssertEqual(streamErrorCondition(actions), "invalid-namespace")
+        XCTAssertEqual(actions.last, .close)
+
+        var oldVersion = C2SStateMachine(settings: settings, tlsActive: false)
+        let (h3, ns3) = header(version: nil)
+        XCTAssertEqual(streamErrorCondition(oldVersion.streamOpened(header: h3, defaultNamespace: ns3)), "unsupported-version")
+    }
+
+    func testStanzasBeforeAuthenticationAndParseErrors() {
+        var machine = machineAfterTLS()
+        XCTAssertEqual(streamErrorCondition(machine.elementReceived(element("<message to='a@example.com'/>"))), "not-authorized")
+
+        var plaintext = C2SStateMachine(settings: settings, tlsActive: false)
+        let (h, ns) = header()
+        _ = plaintext.streamOpened(header: h, defaultNamespace: ns)
+        XCTAssertEqual(streamErrorCondition(plaintext.elementReceived(element("<message to='a@example.com'/>"))), "policy-violation")
+
+        for (error, condition) in [(XMLStreamError.notWellFormed("x"), "not-well-formed"), (.restrictedXML("x"), "restricted-xml"),
+                                   (.stanzaTooLarge(limit: 1), "policy-violation"), (.tooDeep(limit: 1), "policy-violation")] {
+            var fresh = C2SStateMachine(settings: settings, tlsActive: false)
+            let actions = fresh.parseFailed(error)
+            XCTAssertEqual(streamErrorCondition(actions), condition)
+            XCTAssertTrue(sentText(actions).hasPrefix("<?xml"), "a header is sent first if none was")
+        }
+    }
+
+    func testIQValidationOnceBound() throws {
+        var machine = machineAfterTLS()
+        _ = machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>\(Data("\0juliet\0pw".utf8).base64EncodedString())</auth>"))
+        _ = machine.plainVerified(username: "juliet", success: true)
+        let (h, ns) = header()
+        _ = machine.streamOpened(header: h, defaultNamespace: ns)
+        let bindIQ = element("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+        XCTAssertEqual(machine.elementReceived(bindIQ), [.bindResource(user: JID("juliet@example.com")!, requested: nil, iq: bindIQ)])
+        _ = machine.resourceBound(JID("juliet@example.com/r")!, iq: bindIQ)
+
+        XCTAssertTrue(sentText(machine.elementReceived(element("<iq type='get' to='example.com'><ping xmlns='urn:xmpp:ping'/></iq>"))).contains("<bad-request"), "no id")
+        XCTAssertTrue(sentText(machine.elementReceived(element("<iq type='get' id='1' to='example.com'/>"))).contains("<bad-request"), "no payload")
+        XCTAssertTrue(sentText(machine.elementReceived(element("<iq type='poke' id='2' to='example.com'><x xmlns='y'/></iq>"))).contains("<bad-request"), "bad type")
+        XCTAssertTrue(sentText(machine.elementReceived(element("<message to='a@@b'/>"))).contains("<jid-malformed"))
+        XCTAssertEqual(sentText(machine.elementReceived(element("<iq type='set' id='s'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>"))),
+                       "<iq id='s' to='juliet@example.com/r' type='result'/>")
+        XCTAssertEqual(streamErrorCondition(machine.elementReceived(element("<foo xmlns='bar'/>"))), "unsupported-stanza-type")
+    }
+}

@@ -1,0 +1,71 @@
+@testable import StarlingConfig
+import XCTest
+
+final class ConfigurationTests: XCTestCase {
+    func parse(_ yaml: String) throws -> StarlingConfiguration {
+        try StarlingConfiguration.parse(yaml: yaml, file: "/etc/starling/starling.yml")
+    }
+
+    func expectError(_ yaml: String, line: Int?, key: String?, contains text: String, file: StaticString = #filePath, lineNumber: UInt = #line) {
+        XCTAssertThrowsError(try parse(yaml), file: file, line: lineNumber) { error in
+            guard let error = error as? ConfigError else { return XCTFail("\(error)", file: file, line: lineNumber) }
+            XCTAssertEqual(error.line, line, "\(error)", file: file, line: lineNumber)
+            XCTAssertEqual(error.key, key, "\(error)", file: file, line: lineNumber)
+            XCTAssertTrue(error.description.contains(text), "\(error)", file: file, line: lineNumber)
+            XCTAssertTrue(error.description.hasPrefix("/etc/starling/starling.yml:"), "\(error)", file: file, line: lineNumber)
+        }
+    }
+
+    func testDefaultsFromAnEmptyFile() throws {
+        let configuration = try parse("")
+        XCTAssertEqual(configuration.hosts, ["localhost"])
+        XCTAssertEqual(configuration.limits.maxStanzaSize, 262_144)
+        XCTAssertEqual(configuration.limits.maxSessionsPerUser, 10)
+        XCTAssertEqual(configuration.listeners.map(\.port), [5222, 5223])
+        XCTAssertEqual(configuration.listeners.map(\.backlog), [1024, 1024])
+        XCTAssertTrue(configuration.tls.required)
+        XCTAssertEqual(configuration.storage.path, "/etc/starling/var/starling.sqlite")
+    }
+
+    func testAFullFile() throws {
+        let configuration = try parse("""
+        hosts: [Example.COM, chat.example.com]
+        log_level: debug
+        listeners:
+          - { address: 127.0.0.1, port: 15222, tls: starttls, backlog: 4096 }
+          - port: 15223
+            tls: direct
+        limits:
+          max_stanza_size: 65536
+        storage:
+          path: /srv/starling/db.sqlite
+        """)
+        XCTAssertEqual(configuration.hosts, ["example.com", "chat.example.com"])
+        XCTAssertEqual(configuration.listeners, [
+            ListenerConfiguration(address: "127.0.0.1", port: 15222, tls: .starttls, backlog: 4096),
+            ListenerConfiguration(address: "0.0.0.0", port: 15223, tls: .direct, backlog: 1024),
+        ])
+        XCTAssertEqual(configuration.limits.maxStanzaSize, 65536)
+        XCTAssertEqual(configuration.storage.path, "/srv/starling/db.sqlite")
+    }
+
+    func testErrorsNameFileLineAndKey() {
+        expectError("hosts: [localhost]\nlimits:\n  max_stanza_sise: 1000\n", line: 3, key: "limits.max_stanza_sise", contains: "did you mean 'max_stanza_size'")
+        expectError("limits:\n  max_stanza_size: 12\n", line: 2, key: "limits.max_stanza_size", contains: "out of range")
+        expectError("limits:\n  max_stanza_size: big\n", line: 2, key: "limits.max_stanza_size", contains: "expected integer")
+        expectError("\n\nlisteners:\n  - port: 5222\n    tls: maybe\n", line: 5, key: "listeners[0].tls", contains: "not one of: starttls, direct")
+        expectError("hosts: [\"bad host\"]\n", line: 1, key: "hosts", contains: "not a valid domain")
+        expectError("auth:\n  mechanisms: [SCRAM-SHA-256, DIGEST-MD5]\n", line: 2, key: "auth.mechanisms", contains: "unknown mechanism DIGEST-MD5")
+        expectError("tls:\n  certificate: /etc/cert.pem\n", line: 2, key: "tls.key", contains: "set together")
+        expectError("hosts: [a\nlimits: {", line: 2, key: nil, contains: "YAML syntax error")
+        expectError("frobnicate: true\n", line: 1, key: "frobnicate", contains: "unknown option")
+        expectError("- just\n- a list\n", line: 1, key: nil, contains: "must be a mapping")
+    }
+
+    func testReferenceDocumentsEveryOption() {
+        let reference = StarlingConfiguration.referenceText
+        for key in ["hosts", "listeners[].port", "listeners[].backlog", "tls.certificate", "auth.scram_iterations", "limits.max_stanza_size", "limits.max_sessions_per_user", "storage.path", "admin.socket"] {
+            XCTAssertTrue(reference.contains("  \(key)  ("), "\(key) missing from the reference")
+        }
+    }
+}
