@@ -11,6 +11,7 @@ let package = Package(
     products: [
         .executable(name: "starling", targets: ["starling"]),
         .executable(name: "starlingctl", targets: ["starlingctl"]),
+        .executable(name: "starling-bench", targets: ["starling-bench"]),
     ],
     dependencies: [
         .package(path: "PluginAPI"),
@@ -107,6 +108,15 @@ let package = Package(
             dependencies: [
                 "StarlingServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "starling-bench",
+            dependencies: [
+                "StarlingTestClient", "StarlingSQLite", "StarlingConfig", "StarlingSASL",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),

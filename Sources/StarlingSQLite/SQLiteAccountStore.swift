@@ -8,9 +8,7 @@ extension SQLiteStore: AccountStore {
     public func createAccount(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
         try await run {
             try await self.transaction {
-                let existing = try await self.connection.query(
-                    "SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
-                if !existing.isEmpty { throw StorageError.accountExists }
+                if try await self.accountExists(username: username, host: host) { throw StorageError.accountExists }
                 _ = try await self.connection.query(
                     "INSERT INTO accounts (host, username, created_at) VALUES (?, ?, ?)",
                     [.text(host), .text(username), .integer(Int(Date().timeIntervalSince1970))])
@@ -21,9 +19,7 @@ extension SQLiteStore: AccountStore {
 
     public func credentials(username: String, host: String) async throws(StorageError) -> [SCRAMCredentials]? {
         try await run {
-            let account = try await self.connection.query(
-                "SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
-            if account.isEmpty { return nil }
+            guard try await self.accountExists(username: username, host: host) else { return nil }
             let rows = try await self.connection.query(
                 "SELECT hash, salt, iterations, stored_key, server_key FROM scram_credentials WHERE host = ? AND username = ?",
                 [.text(host), .text(username)])
@@ -41,9 +37,7 @@ extension SQLiteStore: AccountStore {
     public func setCredentials(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
         try await run {
             try await self.transaction {
-                let existing = try await self.connection.query(
-                    "SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
-                if existing.isEmpty { throw StorageError.accountNotFound }
+                guard try await self.accountExists(username: username, host: host) else { throw StorageError.accountNotFound }
                 _ = try await self.connection.query(
                     "DELETE FROM scram_credentials WHERE host = ? AND username = ?", [.text(host), .text(username)])
                 try await self.insert(credentials, username: username, host: host)
@@ -54,9 +48,7 @@ extension SQLiteStore: AccountStore {
     public func deleteAccount(username: String, host: String) async throws(StorageError) {
         try await run {
             try await self.transaction {
-                let existing = try await self.connection.query(
-                    "SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
-                if existing.isEmpty { throw StorageError.accountNotFound }
+                guard try await self.accountExists(username: username, host: host) else { throw StorageError.accountNotFound }
                 _ = try await self.connection.query(
                     "DELETE FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
             }
@@ -69,6 +61,10 @@ extension SQLiteStore: AccountStore {
                 "SELECT username FROM accounts WHERE host = ? ORDER BY username", [.text(host)]
             ).compactMap { $0.column("username")?.string }
         }
+    }
+
+    private func accountExists(username: String, host: String) async throws -> Bool {
+        !(try await connection.query("SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)]).isEmpty)
     }
 
     private func insert(_ credentials: [SCRAMCredentials], username: String, host: String) async throws {

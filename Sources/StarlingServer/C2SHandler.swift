@@ -24,6 +24,7 @@ final class C2SHandler: ChannelInboundHandler {
     /// Events that arrived while an asynchronous step (lookup, hashing, failure delay) was in flight;
     /// they are processed in order once it finishes.
     private var queued = CircularBuffer<XMLStreamEvent>()
+    private static let maxQueuedEvents = 64
     private var queuedParseError: XMLStreamError?
     private var waiting = false
     /// Set when the parser was reset: events still in hand belong to the old document.
@@ -91,7 +92,17 @@ final class C2SHandler: ChannelInboundHandler {
         discardRemainingEvents = false
         for event in events {
             if discardRemainingEvents { break }
-            if waiting { queued.append(event) } else { handle(event) }
+            if waiting {
+                // A client that keeps sending while we wait on storage or a failure delay must not make us
+                // buffer without bound.
+                guard queued.count < Self.maxQueuedEvents else {
+                    perform(machine.fail(.policyViolation, "too many stanzas while authentication is pending"))
+                    return
+                }
+                queued.append(event)
+            } else {
+                handle(event)
+            }
         }
         if let parseError, !discardRemainingEvents {
             if waiting { queuedParseError = parseError } else { perform(machine.parseFailed(parseError)) }
@@ -181,11 +192,17 @@ final class C2SHandler: ChannelInboundHandler {
                 let accounts = server.accounts
                 let pool = server.threadPool
                 let future = context.eventLoop.makeFutureWithTask { () async throws -> Bool in
-                    guard let stored = try await accounts.credentials(username: username, host: host),
-                          let credential = stored.first(where: { $0.hash == .sha256 }) ?? stored.first
-                    else { return false }
-                    // PBKDF2 takes milliseconds: keep it off the event loops and the cooperative pool.
-                    return try await pool.runIfActive { credential.verify(password: password) }
+                    let stored = try await accounts.credentials(username: username, host: host)
+                    let credential = stored.flatMap { $0.first(where: { $0.hash == .sha256 }) ?? $0.first }
+                    // PBKDF2 takes milliseconds: keep it off the event loops and the cooperative pool. An
+                    // unknown account costs the same, so timing does not tell which accounts exist.
+                    return try await pool.runIfActive {
+                        guard let credential else {
+                            _ = SCRAMCredentials.derive(password: password, hash: .sha256, salt: [0], iterations: 4096)
+                            return false
+                        }
+                        return credential.verify(password: password)
+                    }
                 }
                 future.whenComplete { result in
                     switch result {

@@ -41,8 +41,9 @@ struct AccountArguments: ParsableArguments {
     }
 }
 
-/// Opens the configured store, runs `body`, and always closes the store again.
-func withStore(_ configuration: StarlingConfiguration, _ body: (SQLiteStore) async throws -> Void) async throws {
+/// Opens the configured store, runs `body`, and always closes the store again. A failure is reported
+/// as "`failure`: reason".
+func withStore(_ configuration: StarlingConfiguration, failure: String, _ body: (SQLiteStore) async throws -> Void) async throws {
     try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
     var logger = Logger(label: "starlingctl")
     logger.logLevel = .warning
@@ -51,7 +52,7 @@ func withStore(_ configuration: StarlingConfiguration, _ body: (SQLiteStore) asy
         try await body(store)
     } catch {
         await store.close()
-        throw error
+        throw ValidationError("\(failure): \(error)")
     }
     await store.close()
 }
@@ -66,12 +67,8 @@ struct Register: AsyncParsableCommand {
         let configuration = try options.load()
         let jid = try account.jid(in: configuration)
         let password = try readPassword(self.password)
-        try await withStore(configuration) { store in
-            do {
-                try await store.register(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
-            } catch {
-                throw ValidationError("cannot register \(jid): \(error)")
-            }
+        try await withStore(configuration, failure: "cannot register \(jid)") { store in
+            try await store.register(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
         }
         print("registered \(jid)")
     }
@@ -85,10 +82,8 @@ struct Unregister: AsyncParsableCommand {
     func run() async throws {
         let configuration = try options.load()
         let jid = try account.jid(in: configuration)
-        try await withStore(configuration) { store in
-            do { try await store.deleteAccount(username: jid.localpart!, host: jid.domainpart) } catch {
-                throw ValidationError("cannot unregister \(jid): \(error)")
-            }
+        try await withStore(configuration, failure: "cannot unregister \(jid)") { store in
+            try await store.deleteAccount(username: jid.localpart!, host: jid.domainpart)
         }
         print("unregistered \(jid)")
     }
@@ -104,12 +99,8 @@ struct ChangePassword: AsyncParsableCommand {
         let configuration = try options.load()
         let jid = try account.jid(in: configuration)
         let password = try readPassword(self.password)
-        try await withStore(configuration) { store in
-            do {
-                try await store.changePassword(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
-            } catch {
-                throw ValidationError("cannot change the password of \(jid): \(error)")
-            }
+        try await withStore(configuration, failure: "cannot change the password of \(jid)") { store in
+            try await store.changePassword(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
         }
         print("password changed for \(jid)")
     }

@@ -25,6 +25,16 @@ final class LifecycleTests: XCTestCase {
         XCTAssertTrue(output.contains("not running"), output)
     }
 
+    func testSilentClientIsDisconnectedAfterTheIdleTimeout() async throws {
+        let server = try ServerProcess(extraConfig: "limits:\n  idle_timeout: 5\n  keepalive_interval: 1", users: [("gina", "gina-secret")])
+        defer { server.stop() }
+        let client = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "gina", password: "gina-secret")
+        let started = Date()
+        let condition = try await client.expectStreamError(timeout: 15)
+        XCTAssertEqual(condition, "connection-timeout")
+        XCTAssertGreaterThanOrEqual(Date().timeIntervalSince(started), 4, "the session lives until the timeout, whatever keepalives we send")
+    }
+
     func testBadConfigFailsAtStartNamingFileLineAndKey() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-badconfig-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)

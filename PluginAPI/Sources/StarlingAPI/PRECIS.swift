@@ -14,6 +14,12 @@ enum PRECIS {
 
     /// UsernameCaseMapped (RFC 8265 §3.3): width mapping, lowercase, NFC, then IdentifierClass.
     static func usernameCaseMapped(_ input: String) throws(Failure) -> String {
+        // Fast path: ASCII needs no width mapping or normalization, only lowercasing.
+        if input.utf8.allSatisfy({ $0 < 0x80 }) {
+            guard !input.isEmpty else { throw .empty }
+            if let bad = input.unicodeScalars.first(where: { !(0x21...0x7E).contains($0.value) }) { throw .disallowed(bad) }
+            return input.utf8.contains(where: { (0x41...0x5A).contains($0) }) ? input.lowercased() : input
+        }
         var mapped = String.UnicodeScalarView()
         for scalar in input.unicodeScalars { mapped.append(contentsOf: widthMapped(scalar)) }
         let prepared = String(mapped).lowercased().precomposedStringWithCanonicalMapping
@@ -24,6 +30,11 @@ enum PRECIS {
 
     /// OpaqueString (RFC 8265 §4.2): non-ASCII spaces become U+0020, NFC, then FreeformClass.
     static func opaqueString(_ input: String) throws(Failure) -> String {
+        if input.utf8.allSatisfy({ $0 < 0x80 }) {
+            guard !input.isEmpty else { throw .empty }
+            if let bad = input.unicodeScalars.first(where: { !(0x20...0x7E).contains($0.value) }) { throw .disallowed(bad) }
+            return input
+        }
         var mapped = String.UnicodeScalarView()
         for scalar in input.unicodeScalars {
             mapped.append(scalar.properties.generalCategory == .spaceSeparator ? " " : scalar)
