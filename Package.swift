@@ -56,6 +56,15 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Built-in modules: written against the plugin API only, like any plugin.
+        .target(
+            name: "StarlingModules",
+            dependencies: [
+                "StarlingStorage",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .target(
             name: "StarlingStorage",
             dependencies: [
@@ -78,7 +87,7 @@ let package = Package(
         .target(
             name: "StarlingServer",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite",
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -114,7 +123,7 @@ let package = Package(
         .executableTarget(
             name: "starling-bench",
             dependencies: [
-                "StarlingTestClient", "StarlingSQLite", "StarlingConfig", "StarlingSASL",
+                "StarlingTestClient", "StarlingSQLite", "StarlingConfig", "StarlingSASL", "StarlingModules",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -137,7 +146,7 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite",
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
             ],
             swiftSettings: swiftSettings

@@ -71,6 +71,8 @@ public struct StarlingConfiguration: Sendable, Equatable {
     public var limits: LimitsConfiguration
     public var storage: StorageConfiguration
     public var admin: AdminConfiguration
+    /// Enabled modules, in config order.
+    public var modules: [ModuleConfiguration]
     /// Where this configuration came from (for messages and reloads).
     public var sourcePath: String
 
@@ -116,15 +118,16 @@ public struct StarlingConfiguration: Sendable, Equatable {
     // MARK: Loading
 
     /// Reads and validates `path`. Every problem is a `ConfigError` naming file, line and key.
-    public static func load(path: String) throws(ConfigError) -> StarlingConfiguration {
+    /// - Parameter moduleCatalog: the modules that exist (built in, or loadable), to validate `modules:`.
+    public static func load(path: String, moduleCatalog: [ModuleDescriptor]) throws(ConfigError) -> StarlingConfiguration {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
             throw ConfigError(file: path, line: nil, key: nil, message: "cannot read: \(error.localizedDescription)")
         }
-        return try parse(yaml: text, file: path)
+        return try parse(yaml: text, file: path, moduleCatalog: moduleCatalog)
     }
 
-    public static func parse(yaml: String, file: String, reference: ConfigReference = ConfigReference()) throws(ConfigError) -> StarlingConfiguration {
+    public static func parse(yaml: String, file: String, moduleCatalog: [ModuleDescriptor], reference: ConfigReference = ConfigReference()) throws(ConfigError) -> StarlingConfiguration {
         let root: Node?
         do { root = try Yams.compose(yaml: yaml) } catch let error as YamlError {
             throw ConfigError(file: file, line: Self.line(of: error), key: nil, message: "YAML syntax error: \(Self.problem(of: error))")
@@ -210,19 +213,21 @@ public struct StarlingConfiguration: Sendable, Equatable {
         let admin = AdminConfiguration(socketPath: resolve(try adminSection.read(adminSocket), against: dataDirectory))
         try adminSection.rejectUnknownKeys()
 
+        let modules = try readModules(top, catalog: moduleCatalog)
+
         try top.rejectUnknownKeys()
         return StarlingConfiguration(
             hosts: hosts.map { JID($0)!.domainpart }, dataDirectory: dataDirectory, logLevel: logLevel,
             listeners: listeners, tls: tls, auth: auth, limits: limits, storage: storage, admin: admin,
-            sourcePath: file
+            modules: modules, sourcePath: file
         )
     }
 
     /// The documentation of every option, generated from the declarations.
-    public static var referenceText: String {
+    public static func referenceText(moduleCatalog: [ModuleDescriptor]) -> String {
         let reference = ConfigReference()
-        let example = "listeners:\n  - port: 5222\n"
-        _ = try? parse(yaml: example, file: "(reference)", reference: reference)
+        let example = "listeners:\n  - port: 5222\nmodules:\n" + moduleCatalog.map { "  \($0.name): {}\n" }.joined()
+        _ = try? parse(yaml: example, file: "(reference)", moduleCatalog: moduleCatalog, reference: reference)
         return reference.text
     }
 

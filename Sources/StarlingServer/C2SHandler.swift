@@ -73,6 +73,7 @@ final class C2SHandler: ChannelInboundHandler {
         server.connections.remove(ObjectIdentifier(self))
         if let session {
             server.registry.unbind(session)
+            _ = server.router.run(.sessionClosed, SessionEvent(jid: session.jid), on: session.jid.domainpart)
             logger.debug("session closed", metadata: ["jid": "\(session.jid)"])
         }
         session = nil
@@ -243,20 +244,24 @@ final class C2SHandler: ChannelInboundHandler {
         guard let context else { return }
         let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
+        var created: ClientSession?
         let outcome = server.registry.bind(user: user, resource: requested, maxSessions: server.configuration.limits.maxSessionsPerUser) { jid in
-            ClientSession(
+            let session = ClientSession(
                 jid: jid, eventLoop: loop,
                 deliver: { stanza in bound.value.deliver(stanza) },
                 close: { condition in bound.value.closeSession(condition) }
             )
+            created = session
+            return session
         }
         switch outcome {
         case .bound(let jid, let replaced):
-            session = server.registry.location(of: jid).flatMap { if case .local(let s) = $0 { return s } else { return nil } }
+            session = created
             replaced?.close(.conflict)
             authTimeout?.cancel()
             logger.debug("resource bound", metadata: ["jid": "\(jid)"])
             perform(machine.resourceBound(jid, iq: iq))
+            _ = server.router.run(.sessionBound, SessionEvent(jid: jid), on: jid.domainpart)
         case .failed(let condition):
             perform(machine.bindFailed(condition, iq: iq))
         }

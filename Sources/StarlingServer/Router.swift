@@ -3,10 +3,12 @@ import StarlingAPI
 
 /// Local stanza routing (RFC 6120 §10, RFC 6121 §8) between bound sessions. Runs on the sending
 /// session's event loop; deliveries hop to the recipient's loop.
-public final class Router: Sendable {
+public final class Router: @unchecked Sendable {
     let registry: SessionRegistry
     let hosts: Set<String>
     let logger: Logger
+    /// Per host; installed once before any listener opens and never changed after, so reads need no lock.
+    private(set) var modules: [String: HostModules] = [:]
 
     public init(registry: SessionRegistry, hosts: Set<String>, logger: Logger) {
         self.registry = registry
@@ -14,8 +16,24 @@ public final class Router: Sendable {
         self.logger = logger
     }
 
+    func install(modules: [String: HostModules]) {
+        self.modules = modules
+    }
+
+    /// Runs a hook on `domain`'s modules.
+    func run<Event>(_ point: HookPoint<Event>, _ event: Event, on domain: String) -> HookResult {
+        modules[domain]?.run(point, event) ?? .pass
+    }
+
     /// Routes a stanza whose `from` the c2s layer has stamped with `sender`'s full JID.
     public func route(_ stanza: XMLElement, from sender: ClientSession) {
+        switch run(.stanzaFromClient, StanzaEvent(stanza: stanza, origin: sender.jid), on: sender.jid.domainpart) {
+        case .pass: break
+        case .handled: return
+        case .reject(let condition, let text):
+            bounce(stanza, condition, text: text, to: sender)
+            return
+        }
         let kind = StanzaKind(rawValue: stanza.name)!
         let to = stanza[attribute: "to"].flatMap { JID($0) }
         if kind == .presence && to == nil {
@@ -30,7 +48,7 @@ public final class Router: Sendable {
             return
         }
         if target.localpart == nil {
-            toServer(stanza, kind: kind, sender: sender)
+            if kind == .iq { handleServerIQ(stanza, target: target, sender: sender) }
         } else if target.resourcepart != nil {
             toFullJID(stanza, kind: kind, target: target, sender: sender)
         } else {
@@ -50,20 +68,54 @@ public final class Router: Sendable {
         }
     }
 
-    private func toServer(_ stanza: XMLElement, kind: StanzaKind, sender: ClientSession) {
-        guard kind == .iq else { return }
-        handleServerIQ(stanza, sender: sender)
-    }
-
-    /// IQs the server answers itself (for its domain, or on behalf of an account's bare JID).
-    private func handleServerIQ(_ iq: XMLElement, sender: ClientSession) {
+    /// IQs the server answers itself, for its domain or on behalf of an account's bare JID, through
+    /// the enabled modules' handlers.
+    private func handleServerIQ(_ iq: XMLElement, target: JID, sender: ClientSession) {
         let type = iq[attribute: "type"]
-        guard type == "get" || type == "set" else { return }
-        if type == "get", iq.child("ping", namespace: Namespace.ping) != nil {
-            sender.deliver(addressedReply(iq.iqResult(), to: sender))
+        guard let iqType = type.flatMap(IQType.init(rawValue:)), let payload = iq.elements.first else { return }
+        let key = ModuleRegistrar.IQKey(type: iqType, name: payload.name, namespace: payload.namespace)
+        guard let entry = modules[target.domainpart]?.iqHandlers[key],
+              entry.target == .both || entry.target == (target.localpart == nil ? IQTarget.server : IQTarget.account)
+        else {
+            bounce(iq, .serviceUnavailable, to: sender)
             return
         }
-        bounce(iq, .serviceUnavailable, to: sender)
+        let request = IQRequest(stanza: iq, from: sender.jid, to: target)
+        let logger = self.logger
+        Task {
+            let reply: XMLElement
+            do {
+                switch try await entry.handler(request) {
+                case .result(let payload):
+                    reply = iq.iqResult(payload: payload)
+                case .error(let condition, let text):
+                    reply = iq.errorReply(condition, text: text)
+                }
+            } catch {
+                logger.error("IQ handler failed", metadata: ["module": "\(entry.module)", "error": "\(error)"])
+                reply = iq.errorReply(.internalServerError)
+            }
+            sender.deliver(self.addressedReply(reply, to: sender, from: target))
+        }
+    }
+
+    /// Delivers a stanza a module sends (roster pushes, offline messages, ...) to local sessions.
+    func routeFromServer(_ stanza: XMLElement) {
+        guard let to = stanza[attribute: "to"].flatMap({ JID($0) }), hosts.contains(to.domainpart), to.localpart != nil else {
+            logger.debug("dropping a module's stanza without a local recipient")
+            return
+        }
+        if to.resourcepart != nil {
+            if case .local(let session)? = registry.location(of: to) { session.deliver(stanza) }
+            return
+        }
+        let available = registry.resources(of: to).filter(\.available)
+        if stanza.name == "message" {
+            let top = available.filter { $0.priority >= 0 }.map(\.priority).max()
+            for resource in available where resource.priority == top { resource.session.deliver(stanza) }
+        } else {
+            for resource in available { resource.session.deliver(stanza) }
+        }
     }
 
     private func toFullJID(_ stanza: XMLElement, kind: StanzaKind, target: JID, sender: ClientSession) {
@@ -91,7 +143,7 @@ public final class Router: Sendable {
         switch kind {
         case .iq:
             // An IQ to a bare JID is answered by the server on the account's behalf (RFC 6121 §8.5.1).
-            handleServerIQ(stanza, sender: sender)
+            handleServerIQ(stanza, target: target, sender: sender)
         case .presence:
             for resource in registry.resources(of: target) where resource.available {
                 resource.session.deliver(stanza)
@@ -100,7 +152,17 @@ public final class Router: Sendable {
             let type = stanza[attribute: "type"] ?? "normal"
             let candidates = registry.resources(of: target).filter { $0.available && $0.priority >= 0 }
             guard let top = candidates.map(\.priority).max() else {
-                // No offline storage yet: RFC 6121 §8.5.2.2.1 allows service-unavailable.
+                if type == "chat" || type == "normal" {
+                    // Offline storage, if enabled, takes it here.
+                    switch run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: sender.jid), on: target.domainpart) {
+                    case .handled: return
+                    case .reject(let condition, let text):
+                        bounce(stanza, condition, text: text, to: sender)
+                        return
+                    case .pass: break
+                    }
+                }
+                // RFC 6121 §8.5.2.2.1 allows service-unavailable when nothing stores it.
                 if type == "chat" || type == "normal" || type == "groupchat" { bounce(stanza, .serviceUnavailable, to: sender) }
                 return
             }
@@ -114,16 +176,18 @@ public final class Router: Sendable {
         }
     }
 
-    private func addressedReply(_ reply: XMLElement, to sender: ClientSession) -> XMLElement {
+    /// A reply addressed to the sending session, from the entity it addressed (its own account when the
+    /// request had no `to`).
+    private func addressedReply(_ reply: XMLElement, to sender: ClientSession, from: JID? = nil) -> XMLElement {
         var reply = reply
         reply[attribute: "to"] = sender.jid.description
-        if reply[attribute: "from"] == nil { reply[attribute: "from"] = sender.jid.bare.description }
+        if reply[attribute: "from"] == nil { reply[attribute: "from"] = (from ?? sender.jid.bare).description }
         return reply
     }
 
     /// Sends an error reply for `stanza` back to its sender; errors are never answered with errors.
-    private func bounce(_ stanza: XMLElement, _ condition: StanzaErrorCondition, to sender: ClientSession) {
+    private func bounce(_ stanza: XMLElement, _ condition: StanzaErrorCondition, text: String? = nil, to sender: ClientSession) {
         guard stanza[attribute: "type"] != "error", stanza[attribute: "type"] != "result" else { return }
-        sender.deliver(addressedReply(stanza.errorReply(condition), to: sender))
+        sender.deliver(addressedReply(stanza.errorReply(condition, text: text), to: sender))
     }
 }

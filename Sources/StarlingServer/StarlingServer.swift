@@ -5,6 +5,7 @@ import NIOPosix
 import NIOSSL
 import ServiceLifecycle
 import StarlingConfig
+import StarlingModules
 import StarlingSQLite
 import StarlingStorage
 
@@ -28,6 +29,16 @@ public final class StarlingServer: Service, @unchecked Sendable {
         let store = try await Self.openStore(configuration, logger: logger)
         let tls = try TLSIdentity.load(configuration, logger: logger)
         let context = ServerContext(configuration: configuration, accounts: store, tls: tls, threadPool: threadPool, logger: logger)
+        let router = context.router
+        do {
+            router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog, logger: logger) { stanza in
+                router.routeFromServer(stanza)
+            })
+        } catch {
+            await store.close()
+            throw error
+        }
+        logger.info("modules enabled", metadata: ["modules": "\(configuration.modules.map(\.name).joined(separator: ", "))"])
         let startedAt = Date()
 
         var channels: [any Channel] = []

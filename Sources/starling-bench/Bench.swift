@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import StarlingConfig
+import StarlingModules
 import StarlingSASL
 import StarlingSQLite
 import StarlingTestClient
@@ -39,7 +40,7 @@ struct Idle: AsyncParsableCommand {
           - { address: 127.0.0.1, port: 0, tls: starttls, backlog: 4096 }
           - { address: 127.0.0.1, port: 0, tls: direct, backlog: 4096 }
         """.write(toFile: configPath, atomically: true, encoding: .utf8)
-        let configuration = try StarlingConfiguration.load(path: configPath)
+        let configuration = try StarlingConfiguration.load(path: configPath, moduleCatalog: BuiltinModules.descriptors)
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
 
         // One derivation shared by every bench account: registering thousands stays quick.

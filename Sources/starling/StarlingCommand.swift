@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import ServiceLifecycle
 import StarlingConfig
+import StarlingModules
 import StarlingServer
 
 @main
@@ -23,12 +24,12 @@ struct StarlingCommand: AsyncParsableCommand {
 
     func run() async throws {
         if configReference {
-            print(StarlingConfiguration.referenceText)
+            print(StarlingConfiguration.referenceText(moduleCatalog: BuiltinModules.descriptors))
             return
         }
         let configuration: StarlingConfiguration
         do {
-            configuration = try StarlingConfiguration.load(path: config)
+            configuration = try StarlingConfiguration.load(path: config, moduleCatalog: BuiltinModules.descriptors)
         } catch {
             FileHandle.standardError.write(Data("starling: configuration error: \(error)\n".utf8))
             throw ExitCode(78) // EX_CONFIG

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import StarlingAPI
 import StarlingConfig
+import StarlingModules
 import StarlingServer
 import StarlingSQLite
 
@@ -20,7 +21,7 @@ struct ConfigOption: ParsableArguments {
     var config: String = "config/starling.yml"
 
     func load() throws -> StarlingConfiguration {
-        do { return try StarlingConfiguration.load(path: config) } catch {
+        do { return try StarlingConfiguration.load(path: config, moduleCatalog: BuiltinModules.descriptors) } catch {
             throw ValidationError("configuration error: \(error)")
         }
     }

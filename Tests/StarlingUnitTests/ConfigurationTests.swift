@@ -1,9 +1,10 @@
 @testable import StarlingConfig
+import StarlingModules
 import XCTest
 
 final class ConfigurationTests: XCTestCase {
     func parse(_ yaml: String) throws -> StarlingConfiguration {
-        try StarlingConfiguration.parse(yaml: yaml, file: "/etc/starling/starling.yml")
+        try StarlingConfiguration.parse(yaml: yaml, file: "/etc/starling/starling.yml", moduleCatalog: BuiltinModules.descriptors)
     }
 
     func expectError(_ yaml: String, line: Int?, key: String?, contains text: String, file: StaticString = #filePath, lineNumber: UInt = #line) {
@@ -63,7 +64,7 @@ final class ConfigurationTests: XCTestCase {
     }
 
     func testReferenceDocumentsEveryOption() {
-        let reference = StarlingConfiguration.referenceText
+        let reference = StarlingConfiguration.referenceText(moduleCatalog: BuiltinModules.descriptors)
         for key in ["hosts", "listeners[].port", "listeners[].backlog", "tls.certificate", "auth.scram_iterations", "limits.max_stanza_size", "limits.max_sessions_per_user", "storage.path", "admin.socket"] {
             XCTAssertTrue(reference.contains("  \(key)  ("), "\(key) missing from the reference")
         }

@@ -1,0 +1,282 @@
+/// A server module: a small declaration (name, XEPs, options, dependencies) plus a `register` that
+/// tells the core which disco features, IQ handlers and hooks it adds. The core records every
+/// registration and undoes them all when the module is unloaded, so modules never clean up after
+/// themselves.
+///
+/// ```swift
+/// public final class PingModule: ServerModule {
+///     public static let descriptor = ModuleDescriptor(name: "ping", summary: "Answers pings", xeps: ["XEP-0199"])
+///     public init(host: any ModuleHost) {}
+///     public func register(_ registrar: ModuleRegistrar) {
+///         registrar.feature(Namespace.ping)
+///         registrar.iq(.get, "ping", Namespace.ping) { _ in .result() }
+///     }
+/// }
+/// ```
+public protocol ServerModule: AnyObject, Sendable {
+    static var descriptor: ModuleDescriptor { get }
+    /// Called once per host the module is enabled on; options are already validated.
+    init(host: any ModuleHost) throws
+    func register(_ registrar: ModuleRegistrar)
+}
+
+/// What a module is, declared once.
+public struct ModuleDescriptor: Sendable {
+    public var name: String
+    public var summary: String
+    /// e.g. "XEP-0199".
+    public var xeps: [String]
+    /// Names of modules that must be enabled too.
+    public var dependencies: [String]
+    public var options: [ModuleOptionSpec]
+
+    public init(name: String, summary: String, xeps: [String] = [], dependencies: [String] = [], options: [ModuleOptionSpec] = []) {
+        self.name = name
+        self.summary = summary
+        self.xeps = xeps
+        self.dependencies = dependencies
+        self.options = options
+    }
+}
+
+/// One module option: type, default, bounds and doc, declared once. The config loader validates the
+/// value (naming file and line) before the module ever sees it.
+public struct ModuleOptionSpec: Sendable {
+    public enum Kind: Sendable, Equatable {
+        case integer(ClosedRange<Int>)
+        case number(ClosedRange<Double>)
+        case boolean
+        case string(choices: [String]?)
+        case stringList
+    }
+
+    public var key: String
+    public var kind: Kind
+    public var defaultValue: ModuleOptionValue
+    public var doc: String
+
+    public init(_ key: String, _ kind: Kind, default defaultValue: ModuleOptionValue, doc: String) {
+        self.key = key
+        self.kind = kind
+        self.defaultValue = defaultValue
+        self.doc = doc
+    }
+}
+
+public enum ModuleOptionValue: Sendable, Equatable, CustomStringConvertible {
+    case integer(Int)
+    case number(Double)
+    case boolean(Bool)
+    case string(String)
+    case stringList([String])
+
+    public var description: String {
+        switch self {
+        case .integer(let value): return String(value)
+        case .number(let value): return String(value)
+        case .boolean(let value): return String(value)
+        case .string(let value): return value
+        case .stringList(let value): return "[" + value.joined(separator: ", ") + "]"
+        }
+    }
+}
+
+/// A module's validated options.
+public struct ModuleOptions: Sendable, Equatable {
+    public let values: [String: ModuleOptionValue]
+
+    public init(_ values: [String: ModuleOptionValue]) { self.values = values }
+
+    public func integer(_ key: String) -> Int {
+        if case .integer(let value)? = values[key] { return value }
+        preconditionFailure("option \(key) is not a declared integer")
+    }
+
+    public func number(_ key: String) -> Double {
+        if case .number(let value)? = values[key] { return value }
+        if case .integer(let value)? = values[key] { return Double(value) }
+        preconditionFailure("option \(key) is not a declared number")
+    }
+
+    public func boolean(_ key: String) -> Bool {
+        if case .boolean(let value)? = values[key] { return value }
+        preconditionFailure("option \(key) is not a declared boolean")
+    }
+
+    public func string(_ key: String) -> String {
+        if case .string(let value)? = values[key] { return value }
+        preconditionFailure("option \(key) is not a declared string")
+    }
+
+    public func stringList(_ key: String) -> [String] {
+        if case .stringList(let value)? = values[key] { return value }
+        preconditionFailure("option \(key) is not a declared string list")
+    }
+}
+
+/// What the core offers a module. No NIO types: the same API serves dynamic plugins.
+public protocol ModuleHost: Sendable {
+    /// The host (domain) this instance serves.
+    var domain: String { get }
+    var options: ModuleOptions { get }
+    /// Routes a stanza as if the server sent it (its `from` should be set by the module).
+    func route(_ stanza: XMLElement)
+    func log(_ level: ModuleLogLevel, _ message: String)
+    /// The disco features every enabled module on this host declared (sorted, deduplicated), for
+    /// entities answered `for` the server or for accounts.
+    func features(for target: IQTarget) -> [String]
+}
+
+public enum ModuleLogLevel: String, Sendable { case debug, info, warning, error }
+
+// MARK: IQ handlers
+
+public enum IQType: String, Sendable { case get, set }
+
+/// Who an IQ handler answers for: the server's domain, or an account's bare JID on this host.
+public enum IQTarget: Sendable, Hashable {
+    case server
+    case account
+    case both
+}
+
+/// An IQ request handed to a module.
+public struct IQRequest: Sendable {
+    public let stanza: XMLElement
+    /// The full JID of the requesting session.
+    public let from: JID
+    /// The addressed entity (the server's domain or an account's bare JID).
+    public let to: JID
+    /// The single child element.
+    public var payload: XMLElement { stanza.elements[0] }
+
+    public init(stanza: XMLElement, from: JID, to: JID) {
+        self.stanza = stanza
+        self.from = from
+        self.to = to
+    }
+}
+
+/// A module's answer to an IQ.
+public enum IQResponse: Sendable {
+    case result(XMLElement?)
+    case error(StanzaErrorCondition, text: String?)
+
+    public static func result() -> IQResponse { .result(nil) }
+    public static func error(_ condition: StanzaErrorCondition) -> IQResponse { .error(condition, text: nil) }
+}
+
+public typealias IQHandler = @Sendable (IQRequest) async throws -> IQResponse
+
+// MARK: Hooks
+
+/// What a hook handler says about the event. Handlers run in descending priority (higher first);
+/// ties run in registration order. Anything but `.pass` ends propagation.
+public enum HookResult: Sendable, Equatable {
+    /// Not mine (or only observed): go on to the next handler, then the default behaviour.
+    case pass
+    /// Dealt with: no further handlers, no default behaviour.
+    case handled
+    /// Refused: the sender gets this error (for stanzas that may be answered) and nothing else happens.
+    case reject(StanzaErrorCondition, text: String?)
+}
+
+/// A named event with a typed payload.
+public struct HookPoint<Event: Sendable>: Sendable, Hashable {
+    public let name: String
+    public init(_ name: String) { self.name = name }
+}
+
+/// A stanza passing through the server.
+public struct StanzaEvent: Sendable {
+    public var stanza: XMLElement
+    /// The full JID of the local session that sent it, when it came from one.
+    public var origin: JID?
+
+    public init(stanza: XMLElement, origin: JID?) {
+        self.stanza = stanza
+        self.origin = origin
+    }
+}
+
+/// A session that was bound or closed.
+public struct SessionEvent: Sendable {
+    public let jid: JID
+    public init(jid: JID) { self.jid = jid }
+}
+
+extension HookPoint where Event == StanzaEvent {
+    /// A stanza from a local client, `from` stamped, before routing.
+    public static let stanzaFromClient = HookPoint("stanza-from-client")
+    /// A message for a local account that has no resource to take it (offline storage hooks here).
+    public static let messageUndeliverable = HookPoint("message-undeliverable")
+}
+
+extension HookPoint where Event == SessionEvent {
+    public static let sessionBound = HookPoint("session-bound")
+    public static let sessionClosed = HookPoint("session-closed")
+}
+
+/// Collects a module's registrations. The core keeps them per module and removes them on unload.
+public final class ModuleRegistrar: @unchecked Sendable {
+    public struct IQKey: Hashable, Sendable {
+        public let type: IQType
+        public let name: String
+        public let namespace: String
+
+        public init(type: IQType, name: String, namespace: String) {
+            self.type = type
+            self.name = name
+            self.namespace = namespace
+        }
+    }
+
+    public struct IQRegistration: Sendable {
+        public let key: IQKey
+        public let target: IQTarget
+        public let handler: IQHandler
+    }
+
+    public struct HookRegistration: Sendable {
+        public let name: String
+        public let priority: Int
+        public let handler: @Sendable (Any) -> HookResult
+    }
+
+    public let module: String
+    public private(set) var features: [(namespace: String, target: IQTarget)] = []
+    public private(set) var iqHandlers: [IQRegistration] = []
+    public private(set) var hooks: [HookRegistration] = []
+
+    public init(module: String) { self.module = module }
+
+    /// Adds a disco#info feature var, listed for the server's domain, for accounts, or both.
+    public func feature(_ namespace: String, for target: IQTarget = .server) { features.append((namespace, target)) }
+
+    /// Handles IQs of `type` whose payload is `<name xmlns=namespace/>`.
+    public func iq(_ type: IQType, _ name: String, _ namespace: String, target: IQTarget = .server, _ handler: @escaping IQHandler) {
+        iqHandlers.append(IQRegistration(key: IQKey(type: type, name: name, namespace: namespace), target: target, handler: handler))
+    }
+
+    /// Runs `handler` on `point` with `priority` (higher runs first).
+    public func hook<Event>(_ point: HookPoint<Event>, priority: Int = 0, _ handler: @escaping @Sendable (Event) -> HookResult) {
+        hooks.append(HookRegistration(name: point.name, priority: priority) { event in
+            guard let event = event as? Event else { return .pass }
+            return handler(event)
+        })
+    }
+}
+
+extension ModuleHost {
+    /// Features of the whole host (what disco#info on the domain lists).
+    public var serverFeatures: [String] { features(for: .server) }
+    /// Features the server offers on an account's behalf (disco#info on a bare JID).
+    public var accountFeatures: [String] { features(for: .account) }
+}
+
+/// Versions the core and plugins agree on.
+public enum StarlingAPIVersion {
+    /// Bumped on any change to this package's public API; a plugin built against another is refused.
+    public static let api = 1
+    public static let serverVersion = "0.1.0"
+}

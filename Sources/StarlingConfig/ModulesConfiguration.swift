@@ -1,0 +1,72 @@
+import StarlingAPI
+import Yams
+
+/// One enabled module with its validated options.
+public struct ModuleConfiguration: Sendable, Equatable {
+    public var name: String
+    public var options: ModuleOptions
+}
+
+extension StarlingConfiguration {
+    /// Reads `modules:`: a mapping from module name to its options (`{}` or empty for defaults).
+    /// Unknown modules, missing dependencies and bad options fail here, with file and line.
+    static func readModules(_ top: ConfigSection, catalog: [ModuleDescriptor]) throws(ConfigError) -> [ModuleConfiguration] {
+        let byName = Dictionary(uniqueKeysWithValues: catalog.map { ($0.name, $0) })
+        let section = try top.section("modules", doc: "Modules enabled on every host, each with its options. Default: \(defaultModules.joined(separator: ", ")).")
+        var names: [String] = []
+        if section.node == nil {
+            names = defaultModules.filter { byName[$0] != nil }
+        } else {
+            for (key, _) in section.node?.mapping ?? [:] { names.append(key.string ?? "") }
+        }
+        var result: [ModuleConfiguration] = []
+        for name in names {
+            guard let descriptor = byName[name] else {
+                throw section.error(name, "unknown module (available: \(byName.keys.sorted().joined(separator: ", ")))", at: section.keyNode(name))
+            }
+            let options = try section.section(name, doc: descriptor.summary)
+            var values: [String: ModuleOptionValue] = [:]
+            for spec in descriptor.options {
+                values[spec.key] = try options.readModuleOption(spec)
+            }
+            try options.rejectUnknownKeys()
+            result.append(ModuleConfiguration(name: name, options: ModuleOptions(values)))
+        }
+        let enabled = Set(result.map(\.name))
+        for module in result {
+            for dependency in byName[module.name]!.dependencies where !enabled.contains(dependency) {
+                throw section.error(module.name, "needs module '\(dependency)', which is not enabled", at: section.keyNode(module.name))
+            }
+        }
+        return result
+    }
+
+    public static let defaultModules = ["disco", "ping", "version", "time"]
+}
+
+extension ConfigSection {
+    func keyNode(_ key: String) -> Node? {
+        node?.mapping?.first { $0.key.string == key }?.key
+    }
+
+    func readModuleOption(_ spec: ModuleOptionSpec) throws(ConfigError) -> ModuleOptionValue {
+        switch spec.kind {
+        case .integer(let range):
+            guard case .integer(let fallback) = spec.defaultValue else { preconditionFailure("default of \(spec.key) is not an integer") }
+            return .integer(try read(ConfigOption<Int>(spec.key, default: fallback, range: range, doc: spec.doc)))
+        case .number(let range):
+            guard case .number(let fallback) = spec.defaultValue else { preconditionFailure("default of \(spec.key) is not a number") }
+            return .number(try read(ConfigOption<Double>(spec.key, default: fallback, range: range, doc: spec.doc)))
+        case .boolean:
+            guard case .boolean(let fallback) = spec.defaultValue else { preconditionFailure("default of \(spec.key) is not a boolean") }
+            return .boolean(try read(ConfigOption<Bool>(spec.key, default: fallback, doc: spec.doc)))
+        case .string(let choices):
+            guard case .string(let fallback) = spec.defaultValue else { preconditionFailure("default of \(spec.key) is not a string") }
+            if let choices { return .string(try read(ConfigOption<String>(spec.key, default: fallback, oneOf: choices, doc: spec.doc))) }
+            return .string(try read(ConfigOption<String>(spec.key, default: fallback, doc: spec.doc)))
+        case .stringList:
+            guard case .stringList(let fallback) = spec.defaultValue else { preconditionFailure("default of \(spec.key) is not a list") }
+            return .stringList(try read(ConfigOption<[String]>(spec.key, default: fallback, doc: spec.doc)))
+        }
+    }
+}

@@ -1,0 +1,14 @@
+import StarlingAPI
+
+/// Every module compiled into the server, by name.
+public enum BuiltinModules {
+    public static let all: [any ServerModule.Type] = [
+        DiscoModule.self, PingModule.self, VersionModule.self, TimeModule.self,
+    ]
+
+    public static var catalog: [String: any ServerModule.Type] {
+        Dictionary(uniqueKeysWithValues: all.map { ($0.descriptor.name, $0) })
+    }
+
+    public static var descriptors: [ModuleDescriptor] { all.map { $0.descriptor } }
+}

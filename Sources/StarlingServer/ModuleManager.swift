@@ -1,0 +1,132 @@
+import Logging
+import StarlingAPI
+import StarlingConfig
+
+/// The modules enabled on one host and the dispatch tables built from their registrations. Built
+/// once at start and immutable afterwards, so the stanza path reads it without any lock.
+final class HostModules: Sendable {
+    struct IQEntry: Sendable {
+        let module: String
+        let target: IQTarget
+        let handler: IQHandler
+    }
+
+    let domain: String
+    let modules: [String: any ServerModule]
+    let serverFeatures: [String]
+    let accountFeatures: [String]
+    let iqHandlers: [ModuleRegistrar.IQKey: IQEntry]
+    /// Per hook name, handlers in the order they run (priority descending, then registration order).
+    let hooks: [String: [ModuleRegistrar.HookRegistration]]
+
+    init(domain: String, modules: [String: any ServerModule], registrars: [ModuleRegistrar]) throws {
+        self.domain = domain
+        self.modules = modules
+        var server = Set<String>(), account = Set<String>()
+        var iqHandlers: [ModuleRegistrar.IQKey: IQEntry] = [:]
+        var hooks: [String: [ModuleRegistrar.HookRegistration]] = [:]
+        for registrar in registrars {
+            for (namespace, target) in registrar.features {
+                if target != .account { server.insert(namespace) }
+                if target != .server { account.insert(namespace) }
+            }
+            for registration in registrar.iqHandlers {
+                if let existing = iqHandlers[registration.key] {
+                    throw ModuleError("modules '\(existing.module)' and '\(registrar.module)' both handle <\(registration.key.name) xmlns='\(registration.key.namespace)'/> \(registration.key.type.rawValue)")
+                }
+                iqHandlers[registration.key] = IQEntry(module: registrar.module, target: registration.target, handler: registration.handler)
+            }
+            for hook in registrar.hooks { hooks[hook.name, default: []].append(hook) }
+        }
+        // Stable sort keeps registration order among equal priorities.
+        self.hooks = hooks.mapValues { list in
+            list.enumerated().sorted { ($0.element.priority, -$0.offset) > ($1.element.priority, -$1.offset) }.map(\.element)
+        }
+        self.serverFeatures = server.sorted()
+        self.accountFeatures = account.sorted()
+        self.iqHandlers = iqHandlers
+    }
+
+    /// Runs the handlers of `point` until one does not pass.
+    func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult {
+        guard let handlers = hooks[point.name] else { return .pass }
+        for handler in handlers {
+            let result = handler.handler(event)
+            if result != .pass { return result }
+        }
+        return .pass
+    }
+}
+
+struct ModuleError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// The `ModuleHost` a module instance sees.
+final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
+    let domain: String
+    let options: ModuleOptions
+    private let logger: Logger
+    private let routeStanza: @Sendable (XMLElement) -> Void
+    /// Set once the host's tables exist (modules are created before their registrations are known).
+    var tables: HostModules?
+
+    init(domain: String, options: ModuleOptions, logger: Logger, route: @escaping @Sendable (XMLElement) -> Void) {
+        self.domain = domain
+        self.options = options
+        self.logger = logger
+        self.routeStanza = route
+    }
+
+    func route(_ stanza: XMLElement) { routeStanza(stanza) }
+
+    func log(_ level: ModuleLogLevel, _ message: String) {
+        switch level {
+        case .debug: logger.debug("\(message)")
+        case .info: logger.info("\(message)")
+        case .warning: logger.warning("\(message)")
+        case .error: logger.error("\(message)")
+        }
+    }
+
+    func features(for target: IQTarget) -> [String] {
+        switch target {
+        case .server, .both: return tables?.serverFeatures ?? []
+        case .account: return tables?.accountFeatures ?? []
+        }
+    }
+}
+
+/// Creates every enabled module on every host.
+enum ModuleLoader {
+    static func load(configuration: StarlingConfiguration, catalog: [String: any ServerModule.Type], logger: Logger,
+                     route: @escaping @Sendable (XMLElement) -> Void) throws -> [String: HostModules] {
+        var result: [String: HostModules] = [:]
+        for domain in configuration.hosts {
+            var instances: [String: any ServerModule] = [:]
+            var registrars: [ModuleRegistrar] = []
+            var adapters: [ModuleHostAdapter] = []
+            for module in configuration.modules {
+                guard let type = catalog[module.name] else { throw ModuleError("module '\(module.name)' is not available") }
+                var moduleLogger = logger
+                moduleLogger[metadataKey: "module"] = "\(module.name)"
+                moduleLogger[metadataKey: "host"] = "\(domain)"
+                let adapter = ModuleHostAdapter(domain: domain, options: module.options, logger: moduleLogger, route: route)
+                let instance: any ServerModule
+                do { instance = try type.init(host: adapter) } catch {
+                    throw ModuleError("module '\(module.name)' failed to start on \(domain): \(error)")
+                }
+                let registrar = ModuleRegistrar(module: module.name)
+                instance.register(registrar)
+                instances[module.name] = instance
+                registrars.append(registrar)
+                adapters.append(adapter)
+            }
+            let tables = try HostModules(domain: domain, modules: instances, registrars: registrars)
+            for adapter in adapters { adapter.tables = tables }
+            result[domain] = tables
+        }
+        return result
+    }
+}
