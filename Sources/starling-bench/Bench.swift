@@ -22,7 +22,7 @@ struct Idle: AsyncParsableCommand {
 
     @Option(help: "Sessions to log in (stay under ~19,000: a process here may open 20,000 files).") var sessions = 1000
     @Option(help: "Logins in flight at once.") var concurrency = 50
-    @Option(help: "starttls or direct.") var tls = "starttls"
+    @Option(help: "starttls, direct, or none (plaintext on the STARTTLS port; the server then allows auth without TLS).") var tls = "starttls"
     @Option(help: "SASL mechanism.") var mechanism = "SCRAM-SHA-256"
     @Option(help: "Seconds to hold the sessions before measuring.") var settle = 3.0
     @Option(help: "The starling executable (default: next to this tool).") var server: String?
@@ -39,6 +39,8 @@ struct Idle: AsyncParsableCommand {
         listeners:
           - { address: 127.0.0.1, port: 0, tls: starttls, backlog: 4096 }
           - { address: 127.0.0.1, port: 0, tls: direct, backlog: 4096 }
+        tls:
+          required: \(tls != "none")
         """.write(toFile: configPath, atomically: true, encoding: .utf8)
         let configuration = try StarlingConfiguration.load(path: configPath, moduleCatalog: BuiltinModules.descriptors)
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
@@ -73,7 +75,7 @@ struct Idle: AsyncParsableCommand {
         try await withThrowingTaskGroup(of: TestClient.self) { group in
             func launch(_ index: Int) {
                 group.addTask {
-                    try await TestClient.login(port: port, domain: "localhost", tls: tls == "direct" ? .direct : .starttls,
+                    try await TestClient.login(port: port, domain: "localhost", tls: tls == "direct" ? .direct : tls == "none" ? .none : .starttls,
                                                username: "bench\(index)", password: "bench", mechanism: mechanism)
                 }
             }
