@@ -7,7 +7,7 @@ let swiftSettings: [SwiftSetting] = [.swiftLanguageMode(.v5)]
 
 let package = Package(
     name: "starling",
-    platforms: [.macOS(.v14)],
+    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "starling", targets: ["starling"]),
         .executable(name: "starlingctl", targets: ["starlingctl"]),

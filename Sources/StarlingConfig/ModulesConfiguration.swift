@@ -41,7 +41,7 @@ extension StarlingConfiguration {
         return result
     }
 
-    public static let defaultModules = ["disco", "ping", "version", "time"]
+    public static let defaultModules = ["disco", "ping", "version", "time", "roster", "presence"]
 }
 
 extension ConfigSection {

@@ -3,7 +3,7 @@ import StarlingAPI
 /// Every module compiled into the server, by name.
 public enum BuiltinModules {
     public static let all: [any ServerModule.Type] = [
-        DiscoModule.self, PingModule.self, VersionModule.self, TimeModule.self,
+        DiscoModule.self, PingModule.self, VersionModule.self, TimeModule.self, RosterModule.self, PresenceModule.self,
     ]
 
     public static var catalog: [String: any ServerModule.Type] {

@@ -81,7 +81,7 @@ extension SQLiteStore: AccountStore {
     }
 
     /// Maps every failure to `StorageError`, keeping the store's own errors as they are.
-    private func run<T>(_ body: () async throws -> T) async throws(StorageError) -> T {
+    func run<T>(_ body: () async throws -> T) async throws(StorageError) -> T {
         do { return try await body() } catch let error as StorageError { throw error } catch {
             throw .backend(String(describing: error))
         }

@@ -35,6 +35,38 @@ public final class SQLiteStore: Sendable {
             )
             """,
         ],
+        [
+            """
+            CREATE TABLE roster_items (
+                host TEXT NOT NULL,
+                username TEXT NOT NULL,
+                contact TEXT NOT NULL,
+                name TEXT,
+                groups TEXT NOT NULL,
+                subscription TEXT NOT NULL,
+                ask INTEGER NOT NULL,
+                approved INTEGER NOT NULL,
+                PRIMARY KEY (host, username, contact)
+            )
+            """,
+            """
+            CREATE TABLE roster_versions (
+                host TEXT NOT NULL,
+                username TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                PRIMARY KEY (host, username)
+            )
+            """,
+            """
+            CREATE TABLE roster_pending (
+                host TEXT NOT NULL,
+                username TEXT NOT NULL,
+                contact TEXT NOT NULL,
+                stanza TEXT NOT NULL,
+                PRIMARY KEY (host, username, contact)
+            )
+            """,
+        ],
     ]
 
     private init(connection: SQLiteConnection) {

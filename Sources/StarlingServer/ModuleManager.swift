@@ -68,18 +68,33 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     let domain: String
     let options: ModuleOptions
     private let logger: Logger
-    private let routeStanza: @Sendable (XMLElement) -> Void
+    private let router: Router
+    private let services: ServiceDirectory
     /// Set once the host's tables exist (modules are created before their registrations are known).
     var tables: HostModules?
 
-    init(domain: String, options: ModuleOptions, logger: Logger, route: @escaping @Sendable (XMLElement) -> Void) {
+    init(domain: String, options: ModuleOptions, logger: Logger, router: Router, services: ServiceDirectory) {
         self.domain = domain
         self.options = options
         self.logger = logger
-        self.routeStanza = route
+        self.router = router
+        self.services = services
     }
 
-    func route(_ stanza: XMLElement) { routeStanza(stanza) }
+    func route(_ stanza: XMLElement) { router.routeFromServer(stanza) }
+
+    func resources(of bare: JID) -> [ResourceInfo] {
+        router.registry.resources(of: bare).map { ResourceInfo(jid: $0.session.jid, available: $0.available, priority: $0.priority) }
+    }
+
+    func setAvailability(of full: JID, available: Bool, priority: Int) {
+        guard case .local(let session)? = router.registry.location(of: full) else { return }
+        router.registry.setPresence(of: session, available: available, priority: priority)
+    }
+
+    func isLocal(_ domain: String) -> Bool { router.hosts.contains(domain) }
+
+    func service<Service>(_ type: Service.Type) -> Service? { services.lookup(type) }
 
     func log(_ level: ModuleLogLevel, _ message: String) {
         switch level {
@@ -101,7 +116,7 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
 /// Creates every enabled module on every host.
 enum ModuleLoader {
     static func load(configuration: StarlingConfiguration, catalog: [String: any ServerModule.Type], logger: Logger,
-                     route: @escaping @Sendable (XMLElement) -> Void) throws -> [String: HostModules] {
+                     router: Router, services: ServiceDirectory) throws -> [String: HostModules] {
         var result: [String: HostModules] = [:]
         for domain in configuration.hosts {
             var instances: [String: any ServerModule] = [:]
@@ -112,7 +127,7 @@ enum ModuleLoader {
                 var moduleLogger = logger
                 moduleLogger[metadataKey: "module"] = "\(module.name)"
                 moduleLogger[metadataKey: "host"] = "\(domain)"
-                let adapter = ModuleHostAdapter(domain: domain, options: module.options, logger: moduleLogger, route: route)
+                let adapter = ModuleHostAdapter(domain: domain, options: module.options, logger: moduleLogger, router: router, services: services)
                 let instance: any ServerModule
                 do { instance = try type.init(host: adapter) } catch {
                     throw ModuleError("module '\(module.name)' failed to start on \(domain): \(error)")
@@ -128,5 +143,21 @@ enum ModuleLoader {
             result[domain] = tables
         }
         return result
+    }
+}
+
+/// Services the server offers modules by type (storage protocols, mostly).
+public final class ServiceDirectory: @unchecked Sendable {
+    private var services: [ObjectIdentifier: Any] = [:]
+
+    public init() {}
+
+    /// Registration happens before any module starts; lookups after that are read-only.
+    public func register<Service>(_ service: Service, as type: Service.Type) {
+        services[ObjectIdentifier(type)] = service
+    }
+
+    func lookup<Service>(_ type: Service.Type) -> Service? {
+        services[ObjectIdentifier(type)] as? Service
     }
 }

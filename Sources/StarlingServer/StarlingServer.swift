@@ -31,9 +31,11 @@ public final class StarlingServer: Service, @unchecked Sendable {
         let context = ServerContext(configuration: configuration, accounts: store, tls: tls, threadPool: threadPool, logger: logger)
         let router = context.router
         do {
-            router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog, logger: logger) { stanza in
-                router.routeFromServer(stanza)
-            })
+            let services = ServiceDirectory()
+            services.register(store, as: (any AccountStore).self)
+            services.register(store, as: (any RosterStore).self)
+            router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog,
+                                                          logger: logger, router: router, services: services))
         } catch {
             await store.close()
             throw error

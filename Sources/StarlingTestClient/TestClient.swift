@@ -91,9 +91,13 @@ public final class TestClient: @unchecked Sendable {
         send(element.serialized(inheritedNamespace: Namespace.client))
     }
 
-    /// The next event, or `TestClientError.timeout`.
+    /// Events `waitFor` passed over, kept for later waits so nothing is lost between them.
+    private var skipped: [ClientEvent] = []
+
+    /// The next event (passed-over ones first), or `TestClientError.timeout`.
     public func next(timeout: Double = 10) async throws -> ClientEvent {
-        try await events.next(timeout: timeout, on: channel.eventLoop)
+        if !skipped.isEmpty { return skipped.removeFirst() }
+        return try await events.next(timeout: timeout, on: channel.eventLoop)
     }
 
     /// The next element, failing on anything else.
@@ -103,15 +107,20 @@ public final class TestClient: @unchecked Sendable {
         return element
     }
 
-    /// Skips events until one matches.
+    /// The first event (already passed over or new) that matches; the others stay for later calls.
     public func waitFor(timeout: Double = 10, _ description: String, where matches: (ClientEvent) -> Bool) async throws -> ClientEvent {
+        if let index = skipped.firstIndex(where: matches) { return skipped.remove(at: index) }
         let deadline = Date().addingTimeInterval(timeout)
         while true {
             let remaining = deadline.timeIntervalSinceNow
             guard remaining > 0 else { throw TestClientError.timeout(description) }
-            let event = try await next(timeout: remaining)
+            let event: ClientEvent
+            do { event = try await events.next(timeout: remaining, on: channel.eventLoop) } catch TestClientError.timeout {
+                throw TestClientError.timeout(description)
+            }
             if matches(event) { return event }
             if event == .disconnected { throw TestClientError.unexpected("disconnected while waiting for \(description)") }
+            if skipped.count < 10_000 { skipped.append(event) }
         }
     }
 

@@ -125,6 +125,27 @@ public protocol ModuleHost: Sendable {
     /// The disco features every enabled module on this host declared (sorted, deduplicated), for
     /// entities answered `for` the server or for accounts.
     func features(for target: IQTarget) -> [String]
+    /// The bound resources of an account (on any host this server serves).
+    func resources(of bare: JID) -> [ResourceInfo]
+    /// Tells core routing whether a resource takes messages sent to the bare JID, and at which priority.
+    func setAvailability(of full: JID, available: Bool, priority: Int)
+    /// True for every domain this server serves (not only this module's host).
+    func isLocal(_ domain: String) -> Bool
+    /// A server-provided service, such as a storage protocol: `host.service((any RosterStore).self)`.
+    func service<Service>(_ type: Service.Type) -> Service?
+}
+
+/// One bound resource as modules see it.
+public struct ResourceInfo: Sendable {
+    public let jid: JID
+    public let available: Bool
+    public let priority: Int
+
+    public init(jid: JID, available: Bool, priority: Int) {
+        self.jid = jid
+        self.available = available
+        self.priority = priority
+    }
 }
 
 public enum ModuleLogLevel: String, Sendable { case debug, info, warning, error }

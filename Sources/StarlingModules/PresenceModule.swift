@@ -1,0 +1,55 @@
+import StarlingAPI
+import StarlingStorage
+
+/// RFC 6121 §3–4: subscriptions with the full state table (including pre-approval), initial presence
+/// probes, broadcast to subscribers, directed presence, and unavailable presence when a session ends.
+public final class PresenceModule: ServerModule {
+    public static let descriptor = ModuleDescriptor(
+        name: "presence", summary: "Presence subscriptions and broadcast.", xeps: ["RFC 6121 §3-4"],
+        dependencies: ["roster"]
+    )
+
+    private let engine: SubscriptionEngine
+
+    public init(host: any ModuleHost) throws {
+        guard let store = host.service((any RosterStore).self) else { throw ModuleStartError("no roster storage available") }
+        engine = SubscriptionEngine.shared(host: host, store: store)
+    }
+
+    public func register(_ registrar: ModuleRegistrar) {
+        registrar.feature("urn:xmpp:features:pre-approval", for: .server)
+        let engine = self.engine
+        registrar.hook(.stanzaFromClient, priority: 100) { event in
+            guard event.stanza.name == "presence", let origin = event.origin else { return .pass }
+            let stanza = event.stanza
+            let type = stanza[attribute: "type"]
+            let to = stanza[attribute: "to"].flatMap { JID($0) }
+            switch type {
+            case "subscribe", "subscribed", "unsubscribe", "unsubscribed":
+                guard let to else { return .reject(.badRequest, text: "subscription requests need a 'to'") }
+                engine.outbound(type!, from: origin, to: to, stanza: stanza)
+                return .handled
+            case "probe":
+                // Probes are the server's business (RFC 6121 §4.3).
+                return .handled
+            case "error":
+                return .pass
+            case nil, "unavailable":
+                if let to, to.bare != origin.bare {
+                    engine.directed(stanza, from: origin, to: to)
+                } else if to == nil {
+                    engine.broadcast(stanza, from: origin)
+                } else {
+                    return .pass
+                }
+                return .handled
+            default:
+                return .reject(.badRequest, text: "unknown presence type")
+            }
+        }
+        registrar.hook(.sessionClosed) { event in
+            engine.sessionClosed(event.jid)
+            return .pass
+        }
+    }
+}
