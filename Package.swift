@@ -60,8 +60,9 @@ let package = Package(
         .target(
             name: "StarlingModules",
             dependencies: [
-                "StarlingStorage",
+                "StarlingStorage", "StarlingXML",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -41,7 +41,9 @@ extension StarlingConfiguration {
         return result
     }
 
-    public static let defaultModules = ["disco", "ping", "version", "time", "roster", "presence"]
+    public static let defaultModules = [
+        "disco", "ping", "version", "time", "roster", "presence", "offline", "blocking", "private", "vcard", "last", "carbons",
+    ]
 }
 
 extension ConfigSection {

@@ -4,6 +4,7 @@ import StarlingAPI
 public enum BuiltinModules {
     public static let all: [any ServerModule.Type] = [
         DiscoModule.self, PingModule.self, VersionModule.self, TimeModule.self, RosterModule.self, PresenceModule.self,
+        OfflineModule.self, BlockingModule.self, PrivateXMLModule.self, VCardModule.self, LastActivityModule.self, CarbonsModule.self,
     ]
 
     public static var catalog: [String: any ServerModule.Type] {

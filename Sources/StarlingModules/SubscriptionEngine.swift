@@ -250,6 +250,7 @@ final class SubscriptionEngine: Sendable {
                 host.route(copy)
             }
             if available && !wasAvailable {
+                if priority >= 0 { _ = host.run(.initialPresence, SessionEvent(jid: resource)) }
                 // Initial presence: probe contacts (answered locally) and replay pending requests.
                 for item in items where item.subscription.userReceivesPresence {
                     for (contactResource, presence) in currentPresence(of: item.jid) {

@@ -49,8 +49,11 @@ extension SQLiteStore: AccountStore {
         try await run {
             try await self.transaction {
                 guard try await self.accountExists(username: username, host: host) else { throw StorageError.accountNotFound }
-                _ = try await self.connection.query(
-                    "DELETE FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)])
+                // Everything the account owns goes with it.
+                for table in Self.perUserTables {
+                    _ = try await self.connection.query(
+                        "DELETE FROM \(table) WHERE host = ? AND username = ?", [.text(host), .text(username)])
+                }
             }
         }
     }
@@ -63,8 +66,15 @@ extension SQLiteStore: AccountStore {
         }
     }
 
-    private func accountExists(username: String, host: String) async throws -> Bool {
-        !(try await connection.query("SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)]).isEmpty)
+    static let perUserTables = [
+        "roster_items", "roster_pending", "roster_versions", "offline_messages", "blocklist", "private_xml", "vcards",
+        "last_activity", "scram_credentials", "accounts",
+    ]
+
+    public func accountExists(username: String, host: String) async throws(StorageError) -> Bool {
+        try await run {
+            !(try await self.connection.query("SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)]).isEmpty)
+        }
     }
 
     private func insert(_ credentials: [SCRAMCredentials], username: String, host: String) async throws {

@@ -67,6 +67,27 @@ public final class SQLiteStore: Sendable {
             )
             """,
         ],
+        [
+            """
+            CREATE TABLE offline_messages (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                host TEXT NOT NULL,
+                username TEXT NOT NULL,
+                stanza TEXT NOT NULL,
+                stored_at INTEGER NOT NULL
+            )
+            """,
+            "CREATE INDEX offline_messages_user ON offline_messages (host, username, id)",
+            "CREATE TABLE blocklist (host TEXT NOT NULL, username TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (host, username, item))",
+            """
+            CREATE TABLE private_xml (
+                host TEXT NOT NULL, username TEXT NOT NULL, name TEXT NOT NULL, namespace TEXT NOT NULL, xml TEXT NOT NULL,
+                PRIMARY KEY (host, username, name, namespace)
+            )
+            """,
+            "CREATE TABLE vcards (host TEXT NOT NULL, username TEXT NOT NULL, xml TEXT NOT NULL, photo_hash TEXT, PRIMARY KEY (host, username))",
+            "CREATE TABLE last_activity (host TEXT NOT NULL, username TEXT NOT NULL, seconds INTEGER NOT NULL, status TEXT NOT NULL, PRIMARY KEY (host, username))",
+        ],
     ]
 
     private init(connection: SQLiteConnection) {

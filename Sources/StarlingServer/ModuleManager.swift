@@ -47,14 +47,26 @@ final class HostModules: Sendable {
         self.iqHandlers = iqHandlers
     }
 
-    /// Runs the handlers of `point` until one does not pass.
+    /// Runs the handlers of `point` until one ends propagation. A `.modify` replaces the stanza of a
+    /// `StanzaEvent` for the handlers after it and is what the caller gets if nobody ends propagation.
     func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult {
         guard let handlers = hooks[point.name] else { return .pass }
+        var event = event
+        var modified: XMLElement?
         for handler in handlers {
-            let result = handler.handler(event)
-            if result != .pass { return result }
+            switch handler.handler(event) {
+            case .pass:
+                continue
+            case .modify(let stanza):
+                guard var stanzaEvent = event as? StanzaEvent else { continue }
+                stanzaEvent.stanza = stanza
+                event = stanzaEvent as! Event
+                modified = stanza
+            case let result:
+                return result
+            }
         }
-        return .pass
+        return modified.map { .modify($0) } ?? .pass
     }
 }
 
@@ -93,6 +105,10 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     }
 
     func isLocal(_ domain: String) -> Bool { router.hosts.contains(domain) }
+
+    func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult {
+        router.run(point, event, on: domain)
+    }
 
     func service<Service>(_ type: Service.Type) -> Service? { services.lookup(type) }
 

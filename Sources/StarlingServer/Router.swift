@@ -27,8 +27,10 @@ public final class Router: @unchecked Sendable {
 
     /// Routes a stanza whose `from` the c2s layer has stamped with `sender`'s full JID.
     public func route(_ stanza: XMLElement, from sender: ClientSession) {
+        var stanza = stanza
         switch run(.stanzaFromClient, StanzaEvent(stanza: stanza, origin: sender.jid), on: sender.jid.domainpart) {
         case .pass: break
+        case .modify(let modified): stanza = modified
         case .handled: return
         case .reject(let condition, let text):
             bounce(stanza, condition, text: text, to: sender)
@@ -106,22 +108,22 @@ public final class Router: @unchecked Sendable {
             return
         }
         if to.resourcepart != nil {
-            if case .local(let session)? = registry.location(of: to) { session.deliver(stanza) }
+            if case .local(let session)? = registry.location(of: to) { deliverLocal(stanza, to: session) }
             return
         }
         let available = registry.resources(of: to).filter(\.available)
         if stanza.name == "message" {
             let top = available.filter { $0.priority >= 0 }.map(\.priority).max()
-            for resource in available where resource.priority == top { resource.session.deliver(stanza) }
+            for resource in available where resource.priority == top { deliverLocal(stanza, to: resource.session) }
         } else {
-            for resource in available { resource.session.deliver(stanza) }
+            for resource in available { deliverLocal(stanza, to: resource.session) }
         }
     }
 
     private func toFullJID(_ stanza: XMLElement, kind: StanzaKind, target: JID, sender: ClientSession) {
         switch registry.location(of: target) {
         case .local(let session)?:
-            session.deliver(stanza)
+            deliverLocal(stanza, to: session)
         case .remote?:
             bounce(stanza, .remoteServerTimeout, to: sender)
         case nil:
@@ -146,7 +148,7 @@ public final class Router: @unchecked Sendable {
             handleServerIQ(stanza, target: target, sender: sender)
         case .presence:
             for resource in registry.resources(of: target) where resource.available {
-                resource.session.deliver(stanza)
+                deliverLocal(stanza, to: resource.session)
             }
         case .message:
             let type = stanza[attribute: "type"] ?? "normal"
@@ -154,8 +156,8 @@ public final class Router: @unchecked Sendable {
             guard let top = candidates.map(\.priority).max() else {
                 if type == "chat" || type == "normal" {
                     // Offline storage, if enabled, takes it here.
-                    switch run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: sender.jid), on: target.domainpart) {
-                    case .handled: return
+                    switch run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: sender.jid, recipient: target), on: target.domainpart) {
+                    case .handled, .modify: return
                     case .reject(let condition, let text):
                         bounce(stanza, condition, text: text, to: sender)
                         return
@@ -171,8 +173,30 @@ public final class Router: @unchecked Sendable {
                 return
             }
             for resource in candidates where resource.priority == top {
-                resource.session.deliver(stanza)
+                deliverLocal(stanza, to: resource.session)
             }
+        }
+    }
+
+    /// The last step of every delivery to a local session: the recipient's modules may drop, refuse or
+    /// rewrite the stanza (blocking, carbons, client state indication).
+    private func deliverLocal(_ stanza: XMLElement, to session: ClientSession) {
+        var delivered = stanza
+        delivered[attribute: "to"] = delivered[attribute: "to"] ?? session.jid.description
+        switch run(.stanzaToUser, StanzaEvent(stanza: delivered, origin: nil, recipient: session.jid), on: session.jid.domainpart) {
+        case .pass:
+            session.deliver(stanza)
+        case .modify(let modified):
+            session.deliver(modified)
+        case .handled:
+            break
+        case .reject(let condition, let text):
+            let type = stanza[attribute: "type"]
+            guard type != "error", type != "result", stanza.name != "presence", let from = stanza[attribute: "from"].flatMap({ JID($0) }) else { return }
+            var reply = stanza.errorReply(condition, text: text)
+            reply[attribute: "from"] = session.jid.bare.description
+            reply[attribute: "to"] = from.description
+            if case .local(let origin)? = registry.location(of: from) { origin.deliver(reply) }
         }
     }
 

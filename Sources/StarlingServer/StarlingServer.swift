@@ -34,6 +34,11 @@ public final class StarlingServer: Service, @unchecked Sendable {
             let services = ServiceDirectory()
             services.register(store, as: (any AccountStore).self)
             services.register(store, as: (any RosterStore).self)
+            services.register(store, as: (any OfflineStore).self)
+            services.register(store, as: (any BlocklistStore).self)
+            services.register(store, as: (any PrivateXMLStore).self)
+            services.register(store, as: (any VCardStore).self)
+            services.register(store, as: (any LastActivityStore).self)
             router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog,
                                                           logger: logger, router: router, services: services))
         } catch {

@@ -24,6 +24,7 @@ public protocol AccountStore: Sendable {
     func setCredentials(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError)
     func deleteAccount(username: String, host: String) async throws(StorageError)
     func accounts(host: String) async throws(StorageError) -> [String]
+    func accountExists(username: String, host: String) async throws(StorageError) -> Bool
 }
 
 extension AccountStore {

@@ -285,3 +285,17 @@ private final class ParserState {
         }
     }
 }
+
+/// Parses one stored element (e.g. an offline message) as if it appeared inside a stream whose
+/// default namespace is `defaultNamespace`.
+public enum XMLFragmentParser {
+    public static func parse(_ text: String, defaultNamespace: String = Namespace.client) -> XMLElement? {
+        let parser = XMLStreamParser(limits: XMLStreamLimits(maxStanzaBytes: max(text.utf8.count * 2, 1024), maxDepth: 64))
+        var header = "<stream:stream xmlns='"
+        XMLElement.escapeAttribute(defaultNamespace, into: &header)
+        header += "' xmlns:stream='http://etherx.jabber.org/streams'>"
+        guard let events = try? parser.feed(header + text) else { return nil }
+        for case .stanza(let element) in events { return element }
+        return nil
+    }
+}

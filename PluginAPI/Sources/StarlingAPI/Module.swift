@@ -133,6 +133,8 @@ public protocol ModuleHost: Sendable {
     func isLocal(_ domain: String) -> Bool
     /// A server-provided service, such as a storage protocol: `host.service((any RosterStore).self)`.
     func service<Service>(_ type: Service.Type) -> Service?
+    /// Fires a hook on this host, as the core does (modules may define hook points of their own).
+    func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult
 }
 
 /// One bound resource as modules see it.
@@ -200,6 +202,8 @@ public enum HookResult: Sendable, Equatable {
     case handled
     /// Refused: the sender gets this error (for stanzas that may be answered) and nothing else happens.
     case reject(StanzaErrorCondition, text: String?)
+    /// For stanza events: go on with this stanza instead (later handlers and the default see it).
+    case modify(XMLElement)
 }
 
 /// A named event with a typed payload.
@@ -213,10 +217,13 @@ public struct StanzaEvent: Sendable {
     public var stanza: XMLElement
     /// The full JID of the local session that sent it, when it came from one.
     public var origin: JID?
+    /// The local account or session it is being delivered to, where that is known.
+    public var recipient: JID?
 
-    public init(stanza: XMLElement, origin: JID?) {
+    public init(stanza: XMLElement, origin: JID?, recipient: JID? = nil) {
         self.stanza = stanza
         self.origin = origin
+        self.recipient = recipient
     }
 }
 
@@ -231,11 +238,15 @@ extension HookPoint where Event == StanzaEvent {
     public static let stanzaFromClient = HookPoint("stanza-from-client")
     /// A message for a local account that has no resource to take it (offline storage hooks here).
     public static let messageUndeliverable = HookPoint("message-undeliverable")
+    /// Any stanza about to be written to a local session (`recipient` is its full JID).
+    public static let stanzaToUser = HookPoint("stanza-to-user")
 }
 
 extension HookPoint where Event == SessionEvent {
     public static let sessionBound = HookPoint("session-bound")
     public static let sessionClosed = HookPoint("session-closed")
+    /// A resource sent its first available presence (offline messages are delivered then).
+    public static let initialPresence = HookPoint("initial-presence")
 }
 
 /// Collects a module's registrations. The core keeps them per module and removes them on unload.

@@ -1,0 +1,85 @@
+import StarlingAPI
+import Synchronization
+
+/// XEP-0280: resources that enable carbons get a copy of every chat message their account sends or
+/// receives on its other resources.
+public final class CarbonsModule: ServerModule {
+    public static let namespace = "urn:xmpp:carbons:2"
+    static let forward = "urn:xmpp:forward:0"
+    public static let descriptor = ModuleDescriptor(name: "carbons", summary: "Message carbons.", xeps: ["XEP-0280"])
+
+    private let host: any ModuleHost
+    private let enabled = Mutex<Set<JID>>([])
+
+    public init(host: any ModuleHost) {
+        self.host = host
+    }
+
+    public func register(_ registrar: ModuleRegistrar) {
+        registrar.feature(Self.namespace)
+        registrar.iq(.set, "enable", Self.namespace, target: .both) { [self] request in
+            enabled.withLock { _ = $0.insert(request.from) }
+            return .result()
+        }
+        registrar.iq(.set, "disable", Self.namespace, target: .both) { [self] request in
+            enabled.withLock { _ = $0.remove(request.from) }
+            return .result()
+        }
+        registrar.hook(.sessionClosed) { [self] event in
+            enabled.withLock { _ = $0.remove(event.jid) }
+            return .pass
+        }
+        // Sent carbons: low priority, so blocking and other policies have had their say.
+        registrar.hook(.stanzaFromClient, priority: -100) { [self] event in
+            guard let origin = event.origin, Self.isCarbonEligible(event.stanza) else { return .pass }
+            for resource in enabledResources(of: origin.bare) where resource != origin {
+                copy(event.stanza, as: "sent", to: resource)
+            }
+            return .pass
+        }
+        // Received carbons, sent once per message: when it reaches its first (or only) recipient resource.
+        registrar.hook(.stanzaToUser, priority: -100) { [self] event in
+            guard let recipient = event.recipient, Self.isCarbonEligible(event.stanza),
+                  let to = event.stanza[attribute: "to"].flatMap({ JID($0) }) else { return .pass }
+            let receivers: Set<JID>
+            if to.resourcepart != nil {
+                receivers = [recipient]
+            } else {
+                let available = host.resources(of: recipient.bare).filter { $0.available && $0.priority >= 0 }
+                let top = available.map(\.priority).max()
+                receivers = Set(available.filter { $0.priority == top }.map(\.jid))
+                guard recipient == receivers.min(by: { $0.description < $1.description }) else { return .pass }
+            }
+            for resource in enabledResources(of: recipient.bare) where !receivers.contains(resource) {
+                copy(event.stanza, as: "received", to: resource)
+            }
+            return .pass
+        }
+    }
+
+    private func enabledResources(of user: JID) -> [JID] {
+        enabled.withLock { $0.filter { $0.bare == user } }
+    }
+
+    private func copy(_ message: XMLElement, as direction: String, to resource: JID) {
+        var forwarded = XMLElement(name: "forwarded", namespace: Self.forward)
+        forwarded.append(message)
+        var wrapper = XMLElement(name: direction, namespace: Self.namespace)
+        wrapper.append(forwarded)
+        var carbon = XMLElement(name: "message", namespace: Namespace.client, attributes: [
+            "from": resource.bare.description, "to": resource.description, "type": message[attribute: "type"] ?? "chat",
+        ])
+        carbon.append(wrapper)
+        host.route(carbon)
+    }
+
+    /// Chat messages, and normal ones with a body, unless marked private or no-copy (XEP-0280 §6).
+    static func isCarbonEligible(_ stanza: XMLElement) -> Bool {
+        guard stanza.name == "message" else { return false }
+        let type = stanza[attribute: "type"] ?? "normal"
+        guard type == "chat" || (type == "normal" && stanza.child("body") != nil) else { return false }
+        if stanza.child("private", namespace: namespace) != nil || stanza.child("no-copy", namespace: "urn:xmpp:hints") != nil { return false }
+        if stanza.child("sent", namespace: namespace) != nil || stanza.child("received", namespace: namespace) != nil { return false }
+        return true
+    }
+}

@@ -1,0 +1,141 @@
+import Foundation
+import SQLiteNIO
+import StarlingAPI
+import StarlingStorage
+
+extension SQLiteStore: OfflineStore {
+    public func storeOffline(_ stanza: String, for user: JID, limit: Int) async throws(StorageError) -> Bool {
+        try await run {
+            try await self.transaction {
+                let count = try await self.connection.query(
+                    "SELECT COUNT(*) AS n FROM offline_messages WHERE host = ? AND username = ?", Self.userBinds(user)
+                ).first?.column("n")?.integer ?? 0
+                guard count < limit else { return false }
+                _ = try await self.connection.query(
+                    "INSERT INTO offline_messages (host, username, stanza, stored_at) VALUES (?, ?, ?, ?)",
+                    Self.userBinds(user) + [.text(stanza), .integer(Int(Date().timeIntervalSince1970))])
+                return true
+            }
+        }
+    }
+
+    public func takeOffline(for user: JID) async throws(StorageError) -> [String] {
+        try await run {
+            try await self.transaction {
+                let rows = try await self.connection.query(
+                    "SELECT stanza FROM offline_messages WHERE host = ? AND username = ? ORDER BY id", Self.userBinds(user))
+                _ = try await self.connection.query("DELETE FROM offline_messages WHERE host = ? AND username = ?", Self.userBinds(user))
+                return rows.compactMap { $0.column("stanza")?.string }
+            }
+        }
+    }
+
+    public func offlineCount(for user: JID) async throws(StorageError) -> Int {
+        try await run {
+            try await self.connection.query(
+                "SELECT COUNT(*) AS n FROM offline_messages WHERE host = ? AND username = ?", Self.userBinds(user)
+            ).first?.column("n")?.integer ?? 0
+        }
+    }
+}
+
+extension SQLiteStore: BlocklistStore {
+    public func blocklist(of user: JID) async throws(StorageError) -> [JID] {
+        try await run {
+            try await self.connection.query(
+                "SELECT item FROM blocklist WHERE host = ? AND username = ? ORDER BY item", Self.userBinds(user)
+            ).compactMap { $0.column("item")?.string.flatMap(JID.init) }
+        }
+    }
+
+    public func block(_ items: [JID], for user: JID) async throws(StorageError) {
+        try await run {
+            try await self.transaction {
+                for item in items {
+                    _ = try await self.connection.query(
+                        "INSERT INTO blocklist (host, username, item) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                        Self.userBinds(user) + [.text(item.description)])
+                }
+            }
+        }
+    }
+
+    public func unblock(_ items: [JID], for user: JID) async throws(StorageError) {
+        try await run {
+            try await self.transaction {
+                if items.isEmpty {
+                    _ = try await self.connection.query("DELETE FROM blocklist WHERE host = ? AND username = ?", Self.userBinds(user))
+                }
+                for item in items {
+                    _ = try await self.connection.query(
+                        "DELETE FROM blocklist WHERE host = ? AND username = ? AND item = ?", Self.userBinds(user) + [.text(item.description)])
+                }
+            }
+        }
+    }
+}
+
+extension SQLiteStore: PrivateXMLStore {
+    public func privateXML(of user: JID, name: String, namespace: String) async throws(StorageError) -> String? {
+        try await run {
+            try await self.connection.query(
+                "SELECT xml FROM private_xml WHERE host = ? AND username = ? AND name = ? AND namespace = ?",
+                Self.userBinds(user) + [.text(name), .text(namespace)]
+            ).first?.column("xml")?.string
+        }
+    }
+
+    public func setPrivateXML(_ xml: String, of user: JID, name: String, namespace: String) async throws(StorageError) {
+        try await run {
+            _ = try await self.connection.query(
+                """
+                INSERT INTO private_xml (host, username, name, namespace, xml) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (host, username, name, namespace) DO UPDATE SET xml = excluded.xml
+                """, Self.userBinds(user) + [.text(name), .text(namespace), .text(xml)])
+        }
+    }
+}
+
+extension SQLiteStore: VCardStore {
+    public func vCard(of user: JID) async throws(StorageError) -> (xml: String, photoHash: String?)? {
+        try await run {
+            guard let row = try await self.connection.query(
+                "SELECT xml, photo_hash FROM vcards WHERE host = ? AND username = ?", Self.userBinds(user)).first,
+                  let xml = row.column("xml")?.string
+            else { return nil }
+            return (xml, row.column("photo_hash")?.string)
+        }
+    }
+
+    public func setVCard(_ xml: String, photoHash: String?, of user: JID) async throws(StorageError) {
+        try await run {
+            _ = try await self.connection.query(
+                """
+                INSERT INTO vcards (host, username, xml, photo_hash) VALUES (?, ?, ?, ?)
+                ON CONFLICT (host, username) DO UPDATE SET xml = excluded.xml, photo_hash = excluded.photo_hash
+                """, Self.userBinds(user) + [.text(xml), photoHash.map { .text($0) } ?? .null])
+        }
+    }
+}
+
+extension SQLiteStore: LastActivityStore {
+    public func lastActivity(of user: JID) async throws(StorageError) -> (seconds: Int, status: String)? {
+        try await run {
+            guard let row = try await self.connection.query(
+                "SELECT seconds, status FROM last_activity WHERE host = ? AND username = ?", Self.userBinds(user)).first,
+                  let seconds = row.column("seconds")?.integer
+            else { return nil }
+            return (seconds, row.column("status")?.string ?? "")
+        }
+    }
+
+    public func setLastActivity(of user: JID, at seconds: Int, status: String) async throws(StorageError) {
+        try await run {
+            _ = try await self.connection.query(
+                """
+                INSERT INTO last_activity (host, username, seconds, status) VALUES (?, ?, ?, ?)
+                ON CONFLICT (host, username) DO UPDATE SET seconds = excluded.seconds, status = excluded.status
+                """, Self.userBinds(user) + [.integer(seconds), .text(status)])
+        }
+    }
+}

@@ -1,0 +1,36 @@
+import StarlingAPI
+
+/// XEP-0160 offline messages: stored in arrival order, handed out once.
+public protocol OfflineStore: Sendable {
+    /// Appends a serialized message unless the account already holds `limit`; returns false when full.
+    func storeOffline(_ stanza: String, for user: JID, limit: Int) async throws(StorageError) -> Bool
+    /// Returns and deletes every stored message, oldest first.
+    func takeOffline(for user: JID) async throws(StorageError) -> [String]
+    func offlineCount(for user: JID) async throws(StorageError) -> Int
+}
+
+/// XEP-0191 blocklists: bare JIDs, full JIDs or domains.
+public protocol BlocklistStore: Sendable {
+    func blocklist(of user: JID) async throws(StorageError) -> [JID]
+    func block(_ items: [JID], for user: JID) async throws(StorageError)
+    /// Unblocks `items`, or everything when `items` is empty.
+    func unblock(_ items: [JID], for user: JID) async throws(StorageError)
+}
+
+/// XEP-0049 private XML storage: one serialized element per (account, element name, namespace).
+public protocol PrivateXMLStore: Sendable {
+    func privateXML(of user: JID, name: String, namespace: String) async throws(StorageError) -> String?
+    func setPrivateXML(_ xml: String, of user: JID, name: String, namespace: String) async throws(StorageError)
+}
+
+/// XEP-0054 vCards, with the SHA-1 of the photo for XEP-0153.
+public protocol VCardStore: Sendable {
+    func vCard(of user: JID) async throws(StorageError) -> (xml: String, photoHash: String?)?
+    func setVCard(_ xml: String, photoHash: String?, of user: JID) async throws(StorageError)
+}
+
+/// XEP-0012: when an account's last session ended, and with which status text.
+public protocol LastActivityStore: Sendable {
+    func lastActivity(of user: JID) async throws(StorageError) -> (seconds: Int, status: String)?
+    func setLastActivity(of user: JID, at seconds: Int, status: String) async throws(StorageError)
+}

@@ -1,0 +1,245 @@
+import Foundation
+import StarlingAPI
+import StarlingTestClient
+import XCTest
+
+/// Transcript-style tests of offline storage, blocking, private XML, vCard/avatar hashes, last activity
+/// and carbons on the real server.
+final class IMModulesTests: XCTestCase {
+    static let users = (1...20).map { ("m\($0)", "pw\($0)") }
+    nonisolated(unsafe) static var server: ServerProcess!
+
+    override class func setUp() {
+        super.setUp()
+        server = try! ServerProcess(extraConfig: """
+        modules:
+          disco: {}
+          ping: {}
+          roster: {}
+          presence: {}
+          offline: { max_messages: 3 }
+          blocking: {}
+          private: {}
+          vcard: {}
+          last: {}
+          carbons: {}
+        """, users: users)
+    }
+
+    override class func tearDown() {
+        XCTAssertEqual(server.stop(), 0)
+        server = nil
+        super.tearDown()
+    }
+
+    private func login(_ number: Int, resource: String? = nil, presence: Bool = true) async throws -> TestClient {
+        try await TestClient.login(port: Self.server.directTLSPort, domain: "localhost", tls: .direct,
+                                   username: "m\(number)", password: "pw\(number)", resource: resource, presence: presence)
+    }
+
+    private func expect(_ client: TestClient, _ description: String, timeout: Double = 10, where matches: @escaping (XMLElement) -> Bool) async throws -> XMLElement {
+        let event = try await client.waitFor(timeout: timeout, description) { event in
+            if case .element(let e) = event { return matches(e) }
+            return false
+        }
+        guard case .element(let element) = event else { throw TestClientError.unexpected("\(event)") }
+        return element
+    }
+
+    private func iq(_ client: TestClient, _ xml: String, id: String) async throws -> XMLElement {
+        client.send(xml)
+        return try await expect(client, "iq \(id)") { $0.name == "iq" && $0[attribute: "id"] == id && ($0[attribute: "type"] == "result" || $0[attribute: "type"] == "error") }
+    }
+
+    private func errorCondition(_ stanza: XMLElement) -> String? {
+        stanza.child("error")?.elements.first { $0.namespace == Namespace.stanzaErrors }?.name
+    }
+
+    private func chat(to: String, body: String, extra: String = "") -> String {
+        "<message to='\(to)' type='chat' id='\(UUID().uuidString)'><body>\(body)</body>\(extra)</message>"
+    }
+
+    private func message(_ client: TestClient, body: String) async throws -> XMLElement {
+        try await expect(client, "message '\(body)'") { $0.name == "message" && $0.child("body")?.text == body }
+    }
+
+    /// Makes `a` and `b` subscribed to each other and waits until both see each other online.
+    private func befriend(_ a: TestClient, _ aJID: String, _ b: TestClient, _ bJID: String) async throws {
+        a.send("<presence to='\(bJID)' type='subscribe'/>")
+        _ = try await expect(b, "subscribe") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
+        b.send("<presence to='\(aJID)' type='subscribed'/><presence to='\(aJID)' type='subscribe'/>")
+        _ = try await expect(a, "subscribe back") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
+        a.send("<presence to='\(bJID)' type='subscribed'/>")
+        _ = try await expect(b, "a online") { $0.name == "presence" && $0[attribute: "type"] == nil && ($0[attribute: "from"] ?? "").hasPrefix(aJID) }
+    }
+
+    // MARK: Offline
+
+    func testOfflineMessagesAreStampedDeliveredOnceAndLimited() async throws {
+        let sender = try await login(1)
+        try await Task.sleep(for: .milliseconds(100))
+        for index in 1...3 { sender.send(chat(to: "m2@localhost", body: "while you were out \(index)")) }
+        sender.send("<message to='m2@localhost' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>")
+        sender.send(chat(to: "m2@localhost", body: "one too many"))
+        let full = try await expect(sender, "quota error") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(errorCondition(full), "resource-constraint")
+        XCTAssertEqual(full.child("body")?.text, "one too many")
+
+        let recipient = try await login(2, presence: false)
+        try await Task.sleep(for: .milliseconds(200))
+        recipient.send("<presence/>")
+        for index in 1...3 {
+            let stored = try await message(recipient, body: "while you were out \(index)")
+            XCTAssertEqual(stored[attribute: "from"]?.hasPrefix("m1@localhost/"), true)
+            XCTAssertNotNil(stored.child("delay", namespace: "urn:xmpp:delay")?[attribute: "stamp"], "XEP-0203 delay")
+        }
+        await recipient.close()
+        // Delivered once only.
+        let again = try await login(2, presence: true)
+        try await Task.sleep(for: .milliseconds(300))
+        again.send("<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>")
+        let next = try await expect(again, "anything") { $0.name == "message" || $0[attribute: "id"] == "p" }
+        XCTAssertEqual(next.name, "iq", "no offline message is delivered twice")
+        await again.close()
+        await sender.close()
+    }
+
+    // MARK: Blocking
+
+    func testBlockedContactsGetNothingNotEvenPresence() async throws {
+        let a = try await login(3, resource: "a")
+        let b = try await login(4, resource: "b")
+        try await befriend(a, "m3@localhost", b, "m4@localhost")
+        let list = try await iq(a, "<iq type='get' id='bl1'><blocklist xmlns='urn:xmpp:blocking'/></iq>", id: "bl1")
+        XCTAssertEqual(list.child("blocklist")?.elements.count, 0)
+
+        _ = try await iq(a, "<iq type='set' id='bl2'><block xmlns='urn:xmpp:blocking'><item jid='m4@localhost'/></block></iq>", id: "bl2")
+        _ = try await expect(a, "block push") { $0.name == "iq" && $0[attribute: "type"] == "set" && $0.child("block") != nil }
+        _ = try await expect(b, "a goes unavailable for b") { $0.name == "presence" && $0[attribute: "type"] == "unavailable" && ($0[attribute: "from"] ?? "").hasPrefix("m3@localhost") }
+
+        b.send(chat(to: "m3@localhost/a", body: "let me in"))
+        let refused = try await expect(b, "error from a") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(errorCondition(refused), "service-unavailable")
+        a.send(chat(to: "m4@localhost", body: "to the blocked"))
+        let outbound = try await expect(a, "outbound refusal") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(errorCondition(outbound), "not-acceptable")
+        a.send("<presence><status>secret</status></presence>")
+        b.send("<iq type='get' id='b-ping'><ping xmlns='urn:xmpp:ping'/></iq>")
+        let afterPresence = try await expect(b, "next stanza") {
+            ($0.name == "presence" && $0.child("status")?.text == "secret") || $0[attribute: "id"] == "b-ping"
+        }
+        XCTAssertEqual(afterPresence.name, "iq", "no presence from the blocker reaches the blocked")
+
+        let blocklist = try await iq(a, "<iq type='get' id='bl3'><blocklist xmlns='urn:xmpp:blocking'/></iq>", id: "bl3")
+        XCTAssertEqual(blocklist.child("blocklist")?.elements.map { $0[attribute: "jid"] }, ["m4@localhost"])
+        _ = try await iq(a, "<iq type='set' id='bl4'><unblock xmlns='urn:xmpp:blocking'/></iq>", id: "bl4")
+        b.send(chat(to: "m3@localhost/a", body: "unblocked now"))
+        _ = try await message(a, body: "unblocked now")
+        let empty = try await iq(a, "<iq type='set' id='bl5'><block xmlns='urn:xmpp:blocking'/></iq>", id: "bl5")
+        XCTAssertEqual(errorCondition(empty), "bad-request")
+        await a.close()
+        await b.close()
+    }
+
+    // MARK: Private XML and vCard
+
+    func testPrivateXMLStorage() async throws {
+        let a = try await login(5)
+        let set = try await iq(a, "<iq type='set' id='px1'><query xmlns='jabber:iq:private'><prefs xmlns='urn:example:prefs'><theme>dark &amp; calm</theme></prefs></query></iq>", id: "px1")
+        XCTAssertEqual(set[attribute: "type"], "result")
+        let get = try await iq(a, "<iq type='get' id='px2'><query xmlns='jabber:iq:private'><prefs xmlns='urn:example:prefs'/></query></iq>", id: "px2")
+        XCTAssertEqual(get.child("query")?.child("prefs")?.child("theme")?.text, "dark & calm")
+        let reserved = try await iq(a, "<iq type='set' id='px3'><query xmlns='jabber:iq:private'><x xmlns='jabber:client'/></query></iq>", id: "px3")
+        XCTAssertEqual(errorCondition(reserved), "bad-request")
+        let b = try await login(6)
+        let foreign = try await iq(b, "<iq type='get' id='px4' to='m5@localhost'><query xmlns='jabber:iq:private'><prefs xmlns='urn:example:prefs'/></query></iq>", id: "px4")
+        XCTAssertEqual(errorCondition(foreign), "forbidden")
+        await a.close()
+        await b.close()
+    }
+
+    func testVCardAndAvatarHashInPresence() async throws {
+        let a = try await login(7, resource: "a")
+        let b = try await login(8, resource: "b")
+        try await befriend(a, "m7@localhost", b, "m8@localhost")
+        let photo = Data("not really a png".utf8).base64EncodedString()
+        let set = try await iq(a, "<iq type='set' id='vc1'><vCard xmlns='vcard-temp'><FN>Seven</FN><PHOTO><TYPE>image/png</TYPE><BINVAL>\(photo)</BINVAL></PHOTO></vCard></iq>", id: "vc1")
+        XCTAssertEqual(set[attribute: "type"], "result")
+        let fetched = try await iq(b, "<iq type='get' id='vc2' to='m7@localhost'><vCard xmlns='vcard-temp'/></iq>", id: "vc2")
+        XCTAssertEqual(fetched.child("vCard")?.child("FN")?.text, "Seven")
+        let forbidden = try await iq(b, "<iq type='set' id='vc3' to='m7@localhost'><vCard xmlns='vcard-temp'><FN>Evil</FN></vCard></iq>", id: "vc3")
+        XCTAssertEqual(errorCondition(forbidden), "forbidden")
+
+        a.send("<presence><status>with avatar</status></presence>")
+        let presence = try await expect(b, "presence with hash") { $0.name == "presence" && $0.child("status")?.text == "with avatar" }
+        XCTAssertEqual(presence.child("x", namespace: "vcard-temp:x:update")?.child("photo")?.text.count, 40, "a SHA-1 in hex")
+        let empty = try await iq(b, "<iq type='get' id='vc4' to='m19@localhost'><vCard xmlns='vcard-temp'/></iq>", id: "vc4")
+        XCTAssertEqual(empty.child("vCard")?.elements.count, 0, "an account without a vCard has an empty one")
+        await a.close()
+        await b.close()
+    }
+
+    // MARK: Last activity
+
+    func testLastActivity() async throws {
+        let a = try await login(9, resource: "a")
+        let b = try await login(10, resource: "b")
+        try await befriend(a, "m9@localhost", b, "m10@localhost")
+        let online = try await iq(b, "<iq type='get' id='l1' to='m9@localhost'><query xmlns='jabber:iq:last'/></iq>", id: "l1")
+        XCTAssertEqual(online.child("query")?[attribute: "seconds"], "0")
+        a.send("<presence type='unavailable'><status>gone fishing</status></presence>")
+        await a.close()
+        try await Task.sleep(for: .milliseconds(300))
+        let offline = try await iq(b, "<iq type='get' id='l2' to='m9@localhost'><query xmlns='jabber:iq:last'/></iq>", id: "l2")
+        XCTAssertNotNil(offline.child("query")?[attribute: "seconds"].flatMap { Int($0) })
+        XCTAssertEqual(offline.child("query")?.text, "gone fishing")
+        let stranger = try await login(11)
+        let refused = try await iq(stranger, "<iq type='get' id='l3' to='m9@localhost'><query xmlns='jabber:iq:last'/></iq>", id: "l3")
+        XCTAssertEqual(errorCondition(refused), "forbidden")
+        let uptime = try await iq(stranger, "<iq type='get' id='l4' to='localhost'><query xmlns='jabber:iq:last'/></iq>", id: "l4")
+        XCTAssertNotNil(uptime.child("query")?[attribute: "seconds"].flatMap { Int($0) })
+        await b.close()
+        await stranger.close()
+    }
+
+    // MARK: Carbons
+
+    func testCarbonsCopySentAndReceivedMessages() async throws {
+        let phone = try await login(12, resource: "phone")
+        let laptop = try await login(12, resource: "laptop")
+        let friend = try await login(13, resource: "f")
+        for client in [phone, laptop] {
+            let enabled = try await iq(client, "<iq type='set' id='c1'><enable xmlns='urn:xmpp:carbons:2'/></iq>", id: "c1")
+            XCTAssertEqual(enabled[attribute: "type"], "result")
+        }
+        friend.send(chat(to: "m12@localhost/phone", body: "to the phone"))
+        _ = try await message(phone, body: "to the phone")
+        let received = try await expect(laptop, "received carbon") { $0.child("received", namespace: "urn:xmpp:carbons:2") != nil }
+        XCTAssertEqual(received[attribute: "from"], "m12@localhost")
+        XCTAssertEqual(received.child("received")?.child("forwarded")?.child("message")?.child("body")?.text, "to the phone")
+
+        laptop.send(chat(to: "m13@localhost", body: "from the laptop"))
+        _ = try await message(friend, body: "from the laptop")
+        let sent = try await expect(phone, "sent carbon") { $0.child("sent", namespace: "urn:xmpp:carbons:2") != nil }
+        XCTAssertEqual(sent.child("sent")?.child("forwarded")?.child("message")?[attribute: "to"], "m13@localhost")
+
+        laptop.send(chat(to: "m13@localhost", body: "private one", extra: "<private xmlns='urn:xmpp:carbons:2'/>"))
+        _ = try await message(friend, body: "private one")
+        phone.send("<iq type='get' id='probe'><ping xmlns='urn:xmpp:ping'/></iq>")
+        let next = try await expect(phone, "next") { $0.child("sent", namespace: "urn:xmpp:carbons:2") != nil || $0[attribute: "id"] == "probe" }
+        XCTAssertEqual(next.name, "iq", "private messages are not copied")
+        for client in [phone, laptop, friend] { await client.close() }
+    }
+
+    func testDeletingAnAccountDeletesItsData() async throws {
+        let a = try await login(14)
+        _ = try await iq(a, "<iq type='set' id='v'><vCard xmlns='vcard-temp'><FN>Fourteen</FN></vCard></iq>", id: "v")
+        await a.close()
+        XCTAssertEqual(try Self.server.ctl(["unregister", "m14", "localhost"]).0, 0)
+        XCTAssertEqual(try Self.server.ctl(["register", "m14", "localhost", "pw14"]).0, 0)
+        let b = try await login(15)
+        let vcard = try await iq(b, "<iq type='get' id='v2' to='m14@localhost'><vCard xmlns='vcard-temp'/></iq>", id: "v2")
+        XCTAssertEqual(vcard.child("vCard")?.elements.count, 0, "a re-created account starts empty")
+        await b.close()
+    }
+}
