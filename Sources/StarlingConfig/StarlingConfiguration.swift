@@ -107,7 +107,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let maxDepth = ConfigOption<Int>("max_depth", default: 32, range: 4...256, doc: "Deepest element nesting inside a stanza.")
     static let maxSessions = ConfigOption<Int>("max_sessions_per_user", default: 10, range: 1...1000, doc: "Resources one account may have bound at once.")
     static let authTimeout = ConfigOption<Double>("auth_timeout", default: 30, range: 1...3600, doc: "Seconds from connect until a resource must be bound.")
-    static let idleTimeout = ConfigOption<Double>("idle_timeout", default: 600, range: 5...86400, doc: "Seconds without any data from a client before its session is closed.")
+    static let idleTimeout = ConfigOption<Double>("idle_timeout", default: 600, range: 5...86400, doc: "Seconds without any data from a client before its session is closed; after half of it the server pings the client (XEP-0199).")
     static let keepaliveInterval = ConfigOption<Double>("keepalive_interval", default: 90, range: 1...86400, doc: "Seconds of silence towards a client after which a whitespace keepalive is sent.")
 
     static let storageBackend = ConfigOption<String>("backend", default: "sqlite", oneOf: ["sqlite"], doc: "Storage backend.")

@@ -35,6 +35,8 @@ final class C2SHandler: ChannelInboundHandler {
     private var flushPending = false
     private var flushScheduled = false
     private var authTimeout: Scheduled<Void>?
+    /// We pinged an idle client and it has not sent anything since.
+    private var pingOutstanding = false
 
     init(server: ServerContext, settings: C2SSettings, directTLS: Bool) {
         self.server = server
@@ -84,6 +86,7 @@ final class C2SHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         if machine.isClosed { return }
+        pingOutstanding = false
         inReadBurst = true
         var parseError: XMLStreamError?
         events.removeAll(keepingCapacity: true)
@@ -127,7 +130,14 @@ final class C2SHandler: ChannelInboundHandler {
         if let idle = event as? IdleStateHandler.IdleStateEvent {
             switch idle {
             case .read:
-                perform(machine.idleTimedOut())
+                // Half the idle timeout without a byte: ping (XEP-0199 §4.2); a second half: gone.
+                if let session, !pingOutstanding {
+                    pingOutstanding = true
+                    write("<iq type='get' id='starling-ping' from='\(session.jid.domainpart)' to='\(session.jid)'><ping xmlns='urn:xmpp:ping'/></iq>")
+                    flushSoon()
+                } else {
+                    perform(machine.idleTimedOut())
+                }
             case .write:
                 // Whitespace keepalive (RFC 6120 §4.6.1), only between stanzas of an open stream.
                 if session != nil { write(" ") ; flushSoon() }
@@ -228,6 +238,27 @@ final class C2SHandler: ChannelInboundHandler {
                 bind(user: user, requested: requested, iq: iq)
             case .route(let stanza):
                 if let session { server.router.route(stanza, from: session) }
+            case .nonza(let element):
+                guard let session else { continue }
+                switch server.router.run(.nonzaFromClient, StanzaEvent(stanza: element, origin: session.jid), on: session.jid.domainpart) {
+                case .handled, .modify:
+                    break
+                case .pass, .reject:
+                    perform(machine.fail(.unsupportedStanzaType, "<\(element.name) xmlns='\(element.namespace)'/> is not supported"))
+                    return
+                }
+            case .preAuthIQ(let iq):
+                let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+                let loop = context.eventLoop
+                let event = PreAuthIQEvent(stanza: iq, domain: machine.host, address: remoteAddress) { reply in
+                    loop.execute {
+                        bound.value.write(reply.serialized(inheritedNamespace: Namespace.client))
+                        bound.value.flushSoon()
+                    }
+                }
+                if server.router.run(.preAuthIQ, event, on: machine.host) == .pass {
+                    write(iq.errorReply(.serviceUnavailable).serialized(inheritedNamespace: Namespace.client))
+                }
             case .close:
                 let closeContext = context
                 closeContext.writeAndFlush(wrapOutboundOut(closeContext.channel.allocator.buffer(capacity: 0))).whenComplete { _ in

@@ -13,6 +13,9 @@ public struct C2SSettings: Sendable {
     /// Whether this listener offers STARTTLS (false for direct TLS, where TLS is already up).
     public var offersStartTLS: Bool
     public var maxSASLAttempts: Int
+    /// Stream features modules add, per host and phase.
+    public var preAuthFeatures: [String: [XMLElement]] = [:]
+    public var boundFeatures: [String: [XMLElement]] = [:]
 
     public init(hosts: Set<String>, defaultHost: String, mechanisms: [String], tlsRequired: Bool, offersStartTLS: Bool, maxSASLAttempts: Int = 5) {
         self.hosts = hosts
@@ -47,6 +50,10 @@ public struct C2SStateMachine {
         case bindResource(user: JID, requested: String?, iq: XMLElement)
         /// A stanza from the bound client, `from` stamped: route it.
         case route(XMLElement)
+        /// A top-level non-stanza element from the bound client: offer it to the modules.
+        case nonza(XMLElement)
+        /// An IQ before authentication (in-band registration): offer it to the modules.
+        case preAuthIQ(XMLElement)
         /// Close the connection once queued writes are out.
         case close
     }
@@ -264,7 +271,7 @@ public struct C2SStateMachine {
             var session = XMLElement(name: "session", namespace: Namespace.session)
             session.append(XMLElement(name: "optional", namespace: Namespace.session))
             features.append(session)
-            return features
+            return features + (settings.boundFeatures[host] ?? [])
         }
         if !tlsActive && settings.offersStartTLS {
             var starttls = XMLElement(name: "starttls", namespace: Namespace.tls)
@@ -284,6 +291,7 @@ public struct C2SStateMachine {
                 types.append(XMLElement(name: "channel-binding", namespace: Namespace.saslChannelBinding, attributes: ["type": channelBinding.type]))
                 features.append(types)
             }
+            features += settings.preAuthFeatures[host] ?? []
         }
         return features
     }
@@ -301,6 +309,10 @@ public struct C2SStateMachine {
             return startAuthentication(element)
         case (Namespace.client, "iq") where authenticatedUser != nil:
             return iqBeforeBind(element)
+        case (Namespace.client, "iq") where !offeredMechanisms().isEmpty && !(settings.preAuthFeatures[host] ?? []).isEmpty:
+            // Only where a module offers something before authentication (in-band registration), and
+            // only once authentication itself would be allowed (i.e. after TLS when TLS is required).
+            return [.preAuthIQ(element)]
         default:
             if authenticatedUser == nil && !tlsActive && settings.tlsRequired {
                 return streamError(.policyViolation, "STARTTLS is required")
@@ -435,7 +447,10 @@ public struct C2SStateMachine {
             if element.namespace == Namespace.sasl || element.namespace == Namespace.tls {
                 return streamError(.policyViolation, "negotiation is over")
             }
-            return streamError(.unsupportedStanzaType, "<\(element.name)/> in '\(element.namespace)' is not a stanza")
+            if element.namespace == Namespace.client || element.namespace.isEmpty {
+                return streamError(.unsupportedStanzaType, "<\(element.name)/> is not a stanza")
+            }
+            return [.nonza(element)]
         }
         var stanza = element
         // RFC 6120 §8.1.2.1: the server stamps the full JID; a client claiming someone else is cut off.

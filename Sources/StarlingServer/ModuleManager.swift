@@ -15,6 +15,8 @@ final class HostModules: Sendable {
     let modules: [String: any ServerModule]
     let serverFeatures: [String]
     let accountFeatures: [String]
+    let preAuthStreamFeatures: [XMLElement]
+    let boundStreamFeatures: [XMLElement]
     let iqHandlers: [ModuleRegistrar.IQKey: IQEntry]
     /// Per hook name, handlers in the order they run (priority descending, then registration order).
     let hooks: [String: [ModuleRegistrar.HookRegistration]]
@@ -25,7 +27,14 @@ final class HostModules: Sendable {
         var server = Set<String>(), account = Set<String>()
         var iqHandlers: [ModuleRegistrar.IQKey: IQEntry] = [:]
         var hooks: [String: [ModuleRegistrar.HookRegistration]] = [:]
+        var preAuth: [XMLElement] = [], bound: [XMLElement] = []
         for registrar in registrars {
+            for (element, phase) in registrar.streamFeatures {
+                switch phase {
+                case .beforeAuthentication: preAuth.append(element)
+                case .afterAuthentication: bound.append(element)
+                }
+            }
             for (namespace, target) in registrar.features {
                 if target != .account { server.insert(namespace) }
                 if target != .server { account.insert(namespace) }
@@ -42,6 +51,8 @@ final class HostModules: Sendable {
         self.hooks = hooks.mapValues { list in
             list.enumerated().sorted { ($0.element.priority, -$0.offset) > ($1.element.priority, -$1.offset) }.map(\.element)
         }
+        self.preAuthStreamFeatures = preAuth
+        self.boundStreamFeatures = bound
         self.serverFeatures = server.sorted()
         self.accountFeatures = account.sorted()
         self.iqHandlers = iqHandlers

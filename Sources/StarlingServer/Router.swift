@@ -172,7 +172,9 @@ public final class Router: @unchecked Sendable {
                 bounce(stanza, .serviceUnavailable, to: sender)
                 return
             }
-            for resource in candidates where resource.priority == top {
+            // RFC 6121 §8.5.2.1.1: headlines go to every non-negative resource, chat and normal to the
+            // highest-priority ones.
+            for resource in candidates where type == "headline" || resource.priority == top {
                 deliverLocal(stanza, to: resource.session)
             }
         }

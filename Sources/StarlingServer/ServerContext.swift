@@ -34,14 +34,20 @@ public final class ServerContext: Sendable {
         connections = ConnectionSet()
     }
 
+    /// Settings for a listener's streams; call after the modules are installed (they add features).
     func settings(for listener: ListenerConfiguration) -> C2SSettings {
-        C2SSettings(
+        var settings = C2SSettings(
             hosts: Set(configuration.hosts),
             defaultHost: configuration.hosts[0],
             mechanisms: configuration.auth.mechanisms,
             tlsRequired: configuration.tls.required,
             offersStartTLS: listener.tls == .starttls
         )
+        for (host, modules) in router.modules {
+            settings.preAuthFeatures[host] = modules.preAuthStreamFeatures
+            settings.boundFeatures[host] = modules.boundStreamFeatures
+        }
+        return settings
     }
 }
 

@@ -103,7 +103,8 @@ public final class StarlingServer: Service, @unchecked Sendable {
                         try sync.addHandler(NIOSSLServerHandler(context: tls.context))
                     }
                     try sync.addHandler(IdleStateHandler(
-                        readTimeout: .milliseconds(Int64(limits.idleTimeout * 1000)),
+                        // Half: the first silence gets a ping, the second closes (see C2SHandler).
+                        readTimeout: .milliseconds(Int64(limits.idleTimeout * 500)),
                         writeTimeout: .milliseconds(Int64(limits.keepaliveInterval * 1000))
                     ))
                     try sync.addHandler(C2SHandler(server: context, settings: settings, directTLS: listener.tls == .direct))

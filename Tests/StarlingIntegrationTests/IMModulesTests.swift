@@ -23,6 +23,8 @@ final class IMModulesTests: XCTestCase {
           vcard: {}
           last: {}
           carbons: {}
+          csi: {}
+          register: { allow_registration: true, min_interval: 3600, min_password_length: 6 }
         """, users: users)
     }
 
@@ -229,6 +231,98 @@ final class IMModulesTests: XCTestCase {
         let next = try await expect(phone, "next") { $0.child("sent", namespace: "urn:xmpp:carbons:2") != nil || $0[attribute: "id"] == "probe" }
         XCTAssertEqual(next.name, "iq", "private messages are not copied")
         for client in [phone, laptop, friend] { await client.close() }
+    }
+
+    // MARK: Client state indication
+
+    func testInactiveClientsGetPresenceAndChatStatesLaterAndMessagesAtOnce() async throws {
+        let watcher = try await login(16, resource: "w")
+        let friend = try await login(17, resource: "f")
+        try await befriend(watcher, "m16@localhost", friend, "m17@localhost")
+        watcher.send("<inactive xmlns='urn:xmpp:csi:0'/>")
+        try await Task.sleep(for: .milliseconds(100))
+        friend.send("<presence><status>one</status></presence>")
+        friend.send("<presence><status>two</status></presence>")
+        friend.send("<message to='m16@localhost/w' type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>")
+        // Presence broadcasts run on the sender's queue: let them arrive (and be held) first.
+        try await Task.sleep(for: .milliseconds(300))
+        watcher.send("<iq type='get' id='quiet'><ping xmlns='urn:xmpp:ping'/></iq>")
+        let first = try await expect(watcher, "anything") {
+            $0[attribute: "id"] == "quiet" || $0.child("status") != nil || $0.child("composing") != nil
+        }
+        XCTAssertEqual(first.name, "iq", "presence and chat states are held while inactive")
+
+        friend.send(chat(to: "m16@localhost/w", body: "wake up"))
+        let released = try await expect(watcher, "held presence") { $0.name == "presence" && $0.child("status") != nil }
+        XCTAssertEqual(released.child("status")?.text, "two", "only the newest presence per sender is kept")
+        _ = try await expect(watcher, "held chat state") { $0.child("composing") != nil }
+        _ = try await message(watcher, body: "wake up")
+
+        friend.send("<presence><status>three</status></presence>")
+        watcher.send("<active xmlns='urn:xmpp:csi:0'/>")
+        let afterActive = try await expect(watcher, "presence after active") { $0.child("status")?.text == "three" }
+        XCTAssertEqual(afterActive.name, "presence")
+        await watcher.close()
+        await friend.close()
+    }
+
+    func testCSIFeatureIsAdvertisedAfterAuthentication() async throws {
+        let client = try await TestClient.connect(port: Self.server.directTLSPort, domain: "localhost", tls: .direct)
+        try await client.openStream()
+        XCTAssertNotNil(client.lastFeatures?.child("register", namespace: "http://jabber.org/features/iq-register"))
+        XCTAssertNil(client.lastFeatures?.child("csi"))
+        try await client.authenticate(username: "m18", password: "pw18", mechanism: "SCRAM-SHA-256")
+        XCTAssertNotNil(client.lastFeatures?.child("csi", namespace: "urn:xmpp:csi:0"))
+        await client.close()
+    }
+
+    // MARK: In-band registration
+
+    func testInBandRegistrationIsRateLimitedPerAddress() async throws {
+        let client = try await TestClient.connect(port: Self.server.directTLSPort, domain: "localhost", tls: .direct)
+        try await client.openStream()
+        let form = try await iq(client, "<iq type='get' id='reg1'><query xmlns='jabber:iq:register'/></iq>", id: "reg1")
+        XCTAssertNotNil(form.child("query")?.child("password"))
+        let short = try await iq(client, "<iq type='set' id='reg2'><query xmlns='jabber:iq:register'><username>newbie</username><password>abc</password></query></iq>", id: "reg2")
+        XCTAssertEqual(errorCondition(short), "not-acceptable")
+        let taken = try await iq(client, "<iq type='set' id='reg3'><query xmlns='jabber:iq:register'><username>m1</username><password>longenough</password></query></iq>", id: "reg3")
+        XCTAssertEqual(errorCondition(taken), "conflict")
+        let created = try await iq(client, "<iq type='set' id='reg4'><query xmlns='jabber:iq:register'><username>newbie</username><password>longenough</password></query></iq>", id: "reg4")
+        XCTAssertEqual(created[attribute: "type"], "result")
+        let tooSoon = try await iq(client, "<iq type='set' id='reg5'><query xmlns='jabber:iq:register'><username>newbie2</username><password>longenough</password></query></iq>", id: "reg5")
+        XCTAssertEqual(errorCondition(tooSoon), "resource-constraint")
+        // Other IQs before authentication get nothing.
+        let other = try await iq(client, "<iq type='get' id='reg6' to='localhost'><query xmlns='jabber:iq:version'/></iq>", id: "reg6")
+        XCTAssertEqual(errorCondition(other), "service-unavailable")
+        try await client.authenticate(username: "newbie", password: "longenough", mechanism: "SCRAM-SHA-256")
+        _ = try await client.bind(resource: "r")
+        let changed = try await iq(client, "<iq type='set' id='pw'><query xmlns='jabber:iq:register'><username>newbie</username><password>evenlonger</password></query></iq>", id: "pw")
+        XCTAssertEqual(changed[attribute: "type"], "result")
+        await client.close()
+        let again = try await TestClient.login(port: Self.server.directTLSPort, domain: "localhost", tls: .direct, username: "newbie", password: "evenlonger")
+        await again.close()
+    }
+
+    // MARK: Delivery rules
+
+    func testHeadlinesReachEveryResourceAndNegativePriorityGetsNoBareMessages() async throws {
+        let high = try await login(19, resource: "high", presence: false)
+        let low = try await login(19, resource: "low", presence: false)
+        let hidden = try await login(19, resource: "hidden", presence: false)
+        high.send("<presence><priority>5</priority></presence>")
+        low.send("<presence><priority>1</priority></presence>")
+        hidden.send("<presence><priority>-1</priority></presence>")
+        let sender = try await login(20)
+        try await Task.sleep(for: .milliseconds(200))
+        sender.send("<message to='m19@localhost' type='headline'><body>news</body></message>")
+        _ = try await message(high, body: "news")
+        _ = try await message(low, body: "news")
+        sender.send(chat(to: "m19@localhost", body: "chat for the top"))
+        _ = try await message(high, body: "chat for the top")
+        hidden.send("<iq type='get' id='h'><ping xmlns='urn:xmpp:ping'/></iq>")
+        let next = try await expect(hidden, "next") { $0.name == "message" || $0[attribute: "id"] == "h" }
+        XCTAssertEqual(next.name, "iq", "a negative-priority resource gets nothing sent to the bare JID")
+        for client in [high, low, hidden, sender] { await client.close() }
     }
 
     func testDeletingAnAccountDeletesItsData() async throws {

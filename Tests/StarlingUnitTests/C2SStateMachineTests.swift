@@ -184,6 +184,8 @@ final class C2SStateMachineTests: XCTestCase {
         XCTAssertTrue(sentText(machine.elementReceived(element("<message to='a@@b'/>"))).contains("<jid-malformed"))
         XCTAssertEqual(sentText(machine.elementReceived(element("<iq type='set' id='s'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>"))),
                        "<iq id='s' to='juliet@example.com/r' type='result'/>")
-        XCTAssertEqual(streamErrorCondition(machine.elementReceived(element("<foo xmlns='bar'/>"))), "unsupported-stanza-type")
+        let nonza = element("<active xmlns='urn:xmpp:csi:0'/>")
+        XCTAssertEqual(machine.elementReceived(nonza), [.nonza(nonza)], "non-stanzas go to the modules")
+        XCTAssertEqual(streamErrorCondition(machine.elementReceived(element("<foo/>"))), "unsupported-stanza-type")
     }
 }

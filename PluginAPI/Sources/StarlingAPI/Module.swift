@@ -242,6 +242,35 @@ extension HookPoint where Event == StanzaEvent {
     public static let stanzaToUser = HookPoint("stanza-to-user")
 }
 
+extension HookPoint where Event == StanzaEvent {
+    /// A top-level element from a bound client that is not a stanza (a "nonza", e.g. XEP-0352's
+    /// `<active/>`). Unless a handler takes it, the stream ends with `<unsupported-stanza-type/>`.
+    public static let nonzaFromClient = HookPoint("nonza-from-client")
+}
+
+/// An IQ on a stream that has not authenticated yet (in-band registration).
+public struct PreAuthIQEvent: Sendable {
+    public let stanza: XMLElement
+    /// The host the stream is for.
+    public let domain: String
+    /// The client's IP address, for rate limits.
+    public let address: String
+    /// Sends the answer on that stream (callable once, from any thread).
+    public let reply: @Sendable (XMLElement) -> Void
+
+    public init(stanza: XMLElement, domain: String, address: String, reply: @escaping @Sendable (XMLElement) -> Void) {
+        self.stanza = stanza
+        self.domain = domain
+        self.address = address
+        self.reply = reply
+    }
+}
+
+extension HookPoint where Event == PreAuthIQEvent {
+    /// Unless a handler takes it, the IQ gets `<service-unavailable/>`.
+    public static let preAuthIQ = HookPoint("pre-auth-iq")
+}
+
 extension HookPoint where Event == SessionEvent {
     public static let sessionBound = HookPoint("session-bound")
     public static let sessionClosed = HookPoint("session-closed")
@@ -275,8 +304,17 @@ public final class ModuleRegistrar: @unchecked Sendable {
         public let handler: @Sendable (Any) -> HookResult
     }
 
+    /// When a stream feature is offered.
+    public enum StreamPhase: Sendable {
+        /// After TLS, before authentication (e.g. in-band registration).
+        case beforeAuthentication
+        /// After authentication, next to resource binding (e.g. client state indication).
+        case afterAuthentication
+    }
+
     public let module: String
     public private(set) var features: [(namespace: String, target: IQTarget)] = []
+    public private(set) var streamFeatures: [(element: XMLElement, phase: StreamPhase)] = []
     public private(set) var iqHandlers: [IQRegistration] = []
     public private(set) var hooks: [HookRegistration] = []
 
@@ -284,6 +322,9 @@ public final class ModuleRegistrar: @unchecked Sendable {
 
     /// Adds a disco#info feature var, listed for the server's domain, for accounts, or both.
     public func feature(_ namespace: String, for target: IQTarget = .server) { features.append((namespace, target)) }
+
+    /// Adds an element to `<stream:features/>` in `phase`.
+    public func streamFeature(_ element: XMLElement, phase: StreamPhase) { streamFeatures.append((element, phase)) }
 
     /// Handles IQs of `type` whose payload is `<name xmlns=namespace/>`.
     public func iq(_ type: IQType, _ name: String, _ namespace: String, target: IQTarget = .server, _ handler: @escaping IQHandler) {

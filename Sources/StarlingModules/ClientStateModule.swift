@@ -1,0 +1,100 @@
+import StarlingAPI
+import Synchronization
+
+/// XEP-0352: while a client says it is inactive, presence updates and chat-state-only messages wait
+/// (only the newest per sender is kept) and go out, in order, as soon as something important arrives
+/// or the client is active again.
+public final class ClientStateModule: ServerModule {
+    public static let namespace = "urn:xmpp:csi:0"
+    public static let descriptor = ModuleDescriptor(
+        name: "csi", summary: "Client state indication: quiet while the client is in the background.", xeps: ["XEP-0352"],
+        options: [ModuleOptionSpec("max_held", .integer(1...100_000), default: .integer(500), doc: "Stanzas held per inactive session before all are released.")]
+    )
+
+    private struct Held {
+        /// Newest presence per sender, in first-arrival order.
+        var presence: [(from: String, stanza: XMLElement)] = []
+        var chatStates: [(from: String, stanza: XMLElement)] = []
+        var count: Int { presence.count + chatStates.count }
+    }
+
+    private let host: any ModuleHost
+    private let maxHeld: Int
+    private let inactive = Mutex<[JID: Held]>([:])
+    /// Sessions whose held stanzas are being released right now: those pass the hook.
+    private let releasing = Mutex<Set<JID>>([])
+
+    public init(host: any ModuleHost) {
+        self.host = host
+        maxHeld = host.options.integer("max_held")
+    }
+
+    public func register(_ registrar: ModuleRegistrar) {
+        registrar.streamFeature(XMLElement(name: "csi", namespace: Self.namespace), phase: .afterAuthentication)
+        registrar.hook(.nonzaFromClient) { [self] event in
+            guard event.stanza.namespace == Self.namespace, let session = event.origin else { return .pass }
+            switch event.stanza.name {
+            case "inactive":
+                inactive.withLock { if $0[session] == nil { $0[session] = Held() } }
+            case "active":
+                release(session, keepHolding: false)
+            default:
+                return .pass
+            }
+            return .handled
+        }
+        registrar.hook(.stanzaToUser, priority: -200) { [self] event in
+            guard let session = event.recipient, !releasing.withLock({ $0.contains(session) }) else { return .pass }
+            let stanza = event.stanza
+            let from = stanza[attribute: "from"] ?? ""
+            let decision = inactive.withLock { states -> Bool? in
+                guard var held = states[session] else { return nil }
+                if stanza.name == "presence" && stanza[attribute: "type"] != "subscribe" && stanza[attribute: "type"] != "error" {
+                    held.presence.removeAll { $0.from == from }
+                    held.presence.append((from, stanza))
+                } else if stanza.name == "message" && Self.isChatStateOnly(stanza) {
+                    held.chatStates.removeAll { $0.from == from }
+                    held.chatStates.append((from, stanza))
+                } else {
+                    return false
+                }
+                states[session] = held
+                return held.count <= maxHeld
+            }
+            switch decision {
+            case nil:
+                return .pass
+            case true?:
+                return .handled
+            case false?:
+                // Something important (or too much held): everything held goes first, then this.
+                release(session, keepHolding: true)
+                return .pass
+            }
+        }
+        registrar.hook(.sessionClosed) { [self] event in
+            inactive.withLock { _ = $0.removeValue(forKey: event.jid) }
+            return .pass
+        }
+    }
+
+    private func release(_ session: JID, keepHolding: Bool) {
+        let held = inactive.withLock { states -> Held? in
+            let held = states[session]
+            if keepHolding { if held != nil { states[session] = Held() } } else { states[session] = nil }
+            return held
+        }
+        guard let held, held.count > 0 else { return }
+        releasing.withLock { _ = $0.insert(session) }
+        for (_, stanza) in held.presence + held.chatStates {
+            var copy = stanza
+            copy[attribute: "to"] = session.description
+            host.route(copy)
+        }
+        releasing.withLock { _ = $0.remove(session) }
+    }
+
+    static func isChatStateOnly(_ message: XMLElement) -> Bool {
+        message.child("body") == nil && message.elements.contains { $0.namespace == "http://jabber.org/protocol/chatstates" }
+    }
+}
