@@ -130,6 +130,13 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // The worked example of examples/README.md, compiled so it never falls behind the API.
+        .target(
+            name: "ExampleModules",
+            dependencies: [.product(name: "StarlingAPI", package: "PluginAPI")],
+            path: "examples/modules",
+            swiftSettings: swiftSettings
+        ),
         // Our own XMPP client: used by the integration tests and, later, the load generator.
         .target(
             name: "StarlingTestClient",
@@ -147,7 +154,7 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingModules",
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingModules", "ExampleModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
             ],
             swiftSettings: swiftSettings

@@ -5,6 +5,8 @@ Modes (each prints one result line and exits 0 on success, 1 on failure, bounded
   chat     log in as A and B, A sends to B's bare JID, B answers A's full JID: prints OK
   echo     log in as A, print READY, answer each chat message with "echo: <body>" until --count done
   badauth  log in as A with the given (wrong) password: prints AUTH-FAILED when the server refuses
+  im       A subscribes to B (B approves and subscribes back), both rosters end at 'both'; A writes to
+           offline C, who gets it with a delay stamp at login: prints OK
 """
 import argparse
 import asyncio
@@ -20,6 +22,7 @@ def make_client(jid, password, args):
     client.enable_direct_tls = args.tls == "direct"
     client.enable_starttls = args.tls == "starttls"
     client.enable_plaintext = False
+    client.register_plugin("xep_0203")
     # The test server uses a self-signed certificate.
     client.ssl_context.check_hostname = False
     client.ssl_context.verify_mode = ssl.CERT_NONE
@@ -100,6 +103,57 @@ async def echo(args):
     return 0
 
 
+async def im(args):
+    """Subscriptions, roster and offline delivery between two slixmpp clients and a third account."""
+    a = make_client(args.jid_a, args.password_a, args)
+    b = make_client(args.jid_b, args.password_b, args)
+    # B approves and subscribes back on its own, as most clients offer to.
+    b.auto_authorize = True
+    b.auto_subscribe = True
+    a.auto_authorize = True
+    for client in (a, b):
+        state = await connect_and_start(client, args)
+        if state != "started":
+            print(f"LOGIN-{state.upper()} {client.boundjid}")
+            return 1
+        await client.get_roster()
+    b_online = asyncio.get_running_loop().create_future()
+
+    def on_available(presence):
+        if presence["from"].bare == args.jid_b and not b_online.done():
+            b_online.set_result(presence)
+
+    a.add_event_handler("got_online", on_available)
+    a.send_presence_subscription(pto=args.jid_b)
+    await asyncio.wait_for(b_online, args.timeout)
+    for _ in range(50):
+        if a.client_roster[args.jid_b]["subscription"] == "both" and b.client_roster[args.jid_a]["subscription"] == "both":
+            break
+        await asyncio.sleep(0.1)
+    sub_a = a.client_roster[args.jid_b]["subscription"]
+    sub_b = b.client_roster[args.jid_a]["subscription"]
+    if (sub_a, sub_b) != ("both", "both"):
+        print(f"WRONG-SUBSCRIPTIONS {sub_a} {sub_b}")
+        return 1
+    # An offline message for C, delivered with a delay stamp at C's login.
+    a.send_message(mto=args.jid_c, mbody="stored for later", mtype="chat")
+    await asyncio.sleep(0.3)
+    c = make_client(args.jid_c, args.password_c, args)
+    got_c = asyncio.get_running_loop().create_future()
+    c.add_event_handler("message", lambda m: got_c.done() or got_c.set_result(m))
+    if await connect_and_start(c, args) != "started":
+        print("LOGIN-C-FAILED")
+        return 1
+    stored = await asyncio.wait_for(got_c, args.timeout)
+    if stored["body"] != "stored for later" or not stored["delay"]["stamp"]:
+        print(f"WRONG-OFFLINE {stored}")
+        return 1
+    for client in (a, b, c):
+        client.disconnect()
+    print("OK")
+    return 0
+
+
 async def badauth(args):
     a = make_client(args.jid_a, args.password_a, args)
     state = await connect_and_start(a, args)
@@ -110,7 +164,7 @@ async def badauth(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["chat", "echo", "badauth"])
+    parser.add_argument("mode", choices=["chat", "echo", "badauth", "im"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tls", choices=["starttls", "direct"], default="starttls")
@@ -119,12 +173,14 @@ def main():
     parser.add_argument("--password-a", required=True)
     parser.add_argument("--jid-b")
     parser.add_argument("--password-b")
+    parser.add_argument("--jid-c")
+    parser.add_argument("--password-c")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=20)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.CRITICAL)
-    modes = {"chat": chat, "echo": echo, "badauth": badauth}
+    modes = {"chat": chat, "echo": echo, "badauth": badauth, "im": im}
     try:
         code = asyncio.run(asyncio.wait_for(modes[args.mode](args), args.timeout + 5))
     except asyncio.TimeoutError:

@@ -142,9 +142,10 @@ final class IMIntegrationTests: XCTestCase {
         _ = try await presence(b, from: "user3@localhost/a", type: nil)
 
         // A presence change is broadcast to subscribers.
-        a.send("<presence><status>reading</status></presence>")
+        a.send("<presence><status>reading</status><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='https://example.org/client' ver='QgayPKawpkPSDYmwT/WM94uAlu0='/></presence>")
         let update = try await presence(b, from: "user3@localhost/a", type: nil)
         XCTAssertEqual(update.child("status")?.text, "reading")
+        XCTAssertEqual(update.child("c", namespace: "http://jabber.org/protocol/caps")?[attribute: "ver"], "QgayPKawpkPSDYmwT/WM94uAlu0=", "entity caps pass through (XEP-0115)")
 
         // A vanished session is announced as unavailable.
         try await a.channel.close()
@@ -207,6 +208,16 @@ final class IMIntegrationTests: XCTestCase {
         XCTAssertEqual(bItem.child("query")?.child("item")?[attribute: "jid"], "user8@localhost")
         await a.close()
         await b.close()
+    }
+
+    func testSlixmppSubscriptionsRosterAndOfflineDelivery() throws {
+        let (status, output) = try ServerProcess.slixmpp([
+            "im", "--port", "\(Self.server.starttlsPort)", "--tls", "starttls",
+            "--jid-a", "user12@localhost", "--password-a", "pass12", "--jid-b", "user13@localhost", "--password-b", "pass13",
+            "--jid-c", "user14@localhost", "--password-c", "pass14",
+        ])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("OK"), output)
     }
 
     // MARK: Disco and simple modules
