@@ -26,6 +26,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/vapor/sqlite-nio.git", from: "1.13.2"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
     ],
     targets: [
         // C: only StarlingXML sees libxml2.
@@ -86,9 +87,18 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "StarlingPostgres",
+            dependencies: [
+                "StarlingStorage",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "StarlingServer",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingModules",
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingPostgres", "StarlingModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -124,7 +134,7 @@ let package = Package(
         .executableTarget(
             name: "starling-bench",
             dependencies: [
-                "StarlingTestClient", "StarlingSQLite", "StarlingConfig", "StarlingSASL", "StarlingModules",
+                "StarlingTestClient", "StarlingSQLite", "StarlingPostgres", "StarlingServer", "StarlingConfig", "StarlingSASL", "StarlingModules",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -154,8 +164,9 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingModules", "ExampleModules",
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "ExampleModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),

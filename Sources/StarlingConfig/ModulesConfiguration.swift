@@ -51,6 +51,10 @@ extension ConfigSection {
         node?.mapping?.first { $0.key.string == key }?.key
     }
 
+    func valueNode(_ key: String) -> Node? {
+        node?.mapping?.first { $0.key.string == key }?.value
+    }
+
     func readModuleOption(_ spec: ModuleOptionSpec) throws(ConfigError) -> ModuleOptionValue {
         switch spec.kind {
         case .integer(let range):

@@ -48,11 +48,17 @@ public struct LimitsConfiguration: Sendable, Equatable {
     public var keepaliveInterval: Double
 }
 
-public enum StorageBackend: String, Sendable { case sqlite }
+public enum StorageBackend: String, Sendable { case sqlite, postgresql }
 
 public struct StorageConfiguration: Sendable, Equatable {
     public var backend: StorageBackend
+    /// SQLite file.
     public var path: String
+    /// PostgreSQL connection URL.
+    public var url: String?
+    public var poolSize: Int
+    /// Seconds one storage operation may take.
+    public var timeout: Double
 }
 
 public struct AdminConfiguration: Sendable, Equatable {
@@ -110,8 +116,11 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let idleTimeout = ConfigOption<Double>("idle_timeout", default: 600, range: 5...86400, doc: "Seconds without any data from a client before its session is closed; after half of it the server pings the client (XEP-0199).")
     static let keepaliveInterval = ConfigOption<Double>("keepalive_interval", default: 90, range: 1...86400, doc: "Seconds of silence towards a client after which a whitespace keepalive is sent.")
 
-    static let storageBackend = ConfigOption<String>("backend", default: "sqlite", oneOf: ["sqlite"], doc: "Storage backend.")
+    static let storageBackend = ConfigOption<String>("backend", default: "sqlite", oneOf: ["sqlite", "postgresql"], doc: "Storage backend: the embedded SQLite file, or PostgreSQL.")
     static let storagePath = ConfigOption<String>("path", default: "starling.sqlite", doc: "SQLite database file, relative to data_dir.")
+    static let storageURL = ConfigOption<String?>("url", default: nil, doc: "PostgreSQL URL: postgresql://user:password@host:5432/database (or ?host=/socket/dir).")
+    static let storagePool = ConfigOption<Int>("pool_size", default: 10, range: 1...1000, doc: "PostgreSQL connections per node.")
+    static let storageTimeout = ConfigOption<Double>("timeout", default: 5, range: 0.1...300, doc: "Seconds a storage operation may take before the request fails with an error (the server itself carries on).")
 
     static let adminSocket = ConfigOption<String>("socket", default: "starling.sock", doc: "Unix socket for starlingctl, relative to data_dir (mode 0600).")
 
@@ -205,8 +214,17 @@ public struct StarlingConfiguration: Sendable, Equatable {
         let storageSection = try top.section("storage", doc: "Where accounts and other durable state live.")
         let storage = StorageConfiguration(
             backend: StorageBackend(rawValue: try storageSection.read(storageBackend))!,
-            path: resolve(try storageSection.read(storagePath), against: dataDirectory)
+            path: resolve(try storageSection.read(storagePath), against: dataDirectory),
+            url: try storageSection.read(storageURL),
+            poolSize: try storageSection.read(storagePool),
+            timeout: try storageSection.read(storageTimeout)
         )
+        if storage.backend == .postgresql {
+            guard let url = storage.url else { throw storageSection.error("url", "backend postgresql needs a url") }
+            guard let scheme = URLComponents(string: url)?.scheme, scheme == "postgresql" || scheme == "postgres" else {
+                throw storageSection.error("url", "expected postgresql://user:password@host:5432/database", at: storageSection.valueNode("url"))
+            }
+        }
         try storageSection.rejectUnknownKeys()
 
         let adminSection = try top.section("admin", doc: "The local admin interface used by starlingctl.")

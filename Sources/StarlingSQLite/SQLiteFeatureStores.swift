@@ -30,6 +30,14 @@ extension SQLiteStore: OfflineStore {
         }
     }
 
+    public func offlineMessages(for user: JID) async throws(StorageError) -> [String] {
+        try await run {
+            try await self.connection.query(
+                "SELECT stanza FROM offline_messages WHERE host = ? AND username = ? ORDER BY id", Self.userBinds(user)
+            ).compactMap { $0.column("stanza")?.string }
+        }
+    }
+
     public func offlineCount(for user: JID) async throws(StorageError) -> Int {
         try await run {
             try await self.connection.query(
@@ -82,6 +90,14 @@ extension SQLiteStore: PrivateXMLStore {
                 "SELECT xml FROM private_xml WHERE host = ? AND username = ? AND name = ? AND namespace = ?",
                 Self.userBinds(user) + [.text(name), .text(namespace)]
             ).first?.column("xml")?.string
+        }
+    }
+
+    public func allPrivateXML(of user: JID) async throws(StorageError) -> [String] {
+        try await run {
+            try await self.connection.query(
+                "SELECT xml FROM private_xml WHERE host = ? AND username = ? ORDER BY namespace, name", Self.userBinds(user)
+            ).compactMap { $0.column("xml")?.string }
         }
     }
 
@@ -139,3 +155,5 @@ extension SQLiteStore: LastActivityStore {
         }
     }
 }
+
+extension SQLiteStore: StarlingStore {}

@@ -26,19 +26,19 @@ public final class StarlingServer: Service, @unchecked Sendable {
 
     public func run() async throws {
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
-        let store = try await Self.openStore(configuration, logger: logger)
+        let store = try await StorageBackends.open(configuration, logger: logger)
         let tls = try TLSIdentity.load(configuration, logger: logger)
         let context = ServerContext(configuration: configuration, accounts: store, tls: tls, threadPool: threadPool, logger: logger)
         let router = context.router
         do {
             let services = ServiceDirectory()
-            services.register(store, as: (any AccountStore).self)
-            services.register(store, as: (any RosterStore).self)
-            services.register(store, as: (any OfflineStore).self)
-            services.register(store, as: (any BlocklistStore).self)
-            services.register(store, as: (any PrivateXMLStore).self)
-            services.register(store, as: (any VCardStore).self)
-            services.register(store, as: (any LastActivityStore).self)
+            services.register(store as any AccountStore, as: (any AccountStore).self)
+            services.register(store as any RosterStore, as: (any RosterStore).self)
+            services.register(store as any OfflineStore, as: (any OfflineStore).self)
+            services.register(store as any BlocklistStore, as: (any BlocklistStore).self)
+            services.register(store as any PrivateXMLStore, as: (any PrivateXMLStore).self)
+            services.register(store as any VCardStore, as: (any VCardStore).self)
+            services.register(store as any LastActivityStore, as: (any LastActivityStore).self)
             router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog,
                                                           logger: logger, router: router, services: services))
         } catch {
@@ -80,12 +80,6 @@ public final class StarlingServer: Service, @unchecked Sendable {
         logger.notice("stopped")
     }
 
-    static func openStore(_ configuration: StarlingConfiguration, logger: Logger) async throws -> SQLiteStore {
-        switch configuration.storage.backend {
-        case .sqlite:
-            return try await SQLiteStore.open(path: configuration.storage.path, logger: logger)
-        }
-    }
 
     private func bind(_ listener: ListenerConfiguration, context: ServerContext) async throws -> any Channel {
         let settings = context.settings(for: listener)

@@ -7,6 +7,8 @@ public protocol OfflineStore: Sendable {
     /// Returns and deletes every stored message, oldest first.
     func takeOffline(for user: JID) async throws(StorageError) -> [String]
     func offlineCount(for user: JID) async throws(StorageError) -> Int
+    /// Every stored message, oldest first, without removing them (for export).
+    func offlineMessages(for user: JID) async throws(StorageError) -> [String]
 }
 
 /// XEP-0191 blocklists: bare JIDs, full JIDs or domains.
@@ -21,6 +23,8 @@ public protocol BlocklistStore: Sendable {
 public protocol PrivateXMLStore: Sendable {
     func privateXML(of user: JID, name: String, namespace: String) async throws(StorageError) -> String?
     func setPrivateXML(_ xml: String, of user: JID, name: String, namespace: String) async throws(StorageError)
+    /// Every stored document of the account (for export).
+    func allPrivateXML(of user: JID) async throws(StorageError) -> [String]
 }
 
 /// XEP-0054 vCards, with the SHA-1 of the photo for XEP-0153.
@@ -33,4 +37,10 @@ public protocol VCardStore: Sendable {
 public protocol LastActivityStore: Sendable {
     func lastActivity(of user: JID) async throws(StorageError) -> (seconds: Int, status: String)?
     func setLastActivity(of user: JID, at seconds: Int, status: String) async throws(StorageError)
+}
+
+/// Everything a backend stores: the server opens one of these.
+public protocol StarlingStore: AccountStore, RosterStore, OfflineStore, BlocklistStore, PrivateXMLStore, VCardStore, LastActivityStore {
+    /// Releases connections and files.
+    func close() async
 }

@@ -5,14 +5,14 @@ import StarlingAPI
 import StarlingConfig
 import StarlingModules
 import StarlingServer
-import StarlingSQLite
+import StarlingStorage
 
 @main
 struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, Migrate.self, Export.self, Import.self]
     )
 }
 
@@ -44,11 +44,14 @@ struct AccountArguments: ParsableArguments {
 
 /// Opens the configured store, runs `body`, and always closes the store again. A failure is reported
 /// as "`failure`: reason".
-func withStore(_ configuration: StarlingConfiguration, failure: String, _ body: (SQLiteStore) async throws -> Void) async throws {
+func withStore(_ configuration: StarlingConfiguration, failure: String, _ body: (any StarlingStore) async throws -> Void) async throws {
     try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
     var logger = Logger(label: "starlingctl")
     logger.logLevel = .warning
-    let store = try await SQLiteStore.open(path: configuration.storage.path, logger: logger)
+    let store: any StarlingStore
+    do { store = try await StorageBackends.open(configuration, logger: logger) } catch {
+        throw ValidationError("\(failure): \(error)")
+    }
     do {
         try await body(store)
     } catch {
@@ -104,6 +107,47 @@ struct ChangePassword: AsyncParsableCommand {
             try await store.changePassword(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
         }
         print("password changed for \(jid)")
+    }
+}
+
+struct Migrate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Bring the configured database's schema up to date (the server also does this at start).")
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let configuration = try options.load()
+        try await withStore(configuration, failure: "cannot migrate") { _ in }
+        print("\(configuration.storage.backend.rawValue) schema is up to date")
+    }
+}
+
+struct Export: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Write every account's data as XEP-0227 XML (to move between backends or servers).")
+    @OptionGroup var options: ConfigOption
+    @Argument(help: "The file to write (- for standard output).") var file: String
+
+    func run() async throws {
+        let configuration = try options.load()
+        try await withStore(configuration, failure: "cannot export") { store in
+            let document = try await PortableData.export(from: store, hosts: configuration.hosts)
+            if file == "-" { print(document, terminator: "") } else { try document.write(toFile: file, atomically: true, encoding: .utf8) }
+        }
+    }
+}
+
+struct Import: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Create accounts from a XEP-0227 file (from Starling, ejabberd or Prosody). Existing accounts are skipped.")
+    @OptionGroup var options: ConfigOption
+    @Argument(help: "The XEP-0227 file.") var file: String
+
+    func run() async throws {
+        let configuration = try options.load()
+        let text: String
+        do { text = try String(contentsOfFile: file, encoding: .utf8) } catch { throw ValidationError("cannot read \(file): \(error.localizedDescription)") }
+        try await withStore(configuration, failure: "cannot import \(file)") { store in
+            let summary = try await PortableData.import(text, into: store, hosts: configuration.hosts)
+            print("imported \(summary)")
+        }
     }
 }
 

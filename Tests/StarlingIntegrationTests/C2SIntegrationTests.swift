@@ -10,14 +10,23 @@ final class C2SIntegrationTests: XCTestCase {
 
     override class func setUp() {
         super.setUp()
-        server = try! ServerProcess(extraConfig: """
+        do { server = try ServerProcess(extraConfig: """
         limits:
           max_stanza_size: 16384
-        """, users: users)
+        """, users: users) } catch {
+            startFailure = error
+        }
+    }
+
+    nonisolated(unsafe) static var startFailure: (any Error)?
+
+    override func setUpWithError() throws {
+        if let failure = Self.startFailure { throw failure }
     }
 
     override class func tearDown() {
-        XCTAssertEqual(server.stop(), 0, "the server should exit cleanly on SIGTERM")
+        startFailure = nil
+        XCTAssertEqual(server?.stop() ?? 0, 0, "the server should exit cleanly on SIGTERM")
         server = nil
         super.tearDown()
     }
@@ -376,3 +385,4 @@ enum StarlingSASLShim {
                     channelBinding: ChannelBinding(type: "tls-server-end-point", data: bindingData))
     }
 }
+

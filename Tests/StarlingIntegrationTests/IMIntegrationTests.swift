@@ -10,11 +10,20 @@ final class IMIntegrationTests: XCTestCase {
 
     override class func setUp() {
         super.setUp()
-        server = try! ServerProcess(users: users)
+        do { server = try ServerProcess(users: users) } catch {
+            startFailure = error
+        }
+    }
+
+    nonisolated(unsafe) static var startFailure: (any Error)?
+
+    override func setUpWithError() throws {
+        if let failure = Self.startFailure { throw failure }
     }
 
     override class func tearDown() {
-        XCTAssertEqual(server.stop(), 0)
+        startFailure = nil
+        XCTAssertEqual(server?.stop() ?? 0, 0)
         server = nil
         super.tearDown()
     }
@@ -277,3 +286,4 @@ final class IMIntegrationTests: XCTestCase {
         }
     }
 }
+

@@ -11,7 +11,7 @@ final class IMModulesTests: XCTestCase {
 
     override class func setUp() {
         super.setUp()
-        server = try! ServerProcess(extraConfig: """
+        do { server = try ServerProcess(extraConfig: """
         modules:
           disco: {}
           ping: {}
@@ -25,11 +25,20 @@ final class IMModulesTests: XCTestCase {
           carbons: {}
           csi: {}
           register: { allow_registration: true, min_interval: 3600, min_password_length: 6 }
-        """, users: users)
+        """, users: users) } catch {
+            startFailure = error
+        }
+    }
+
+    nonisolated(unsafe) static var startFailure: (any Error)?
+
+    override func setUpWithError() throws {
+        if let failure = Self.startFailure { throw failure }
     }
 
     override class func tearDown() {
-        XCTAssertEqual(server.stop(), 0)
+        startFailure = nil
+        XCTAssertEqual(server?.stop() ?? 0, 0)
         server = nil
         super.tearDown()
     }
@@ -337,3 +346,4 @@ final class IMModulesTests: XCTestCase {
         await b.close()
     }
 }
+

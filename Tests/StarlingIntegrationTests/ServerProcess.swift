@@ -24,10 +24,28 @@ final class ServerProcess {
 
     static func executable(_ name: String) -> String { buildDirectory.appendingPathComponent(name).path }
 
-    init(extraConfig: String = "", users: [(String, String)]) throws {
+    enum Backend {
+        case sqlite, postgresql
+    }
+
+    /// The PostgreSQL `scripts/test` started, if any.
+    static var postgresURL: String? { ProcessInfo.processInfo.environment["STARLING_TEST_POSTGRES_URL"] }
+
+    /// The backend end-to-end tests run on: SQLite, unless STARLING_TEST_BACKEND=postgresql (scripts/test
+    /// runs the end-to-end suite once more that way).
+    static var defaultBackend: Backend {
+        ProcessInfo.processInfo.environment["STARLING_TEST_BACKEND"] == "postgresql" ? .postgresql : .sqlite
+    }
+
+    init(extraConfig: String = "", users: [(String, String)], backend: Backend = ServerProcess.defaultBackend, storageTimeout: Double = 5) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         configPath = directory.appendingPathComponent("starling.yml").path
+        var storage = ""
+        if backend == .postgresql {
+            guard let base = Self.postgresURL else { throw XCTSkip("no PostgreSQL: run scripts/test") }
+            storage = "storage: { backend: postgresql, url: \"\(try Self.freshDatabase(base))\", timeout: \(storageTimeout) }"
+        }
         let config = """
         hosts: [localhost, example.test]
         data_dir: data
@@ -37,6 +55,7 @@ final class ServerProcess {
           - { address: 127.0.0.1, port: 0, tls: direct }
         auth:
           failure_delay: 0.2
+        \(storage)
         \(extraConfig)
         """
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
@@ -73,6 +92,16 @@ final class ServerProcess {
             let port = Int(fields.last!)!
             if fields[2] == "c2s-starttls" { starttlsPort = port } else { directTLSPort = port }
         }
+    }
+
+    /// A new, empty database on the test cluster, so each server starts from nothing.
+    static func freshDatabase(_ base: String) throws -> String {
+        let name = "starling_\(UUID().uuidString.prefix(8).lowercased())"
+        let (status, output) = try run("/usr/bin/env", ["psql", base, "-v", "ON_ERROR_STOP=1", "-qc", "CREATE DATABASE \(name)"])
+        guard status == 0 else { throw NSError(domain: "ServerProcess", code: 2, userInfo: [NSLocalizedDescriptionKey: "createdb failed: \(output)"]) }
+        var components = URLComponents(string: base)!
+        components.path = "/\(name)"
+        return components.string!
     }
 
     /// Runs `starlingctl` against this server's config.
@@ -120,6 +149,20 @@ final class ServerProcess {
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    /// Starts a command that starts a daemon (pg_ctl start) and returns at once: its output goes nowhere,
+    /// and the caller checks the daemon by using it. (Launched from the test process, `pg_ctl -w` was
+    /// seen to linger long after the server was up.) Terminate the returned process when done.
+    static func startDaemon(_ executable: String, _ arguments: [String]) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        return process
     }
 
     /// Runs the slixmpp client script (Tests/Interop/slixmpp_client.py).

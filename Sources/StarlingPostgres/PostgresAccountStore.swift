@@ -1,0 +1,96 @@
+import Foundation
+import PostgresNIO
+import StarlingSASL
+import StarlingStorage
+
+extension PostgresStore: AccountStore {
+    public func createAccount(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
+        try await run { [client, logger] in
+            try await client.withTransaction(logger: logger) { connection in
+                let inserted = try await connection.query(
+                    "INSERT INTO accounts (host, username, created_at) VALUES (\(host), \(username), \(Int(Date().timeIntervalSince1970))) ON CONFLICT DO NOTHING RETURNING 1",
+                    logger: logger).collect()
+                if inserted.isEmpty { throw StorageError.accountExists }
+                try await Self.insert(credentials, username: username, host: host, on: connection, logger: logger)
+            }
+        }
+    }
+
+    public func credentials(username: String, host: String) async throws(StorageError) -> [SCRAMCredentials]? {
+        try await run { [client, logger] in
+            guard try await Self.exists(username: username, host: host, client: client) else { return nil }
+            var result: [SCRAMCredentials] = []
+            let rows = try await client.query(
+                "SELECT hash, salt, iterations, stored_key, server_key FROM scram_credentials WHERE host = \(host) AND username = \(username)",
+                logger: logger)
+            for try await (hash, salt, iterations, storedKey, serverKey) in rows.decode((String, ByteBuffer, Int, ByteBuffer, ByteBuffer).self) {
+                guard let hash = SCRAMHash(rawValue: hash) else { continue }
+                result.append(SCRAMCredentials(hash: hash, salt: Array(buffer: salt), iterations: iterations,
+                                               storedKey: Array(buffer: storedKey), serverKey: Array(buffer: serverKey)))
+            }
+            return result
+        }
+    }
+
+    public func setCredentials(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
+        try await run { [client, logger] in
+            try await client.withTransaction(logger: logger) { connection in
+                let found = try await connection.query(
+                    "SELECT 1 FROM accounts WHERE host = \(host) AND username = \(username) FOR UPDATE", logger: logger).collect()
+                if found.isEmpty { throw StorageError.accountNotFound }
+                try await connection.query("DELETE FROM scram_credentials WHERE host = \(host) AND username = \(username)", logger: logger)
+                try await Self.insert(credentials, username: username, host: host, on: connection, logger: logger)
+            }
+        }
+    }
+
+    public func deleteAccount(username: String, host: String) async throws(StorageError) {
+        try await run { [client, logger] in
+            try await client.withTransaction(logger: logger) { connection in
+                let found = try await connection.query(
+                    "SELECT 1 FROM accounts WHERE host = \(host) AND username = \(username) FOR UPDATE", logger: logger).collect()
+                if found.isEmpty { throw StorageError.accountNotFound }
+                // Everything the account owns goes with it.
+                for table in Self.perUserTables {
+                    try await connection.query(PostgresQuery(unsafeSQL: "DELETE FROM \(table) WHERE host = $1 AND username = $2",
+                                                             binds: Self.binds(host, username)), logger: logger)
+                }
+            }
+        }
+    }
+
+    public func accounts(host: String) async throws(StorageError) -> [String] {
+        try await run { [client, logger] in
+            var names: [String] = []
+            for try await name in try await client.query("SELECT username FROM accounts WHERE host = \(host) ORDER BY username", logger: logger).decode(String.self) {
+                names.append(name)
+            }
+            return names
+        }
+    }
+
+    public func accountExists(username: String, host: String) async throws(StorageError) -> Bool {
+        try await run { [client] in try await Self.exists(username: username, host: host, client: client) }
+    }
+
+    static func exists(username: String, host: String, client: PostgresClient) async throws -> Bool {
+        !(try await client.query("SELECT 1 FROM accounts WHERE host = \(host) AND username = \(username)").collect().isEmpty)
+    }
+
+    static func binds(_ values: String...) -> PostgresBindings {
+        var bindings = PostgresBindings()
+        for value in values { bindings.append(value) }
+        return bindings
+    }
+
+    private static func insert(_ credentials: [SCRAMCredentials], username: String, host: String, on connection: PostgresConnection, logger: Logger) async throws {
+        for credential in credentials {
+            try await connection.query(
+                """
+                INSERT INTO scram_credentials (host, username, hash, salt, iterations, stored_key, server_key)
+                VALUES (\(host), \(username), \(credential.hash.rawValue), \(ByteBuffer(bytes: credential.salt)), \(credential.iterations),
+                        \(ByteBuffer(bytes: credential.storedKey)), \(ByteBuffer(bytes: credential.serverKey)))
+                """, logger: logger)
+        }
+    }
+}

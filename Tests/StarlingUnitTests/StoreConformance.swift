@@ -1,0 +1,301 @@
+import Foundation
+import Logging
+import StarlingAPI
+import StarlingPostgres
+import StarlingSASL
+import StarlingSQLite
+import StarlingStorage
+import XCTest
+
+/// The contract every storage backend fulfils. Each backend's test class runs all of it; every run
+/// uses a host of its own so runs never see each other's data.
+struct StoreContract {
+    let store: any StarlingStore
+    let host = "t\(UUID().uuidString.prefix(8).lowercased()).example"
+
+    func jid(_ user: String) -> JID { JID("\(user)@\(host)")! }
+
+    func accounts() async throws {
+        try await store.register(username: "alice", host: host, password: "one", iterations: 4096)
+        let credentials = try await store.credentials(username: "alice", host: host)
+        XCTAssertEqual(Set(credentials?.map(\.hash) ?? []), [.sha1, .sha256])
+        XCTAssertTrue(credentials?.allSatisfy { $0.verify(password: "one") } ?? false)
+        let elsewhere = try await store.credentials(username: "alice", host: "other-" + host)
+        XCTAssertNil(elsewhere, "accounts are per host")
+        let exists = try await store.accountExists(username: "alice", host: host)
+        XCTAssertTrue(exists)
+        do {
+            try await store.register(username: "alice", host: host, password: "two", iterations: 4096)
+            XCTFail("duplicate account")
+        } catch { XCTAssertEqual(error, .accountExists) }
+
+        try await store.changePassword(username: "alice", host: host, password: "two", iterations: 4096)
+        let changed = try await store.credentials(username: "alice", host: host)
+        XCTAssertEqual(changed?.count, 2)
+        XCTAssertTrue(changed?.allSatisfy { $0.verify(password: "two") && !$0.verify(password: "one") } ?? false)
+
+        try await store.register(username: "bob", host: host, password: "b", iterations: 4096)
+        let listed = try await store.accounts(host: host)
+        XCTAssertEqual(listed, ["alice", "bob"])
+        try await store.deleteAccount(username: "alice", host: host)
+        let gone = try await store.credentials(username: "alice", host: host)
+        XCTAssertNil(gone)
+        do {
+            try await store.deleteAccount(username: "alice", host: host)
+            XCTFail("deleting twice")
+        } catch { XCTAssertEqual(error, .accountNotFound) }
+        do {
+            try await store.changePassword(username: "nobody", host: host, password: "x", iterations: 4096)
+            XCTFail("changing a missing account")
+        } catch { XCTAssertEqual(error, .accountNotFound) }
+    }
+
+    func concurrentRegistrations() async throws {
+        let credentials = [SCRAMCredentials.generate(password: "p", hash: .sha256, iterations: 4096)]
+        let (store, host) = (self.store, self.host)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for index in 0..<40 {
+                group.addTask { try await store.createAccount(username: "user\(index)", host: host, credentials: credentials) }
+            }
+            try await group.waitForAll()
+        }
+        let count = try await store.accounts(host: host).count
+        XCTAssertEqual(count, 40)
+    }
+
+    func roster() async throws {
+        let user = jid("romeo")
+        let empty = try await store.roster(of: user)
+        XCTAssertEqual(empty.items, [])
+        let item = RosterItem(jid: jid("juliet"), name: "Juliet & co", groups: ["Capulets", "Verona"], subscription: .to, askSubscribe: false, preApproved: true)
+        let v1 = try await store.put(item, for: user)
+        let v2 = try await store.put(RosterItem(jid: jid("nurse"), subscription: .none, askSubscribe: true), for: user)
+        XCTAssertGreaterThan(v2, v1, "every change bumps the version")
+        let roster = try await store.roster(of: user)
+        XCTAssertEqual(roster.version, v2)
+        XCTAssertEqual(roster.items.map(\.jid.description), [jid("juliet").description, jid("nurse").description])
+        XCTAssertEqual(roster.items.first, item)
+        var updated = item
+        updated.subscription = .both
+        updated.groups = []
+        _ = try await store.put(updated, for: user)
+        let fetched = try await store.item(of: user, contact: jid("juliet"))
+        XCTAssertEqual(fetched, updated)
+        let v4 = try await store.remove(contact: jid("nurse"), for: user)
+        let awaited1 = try await store.roster(of: user).items.count
+        XCTAssertEqual(awaited1, 1)
+        let awaited2 = try await store.roster(of: user).version
+        XCTAssertEqual(awaited2, v4)
+        let otherUser = try await store.roster(of: jid("mercutio"))
+        XCTAssertEqual(otherUser.items, [], "rosters are per account")
+
+        try await store.addPendingSubscription(from: jid("tybalt"), to: user, stanza: "<presence type='subscribe'/>")
+        try await store.addPendingSubscription(from: jid("benvolio"), to: user, stanza: "<presence type='subscribe'><status>hi</status></presence>")
+        let pending = try await store.pendingSubscriptions(to: user)
+        XCTAssertEqual(pending.map(\.contact.description), [jid("benvolio").description, jid("tybalt").description])
+        XCTAssertEqual(pending.first?.stanza, "<presence type='subscribe'><status>hi</status></presence>")
+        try await store.removePendingSubscription(from: jid("tybalt"), to: user)
+        let awaited3 = try await store.pendingSubscriptions(to: user).count
+        XCTAssertEqual(awaited3, 1)
+        try await store.removeAll(of: user)
+        let awaited4 = try await store.roster(of: user).items
+        XCTAssertEqual(awaited4, [])
+        let awaited5 = try await store.pendingSubscriptions(to: user).count
+        XCTAssertEqual(awaited5, 0)
+    }
+
+    func offline() async throws {
+        let user = jid("offline")
+        for index in 1...3 {
+            let stored = try await store.storeOffline("<message><body>\(index)</body></message>", for: user, limit: 3)
+            XCTAssertTrue(stored)
+        }
+        let full = try await store.storeOffline("<message><body>4</body></message>", for: user, limit: 3)
+        XCTAssertFalse(full, "the quota holds")
+        let awaited6 = try await store.offlineCount(for: user)
+        XCTAssertEqual(awaited6, 3)
+        let taken = try await store.takeOffline(for: user)
+        XCTAssertEqual(taken, (1...3).map { "<message><body>\($0)</body></message>" }, "oldest first")
+        let awaited7 = try await store.takeOffline(for: user)
+        XCTAssertEqual(awaited7, [], "handed out once")
+
+        // Concurrent stores never exceed the quota.
+        let (store, limit) = (self.store, 10)
+        let accepted = try await withThrowingTaskGroup(of: Bool.self) { group in
+            for index in 0..<30 { group.addTask { try await store.storeOffline("<message><body>\(index)</body></message>", for: user, limit: limit) } }
+            var count = 0
+            for try await ok in group where ok { count += 1 }
+            return count
+        }
+        XCTAssertEqual(accepted, limit)
+        let awaited8 = try await store.offlineCount(for: user)
+        XCTAssertEqual(awaited8, limit)
+    }
+
+    func blocklist() async throws {
+        let user = jid("blocker")
+        try await store.block([jid("spam"), JID("evil.example")!, JID("x@y.example/r")!], for: user)
+        try await store.block([jid("spam")], for: user)
+        let blocked = try await store.blocklist(of: user)
+        XCTAssertEqual(Set(blocked.map(\.description)), [jid("spam").description, "evil.example", "x@y.example/r"])
+        try await store.unblock([JID("evil.example")!], for: user)
+        let awaited9 = try await store.blocklist(of: user).count
+        XCTAssertEqual(awaited9, 2)
+        try await store.unblock([], for: user)
+        let awaited10 = try await store.blocklist(of: user)
+        XCTAssertEqual(awaited10, [])
+    }
+
+    func documents() async throws {
+        let user = jid("docs")
+        let awaited11 = try await store.privateXML(of: user, name: "prefs", namespace: "urn:x")
+        XCTAssertNil(awaited11)
+        try await store.setPrivateXML("<prefs xmlns='urn:x'>1</prefs>", of: user, name: "prefs", namespace: "urn:x")
+        try await store.setPrivateXML("<prefs xmlns='urn:x'>2</prefs>", of: user, name: "prefs", namespace: "urn:x")
+        let awaited12 = try await store.privateXML(of: user, name: "prefs", namespace: "urn:x")
+        XCTAssertEqual(awaited12, "<prefs xmlns='urn:x'>2</prefs>")
+        let awaited13 = try await store.privateXML(of: user, name: "prefs", namespace: "urn:y")
+        XCTAssertNil(awaited13)
+
+        let awaited14 = try await store.vCard(of: user)
+        XCTAssertNil(awaited14)
+        try await store.setVCard("<vCard xmlns='vcard-temp'/>", photoHash: "abc", of: user)
+        let card = try await store.vCard(of: user)
+        XCTAssertEqual(card?.xml, "<vCard xmlns='vcard-temp'/>")
+        XCTAssertEqual(card?.photoHash, "abc")
+        try await store.setVCard("<vCard xmlns='vcard-temp'><FN>x</FN></vCard>", photoHash: nil, of: user)
+        let awaited15 = try await store.vCard(of: user)?.photoHash
+        XCTAssertNil(awaited15)
+
+        let awaited16 = try await store.lastActivity(of: user)
+        XCTAssertNil(awaited16)
+        try await store.setLastActivity(of: user, at: 1_700_000_000, status: "gone")
+        let last = try await store.lastActivity(of: user)
+        XCTAssertEqual(last?.seconds, 1_700_000_000)
+        XCTAssertEqual(last?.status, "gone")
+    }
+
+    func deletionRemovesEverything() async throws {
+        try await store.register(username: "leaver", host: host, password: "p", iterations: 4096)
+        let user = jid("leaver")
+        _ = try await store.put(RosterItem(jid: jid("friend")), for: user)
+        _ = try await store.storeOffline("<message/>", for: user, limit: 10)
+        try await store.block([jid("foe")], for: user)
+        try await store.setVCard("<vCard xmlns='vcard-temp'/>", photoHash: nil, of: user)
+        try await store.setPrivateXML("<a xmlns='urn:a'/>", of: user, name: "a", namespace: "urn:a")
+        try await store.setLastActivity(of: user, at: 1, status: "")
+        try await store.deleteAccount(username: "leaver", host: host)
+        let awaited17 = try await store.roster(of: user).items
+        XCTAssertEqual(awaited17, [])
+        let awaited18 = try await store.offlineCount(for: user)
+        XCTAssertEqual(awaited18, 0)
+        let awaited19 = try await store.blocklist(of: user)
+        XCTAssertEqual(awaited19, [])
+        let awaited20 = try await store.vCard(of: user)
+        XCTAssertNil(awaited20)
+        let awaited21 = try await store.privateXML(of: user, name: "a", namespace: "urn:a")
+        XCTAssertNil(awaited21)
+        let awaited22 = try await store.lastActivity(of: user)
+        XCTAssertNil(awaited22)
+    }
+}
+
+final class SQLiteStoreConformanceTests: XCTestCase {
+    var path = ""
+
+    override func setUp() {
+        path = FileManager.default.temporaryDirectory.appendingPathComponent("starling-store-\(UUID().uuidString).sqlite").path
+    }
+
+    override func tearDown() {
+        for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: path + suffix) }
+    }
+
+    func contract(_ body: (StoreContract) async throws -> Void) async throws {
+        let store = try await SQLiteStore.open(path: path, logger: Logger(label: "test"))
+        do { try await body(StoreContract(store: store)) } catch {
+            await store.close()
+            throw error
+        }
+        await store.close()
+    }
+
+    func testAccounts() async throws { try await contract { try await $0.accounts() } }
+    func testConcurrentRegistrations() async throws { try await contract { try await $0.concurrentRegistrations() } }
+    func testRoster() async throws { try await contract { try await $0.roster() } }
+    func testOffline() async throws { try await contract { try await $0.offline() } }
+    func testBlocklist() async throws { try await contract { try await $0.blocklist() } }
+    func testDocuments() async throws { try await contract { try await $0.documents() } }
+    func testDeletionRemovesEverything() async throws { try await contract { try await $0.deletionRemovesEverything() } }
+
+    func testReopeningKeepsDataAndMigratesOnce() async throws {
+        let first = try await SQLiteStore.open(path: path, logger: Logger(label: "test"))
+        try await first.register(username: "kept", host: "example.com", password: "p", iterations: 4096)
+        await first.close()
+        let second = try await SQLiteStore.open(path: path, logger: Logger(label: "test"))
+        let accounts = try await second.accounts(host: "example.com")
+        XCTAssertEqual(accounts, ["kept"])
+        await second.close()
+    }
+
+    func testUnopenableDatabaseIsAClearError() async {
+        do {
+            _ = try await SQLiteStore.open(path: "/nonexistent-dir/x/y.sqlite", logger: Logger(label: "test"))
+            XCTFail("opened an impossible path")
+        } catch {
+            XCTAssertTrue(error.description.contains("/nonexistent-dir/x/y.sqlite"), error.description)
+        }
+    }
+}
+
+/// Runs against the PostgreSQL that `scripts/test` starts (STARLING_TEST_POSTGRES_URL).
+final class PostgresStoreConformanceTests: XCTestCase {
+    static var url: String? { ProcessInfo.processInfo.environment["STARLING_TEST_POSTGRES_URL"] }
+
+    static func requireURL() throws -> String {
+        guard let url else {
+            if ProcessInfo.processInfo.environment["CI"] != nil { XCTFail("CI must provide STARLING_TEST_POSTGRES_URL (scripts/test does)") }
+            throw XCTSkip("set STARLING_TEST_POSTGRES_URL, or run scripts/test")
+        }
+        return url
+    }
+
+    func contract(_ body: (StoreContract) async throws -> Void) async throws {
+        let store = try await PostgresStore.open(.init(url: try Self.requireURL()), logger: Logger(label: "test"))
+        do { try await body(StoreContract(store: store)) } catch {
+            await store.close()
+            throw error
+        }
+        await store.close()
+    }
+
+    func testAccounts() async throws { try await contract { try await $0.accounts() } }
+    func testConcurrentRegistrations() async throws { try await contract { try await $0.concurrentRegistrations() } }
+    func testRoster() async throws { try await contract { try await $0.roster() } }
+    func testOffline() async throws { try await contract { try await $0.offline() } }
+    func testBlocklist() async throws { try await contract { try await $0.blocklist() } }
+    func testDocuments() async throws { try await contract { try await $0.documents() } }
+    func testDeletionRemovesEverything() async throws { try await contract { try await $0.deletionRemovesEverything() } }
+
+    func testTwoNodesMigratingAtOnceBothSucceed() async throws {
+        let url = try Self.requireURL()
+        async let first = PostgresStore.open(.init(url: url), logger: Logger(label: "a"))
+        async let second = PostgresStore.open(.init(url: url), logger: Logger(label: "b"))
+        let stores = try await [first, second]
+        for store in stores { await store.close() }
+    }
+
+    func testBadURLAndUnreachableDatabaseAreClearErrors() async throws {
+        do {
+            _ = try await PostgresStore.open(.init(url: "mysql://x@y/z"), logger: Logger(label: "test"))
+            XCTFail("accepted a non-PostgreSQL URL")
+        } catch { XCTAssertTrue(error.description.contains("postgresql://"), error.description) }
+        do {
+            _ = try await PostgresStore.open(.init(url: "postgresql://starling:secret@127.0.0.1:1/nothing", timeout: 2), logger: Logger(label: "test"))
+            XCTFail("connected to nothing")
+        } catch {
+            XCTAssertTrue(error.description.contains("127.0.0.1:1"), error.description)
+            XCTAssertFalse(error.description.contains("secret"), "passwords never reach the logs")
+        }
+    }
+}
