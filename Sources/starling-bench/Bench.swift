@@ -5,14 +5,17 @@ import StarlingConfig
 import StarlingModules
 import StarlingSASL
 import StarlingSQLite
+import StarlingPostgres
+import StarlingStorage
 import StarlingTestClient
+import StarlingAPI
 
 @main
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starling-bench",
         abstract: "Load scenarios against a starling server started by this tool. Prints one JSON line per run.",
-        subcommands: [Idle.self]
+        subcommands: [Idle.self, OfflineStoreThroughput.self]
     )
 }
 
@@ -135,5 +138,52 @@ enum ProcStat {
         // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the command name.
         let ticks = (Double(fields[11]) ?? 0) + (Double(fields[12]) ?? 0)
         return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+}
+
+/// Write throughput of the offline-message store on either backend (messages/s).
+struct OfflineStoreThroughput: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "offline-store", abstract: "Offline-message store writes per second, per backend.")
+
+    @Option(help: "sqlite or postgresql.") var backend = "sqlite"
+    @Option(help: "PostgreSQL URL (for --backend postgresql).") var url: String?
+    @Option(help: "Messages to store.") var messages = 20000
+    @Option(help: "Recipients they are spread over.") var users = 100
+    @Option(help: "Writes in flight at once.") var concurrency = 32
+
+    func run() async throws {
+        let logger = Logger(label: "bench")
+        let work = FileManager.default.temporaryDirectory.appendingPathComponent("starling-bench-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: work) }
+        let store: any StarlingStore
+        switch backend {
+        case "postgresql":
+            guard let url else { throw ValidationError("--url is needed for postgresql") }
+            store = try await PostgresStore.open(.init(url: url, poolSize: concurrency), logger: logger)
+        default:
+            store = try await SQLiteStore.open(path: work.appendingPathComponent("bench.sqlite").path, logger: logger)
+        }
+        let host = "bench\(UInt32.random(in: 0...UInt32.max)).example"
+        let body = "<message from='a@\(host)/r' to='b@\(host)' type='chat'><body>\(String(repeating: "x", count: 100))</body><delay xmlns='urn:xmpp:delay' stamp='2026-11-29T00:00:00Z'/></message>"
+        let started = Date()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            var next = 0
+            func launch(_ index: Int) {
+                group.addTask {
+                    _ = try await store.storeOffline(body, for: JID("u\(index % users)@\(host)")!, limit: Int.max)
+                }
+            }
+            while next < min(concurrency, messages) { launch(next); next += 1 }
+            while try await group.next() != nil {
+                if next < messages { launch(next); next += 1 }
+            }
+        }
+        let seconds = Date().timeIntervalSince(started)
+        for index in 0..<users { _ = try await store.takeOffline(for: JID("u\(index)@\(host)")!) }
+        await store.close()
+        let result: [String: Any] = ["scenario": "offline-store", "backend": backend, "messages": messages,
+                                     "concurrency": concurrency, "seconds": seconds, "messages_per_second": Double(messages) / seconds]
+        print(String(decoding: try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys]), as: UTF8.self))
     }
 }

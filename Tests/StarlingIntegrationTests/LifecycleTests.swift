@@ -81,3 +81,53 @@ final class LifecycleTests: XCTestCase {
         XCTAssertNil(database.range(of: Data("pw2".utf8)))
     }
 }
+
+/// XEP-0227 export from one server and import into another: an operator moving between backends.
+final class PortableDataTests: XCTestCase {
+    func testExportThenImportCarriesAccountsAndTheirData() async throws {
+        let source = try ServerProcess(users: [("ann", "ann-pw"), ("ben", "ben-pw")])
+        let ann = try await TestClient.login(port: source.directTLSPort, domain: "localhost", tls: .direct, username: "ann", password: "ann-pw")
+        ann.send("<iq type='set' id='r'><query xmlns='jabber:iq:roster'><item jid='ben@localhost' name='Ben'><group>Pals</group></item></query></iq>")
+        ann.send("<iq type='set' id='v'><vCard xmlns='vcard-temp'><FN>Ann &amp; co</FN></vCard></iq>")
+        ann.send("<iq type='set' id='b'><block xmlns='urn:xmpp:blocking'><item jid='spam@example.test'/></block></iq>")
+        ann.send("<message to='ben@localhost' type='chat'><body>kept across servers</body></message>")
+        _ = try await ann.waitFor("block ack") { if case .element(let e) = $0 { return e[attribute: "id"] == "b" }; return false }
+        try await Task.sleep(for: .milliseconds(300))
+        await ann.close()
+        let exportPath = source.directory.appendingPathComponent("export.xml").path
+        let (exported, exportOutput) = try source.ctl(["export", exportPath])
+        XCTAssertEqual(exported, 0, exportOutput)
+        let document = try String(contentsOfFile: exportPath, encoding: .utf8)
+        XCTAssertTrue(document.contains("<scram-credentials"), "keys, not passwords, are exported")
+        XCTAssertFalse(document.contains("ann-pw"))
+        source.stop()
+
+        // The target runs on the other backend when PostgreSQL is there, so both directions get exercised.
+        let target = try ServerProcess(users: [("ben", "other-pw")], backend: ServerProcess.postgresURL == nil ? .sqlite : .postgresql)
+        defer { target.stop() }
+        let (imported, importOutput) = try target.ctl(["import", exportPath])
+        XCTAssertEqual(imported, 0, importOutput)
+        XCTAssertTrue(importOutput.contains("1 account(s)") && importOutput.contains("ben@localhost"), importOutput)
+
+        let moved = try await TestClient.login(port: target.directTLSPort, domain: "localhost", tls: .direct, username: "ann", password: "ann-pw")
+        moved.send("<iq type='get' id='r2'><query xmlns='jabber:iq:roster'/></iq>")
+        let roster = try await moved.waitFor("roster") { if case .element(let e) = $0 { return e[attribute: "id"] == "r2" }; return false }
+        guard case .element(let rosterIQ) = roster else { return XCTFail() }
+        let item = rosterIQ.child("query")?.child("item")
+        XCTAssertEqual(item?[attribute: "jid"], "ben@localhost")
+        XCTAssertEqual(item?[attribute: "name"], "Ben")
+        XCTAssertEqual(item?.child("group")?.text, "Pals")
+        moved.send("<iq type='get' id='v2' to='ann@localhost'><vCard xmlns='vcard-temp'/></iq>")
+        let vcard = try await moved.waitFor("vcard") { if case .element(let e) = $0 { return e[attribute: "id"] == "v2" }; return false }
+        guard case .element(let vcardIQ) = vcard else { return XCTFail() }
+        XCTAssertEqual(vcardIQ.child("vCard")?.child("FN")?.text, "Ann & co")
+        moved.send("<iq type='get' id='b2'><blocklist xmlns='urn:xmpp:blocking'/></iq>")
+        let blocklist = try await moved.waitFor("blocklist") { if case .element(let e) = $0 { return e[attribute: "id"] == "b2" }; return false }
+        guard case .element(let blockIQ) = blocklist else { return XCTFail() }
+        XCTAssertEqual(blockIQ.child("blocklist")?.child("item")?[attribute: "jid"], "spam@example.test")
+        await moved.close()
+        // ben already existed on the target and was left alone: his password there still works.
+        let ben = try await TestClient.login(port: target.directTLSPort, domain: "localhost", tls: .direct, username: "ben", password: "other-pw")
+        await ben.close()
+    }
+}

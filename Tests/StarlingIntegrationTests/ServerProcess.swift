@@ -64,7 +64,7 @@ final class ServerProcess {
             XCTAssertEqual(status, 0, text)
         }
         errorLogPath = directory.appendingPathComponent("server.log").path
-        FileManager.default.createFile(atPath: errorLogPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: errorLogPath, contents: nil)
         errors = FileHandle(forWritingAtPath: errorLogPath)!
         process.executableURL = URL(fileURLWithPath: Self.executable("starling"))
         process.arguments = ["--config", configPath]
