@@ -8,14 +8,30 @@ public struct ModuleConfiguration: Sendable, Equatable {
 }
 
 extension StarlingConfiguration {
-    /// Reads `modules:`: a mapping from module name to its options (`{}` or empty for defaults).
-    /// Unknown modules, missing dependencies and bad options fail here, with file and line.
-    static func readModules(_ top: ConfigSection, catalog: [ModuleDescriptor]) throws(ConfigError) -> [ModuleConfiguration] {
-        let byName = Dictionary(uniqueKeysWithValues: catalog.map { ($0.name, $0) })
+    /// Reads `modules:` (every host) and `host_modules:` (a host's own set, replacing `modules:` there):
+    /// mappings from module name to its options (`{}` for defaults). Unknown modules, missing
+    /// dependencies, unknown hosts and bad options fail here, with file and line.
+    static func readModules(_ top: ConfigSection, hosts: [String], catalog: [ModuleDescriptor]) throws(ConfigError) -> (all: [ModuleConfiguration], perHost: [String: [ModuleConfiguration]]) {
         let section = try top.section("modules", doc: "Modules enabled on every host, each with its options. Default: \(defaultModules.joined(separator: ", ")).")
+        let all = try readModuleSet(section, catalog: catalog, defaults: defaultModules)
+        let hostSection = try top.section("host_modules", doc: "Per host, a module set that replaces `modules` on that host (same format).")
+        var perHost: [String: [ModuleConfiguration]] = [:]
+        for (key, _) in hostSection.node?.mapping ?? [:] {
+            let host = key.string ?? ""
+            guard let domain = JID(host)?.domainpart, hosts.contains(domain) else {
+                throw hostSection.error(host, "not one of the configured hosts (\(hosts.joined(separator: ", ")))", at: key)
+            }
+            perHost[domain] = try readModuleSet(try hostSection.section(host, doc: "modules of \(host)"), catalog: catalog, defaults: [])
+        }
+        try hostSection.rejectUnknownKeys()
+        return (all, perHost)
+    }
+
+    private static func readModuleSet(_ section: ConfigSection, catalog: [ModuleDescriptor], defaults: [String]) throws(ConfigError) -> [ModuleConfiguration] {
+        let byName = Dictionary(uniqueKeysWithValues: catalog.map { ($0.name, $0) })
         var names: [String] = []
         if section.node == nil {
-            names = defaultModules.filter { byName[$0] != nil }
+            names = defaults.filter { byName[$0] != nil }
         } else {
             for (key, _) in section.node?.mapping ?? [:] { names.append(key.string ?? "") }
         }

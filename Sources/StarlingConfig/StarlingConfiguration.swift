@@ -77,8 +77,15 @@ public struct StarlingConfiguration: Sendable, Equatable {
     public var limits: LimitsConfiguration
     public var storage: StorageConfiguration
     public var admin: AdminConfiguration
-    /// Enabled modules, in config order.
+    /// Modules enabled on every host, in config order.
     public var modules: [ModuleConfiguration]
+    /// Hosts with a module set of their own (`host_modules:`).
+    public var hostModules: [String: [ModuleConfiguration]]
+
+    /// The modules enabled on `host`.
+    public func modules(for host: String) -> [ModuleConfiguration] {
+        hostModules[host] ?? modules
+    }
     /// Where this configuration came from (for messages and reloads).
     public var sourcePath: String
 
@@ -119,7 +126,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let storageBackend = ConfigOption<String>("backend", default: "sqlite", oneOf: ["sqlite", "postgresql"], doc: "Storage backend: the embedded SQLite file, or PostgreSQL.")
     static let storagePath = ConfigOption<String>("path", default: "starling.sqlite", doc: "SQLite database file, relative to data_dir.")
     static let storageURL = ConfigOption<String?>("url", default: nil, doc: "PostgreSQL URL: postgresql://user:password@host:5432/database (or ?host=/socket/dir).")
-    static let storagePool = ConfigOption<Int>("pool_size", default: 10, range: 1...1000, doc: "PostgreSQL connections per node.")
+    static let storagePool = ConfigOption<Int>("pool", default: 10, range: 1...1000, doc: "PostgreSQL connections per node.")
     static let storageTimeout = ConfigOption<Double>("timeout", default: 5, range: 0.1...300, doc: "Seconds a storage operation may take before the request fails with an error (the server itself carries on).")
 
     static let adminSocket = ConfigOption<String>("socket", default: "starling.sock", doc: "Unix socket for starlingctl, relative to data_dir (mode 0600).")
@@ -231,13 +238,13 @@ public struct StarlingConfiguration: Sendable, Equatable {
         let admin = AdminConfiguration(socketPath: resolve(try adminSection.read(adminSocket), against: dataDirectory))
         try adminSection.rejectUnknownKeys()
 
-        let modules = try readModules(top, catalog: moduleCatalog)
+        let modules = try readModules(top, hosts: hosts.map { JID($0)!.domainpart }, catalog: moduleCatalog)
 
         try top.rejectUnknownKeys()
         return StarlingConfiguration(
             hosts: hosts.map { JID($0)!.domainpart }, dataDirectory: dataDirectory, logLevel: logLevel,
             listeners: listeners, tls: tls, auth: auth, limits: limits, storage: storage, admin: admin,
-            modules: modules, sourcePath: file
+            modules: modules.all, hostModules: modules.perHost, sourcePath: file
         )
     }
 

@@ -51,7 +51,7 @@ extension PostgresStore: AccountStore {
                     "SELECT 1 FROM accounts WHERE host = \(host) AND username = \(username) FOR UPDATE", logger: logger).collect()
                 if found.isEmpty { throw StorageError.accountNotFound }
                 // Everything the account owns goes with it.
-                for table in Self.perUserTables {
+                for table in StorageTables.perUser {
                     try await connection.query(PostgresQuery(unsafeSQL: "DELETE FROM \(table) WHERE host = $1 AND username = $2",
                                                              binds: Self.binds(host, username)), logger: logger)
                 }

@@ -65,11 +65,6 @@ public final class PostgresStore: Sendable {
         ],
     ]
 
-    static let perUserTables = [
-        "roster_items", "roster_pending", "roster_versions", "offline_messages", "blocklist", "private_xml", "vcards",
-        "last_activity", "scram_credentials", "accounts",
-    ]
-
     private init(client: PostgresClient, logger: Logger, timeout: Double) {
         self.client = client
         self.logger = logger

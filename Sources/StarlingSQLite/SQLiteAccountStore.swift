@@ -50,7 +50,7 @@ extension SQLiteStore: AccountStore {
             try await self.transaction {
                 guard try await self.accountExists(username: username, host: host) else { throw StorageError.accountNotFound }
                 // Everything the account owns goes with it.
-                for table in Self.perUserTables {
+                for table in StorageTables.perUser {
                     _ = try await self.connection.query(
                         "DELETE FROM \(table) WHERE host = ? AND username = ?", [.text(host), .text(username)])
                 }
@@ -65,11 +65,6 @@ extension SQLiteStore: AccountStore {
             ).compactMap { $0.column("username")?.string }
         }
     }
-
-    static let perUserTables = [
-        "roster_items", "roster_pending", "roster_versions", "offline_messages", "blocklist", "private_xml", "vcards",
-        "last_activity", "scram_credentials", "accounts",
-    ]
 
     public func accountExists(username: String, host: String) async throws(StorageError) -> Bool {
         try await run {

@@ -149,7 +149,7 @@ enum ModuleLoader {
             var instances: [String: any ServerModule] = [:]
             var registrars: [ModuleRegistrar] = []
             var adapters: [ModuleHostAdapter] = []
-            for module in configuration.modules {
+            for module in configuration.modules(for: domain) {
                 guard let type = catalog[module.name] else { throw ModuleError("module '\(module.name)' is not available") }
                 var moduleLogger = logger
                 moduleLogger[metadataKey: "module"] = "\(module.name)"

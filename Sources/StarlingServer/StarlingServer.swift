@@ -45,7 +45,9 @@ public final class StarlingServer: Service, @unchecked Sendable {
             await store.close()
             throw error
         }
-        logger.info("modules enabled", metadata: ["modules": "\(configuration.modules.map(\.name).joined(separator: ", "))"])
+        for host in configuration.hosts {
+            logger.info("modules enabled", metadata: ["host": "\(host)", "modules": "\(configuration.modules(for: host).map(\.name).joined(separator: ", "))"])
+        }
         let startedAt = Date()
 
         var channels: [any Channel] = []

@@ -44,3 +44,12 @@ public protocol StarlingStore: AccountStore, RosterStore, OfflineStore, Blocklis
     /// Releases connections and files.
     func close() async
 }
+
+/// Table names both backends use, so that "everything an account owns" is listed once.
+public enum StorageTables {
+    /// Every table keyed by (host, username), dependents before `accounts`.
+    public static let perUser = [
+        "roster_items", "roster_pending", "roster_versions", "offline_messages", "blocklist", "private_xml", "vcards",
+        "last_activity", "scram_credentials", "accounts",
+    ]
+}

@@ -255,7 +255,8 @@ final class IMIntegrationTests: XCTestCase {
     }
 
     func testDisabledModulesLoseTheirFeaturesAndHandlers() async throws {
-        let minimal = try ServerProcess(extraConfig: "modules:\n  disco: {}\n  ping: {}", users: [("solo", "solo-pass")])
+        // Modules are per host: example.test keeps the full set while localhost gets two.
+        let minimal = try ServerProcess(extraConfig: "host_modules:\n  localhost:\n    disco: {}\n    ping: {}", users: [("solo", "solo-pass")])
         defer { minimal.stop() }
         let client = try await TestClient.login(port: minimal.directTLSPort, domain: "localhost", tls: .direct, username: "solo", password: "solo-pass")
         let info = try await iq(client, "<iq type='get' id='d1' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "d1")
@@ -265,6 +266,8 @@ final class IMIntegrationTests: XCTestCase {
         XCTAssertEqual(errorCondition(version), "service-unavailable")
         let roster = try await iq(client, "<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>", id: "r1")
         XCTAssertEqual(errorCondition(roster), "service-unavailable")
+        let other = try await iq(client, "<iq type='get' id='v2' to='example.test'><query xmlns='jabber:iq:version'/></iq>", id: "v2")
+        XCTAssertEqual(other.child("query")?.child("name")?.text, "Starling", "the other host keeps its modules")
         await client.close()
     }
 
@@ -278,6 +281,7 @@ final class IMIntegrationTests: XCTestCase {
             ("modules:\n  roster:\n    max_items: 0\n", "\(path):3: modules.roster.max_items: 0 is out of range"),
             ("modules:\n  version:\n    show_oss: true\n", "\(path):3: modules.version.show_oss: unknown option (did you mean 'show_os'?)"),
             ("modules:\n  presence: {}\n", "\(path):2: modules.presence: needs module 'roster'"),
+            ("host_modules:\n  elsewhere.org:\n    ping: {}\n", "\(path):2: host_modules.elsewhere.org: not one of the configured hosts"),
         ] {
             try yaml.write(toFile: path, atomically: true, encoding: .utf8)
             let (status, output) = try ServerProcess.run(ServerProcess.executable("starling"), ["--config", path, "--check"])
