@@ -55,6 +55,12 @@ public final class RegistrationModule: ServerModule {
             if request.payload.child("remove", namespace: Self.namespace) != nil {
                 try await accounts.deleteAccount(username: user.localpart!, host: user.domainpart)
                 host.log(.info, "\(user) removed their account")
+                // XEP-0077 §3.2: the result first, then the account's streams end.
+                let host = self.host
+                Task {
+                    try? await Task.sleep(for: .milliseconds(200))
+                    host.closeSessions(of: user)
+                }
                 return .result(nil)
             }
             guard let username = request.payload.child("username")?.text, let password = request.payload.child("password")?.text else {

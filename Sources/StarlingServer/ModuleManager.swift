@@ -121,6 +121,10 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
         router.run(point, event, on: domain)
     }
 
+    func closeSessions(of bare: JID) {
+        for resource in router.registry.resources(of: bare.bare) { resource.session.close(.notAuthorized) }
+    }
+
     func service<Service>(_ type: Service.Type) -> Service? { services.lookup(type) }
 
     func log(_ level: ModuleLogLevel, _ message: String) {

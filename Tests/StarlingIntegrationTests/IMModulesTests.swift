@@ -309,7 +309,20 @@ final class IMModulesTests: XCTestCase {
         XCTAssertEqual(changed[attribute: "type"], "result")
         await client.close()
         let again = try await TestClient.login(port: Self.server.directTLSPort, domain: "localhost", tls: .direct, username: "newbie", password: "evenlonger")
-        await again.close()
+        let secondSession = try await TestClient.login(port: Self.server.directTLSPort, domain: "localhost", tls: .direct, username: "newbie", password: "evenlonger")
+        // Removing the account (XEP-0077 §3.2): a result, then every stream of the account ends.
+        let removed = try await iq(again, "<iq type='set' id='rm'><query xmlns='jabber:iq:register'><remove/></query></iq>", id: "rm")
+        XCTAssertEqual(removed[attribute: "type"], "result")
+        let first = try await again.expectStreamError()
+        XCTAssertEqual(first, "not-authorized")
+        let second = try await secondSession.expectStreamError()
+        XCTAssertEqual(second, "not-authorized")
+        do {
+            _ = try await TestClient.login(port: Self.server.directTLSPort, domain: "localhost", tls: .direct, username: "newbie", password: "evenlonger")
+            XCTFail("a removed account can still log in")
+        } catch TestClientError.authenticationFailed(let condition) {
+            XCTAssertEqual(condition, "not-authorized")
+        }
     }
 
     // MARK: Delivery rules

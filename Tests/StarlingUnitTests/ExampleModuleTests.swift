@@ -21,6 +21,7 @@ final class ExampleModuleTests: XCTestCase {
         func isLocal(_ domain: String) -> Bool { domain == self.domain }
         func service<Service>(_ type: Service.Type) -> Service? { nil }
         func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult { .pass }
+        func closeSessions(of bare: JID) {}
     }
 
     func testOptionsAreValidatedAndTheModuleRegistersWhatItDeclares() async throws {

@@ -135,6 +135,8 @@ public protocol ModuleHost: Sendable {
     func service<Service>(_ type: Service.Type) -> Service?
     /// Fires a hook on this host, as the core does (modules may define hook points of their own).
     func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult
+    /// Ends every session of the account (with `<not-authorized/>`), e.g. once it has been deleted.
+    func closeSessions(of bare: JID)
 }
 
 /// One bound resource as modules see it.
