@@ -73,7 +73,7 @@ public final class VCardModule: ServerModule {
     }
 
     /// SHA-1 (hex) of the decoded PHOTO/BINVAL, or nil without a photo.
-    static func photoHash(_ vCard: XMLElement) -> String? {
+    public static func photoHash(_ vCard: XMLElement) -> String? {
         guard let binval = vCard.child("PHOTO")?.child("BINVAL")?.text.filter({ !$0.isWhitespace }), !binval.isEmpty,
               let data = Data(base64Encoded: binval)
         else { return nil }

@@ -1,6 +1,6 @@
-import Crypto
 import Foundation
 import StarlingAPI
+import StarlingModules
 import StarlingSASL
 import StarlingStorage
 import StarlingXML
@@ -155,7 +155,7 @@ public enum PortableData {
                     _ = try await store.storeOffline(message.serialized(inheritedNamespace: Namespace.client), for: user, limit: Int.max)
                 }
             case ("vcard-temp", "vCard"):
-                try await store.setVCard(child.serialized(), photoHash: photoHash(child), of: user)
+                try await store.setVCard(child.serialized(), photoHash: VCardModule.photoHash(child), of: user)
             case ("jabber:iq:private", "query"):
                 for document in child.elements {
                     try await store.setPrivateXML(document.serialized(), of: user, name: document.name, namespace: document.namespace)
@@ -166,10 +166,5 @@ public enum PortableData {
                 continue
             }
         }
-    }
-
-    private static func photoHash(_ vCard: XMLElement) -> String? {
-        guard let binval = vCard.child("PHOTO")?.child("BINVAL")?.text.filter({ !$0.isWhitespace }), let data = Data(base64Encoded: binval) else { return nil }
-        return Insecure.SHA1.hash(data: data).map { String(format: "%02x", $0) }.joined()
     }
 }

@@ -106,17 +106,12 @@ struct Idle: AsyncParsableCommand {
 
     private func readPorts(_ pipe: Pipe) throws -> (starttls: Int, direct: Int) {
         var text = ""
-        while !text.contains("starling: ready") {
+        while true {
+            if let announcement = ServerAnnouncement(output: text) { return (announcement.starttlsPort, announcement.directTLSPort) }
             let data = pipe.fileHandleForReading.availableData
             if data.isEmpty { throw ValidationError("the server exited before it was ready") }
             text += String(decoding: data, as: UTF8.self)
         }
-        var ports = (starttls: 0, direct: 0)
-        for line in text.split(separator: "\n") where line.hasPrefix("starling: listening") {
-            let fields = line.split(separator: " ")
-            if fields[2] == "c2s-starttls" { ports.starttls = Int(fields[4])! } else { ports.direct = Int(fields[4])! }
-        }
-        return ports
     }
 }
 

@@ -1,4 +1,5 @@
 import Foundation
+import StarlingTestClient
 import XCTest
 
 /// The real `starling` executable, started on loopback with ephemeral ports and a temporary data
@@ -78,7 +79,12 @@ final class ServerProcess {
         let reader = output.fileHandleForReading
         var text = ""
         let deadline = Date().addingTimeInterval(60)
-        while !text.contains("starling: ready\n") {
+        while true {
+            if let announcement = ServerAnnouncement(output: text) {
+                starttlsPort = announcement.starttlsPort
+                directTLSPort = announcement.directTLSPort
+                return
+            }
             guard Date() < deadline, process.isRunning else {
                 throw NSError(domain: "ServerProcess", code: 1, userInfo: [NSLocalizedDescriptionKey:
                     "server did not start: \(text) \((try? String(contentsOfFile: errorLogPath, encoding: .utf8)) ?? "")"])
@@ -86,11 +92,6 @@ final class ServerProcess {
             let data = reader.availableData
             if data.isEmpty { Thread.sleep(forTimeInterval: 0.05) }
             text += String(decoding: data, as: UTF8.self)
-        }
-        for line in text.split(separator: "\n") where line.hasPrefix("starling: listening") {
-            let fields = line.split(separator: " ")
-            let port = Int(fields.last!)!
-            if fields[2] == "c2s-starttls" { starttlsPort = port } else { directTLSPort = port }
         }
     }
 

@@ -1,0 +1,17 @@
+/// The machine-readable lines `starling` prints on standard output once it serves
+/// (`starling: listening c2s-starttls ADDRESS PORT`, ..., `starling: ready`), read by the tests and the
+/// load generator to find the ports of a server started with port 0.
+public struct ServerAnnouncement: Sendable, Equatable {
+    public var starttlsPort = 0
+    public var directTLSPort = 0
+
+    /// nil until the `starling: ready` line is in `output`.
+    public init?(output: String) {
+        guard output.contains("starling: ready\n") || output.hasSuffix("starling: ready") else { return nil }
+        for line in output.split(separator: "\n") where line.hasPrefix("starling: listening") {
+            let fields = line.split(separator: " ")
+            guard fields.count >= 5, let port = Int(fields[4]) else { continue }
+            if fields[2] == "c2s-starttls" { starttlsPort = port } else if fields[2] == "c2s-direct" { directTLSPort = port }
+        }
+    }
+}
