@@ -136,6 +136,9 @@ let package = Package(
             dependencies: [
                 "StarlingTestClient", "StarlingSQLite", "StarlingPostgres", "StarlingServer", "StarlingConfig", "StarlingSASL", "StarlingModules",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings

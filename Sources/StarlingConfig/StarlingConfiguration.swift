@@ -34,6 +34,8 @@ public struct AuthConfiguration: Sendable, Equatable {
     /// Failures from one address within `failureWindow` after which each attempt is slowed further.
     public var failuresBeforeSlowdown: Int
     public var failureWindow: Double
+    /// Offer PLAIN on connections without TLS (load tests on loopback only).
+    public var plainWithoutTLS: Bool
 }
 
 public struct LimitsConfiguration: Sendable, Equatable {
@@ -115,6 +117,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let authFailureDelay = ConfigOption<Double>("failure_delay", default: 1.0, range: 0...30, doc: "Seconds before a failed authentication is answered.")
     static let authFailuresBeforeSlowdown = ConfigOption<Int>("failures_before_slowdown", default: 5, range: 1...1000, doc: "Failed attempts from one IP address after which each further failure waits twice as long (up to 30 s).")
     static let authFailureWindow = ConfigOption<Double>("failure_window", default: 300, range: 1...86400, doc: "Seconds over which failures from one address are counted.")
+    static let authPlainWithoutTLS = ConfigOption<Bool>("plain_without_tls", default: false, doc: "Offer PLAIN on connections without TLS when tls.required is false. It sends passwords in the clear: for load tests on loopback only.")
 
     static let maxStanzaSize = ConfigOption<Int>("max_stanza_size", default: 262_144, range: 1024...16_777_216, doc: "Largest stanza in bytes; larger gets <policy-violation/>.")
     static let maxDepth = ConfigOption<Int>("max_depth", default: 32, range: 4...256, doc: "Deepest element nesting inside a stanza.")
@@ -203,7 +206,8 @@ public struct StarlingConfiguration: Sendable, Equatable {
             scramIterations: try authSection.read(authIterations),
             failureDelay: try authSection.read(authFailureDelay),
             failuresBeforeSlowdown: try authSection.read(authFailuresBeforeSlowdown),
-            failureWindow: try authSection.read(authFailureWindow)
+            failureWindow: try authSection.read(authFailureWindow),
+            plainWithoutTLS: try authSection.read(authPlainWithoutTLS)
         )
         try authSection.rejectUnknownKeys()
 

@@ -8,7 +8,7 @@ extension SQLiteStore: AccountStore {
     public func createAccount(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
         try await run {
             try await self.transaction {
-                if try await self.accountExists(username: username, host: host) { throw StorageError.accountExists }
+                if try await self.exists(username: username, host: host) { throw StorageError.accountExists }
                 _ = try await self.connection.query(
                     "INSERT INTO accounts (host, username, created_at) VALUES (?, ?, ?)",
                     [.text(host), .text(username), .integer(Int(Date().timeIntervalSince1970))])
@@ -19,7 +19,7 @@ extension SQLiteStore: AccountStore {
 
     public func credentials(username: String, host: String) async throws(StorageError) -> [SCRAMCredentials]? {
         try await run {
-            guard try await self.accountExists(username: username, host: host) else { return nil }
+            guard try await self.exists(username: username, host: host) else { return nil }
             let rows = try await self.connection.query(
                 "SELECT hash, salt, iterations, stored_key, server_key FROM scram_credentials WHERE host = ? AND username = ?",
                 [.text(host), .text(username)])
@@ -37,7 +37,7 @@ extension SQLiteStore: AccountStore {
     public func setCredentials(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
         try await run {
             try await self.transaction {
-                guard try await self.accountExists(username: username, host: host) else { throw StorageError.accountNotFound }
+                guard try await self.exists(username: username, host: host) else { throw StorageError.accountNotFound }
                 _ = try await self.connection.query(
                     "DELETE FROM scram_credentials WHERE host = ? AND username = ?", [.text(host), .text(username)])
                 try await self.insert(credentials, username: username, host: host)
@@ -48,7 +48,7 @@ extension SQLiteStore: AccountStore {
     public func deleteAccount(username: String, host: String) async throws(StorageError) {
         try await run {
             try await self.transaction {
-                guard try await self.accountExists(username: username, host: host) else { throw StorageError.accountNotFound }
+                guard try await self.exists(username: username, host: host) else { throw StorageError.accountNotFound }
                 // Everything the account owns goes with it.
                 for table in StorageTables.perUser {
                     _ = try await self.connection.query(
@@ -67,9 +67,12 @@ extension SQLiteStore: AccountStore {
     }
 
     public func accountExists(username: String, host: String) async throws(StorageError) -> Bool {
-        try await run {
-            !(try await self.connection.query("SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)]).isEmpty)
-        }
+        try await run { try await self.exists(username: username, host: host) }
+    }
+
+    /// For use inside `run`, which already holds the connection.
+    private func exists(username: String, host: String) async throws -> Bool {
+        !(try await connection.query("SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)]).isEmpty)
     }
 
     private func insert(_ credentials: [SCRAMCredentials], username: String, host: String) async throws {
@@ -82,13 +85,6 @@ extension SQLiteStore: AccountStore {
                 [.text(host), .text(username), .text(credential.hash.rawValue), .blob(ByteBuffer(bytes: credential.salt)),
                  .integer(credential.iterations), .blob(ByteBuffer(bytes: credential.storedKey)),
                  .blob(ByteBuffer(bytes: credential.serverKey))])
-        }
-    }
-
-    /// Maps every failure to `StorageError`, keeping the store's own errors as they are.
-    func run<T>(_ body: () async throws -> T) async throws(StorageError) -> T {
-        do { return try await body() } catch let error as StorageError { throw error } catch {
-            throw .backend(String(describing: error))
         }
     }
 }

@@ -7,8 +7,9 @@ import SQLiteNIO
 /// loop ever waits on disk. Versioned migrations run at open.
 public final class SQLiteStore: Sendable {
     let connection: SQLiteConnection
-    /// One connection serves every caller, so transactions must not interleave.
-    private let gate = TransactionGate()
+    /// One connection serves every caller: each operation has it to itself, so no statement lands inside
+    /// another caller's transaction (and SQLite's per-connection error state is never shared).
+    private let gate = ConnectionGate()
 
     /// Each entry is one schema version; append, never edit.
     static let migrations: [[String]] = [
@@ -137,30 +138,36 @@ public final class SQLiteStore: Sendable {
         try? await connection.close()
     }
 
-    /// Runs `body` inside a transaction, rolling back on any error.
-    func transaction<T>(_ body: () async throws -> T) async throws -> T {
+    /// Runs one store operation with the connection to itself, mapping failures to `StorageError`.
+    func run<T>(_ body: () async throws -> T) async throws(StorageError) -> T {
         await gate.acquire()
         do {
-            _ = try await connection.query("BEGIN IMMEDIATE")
+            let value = try await body()
+            await gate.release()
+            return value
         } catch {
             await gate.release()
-            throw error
+            if let error = error as? StorageError { throw error }
+            throw .backend(String(describing: error))
         }
+    }
+
+    /// Runs `body` inside a transaction, rolling back on any error. Only inside `run`.
+    func transaction<T>(_ body: () async throws -> T) async throws -> T {
+        _ = try await connection.query("BEGIN IMMEDIATE")
         do {
             let result = try await body()
             _ = try await connection.query("COMMIT")
-            await gate.release()
             return result
         } catch {
             _ = try? await connection.query("ROLLBACK")
-            await gate.release()
             throw error
         }
     }
 }
 
-/// A FIFO async mutex: the connection runs one transaction at a time.
-actor TransactionGate {
+/// A FIFO async mutex: the connection runs one operation at a time.
+actor ConnectionGate {
     private var busy = false
     private var waiters: [CheckedContinuation<Void, Never>] = []
 

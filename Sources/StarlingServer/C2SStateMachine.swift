@@ -13,6 +13,8 @@ public struct C2SSettings: Sendable {
     /// Whether this listener offers STARTTLS (false for direct TLS, where TLS is already up).
     public var offersStartTLS: Bool
     public var maxSASLAttempts: Int
+    /// PLAIN may be offered without TLS (an explicit, load-test-only choice).
+    public var plainWithoutTLS = false
     /// Stream features modules add, per host and phase.
     public var preAuthFeatures: [String: [XMLElement]] = [:]
     public var boundFeatures: [String: [XMLElement]] = [:]
@@ -259,7 +261,7 @@ public struct C2SStateMachine {
         if !tlsActive && settings.tlsRequired { return [] }
         return settings.mechanisms.filter { mechanism in
             if mechanism.hasSuffix("-PLUS") { return tlsActive && channelBinding != nil }
-            if mechanism == "PLAIN" { return tlsActive }
+            if mechanism == "PLAIN" { return tlsActive || settings.plainWithoutTLS }
             return true
         }
     }

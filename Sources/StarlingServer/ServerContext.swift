@@ -43,6 +43,7 @@ public final class ServerContext: Sendable {
             tlsRequired: configuration.tls.required,
             offersStartTLS: listener.tls == .starttls
         )
+        settings.plainWithoutTLS = configuration.auth.plainWithoutTLS
         for (host, modules) in router.modules {
             settings.preAuthFeatures[host] = modules.preAuthStreamFeatures
             settings.boundFeatures[host] = modules.boundStreamFeatures

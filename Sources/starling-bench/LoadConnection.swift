@@ -1,0 +1,336 @@
+import ArgumentParser
+import Foundation
+import NIOCore
+import NIOPosix
+import NIOSSL
+import StarlingSASL
+
+/// How a load connection secures its stream.
+enum LoadTLS: String, ExpressibleByArgument, Sendable {
+    case none, starttls, direct
+}
+
+/// Who a load connection logs in as, and how.
+struct LoginSpec: Sendable {
+    var domain: String
+    var username: String
+    var password: String
+    var mechanism: String
+    var tls: LoadTLS
+    var resource = "load"
+}
+
+/// One generator connection: logs in (optional STARTTLS, PLAIN or SCRAM, bind, initial presence), then
+/// counts the messages it receives and stamps the ones it sends.
+///
+/// The generator must stay far cheaper than the server it measures, so it never builds an XML tree: it
+/// scans the bytes for the handful of markers each step needs. It is not a general XMPP client (the
+/// test client is); it only has to understand well-formed replies from a working server. Everything
+/// runs on the connection's event loop.
+final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum Phase { case features, proceed, sasl, bind, ready, closed }
+
+    let spec: LoginSpec
+    let loop: any EventLoop
+    private let loggedIn: EventLoopPromise<Void>
+    private(set) var phase = Phase.features
+    private var channel: (any Channel)?
+    private var tlsDone: Bool
+    private var authenticated = false
+    private var scram: SCRAMClient?
+    private var inbox: [UInt8] = []
+
+    /// Chat traffic state, owned by the scenario driver on this loop.
+    var partnerAddress = ""
+    weak var partner: LoadConnection?
+    var sent = 0
+    var received = 0
+    var receivedErrors = 0
+    /// Called for every received chat message with the send time stamped in its body.
+    var onMessage: ((UInt64) -> Void)?
+    /// Called at the end of each read burst in the ready phase.
+    var onReadComplete: (() -> Void)?
+    var onClose: (() -> Void)?
+
+    private init(spec: LoginSpec, loop: any EventLoop) {
+        self.spec = spec
+        self.loop = loop
+        self.loggedIn = loop.makePromise()
+        self.tlsDone = spec.tls == .direct
+    }
+
+    /// Connects and logs in; the future completes once initial presence is sent.
+    static func login(_ spec: LoginSpec, host: String, port: Int, sourceAddress: String?, on loop: any EventLoop) -> EventLoopFuture<LoadConnection> {
+        let connection = LoadConnection(spec: spec, loop: loop)
+        var bootstrap = ClientBootstrap(group: loop)
+            .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .connectTimeout(.seconds(30))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    if spec.tls == .direct {
+                        try channel.pipeline.syncOperations.addHandler(try LoadConnection.tlsHandler())
+                    }
+                    try channel.pipeline.syncOperations.addHandler(connection)
+                }
+            }
+        if let sourceAddress {
+            do { bootstrap = bootstrap.bind(to: try SocketAddress(ipAddress: sourceAddress, port: 0)) } catch {
+                return loop.makeFailedFuture(error)
+            }
+        }
+        return bootstrap.connect(host: host, port: port).flatMap { _ in
+            connection.loggedIn.futureResult.map { connection }
+        }
+    }
+
+    private static let tlsContext: NIOSSLContext = {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        // Load targets use self-signed certificates.
+        configuration.certificateVerification = .none
+        configuration.applicationProtocols = ["xmpp-client"]
+        return try! NIOSSLContext(configuration: configuration)
+    }()
+
+    private static func tlsHandler() throws -> NIOSSLClientHandler {
+        try NIOSSLClientHandler(context: tlsContext, serverHostname: nil)
+    }
+
+    // MARK: Output
+
+    func write(_ text: String) {
+        guard let channel else { return }
+        var buffer = channel.allocator.buffer(capacity: text.utf8.count)
+        buffer.writeString(text)
+        channel.write(buffer, promise: nil)
+    }
+
+    func flush() { channel?.flush() }
+
+    /// Sends one chat message to the partner with the current time in its body.
+    func sendChat() {
+        sent += 1
+        write("<message to='\(partnerAddress)' type='chat' id='m\(sent)'><body>\(DispatchTime.now().uptimeNanoseconds)</body></message>")
+    }
+
+    func close() {
+        phase = .closed
+        channel?.close(promise: nil)
+    }
+
+    // MARK: Input
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        channel = context.channel
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        openStream()
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if phase != .ready && phase != .closed { fail("connection closed during login") }
+        phase = .closed
+        onClose?()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail("\(error)")
+        context.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        inbox.append(contentsOf: buffer.readableBytesView)
+        if phase == .ready { scanMessages() } else { advanceLogin(context: context) }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if phase == .ready { onReadComplete?() }
+        context.flush()
+    }
+
+    private func fail(_ reason: String) {
+        if phase != .ready && phase != .closed { loggedIn.fail(LoadError(reason: "\(spec.username): \(reason)")) }
+        phase = .closed
+    }
+
+    private func openStream() {
+        write("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='\(spec.domain)' version='1.0'>")
+        flush()
+    }
+
+    private func advanceLogin(context: ChannelHandlerContext) {
+        switch phase {
+        case .features:
+            guard inbox.find(Marker.featuresEnd) != nil || inbox.find(Marker.featuresEmpty) != nil else { return }
+            inbox.removeAll()
+            if !tlsDone && spec.tls == .starttls {
+                write("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+                phase = .proceed
+            } else if !authenticated {
+                startSASL()
+            } else {
+                write("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>\(spec.resource)</resource></bind></iq>")
+                phase = .bind
+            }
+            flush()
+        case .proceed:
+            if inbox.find(Marker.proceed) != nil {
+                inbox.removeAll()
+                tlsDone = true
+                phase = .features
+                do { try context.pipeline.syncOperations.addHandler(try Self.tlsHandler(), position: .first) } catch {
+                    fail("TLS: \(error)")
+                    return
+                }
+                openStream()
+            } else if inbox.find(Marker.failure) != nil {
+                fail("STARTTLS refused")
+            }
+        case .sasl:
+            if let start = inbox.find(Marker.challenge) {
+                guard let payload = inbox.elementText(startingAt: start, closing: Marker.challengeEnd) else { return }
+                inbox.removeAll()
+                guard var client = scram, let serverFirst = Data(base64Encoded: payload),
+                      let final = try? client.clientFinal(serverFirst: Array(serverFirst))
+                else { return fail("unexpected SASL challenge") }
+                scram = client
+                write("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>\(Data(final).base64EncodedString())</response>")
+                flush()
+            } else if let start = inbox.find(Marker.success) {
+                guard inbox.elementText(startingAt: start, closing: Marker.successEnd) != nil else { return }
+                inbox.removeAll()
+                authenticated = true
+                phase = .features
+                openStream()
+            } else if inbox.find(Marker.failure) != nil {
+                fail("authentication failed")
+            }
+        case .bind:
+            guard let end = inbox.find(Marker.iqEnd) else { return }
+            let ok = inbox[..<end].containsMarker(Marker.resultSingle) || inbox[..<end].containsMarker(Marker.resultDouble)
+            inbox.removeAll()
+            guard ok else { return fail("bind refused") }
+            write("<presence/>")
+            flush()
+            phase = .ready
+            loggedIn.succeed(())
+        case .ready, .closed:
+            break
+        }
+    }
+
+    private func startSASL() {
+        phase = .sasl
+        if spec.mechanism == "PLAIN" {
+            let message = Array("\0\(spec.username)\0\(spec.password)".utf8)
+            write("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>\(Data(message).base64EncodedString())</auth>")
+            return
+        }
+        let hash: SCRAMHash = spec.mechanism == "SCRAM-SHA-1" ? .sha1 : .sha256
+        let client = SCRAMClient(hash: hash, username: spec.username, password: spec.password)
+        scram = client
+        write("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='\(spec.mechanism)'>\(Data(client.clientFirst()).base64EncodedString())</auth>")
+    }
+
+    /// Counts complete `<message>` stanzas and drops everything else; a partial one stays for the next read.
+    private func scanMessages() {
+        var cursor = 0
+        while true {
+            guard let start = inbox.find(Marker.messageStart, from: cursor) else {
+                // Keep a tail in case a `<message` start is split across reads.
+                cursor = max(cursor, inbox.count - Marker.messageStart.count)
+                break
+            }
+            guard let end = inbox.find(Marker.messageEnd, from: start) else {
+                cursor = start
+                break
+            }
+            let stanza = inbox[start..<end]
+            if stanza.containsMarker(Marker.errorSingle) || stanza.containsMarker(Marker.errorDouble) {
+                receivedErrors += 1
+            } else if let body = inbox.find(Marker.bodyStart, from: start), body < end {
+                var stamp: UInt64 = 0
+                var index = body + Marker.bodyStart.count
+                while index < end, inbox[index] >= 48, inbox[index] <= 57 {
+                    stamp = stamp * 10 + UInt64(inbox[index] - 48)
+                    index += 1
+                }
+                received += 1
+                onMessage?(stamp)
+            }
+            cursor = end + Marker.messageEnd.count
+        }
+        if cursor > 0 { inbox.removeFirst(min(cursor, inbox.count)) }
+    }
+}
+
+struct LoadError: Error, CustomStringConvertible {
+    var reason: String
+    var description: String { reason }
+}
+
+private enum Marker {
+    static let featuresEnd = Array("</stream:features>".utf8)
+    static let featuresEmpty = Array("<stream:features/>".utf8)
+    static let proceed = Array("<proceed".utf8)
+    static let failure = Array("<failure".utf8)
+    static let challenge = Array("<challenge".utf8)
+    static let challengeEnd = Array("</challenge>".utf8)
+    static let success = Array("<success".utf8)
+    static let successEnd = Array("</success>".utf8)
+    static let iqEnd = Array("</iq>".utf8)
+    static let resultSingle = Array("type='result'".utf8)
+    static let resultDouble = Array("type=\"result\"".utf8)
+    static let messageStart = Array("<message".utf8)
+    static let messageEnd = Array("</message>".utf8)
+    static let errorSingle = Array("type='error'".utf8)
+    static let errorDouble = Array("type=\"error\"".utf8)
+    static let bodyStart = Array("<body>".utf8)
+}
+
+extension Array where Element == UInt8 {
+    /// The offset of `needle` at or after `from`.
+    func find(_ needle: [UInt8], from: Int = 0) -> Int? {
+        guard from < count else { return nil }
+        return withUnsafeBytes { haystack in
+            search(needle, in: UnsafeRawBufferPointer(rebasing: haystack[from...])).map { $0 + from }
+        }
+    }
+
+    /// The text between the `>` that ends the start tag at `start` and `closing`; "" for an empty element,
+    /// nil while it is incomplete.
+    func elementText(startingAt start: Int, closing: [UInt8]) -> String? {
+        guard let open = self[start...].firstIndex(of: UInt8(ascii: ">")) else { return nil }
+        if self[open - 1] == UInt8(ascii: "/") { return "" }
+        guard let end = find(closing, from: open) else { return nil }
+        return String(decoding: self[(open + 1)..<end], as: UTF8.self)
+    }
+}
+
+extension ArraySlice where Element == UInt8 {
+    func containsMarker(_ needle: [UInt8]) -> Bool {
+        withUnsafeBytes { search(needle, in: $0) != nil }
+    }
+}
+
+/// memchr for the first byte, memcmp for the rest (Glibc does not export memmem to Swift).
+private func search(_ needle: [UInt8], in haystack: UnsafeRawBufferPointer) -> Int? {
+    guard let base = haystack.baseAddress, !needle.isEmpty, haystack.count >= needle.count else { return nil }
+    return needle.withUnsafeBytes { pattern in
+        var offset = 0
+        let last = haystack.count - needle.count
+        while offset <= last {
+            guard let hit = memchr(base + offset, Int32(needle[0]), last - offset + 1) else { return nil }
+            let position = base.distance(to: UnsafeRawPointer(hit))
+            if memcmp(base + position, pattern.baseAddress!, needle.count) == 0 { return position }
+            offset = position + 1
+        }
+        return nil
+    }
+}

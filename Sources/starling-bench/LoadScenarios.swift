@@ -1,0 +1,270 @@
+import ArgumentParser
+import Foundation
+import NIOCore
+import NIOPosix
+
+/// Logs in `count` connections with at most `concurrency` logins in flight; connection `i` is account `i`.
+/// Returns the connections that made it and the reasons the others did not.
+func logIn(count: Int, concurrency: Int, options: TargetOptions, server: ServerUnderTest,
+           loop: @escaping @Sendable (Int) -> any EventLoop) async -> (connections: [Int: LoadConnection], errors: [String]) {
+    var connections: [Int: LoadConnection] = [:]
+    var errors: [String] = []
+    await withTaskGroup(of: (Int, Result<LoadConnection, any Error>).self) { group in
+        var next = 0
+        func launch(_ index: Int) {
+            let spec = options.login(index)
+            let source = options.sourceAddress(for: index)
+            let host = server.host, port = server.port
+            group.addTask {
+                do {
+                    return (index, .success(try await LoadConnection.login(spec, host: host, port: port, sourceAddress: source, on: loop(index)).get()))
+                } catch {
+                    return (index, .failure(error))
+                }
+            }
+        }
+        while next < min(concurrency, count) { launch(next); next += 1 }
+        while let (index, result) = await group.next() {
+            switch result {
+            case .success(let connection): connections[index] = connection
+            case .failure(let error): errors.append("\(error)")
+            }
+            if next < count { launch(next); next += 1 }
+        }
+    }
+    return (connections, errors)
+}
+
+/// Logs in N sessions and holds them: server memory per session and the login rate.
+struct Idle: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "N logged-in idle sessions: server RSS per session, logins/s, server CPU per login.")
+
+    @OptionGroup var options: TargetOptions
+    @Option(help: "Sessions to log in (a process here may open 20,000 files).") var sessions = 1000
+    @Option(help: "Logins in flight at once.") var concurrency = 100
+    @Option(help: "Seconds to hold the sessions before measuring memory.") var settle = 3.0
+
+    func run() async throws {
+        let result = try await LoginRun(options: options, count: sessions, concurrency: concurrency, settle: settle).run()
+        try printResult(result.merging(["scenario": "idle"]) { $1 })
+    }
+}
+
+/// Thousands of clients connecting at once.
+struct Storm: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "N clients connecting at once: time until all are in, errors.")
+
+    @OptionGroup var options: TargetOptions
+    @Option(help: "Clients.") var clients = 5000
+
+    func run() async throws {
+        let result = try await LoginRun(options: options, count: clients, concurrency: clients, settle: 0).run()
+        try printResult(result.merging(["scenario": "storm"]) { $1 })
+    }
+}
+
+/// The shared body of `idle` and `storm`.
+struct LoginRun {
+    var options: TargetOptions
+    var count: Int
+    var concurrency: Int
+    var settle: Double
+
+    func run() async throws -> [String: Any] {
+        let server = try await ServerUnderTest.prepare(options, accounts: count)
+        defer { server.stop() }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: options.threads)
+        defer { group.shutdownGracefully { _ in } }
+        try await Task.sleep(for: .seconds(1))
+        let idleRSS = server.rss
+        let serverCPU = server.cpuSeconds
+        let generatorCPU = ProcStat.ownCPUSeconds
+        let started = DispatchTime.now()
+        let loops = Array(group.makeIterator())
+        let (connections, errors) = await logIn(count: count, concurrency: concurrency, options: options, server: server) { loops[$0 % loops.count] }
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
+        var result: [String: Any] = [
+            "server": server.name, "tls": options.tls.rawValue, "mechanism": options.mechanism,
+            "clients": count, "logged_in": connections.count, "errors": errors.count,
+            "seconds": seconds, "logins_per_second": Double(connections.count) / seconds,
+            "generator_cpu_seconds": ProcStat.ownCPUSeconds - generatorCPU,
+        ]
+        if let first = errors.first { result["first_error"] = first }
+        if let serverCPU, let now = server.cpuSeconds {
+            result["server_cpu_seconds"] = now - serverCPU
+            result["server_cpu_ms_per_login"] = (now - serverCPU) * 1000 / Double(max(connections.count, 1))
+        }
+        if settle > 0 { try await Task.sleep(for: .seconds(settle)) }
+        if let idleRSS, let loadedRSS = server.rss {
+            result["server_rss_idle_bytes"] = idleRSS
+            result["server_rss_loaded_bytes"] = loadedRSS
+            result["server_bytes_per_session"] = (loadedRSS - idleRSS) / max(connections.count, 1)
+        }
+        for connection in connections.values { connection.loop.execute { connection.close() } }
+        guard errors.isEmpty else {
+            try printResult(result)
+            throw LoadError(reason: "\(errors.count) of \(count) logins failed; first: \(errors[0])")
+        }
+        return result
+    }
+}
+
+/// P pairs of sessions messaging each other: delivered/s, server CPU per 1,000 messages, latency.
+struct Chat: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "P pairs exchanging one-to-one messages at a fixed total rate or flat out.")
+
+    @OptionGroup var options: TargetOptions
+    @Option(help: "Pairs of sessions; each session sends to its partner.") var pairs = 50
+    @Option(help: "Total messages per second offered; 0 sends flat out (each sender keeps --window unanswered messages in flight).") var rate = 0.0
+    @Option(help: "Messages in flight per sender when flat out.") var window = 16
+    @Option(help: "Seconds of sending.") var seconds = 10.0
+    @Option(help: "Seconds to wait for messages still in flight after sending stops.") var drain = 10.0
+
+    func validate() throws {
+        guard pairs > 0, seconds > 0, window > 0, rate >= 0 else { throw ValidationError("pairs, seconds and window must be positive") }
+    }
+
+    func run() async throws {
+        let server = try await ServerUnderTest.prepare(options, accounts: pairs * 2)
+        defer { server.stop() }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: options.threads)
+        defer { group.shutdownGracefully { _ in } }
+        let loops = Array(group.makeIterator())
+        // Both sessions of a pair share a loop, so a pair's counters are only touched on that loop.
+        let (connections, errors) = await logIn(count: pairs * 2, concurrency: 100, options: options, server: server) { loops[($0 / 2) % loops.count] }
+        guard errors.isEmpty else { throw LoadError(reason: "\(errors.count) logins failed; first: \(errors[0])") }
+
+        let drivers = loops.map { ChatDriver(loop: $0, perSenderRate: rate / Double(pairs * 2), window: window) }
+        for pair in 0..<pairs {
+            let a = connections[pair * 2]!, b = connections[pair * 2 + 1]!
+            a.partnerAddress = "\(b.spec.username)@\(options.domain)"
+            b.partnerAddress = "\(a.spec.username)@\(options.domain)"
+            a.partner = b
+            b.partner = a
+            drivers[pair % loops.count].connections += [a, b]
+        }
+        // Presence and roster traffic from the logins settle before the clock starts.
+        try await Task.sleep(for: .milliseconds(500))
+
+        let serverCPU = server.cpuSeconds
+        let generatorCPU = ProcStat.ownCPUSeconds
+        let start = DispatchTime.now().uptimeNanoseconds
+        for driver in drivers { driver.loop.execute { driver.begin(at: start) } }
+        try await Task.sleep(for: .seconds(seconds))
+        for driver in drivers { driver.loop.execute { driver.stopSending() } }
+        var totals = ChatDriver.Totals()
+        let drainDeadline = DispatchTime.now().uptimeNanoseconds + UInt64(drain * 1e9)
+        while true {
+            totals = ChatDriver.Totals()
+            for driver in drivers { totals.add(try await driver.loop.submit { driver.totals() }.get()) }
+            if totals.received + totals.errors >= totals.sent || DispatchTime.now().uptimeNanoseconds > drainDeadline { break }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        let serverSeconds = server.cpuSeconds.flatMap { now in serverCPU.map { now - $0 } }
+        let generatorSeconds = ProcStat.ownCPUSeconds - generatorCPU
+        var latencies: [UInt64] = []
+        for driver in drivers { latencies += try await driver.loop.submit { driver.latencies }.get() }
+        latencies.sort()
+        func percentile(_ p: Double) -> Double {
+            latencies.isEmpty ? 0 : Double(latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]) / 1e6
+        }
+        let elapsed = Double(totals.lastReceipt > start ? totals.lastReceipt - start : 1) / 1e9
+        var result: [String: Any] = [
+            "scenario": "chat", "server": server.name, "tls": options.tls.rawValue, "pairs": pairs,
+            "offered_per_second": rate, "window": rate == 0 ? window : 0, "seconds": seconds,
+            "sent": totals.sent, "delivered": totals.received, "errors": totals.errors, "lost": totals.sent - totals.received,
+            "delivered_per_second": Double(totals.received) / elapsed,
+            "latency_ms_p50": percentile(0.5), "latency_ms_p99": percentile(0.99), "latency_ms_max": percentile(1),
+            "generator_cpu_seconds": generatorSeconds,
+        ]
+        if let serverSeconds {
+            result["server_cpu_seconds"] = serverSeconds
+            result["server_cpu_seconds_per_1000"] = serverSeconds * 1000 / Double(max(totals.received, 1))
+        }
+        try printResult(result)
+        for connection in connections.values { connection.loop.execute { connection.close() } }
+        if totals.received != totals.sent { throw LoadError(reason: "\(totals.sent - totals.received) of \(totals.sent) messages were not delivered") }
+    }
+}
+
+/// Drives the chat traffic of the pairs on one event loop; only touched on that loop.
+final class ChatDriver: @unchecked Sendable {
+    struct Totals {
+        var sent = 0, received = 0, errors = 0
+        var lastReceipt: UInt64 = 0
+        mutating func add(_ other: Totals) {
+            sent += other.sent
+            received += other.received
+            errors += other.errors
+            lastReceipt = max(lastReceipt, other.lastReceipt)
+        }
+    }
+
+    let loop: any EventLoop
+    var connections: [LoadConnection] = []
+    private(set) var latencies: [UInt64] = []
+    private let perSenderRate: Double
+    private let window: Int
+    private var sending = false
+    private var start: UInt64 = 0
+    private var lastReceipt: UInt64 = 0
+    private var timer: RepeatedTask?
+
+    init(loop: any EventLoop, perSenderRate: Double, window: Int) {
+        self.loop = loop
+        self.perSenderRate = perSenderRate
+        self.window = window
+    }
+
+    func begin(at start: UInt64) {
+        self.start = start
+        sending = true
+        latencies.reserveCapacity(1 << 16)
+        for connection in connections {
+            connection.onMessage = { [unowned self] stamp in
+                let now = DispatchTime.now().uptimeNanoseconds
+                lastReceipt = now
+                latencies.append(now &- stamp)
+            }
+        }
+        if perSenderRate > 0 {
+            timer = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(1)) { [unowned self] _ in tick() }
+        } else {
+            // Flat out: whenever a session has read, its partner tops its window up again.
+            for connection in connections {
+                connection.onReadComplete = { [unowned self, unowned connection] in refill(from: connection.partner!, to: connection) }
+            }
+            for connection in connections { refill(from: connection, to: connection.partner!) }
+        }
+    }
+
+    func stopSending() {
+        sending = false
+        timer?.cancel()
+    }
+
+    func totals() -> Totals {
+        var totals = Totals(lastReceipt: lastReceipt)
+        for connection in connections {
+            totals.sent += connection.sent
+            totals.received += connection.received
+            totals.errors += connection.receivedErrors
+        }
+        return totals
+    }
+
+    private func refill(from sender: LoadConnection, to receiver: LoadConnection) {
+        guard sending, sender.sent - receiver.received < window else { return }
+        while sender.sent - receiver.received < window { sender.sendChat() }
+        sender.flush()
+    }
+
+    private func tick() {
+        guard sending else { return }
+        let due = Int(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 * perSenderRate)
+        for connection in connections where connection.sent < due {
+            while connection.sent < due { connection.sendChat() }
+            connection.flush()
+        }
+    }
+}

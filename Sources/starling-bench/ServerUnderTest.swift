@@ -1,0 +1,173 @@
+import ArgumentParser
+import Foundation
+import Logging
+import StarlingConfig
+import StarlingModules
+import StarlingSASL
+import StarlingSQLite
+import StarlingTestClient
+
+/// Which server a scenario loads and how its clients log in; shared by every load scenario.
+struct TargetOptions: ParsableArguments {
+    @Option(help: "host:port of a running XMPP server to load instead of starting starling. Its accounts PREFIX0, PREFIX1, ... must exist with --password.")
+    var target: String?
+    @Option(help: "PID of the --target server, for its CPU and memory figures.") var serverPid: Int32?
+    @Option(help: "Domain of the accounts.") var domain = "localhost"
+    @Option(help: "Account names are this prefix and a number.") var accountPrefix = "bench"
+    @Option(help: "Password of every account.") var password = "bench"
+    @Option(help: "none, starttls or direct.") var tls = LoadTLS.none
+    @Option(help: "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-1.") var mechanism = "PLAIN"
+    @Option(help: "The starling executable to start (default: next to this tool).") var server: String?
+    @Option(help: "Event-loop threads of the generator.") var threads = 1
+    @Option(help: "Spread connections over source addresses 127.0.0.1 ... 127.0.0.N (each holds ~28k ports).") var sourceAddresses = 1
+
+    func login(_ index: Int) -> LoginSpec {
+        LoginSpec(domain: domain, username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls)
+    }
+
+    func sourceAddress(for index: Int) -> String? {
+        sourceAddresses > 1 ? "127.0.0.\(1 + index % sourceAddresses)" : nil
+    }
+}
+
+/// The server a scenario runs against: a release `starling` this tool starts on loopback with its own
+/// accounts, or any XMPP server given by address.
+final class ServerUnderTest {
+    let name: String
+    let host: String
+    let port: Int
+    let pid: Int32?
+    private let process: Process?
+    private let workDirectory: URL?
+
+    private init(name: String, host: String, port: Int, pid: Int32?, process: Process?, workDirectory: URL?) {
+        self.name = name
+        self.host = host
+        self.port = port
+        self.pid = pid
+        self.process = process
+        self.workDirectory = workDirectory
+    }
+
+    /// The `--target` server, or a fresh starling with `accounts` accounts.
+    static func prepare(_ options: TargetOptions, accounts: Int) async throws -> ServerUnderTest {
+        raiseFileLimit()
+        if let target = options.target {
+            guard let colon = target.lastIndex(of: ":"), let port = Int(target[target.index(after: colon)...]) else {
+                throw ValidationError("--target must be host:port")
+            }
+            return ServerUnderTest(name: "target", host: String(target[..<colon]), port: port, pid: options.serverPid, process: nil, workDirectory: nil)
+        }
+        return try await startStarling(options, accounts: accounts)
+    }
+
+    private static func startStarling(_ options: TargetOptions, accounts: Int) async throws -> ServerUnderTest {
+        let work = FileManager.default.temporaryDirectory.appendingPathComponent("starling-bench-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
+        let configPath = work.appendingPathComponent("starling.yml").path
+        // Plaintext PLAIN is allowed only because this server listens on loopback for a load run.
+        try """
+        hosts: [\(options.domain)]
+        data_dir: data
+        log_level: warning
+        listeners:
+          - { address: 127.0.0.1, port: 0, tls: starttls, backlog: 65535 }
+          - { address: 127.0.0.1, port: 0, tls: direct, backlog: 65535 }
+        tls:
+          required: \(options.tls != .none)
+        auth:
+          plain_without_tls: true
+        """.write(toFile: configPath, atomically: true, encoding: .utf8)
+        let configuration = try StarlingConfiguration.load(path: configPath, moduleCatalog: BuiltinModules.descriptors)
+        try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+
+        // One derivation shared by every bench account: registering thousands stays quick.
+        let store = try await SQLiteStore.open(path: configuration.storage.path, logger: Logger(label: "bench"))
+        let credentials = SCRAMHash.allCases.map { SCRAMCredentials.generate(password: options.password, hash: $0, iterations: 4096) }
+        for index in 0..<accounts {
+            try await store.createAccount(username: "\(options.accountPrefix)\(index)", host: options.domain, credentials: credentials)
+        }
+        await store.close()
+
+        let executable = options.server ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+            .deletingLastPathComponent().appendingPathComponent("starling").path
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = ["--config", configPath]
+        let output = Pipe()
+        process.standardOutput = output
+        try process.run()
+        let announcement: ServerAnnouncement
+        do { announcement = try readAnnouncement(output) } catch {
+            process.terminate()
+            throw error
+        }
+        let port = options.tls == .direct ? announcement.directTLSPort : announcement.starttlsPort
+        return ServerUnderTest(name: "starling", host: "127.0.0.1", port: port, pid: process.processIdentifier, process: process, workDirectory: work)
+    }
+
+    func stop() {
+        if let process, process.isRunning {
+            process.terminate()
+            process.waitUntilExit()
+        }
+        if let workDirectory { try? FileManager.default.removeItem(at: workDirectory) }
+    }
+
+    var rss: Int? { pid.map(ProcStat.rss) }
+    var cpuSeconds: Double? { pid.map(ProcStat.cpuSeconds) }
+
+    private static func readAnnouncement(_ pipe: Pipe) throws -> ServerAnnouncement {
+        var text = ""
+        while true {
+            if let announcement = ServerAnnouncement(output: text) { return announcement }
+            let data = pipe.fileHandleForReading.availableData
+            if data.isEmpty { throw ValidationError("the server exited before it was ready") }
+            text += String(decoding: data, as: UTF8.self)
+        }
+    }
+
+    /// Thousands of sockets need more than the usual soft limit of 1,024 files, in this process and in
+    /// the server it starts.
+    private static func raiseFileLimit() {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        limit.rlim_cur = limit.rlim_max
+        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+    }
+}
+
+/// Resource use, from /proc and getrusage.
+enum ProcStat {
+    static func rss(pid: Int32) -> Int {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+              let kilobytes = Int(line.split(separator: " ", omittingEmptySubsequences: true)[1])
+        else { return 0 }
+        return kilobytes * 1024
+    }
+
+    static func cpuSeconds(pid: Int32) -> Double {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")")
+        else { return 0 }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the command name.
+        let ticks = (Double(fields[11]) ?? 0) + (Double(fields[12]) ?? 0)
+        return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    /// CPU seconds this process (the generator) has used.
+    static var ownCPUSeconds: Double {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        let user = Double(usage.ru_utime.tv_sec) + Double(usage.ru_utime.tv_usec) / 1e6
+        let system = Double(usage.ru_stime.tv_sec) + Double(usage.ru_stime.tv_usec) / 1e6
+        return user + system
+    }
+}
+
+/// Prints one scenario result as a single JSON line.
+func printResult(_ result: [String: Any]) throws {
+    print(String(decoding: try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys]), as: UTF8.self))
+}
