@@ -15,8 +15,12 @@ public final class BlockingModule: ServerModule {
     private let host: any ModuleHost
     private let store: any BlocklistStore
     private let maxItems: Int
-    private let lists = Mutex<[JID: Set<JID>]>([:])
-    private let interested = Mutex<Set<JID>>([])
+    /// Blocklists of accounts with a session here, by bare JID.
+    private let lists = ShardedDictionary<JID, Set<JID>>()
+    /// How many of `lists` are non-empty: while none is, stanzas pass without their addresses parsed.
+    private let nonEmptyLists = Atomic<Int>(0)
+    /// Resources that fetched their blocklist (and so get pushes), by account.
+    private let interested = ShardedDictionary<JID, Set<JID>>()
     private let queue = KeyedSerialQueue()
 
     public init(host: any ModuleHost) throws {
@@ -29,7 +33,7 @@ public final class BlockingModule: ServerModule {
         registrar.feature(Self.namespace, for: .both)
         registrar.iq(.get, "blocklist", Self.namespace, target: .account) { [self] request in
             guard request.from.bare == request.to else { return .error(.forbidden) }
-            interested.withLock { _ = $0.insert(request.from) }
+            interested.withValue(for: request.to) { resources in resources = (resources ?? []).union([request.from]) }
             let items = try await load(request.to)
             var list = XMLElement(name: "blocklist", namespace: Self.namespace)
             for item in items.sorted(by: { $0.description < $1.description }) {
@@ -45,7 +49,8 @@ public final class BlockingModule: ServerModule {
         }
         // Outbound: the account cannot reach whom it blocked.
         registrar.hook(.stanzaFromClient, priority: 1000) { [self] event in
-            guard let origin = event.origin, let to = event.stanza[attribute: "to"].flatMap({ JID($0) }),
+            guard nonEmptyLists.load(ordering: .relaxed) > 0,
+                  let origin = event.origin, let to = event.stanza[attribute: "to"].flatMap({ JID($0) }),
                   isBlocked(to, by: origin.bare) else { return .pass }
             if event.stanza.name == "presence" { return .handled }
             return .reject(.notAcceptable, text: "you have blocked this contact")
@@ -53,7 +58,8 @@ public final class BlockingModule: ServerModule {
         // Inbound: nothing from a blocked entity reaches the account; and what the server sends on an
         // account's behalf (presence broadcasts, probes answers) never reaches whom it blocked.
         registrar.hook(.stanzaToUser, priority: 1000) { [self] event in
-            guard let recipient = event.recipient, let from = event.stanza[attribute: "from"].flatMap({ JID($0) }),
+            guard nonEmptyLists.load(ordering: .relaxed) > 0,
+                  let recipient = event.recipient, let from = event.stanza[attribute: "from"].flatMap({ JID($0) }),
                   from.bare != recipient.bare else { return .pass }
             if isBlocked(from, by: recipient.bare) { return .reject(.serviceUnavailable, text: nil) }
             // Unavailable presence still goes out: it is how the blocked learn we are gone (§3.3.4).
@@ -67,28 +73,39 @@ public final class BlockingModule: ServerModule {
             return .pass
         }
         registrar.hook(.sessionClosed) { [self] event in
-            interested.withLock { _ = $0.remove(event.jid) }
-            if host.resources(of: event.jid.bare).isEmpty { lists.withLock { _ = $0.removeValue(forKey: event.jid.bare) } }
+            interested.withValue(for: event.jid.bare) { resources in
+                resources?.remove(event.jid)
+                if resources?.isEmpty == true { resources = nil }
+            }
+            if host.resources(of: event.jid.bare).isEmpty { update(event.jid.bare) { $0 = nil } }
             return .pass
         }
     }
 
     /// XEP-0191 §3.3.2 / XEP-0016 matching: full JID, bare JID, domain/resource or domain.
     private func isBlocked(_ entity: JID, by user: JID) -> Bool {
-        lists.withLock { lists in
-            guard let list = lists[user], !list.isEmpty else { return false }
-            if list.contains(entity) || list.contains(entity.bare) || list.contains(entity.domain) { return true }
-            if let resource = entity.resourcepart, let domainResource = try? entity.domain.with(resource: resource) {
-                return list.contains(domainResource)
-            }
-            return false
+        guard let list = lists[user], !list.isEmpty else { return false }
+        if list.contains(entity) || list.contains(entity.bare) || list.contains(entity.domain) { return true }
+        if let resource = entity.resourcepart, let domainResource = try? entity.domain.with(resource: resource) {
+            return list.contains(domainResource)
+        }
+        return false
+    }
+
+    /// Changes a cached list, keeping `nonEmptyLists` in step.
+    private func update(_ user: JID, _ change: (inout Set<JID>?) -> Void) {
+        lists.withValue(for: user) { list in
+            let wasEmpty = list?.isEmpty ?? true
+            change(&list)
+            let isEmpty = list?.isEmpty ?? true
+            if wasEmpty != isEmpty { nonEmptyLists.add(isEmpty ? -1 : 1, ordering: .relaxed) }
         }
     }
 
     private func load(_ user: JID) async throws -> Set<JID> {
-        if let cached = lists.withLock({ $0[user] }) { return cached }
+        if let cached = lists[user] { return cached }
         let items = Set(try await store.blocklist(of: user))
-        lists.withLock { $0[user] = items }
+        update(user) { $0 = items }
         return items
     }
 
@@ -105,8 +122,8 @@ public final class BlockingModule: ServerModule {
         let current = try await load(user)
         if block, current.union(items).count > maxItems { return .error(.resourceConstraint, text: "the blocklist is full") }
         if block { try await store.block(items, for: user) } else { try await store.unblock(items, for: user) }
-        lists.withLock { lists in
-            if block { lists[user, default: []].formUnion(items) } else if items.isEmpty { lists[user] = [] } else { lists[user]?.subtract(items) }
+        update(user) { list in
+            if block { list = (list ?? []).union(items) } else if items.isEmpty { list = [] } else { list?.subtract(items) }
         }
         if block {
             // The blocked stop seeing us at once (XEP-0191 §3.3.4).
@@ -119,7 +136,7 @@ public final class BlockingModule: ServerModule {
             }
         }
         // Push the change to every resource that fetched the blocklist.
-        let targets = interested.withLock { $0.filter { $0.bare == user } }
+        let targets = interested[user] ?? []
         for target in targets {
             var payload = XMLElement(name: block ? "block" : "unblock", namespace: Self.namespace)
             for item in items { payload.append(XMLElement(name: "item", namespace: Self.namespace, attributes: ["jid": item.description])) }

@@ -1,5 +1,4 @@
 import StarlingAPI
-import Synchronization
 
 /// XEP-0280: resources that enable carbons get a copy of every chat message their account sends or
 /// receives on its other resources.
@@ -9,7 +8,8 @@ public final class CarbonsModule: ServerModule {
     public static let descriptor = ModuleDescriptor(name: "carbons", summary: "Message carbons.", xeps: ["XEP-0280"])
 
     private let host: any ModuleHost
-    private let enabled = Mutex<Set<JID>>([])
+    /// Resources that enabled carbons, by account.
+    private let enabled = ShardedDictionary<JID, Set<JID>>()
 
     public init(host: any ModuleHost) {
         self.host = host
@@ -18,28 +18,29 @@ public final class CarbonsModule: ServerModule {
     public func register(_ registrar: ModuleRegistrar) {
         registrar.feature(Self.namespace)
         registrar.iq(.set, "enable", Self.namespace, target: .both) { [self] request in
-            enabled.withLock { _ = $0.insert(request.from) }
+            enabled.withValue(for: request.from.bare) { resources in resources = (resources ?? []).union([request.from]) }
             return .result()
         }
         registrar.iq(.set, "disable", Self.namespace, target: .both) { [self] request in
-            enabled.withLock { _ = $0.remove(request.from) }
+            disable(request.from)
             return .result()
         }
         registrar.hook(.sessionClosed) { [self] event in
-            enabled.withLock { _ = $0.remove(event.jid) }
+            disable(event.jid)
             return .pass
         }
         // Sent carbons: low priority, so blocking and other policies have had their say.
         registrar.hook(.stanzaFromClient, priority: -100) { [self] event in
-            guard let origin = event.origin, Self.isCarbonEligible(event.stanza) else { return .pass }
-            for resource in enabledResources(of: origin.bare) where resource != origin {
+            guard let origin = event.origin, let enabledHere = enabled[origin.bare], Self.isCarbonEligible(event.stanza) else { return .pass }
+            for resource in enabledHere where resource != origin {
                 copy(event.stanza, as: "sent", to: resource)
             }
             return .pass
         }
         // Received carbons, sent once per message: when it reaches its first (or only) recipient resource.
         registrar.hook(.stanzaToUser, priority: -100) { [self] event in
-            guard let recipient = event.recipient, Self.isCarbonEligible(event.stanza),
+            // Most accounts have no carbons-enabled resource: that answer comes before any other work.
+            guard let recipient = event.recipient, let enabledHere = enabled[recipient.bare], Self.isCarbonEligible(event.stanza),
                   let to = event.stanza[attribute: "to"].flatMap({ JID($0) }) else { return .pass }
             let receivers: Set<JID>
             if to.resourcepart != nil {
@@ -50,15 +51,18 @@ public final class CarbonsModule: ServerModule {
                 receivers = Set(available.filter { $0.priority == top }.map(\.jid))
                 guard recipient == receivers.min(by: { $0.description < $1.description }) else { return .pass }
             }
-            for resource in enabledResources(of: recipient.bare) where !receivers.contains(resource) {
+            for resource in enabledHere where !receivers.contains(resource) {
                 copy(event.stanza, as: "received", to: resource)
             }
             return .pass
         }
     }
 
-    private func enabledResources(of user: JID) -> [JID] {
-        enabled.withLock { $0.filter { $0.bare == user } }
+    private func disable(_ resource: JID) {
+        enabled.withValue(for: resource.bare) { resources in
+            resources?.remove(resource)
+            if resources?.isEmpty == true { resources = nil }
+        }
     }
 
     private func copy(_ message: XMLElement, as direction: String, to resource: JID) {

@@ -16,13 +16,16 @@ public final class ClientStateModule: ServerModule {
         var presence: [(from: String, stanza: XMLElement)] = []
         var chatStates: [(from: String, stanza: XMLElement)] = []
         var count: Int { presence.count + chatStates.count }
+        /// Its held stanzas are being released right now: those pass the hook.
+        var releasing = false
     }
 
     private let host: any ModuleHost
     private let maxHeld: Int
-    private let inactive = Mutex<[JID: Held]>([:])
-    /// Sessions whose held stanzas are being released right now: those pass the hook.
-    private let releasing = Mutex<Set<JID>>([])
+    /// Inactive sessions, by full JID.
+    private let inactive = ShardedDictionary<JID, Held>()
+    /// How many sessions are inactive: while none is, deliveries pass without a lookup.
+    private let inactiveCount = Atomic<Int>(0)
 
     public init(host: any ModuleHost) {
         self.host = host
@@ -35,7 +38,12 @@ public final class ClientStateModule: ServerModule {
             guard event.stanza.namespace == Self.namespace, let session = event.origin else { return .pass }
             switch event.stanza.name {
             case "inactive":
-                inactive.withLock { if $0[session] == nil { $0[session] = Held() } }
+                inactive.withValue(for: session) { held in
+                    if held == nil {
+                        held = Held()
+                        inactiveCount.add(1, ordering: .relaxed)
+                    }
+                }
             case "active":
                 release(session, keepHolding: false)
             default:
@@ -44,11 +52,11 @@ public final class ClientStateModule: ServerModule {
             return .handled
         }
         registrar.hook(.stanzaToUser, priority: -200) { [self] event in
-            guard let session = event.recipient, !releasing.withLock({ $0.contains(session) }) else { return .pass }
+            guard inactiveCount.load(ordering: .relaxed) > 0, let session = event.recipient else { return .pass }
             let stanza = event.stanza
             let from = stanza[attribute: "from"] ?? ""
-            let decision = inactive.withLock { states -> Bool? in
-                guard var held = states[session] else { return nil }
+            let decision = inactive.withValue(for: session) { state -> Bool? in
+                guard var held = state, !held.releasing else { return nil }
                 if stanza.name == "presence" && stanza[attribute: "type"] != "subscribe" && stanza[attribute: "type"] != "error" {
                     held.presence.removeAll { $0.from == from }
                     held.presence.append((from, stanza))
@@ -58,7 +66,7 @@ public final class ClientStateModule: ServerModule {
                 } else {
                     return false
                 }
-                states[session] = held
+                state = held
                 return held.count <= maxHeld
             }
             switch decision {
@@ -73,25 +81,29 @@ public final class ClientStateModule: ServerModule {
             }
         }
         registrar.hook(.sessionClosed) { [self] event in
-            inactive.withLock { _ = $0.removeValue(forKey: event.jid) }
+            if inactive.removeValue(forKey: event.jid) != nil { inactiveCount.add(-1, ordering: .relaxed) }
             return .pass
         }
     }
 
     private func release(_ session: JID, keepHolding: Bool) {
-        let held = inactive.withLock { states -> Held? in
-            let held = states[session]
-            if keepHolding { if held != nil { states[session] = Held() } } else { states[session] = nil }
+        let held = inactive.withValue(for: session) { state -> Held? in
+            guard let held = state else { return nil }
+            if keepHolding {
+                state = Held(releasing: true)
+            } else {
+                state = nil
+                inactiveCount.add(-1, ordering: .relaxed)
+            }
             return held
         }
-        guard let held, held.count > 0 else { return }
-        releasing.withLock { _ = $0.insert(session) }
+        guard let held else { return }
         for (_, stanza) in held.presence + held.chatStates {
             var copy = stanza
             copy[attribute: "to"] = session.description
             host.route(copy)
         }
-        releasing.withLock { _ = $0.remove(session) }
+        if keepHolding { inactive.withValue(for: session) { state in state?.releasing = false } }
     }
 
     static func isChatStateOnly(_ message: XMLElement) -> Bool {

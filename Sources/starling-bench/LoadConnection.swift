@@ -46,6 +46,9 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Chat traffic state, owned by the scenario driver on this loop.
     var partnerAddress = ""
     weak var partner: LoadConnection?
+    /// Fraction of a send interval this session lags the others by, so fixed-rate senders do not all fire
+    /// in the same millisecond.
+    var sendPhase = 0.0
     var sent = 0
     var received = 0
     var receivedErrors = 0

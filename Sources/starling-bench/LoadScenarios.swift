@@ -141,6 +141,8 @@ struct Chat: AsyncParsableCommand {
             b.partnerAddress = "\(a.spec.username)@\(options.domain)"
             a.partner = b
             b.partner = a
+            a.sendPhase = Double(pair * 2) / Double(pairs * 2)
+            b.sendPhase = Double(pair * 2 + 1) / Double(pairs * 2)
             drivers[pair % loops.count].connections += [a, b]
         }
         // Presence and roster traffic from the logins settle before the clock starts.
@@ -261,8 +263,10 @@ final class ChatDriver: @unchecked Sendable {
 
     private func tick() {
         guard sending else { return }
-        let due = Int(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 * perSenderRate)
-        for connection in connections where connection.sent < due {
+        let intervals = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 * perSenderRate
+        for connection in connections {
+            let due = Int(intervals + 1 - connection.sendPhase)
+            guard connection.sent < due else { continue }
             while connection.sent < due { connection.sendChat() }
             connection.flush()
         }

@@ -36,16 +36,18 @@ public struct JID: Hashable, Sendable, CustomStringConvertible, LosslessStringCo
 
     /// Parses and prepares `string` (RFC 7622 §3.1 split, then each part's profile).
     public init(parsing string: String) throws(JIDError) {
+        // '/' and '@' are ASCII, so searching the UTF-8 view finds the same split as searching characters,
+        // without grapheme breaking.
         var rest = Substring(string)
         var resource: Substring?
-        if let slash = rest.firstIndex(of: "/") {
-            resource = rest[rest.index(after: slash)...]
+        if let slash = rest.utf8.firstIndex(of: UInt8(ascii: "/")) {
+            resource = rest[rest.utf8.index(after: slash)...]
             rest = rest[..<slash]
         }
         var local: Substring?
-        if let at = rest.firstIndex(of: "@") {
+        if let at = rest.utf8.firstIndex(of: UInt8(ascii: "@")) {
             local = rest[..<at]
-            rest = rest[rest.index(after: at)...]
+            rest = rest[rest.utf8.index(after: at)...]
         }
         try self.init(localpart: local.map(String.init), domainpart: String(rest), resourcepart: resource.map(String.init))
     }
@@ -63,8 +65,9 @@ public struct JID: Hashable, Sendable, CustomStringConvertible, LosslessStringCo
             do { prepared = try PRECIS.usernameCaseMapped(localpart) } catch {
                 throw .invalidLocalpart(Self.explain(error))
             }
-            if let bad = prepared.unicodeScalars.first(where: { "\"&'/:<>@".unicodeScalars.contains($0) }) {
-                throw .invalidLocalpart("character '\(bad)' is not allowed")
+            // RFC 7622 §3.3.1: these may not appear even though the profile allows them.
+            if let bad = prepared.utf8.first(where: Self.isForbiddenInLocalpart) {
+                throw .invalidLocalpart("character '\(Character(Unicode.Scalar(bad)))' is not allowed")
             }
             guard prepared.utf8.count <= 1023 else { throw .localpartTooLong }
             self.localpart = prepared
@@ -99,7 +102,15 @@ public struct JID: Hashable, Sendable, CustomStringConvertible, LosslessStringCo
         }
     }
 
+    private static func isForbiddenInLocalpart(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "\""), UInt8(ascii: "&"), UInt8(ascii: "'"), UInt8(ascii: "/"), UInt8(ascii: ":"), UInt8(ascii: "<"), UInt8(ascii: ">"), UInt8(ascii: "@"): return true
+        default: return false
+        }
+    }
+
     private static func prepareDomain(_ input: String) throws(JIDError) -> String {
+        if let ascii = try prepareASCIIDomain(input) { return ascii }
         var domain = input
         // Ideographic and fullwidth full stops are label separators too (RFC 5895 / UTS #46 mapping).
         for dot in ["\u{3002}", "\u{FF0E}", "\u{FF61}"] where domain.contains(dot) {
@@ -133,6 +144,42 @@ public struct JID: Hashable, Sendable, CustomStringConvertible, LosslessStringCo
             }
         }
         return domain
+    }
+
+    /// The common case without Foundation: an ASCII host name (letters, digits, '-', '_' in dot-separated
+    /// labels) only needs lowercasing. nil hands anything else (IPv6 literals, non-ASCII) to the full path.
+    private static func prepareASCIIDomain(_ input: String) throws(JIDError) -> String? {
+        var bytes = Array(input.utf8)
+        guard bytes.allSatisfy({ $0 < 0x80 }), bytes.first != UInt8(ascii: "[") else { return nil }
+        var changed = false
+        if bytes.last == UInt8(ascii: ".") {
+            bytes.removeLast()
+            changed = true
+        }
+        guard !bytes.isEmpty else { throw .emptyDomain }
+        guard bytes.count <= 1023 else { throw .domainTooLong }
+        var labelStart = 0
+        for index in 0...bytes.count {
+            if index == bytes.count || bytes[index] == UInt8(ascii: ".") {
+                guard index > labelStart else { throw .invalidDomain("empty label") }
+                guard index - labelStart <= 63 else { throw .invalidDomain("label longer than 63 bytes") }
+                guard bytes[labelStart] != UInt8(ascii: "-"), bytes[index - 1] != UInt8(ascii: "-") else {
+                    throw .invalidDomain("label starts or ends with a hyphen")
+                }
+                labelStart = index + 1
+                continue
+            }
+            switch bytes[index] {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"):
+                bytes[index] += 0x20
+                changed = true
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "_"):
+                break
+            default:
+                throw .invalidDomain("character '\(Unicode.Scalar(bytes[index]).escaped(asASCII: true))' is not allowed")
+            }
+        }
+        return changed ? String(decoding: bytes, as: UTF8.self) : input
     }
 
     /// The address without its resource.

@@ -101,8 +101,13 @@ extension XMLElement {
 
     /// Escapes an attribute value for single- or double-quoted use.
     public static func escapeAttribute(_ text: String, into out: inout String) {
-        let special: Set<UInt8> = [UInt8(ascii: "&"), UInt8(ascii: "<"), UInt8(ascii: ">"), UInt8(ascii: "'"), UInt8(ascii: "\""), 0x09, 0x0A, 0x0D]
-        if !text.utf8.contains(where: { special.contains($0) }) {
+        let needsEscaping = text.utf8.contains { byte in
+            switch byte {
+            case UInt8(ascii: "&"), UInt8(ascii: "<"), UInt8(ascii: ">"), UInt8(ascii: "'"), UInt8(ascii: "\""), 0x09, 0x0A, 0x0D: return true
+            default: return false
+            }
+        }
+        if !needsEscaping {
             out += text
             return
         }
