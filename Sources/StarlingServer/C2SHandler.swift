@@ -18,18 +18,25 @@ final class C2SHandler: ChannelInboundHandler {
     private let parser: XMLStreamParser
     private var context: ChannelHandlerContext?
     private var session: ClientSession?
-    private var logger: Logger
     private var remoteAddress = "unknown"
+    private var remotePort = 0
+    private var authenticatedUser: JID?
+    /// Built when something is logged rather than kept per connection: most connections never log.
+    private var logger: Logger {
+        var logger = server.logger
+        logger[metadataKey: "peer"] = "\(remoteAddress):\(remotePort)"
+        if let authenticatedUser { logger[metadataKey: "user"] = "\(authenticatedUser)" }
+        return logger
+    }
 
     /// Events that arrived while an asynchronous step (lookup, hashing, failure delay) was in flight;
     /// they are processed in order once it finishes.
-    private var queued = CircularBuffer<XMLStreamEvent>()
+    private var queued: [XMLStreamEvent] = []
     private static let maxQueuedEvents = 64
     private var queuedParseError: XMLStreamError?
     private var waiting = false
     /// Set when the parser was reset: events still in hand belong to the old document.
     private var discardRemainingEvents = false
-    private var events: [XMLStreamEvent] = []
 
     private var inReadBurst = false
     private var flushPending = false
@@ -46,7 +53,6 @@ final class C2SHandler: ChannelInboundHandler {
             maxStanzaBytes: server.configuration.limits.maxStanzaSize,
             maxDepth: server.configuration.limits.maxDepth
         ))
-        self.logger = server.logger
     }
 
     // MARK: Channel events
@@ -57,7 +63,7 @@ final class C2SHandler: ChannelInboundHandler {
 
     func channelActive(context: ChannelHandlerContext) {
         remoteAddress = context.remoteAddress?.ipAddress ?? "unknown"
-        logger[metadataKey: "peer"] = "\(remoteAddress):\(context.remoteAddress?.port ?? 0)"
+        remotePort = context.remoteAddress?.port ?? 0
         let loop = context.eventLoop
         let id = ObjectIdentifier(self)
         let bound = NIOLoopBound(self, eventLoop: loop)
@@ -89,7 +95,7 @@ final class C2SHandler: ChannelInboundHandler {
         pingOutstanding = false
         inReadBurst = true
         var parseError: XMLStreamError?
-        events.removeAll(keepingCapacity: true)
+        var events: [XMLStreamEvent] = []
         buffer.withUnsafeReadableBytes { bytes in
             do throws(XMLStreamError) { try parser.feed(bytes, into: &events) } catch { parseError = error }
         }
@@ -115,6 +121,8 @@ final class C2SHandler: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         inReadBurst = false
+        // Most bound sessions are idle most of the time: between reads they keep no parser state.
+        if session != nil, !waiting { parser.releaseBetweenStanzas() }
         if flushPending {
             flushPending = false
             context.flush()
@@ -232,7 +240,7 @@ final class C2SHandler: ChannelInboundHandler {
                     self.resume()
                 }
             case .authenticated(let user):
-                logger[metadataKey: "user"] = "\(user)"
+                authenticatedUser = user
                 logger.debug("authenticated")
             case .bindResource(let user, let requested, let iq):
                 bind(user: user, requested: requested, iq: iq)
@@ -342,7 +350,7 @@ final class C2SHandler: ChannelInboundHandler {
 
     private func resume() {
         waiting = false
-        while !waiting, !machine.isClosed, let event = queued.popFirst() { handle(event) }
+        while !waiting, !machine.isClosed, !queued.isEmpty { handle(queued.removeFirst()) }
         if !waiting, !machine.isClosed, let error = queuedParseError {
             queuedParseError = nil
             perform(machine.parseFailed(error))

@@ -61,6 +61,21 @@ public final class XMLStreamParser {
         state.reset()
     }
 
+    /// Frees libxml2's state while the stream sits between stanzas with nothing unparsed, so an idle
+    /// connection holds no parser memory. The next `feed` starts a new context and primes it with a copy
+    /// of the stream header (same prefixes and namespaces), invisibly to the caller. Returns whether
+    /// it released anything.
+    @discardableResult
+    public func releaseBetweenStanzas() -> Bool {
+        guard let context, state.failure == nil, state.streamOpen, state.stack.isEmpty,
+              state.resumeHeader != nil, Self.onlyWhitespaceUnparsed(context) else { return false }
+        xmlFreeParserCtxt(context)
+        self.context = nil
+        state.context = nil
+        state.needsPriming = true
+        return true
+    }
+
     /// Parses `bytes` and appends the complete events to `events`.
     public func feed(_ bytes: UnsafeRawBufferPointer, into events: inout [XMLStreamEvent]) throws(XMLStreamError) {
         if let failure = state.failure { throw failure }
@@ -70,9 +85,12 @@ public final class XMLStreamParser {
             xmlParseChunk(ctx, chars.baseAddress, Int32(chars.count), 0)
         }
         state.totalFed += bytes.count
-        if !state.events.isEmpty {
+        if events.isEmpty {
+            // Hand the buffer over instead of copying: an idle connection then holds no event storage.
+            swap(&events, &state.events)
+        } else if !state.events.isEmpty {
             events.append(contentsOf: state.events)
-            state.events.removeAll(keepingCapacity: true)
+            state.events.removeAll()
         }
         if let failure = state.failure { throw failure }
         if result != 0 {
@@ -106,7 +124,7 @@ public final class XMLStreamParser {
         if let context { return context }
         var handler = Self.saxHandler
         let userData = Unmanaged.passUnretained(state).toOpaque()
-        guard let ctx = xmlCreatePushParserCtxt(&handler, userData, nil, 0, nil) else {
+        guard let ctx = starling_create_push_parser(&handler, userData, Self.sharedDictionaryLimit) else {
             throw .notWellFormed("the XML parser could not be created")
         }
         // NOENT is safe here because DTDs are refused outright, so only the five predefined entities
@@ -115,8 +133,34 @@ public final class XMLStreamParser {
         xmlCtxtUseOptions(ctx, options)
         state.context = ctx
         context = ctx
+        if state.needsPriming, let header = state.resumeHeader {
+            state.needsPriming = false
+            state.consumedBase = state.totalFed
+            state.primingBytes = header.utf8.count
+            state.priming = true
+            var bytes = Array(header.utf8)
+            _ = bytes.withUnsafeMutableBufferPointer { buffer in
+                buffer.withMemoryRebound(to: CChar.self) { xmlParseChunk(ctx, $0.baseAddress, Int32($0.count), 0) }
+            }
+        }
         return ctx
     }
+
+    /// libxml2 holds back whitespace after a stanza until it sees what follows; between stanzas that
+    /// whitespace means nothing and may be dropped.
+    private static func onlyWhitespaceUnparsed(_ ctx: xmlParserCtxtPtr) -> Bool {
+        guard let input = ctx.pointee.input, var cursor = input.pointee.cur, let end = input.pointee.end else { return true }
+        while cursor < end {
+            switch cursor.pointee {
+            case 0x20, 0x09, 0x0A, 0x0D: cursor += 1
+            default: return false
+            }
+        }
+        return true
+    }
+
+    /// Bytes of element and attribute names one event loop's parsers share before a new dictionary starts.
+    private static let sharedDictionaryLimit = 1 << 20
 
     private static func lastErrorMessage(_ ctx: xmlParserCtxtPtr) -> String {
         guard let error = xmlCtxtGetLastError(ctx), let message = error.pointee.message else {
@@ -165,6 +209,14 @@ private final class ParserState {
     /// Bytes fed in total, and the position (in the same count) where the last stanza ended.
     var totalFed = 0
     var boundary = 0
+    /// The stream's start tag with its namespace declarations, to prime a context after a release.
+    var resumeHeader: String?
+    var needsPriming = false
+    /// The current context is parsing the copied header: its start tag is not an event.
+    var priming = false
+    /// `totalFed` when the current context started, and the bytes of copied header it was primed with.
+    var consumedBase = 0
+    var primingBytes = 0
 
     init(limits: XMLStreamLimits) { self.limits = limits }
 
@@ -176,15 +228,20 @@ private final class ParserState {
         streamOpen = false
         totalFed = 0
         boundary = 0
+        resumeHeader = nil
+        needsPriming = false
+        priming = false
+        consumedBase = 0
+        primingBytes = 0
     }
 
     static func from(_ ctx: UnsafeMutableRawPointer?) -> ParserState {
         Unmanaged<ParserState>.fromOpaque(ctx!).takeUnretainedValue()
     }
 
-    private var consumed: Int {
+    var consumed: Int {
         guard let context else { return totalFed }
-        return Int(xmlByteConsumed(context))
+        return consumedBase + Int(xmlByteConsumed(context)) - primingBytes
     }
 
     func stop(_ error: XMLStreamError) {
@@ -204,6 +261,10 @@ private final class ParserState {
         attributes: UnsafeMutablePointer<UnsafePointer<xmlChar>?>?
     ) {
         guard failure == nil else { return }
+        if priming {
+            priming = false
+            return
+        }
         if streamOpen && stack.count >= limits.maxDepth {
             stop(.tooDeep(limit: limits.maxDepth))
             return
@@ -239,6 +300,7 @@ private final class ParserState {
             }
             streamOpen = true
             boundary = consumed
+            resumeHeader = Self.startTag(localname: localname!, prefix: prefix, nbNamespaces: nbNamespaces, namespaces: namespaces)
             events.append(.streamOpen(header: element, defaultNamespace: defaultNamespace))
             return
         }
@@ -246,6 +308,22 @@ private final class ParserState {
         // A default namespace is resolved into `namespace`; the prefix is only kept for prefixed names.
         if child.prefix != nil && child.namespace.isEmpty { child.prefix = nil }
         stack.append(child)
+    }
+
+    /// `<prefix:name xmlns...='...'>` as the client declared it.
+    private static func startTag(localname: UnsafePointer<xmlChar>, prefix: UnsafePointer<xmlChar>?, nbNamespaces: Int,
+                                 namespaces: UnsafeMutablePointer<UnsafePointer<xmlChar>?>?) -> String {
+        var tag = "<"
+        if let prefix { tag += String(cString: prefix) + ":" }
+        tag += String(cString: localname)
+        if let namespaces {
+            for index in 0..<nbNamespaces {
+                tag += namespaces[index * 2].map { " xmlns:" + String(cString: $0) + "='" } ?? " xmlns='"
+                XMLElement.escapeAttribute(namespaces[index * 2 + 1].map { String(cString: $0) } ?? "", into: &tag)
+                tag += "'"
+            }
+        }
+        return tag + ">"
     }
 
     func endElement() {

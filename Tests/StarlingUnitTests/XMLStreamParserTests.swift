@@ -35,6 +35,65 @@ final class XMLStreamParserTests: XCTestCase {
         return events
     }
 
+    /// Releases libxml2's state after every chunk, as the server does after each read of a bound session.
+    private func parseReleasingBetweenChunks(_ input: String, chunk: Int, limits: XMLStreamLimits = XMLStreamLimits()) throws -> (events: [XMLStreamEvent], releases: Int) {
+        let parser = XMLStreamParser(limits: limits)
+        var events: [XMLStreamEvent] = []
+        var releases = 0
+        let bytes = Array(input.utf8)
+        var index = 0
+        while index < bytes.count {
+            let length = min(bytes.count - index, chunk)
+            events += try parser.feed(Array(bytes[index..<index + length]))
+            if parser.releaseBetweenStanzas() { releases += 1 }
+            index += length
+        }
+        return (events, releases)
+    }
+
+    func testReleasingBetweenStanzasChangesNothingTheCallerSees() throws {
+        let input = header + stanzas + "</stream:stream>"
+        let whole = try parseAllAtOnce(input)
+        for chunk in [1, 2, 3, 7, 16, 64, 1000] {
+            let (events, releases) = try parseReleasingBetweenChunks(input, chunk: chunk)
+            XCTAssertEqual(events, whole, "chunk \(chunk)")
+            if chunk == 1 { XCTAssertGreaterThanOrEqual(releases, 4) }
+        }
+        // Whole stanzas per read, as clients send them; another stream prefix, an xml:lang on the header
+        // and whitespace keepalives survive the copied header.
+        let prefixedHeader = "<s:stream xmlns:s='http://etherx.jabber.org/streams' xmlns='jabber:client' xml:lang='en'>"
+        let pieces = [prefixedHeader, "<message xml:lang='de'><body>a</body></message>", " ", "<presence/>\n",
+                      "<iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq>", " ", " ", "</s:stream>"]
+        let parser = XMLStreamParser()
+        var events: [XMLStreamEvent] = []
+        var releases = 0
+        for piece in pieces {
+            events += try parser.feed(piece)
+            if parser.releaseBetweenStanzas() { releases += 1 }
+        }
+        XCTAssertEqual(events, try parseAllAtOnce(pieces.joined()))
+        XCTAssertEqual(releases, pieces.count - 1)
+        guard case .stanza(let message) = events[1] else { return XCTFail("no message") }
+        XCTAssertEqual(message[attribute: "xml:lang"], "de")
+    }
+
+    func testLimitsStillHoldAfterARelease() throws {
+        let limits = XMLStreamLimits(maxStanzaBytes: 1024, maxDepth: 4)
+        let small = "<message><body>hi</body></message>"
+        let big = "<message><body>" + String(repeating: "x", count: 2000) + "</body></message>"
+        XCTAssertThrowsError(try parseReleasingBetweenChunks(header + small + small + big, chunk: 40, limits: limits)) { error in
+            XCTAssertEqual(error as? XMLStreamError, .stanzaTooLarge(limit: 1024))
+        }
+        let deep = "<a><b><c><d><e/></d></c></b></a>"
+        XCTAssertThrowsError(try parseReleasingBetweenChunks(header + small + deep, chunk: 40, limits: limits)) { error in
+            XCTAssertEqual(error as? XMLStreamError, .tooDeep(limit: 4))
+        }
+        // Malformed input after a release is still not well-formed, not an artefact of the copied header.
+        XCTAssertThrowsError(try parseReleasingBetweenChunks(header + small + "<message></iq>", chunk: 40)) { error in
+            guard case .notWellFormed? = error as? XMLStreamError else { return XCTFail("\(error)") }
+        }
+    }
+
     func testStanzasAllAtOnceByteByByteAndInChunksAreIdentical() throws {
         let input = header + stanzas + "</stream:stream>"
         let whole = try parseAllAtOnce(input)
