@@ -18,6 +18,9 @@ struct LoginSpec: Sendable {
     var mechanism: String
     var tls: LoadTLS
     var resource = "load"
+    /// Create the account with in-band registration (XEP-0077) before logging in; "already exists"
+    /// counts as success. For loading servers whose accounts the tool cannot create directly.
+    var register = false
 }
 
 /// One generator connection: logs in (optional STARTTLS, PLAIN or SCRAM, bind, initial presence), then
@@ -31,7 +34,7 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    enum Phase { case features, proceed, sasl, bind, ready, closed }
+    enum Phase { case features, proceed, register, sasl, bind, ready, closed }
 
     let spec: LoginSpec
     let loop: any EventLoop
@@ -40,6 +43,7 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     private var channel: (any Channel)?
     private var tlsDone: Bool
     private var authenticated = false
+    private var registered = false
     private var scram: SCRAMClient?
     private var inbox: [UInt8] = []
 
@@ -175,6 +179,9 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
             if !tlsDone && spec.tls == .starttls {
                 write("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
                 phase = .proceed
+            } else if !authenticated && spec.register && !registered {
+                write("<iq type='set' id='reg1'><query xmlns='jabber:iq:register'><username>\(spec.username)</username><password>\(spec.password)</password></query></iq>")
+                phase = .register
             } else if !authenticated {
                 startSASL()
             } else {
@@ -195,6 +202,15 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
             } else if inbox.find(Marker.failure) != nil {
                 fail("STARTTLS refused")
             }
+        case .register:
+            guard let end = inbox.find(Marker.iqEnd) ?? inbox.find(Marker.iqSelfClosedResult) else { return }
+            let reply = inbox[..<(end + 2)]
+            let ok = reply.containsMarker(Marker.resultSingle) || reply.containsMarker(Marker.resultDouble) || reply.containsMarker(Marker.conflict)
+            inbox.removeAll()
+            guard ok else { return fail("in-band registration refused") }
+            registered = true
+            startSASL()
+            flush()
         case .sasl:
             if let start = inbox.find(Marker.challenge) {
                 guard let payload = inbox.elementText(startingAt: start, closing: Marker.challengeEnd) else { return }
@@ -288,6 +304,8 @@ private enum Marker {
     static let success = Array("<success".utf8)
     static let successEnd = Array("</success>".utf8)
     static let iqEnd = Array("</iq>".utf8)
+    static let iqSelfClosedResult = Array("/>".utf8)
+    static let conflict = Array("<conflict".utf8)
     static let resultSingle = Array("type='result'".utf8)
     static let resultDouble = Array("type=\"result\"".utf8)
     static let messageStart = Array("<message".utf8)

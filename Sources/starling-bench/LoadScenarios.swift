@@ -45,8 +45,7 @@ struct Idle: AsyncParsableCommand {
     @Option(help: "Seconds to hold the sessions before measuring memory.") var settle = 3.0
 
     func run() async throws {
-        let result = try await LoginRun(options: options, count: sessions, concurrency: concurrency, settle: settle).run()
-        try printResult(result.merging(["scenario": "idle"]) { $1 })
+        try printResult(try await LoginRun(scenario: "idle", options: options, count: sessions, concurrency: concurrency, settle: settle).run())
     }
 }
 
@@ -58,13 +57,13 @@ struct Storm: AsyncParsableCommand {
     @Option(help: "Clients.") var clients = 5000
 
     func run() async throws {
-        let result = try await LoginRun(options: options, count: clients, concurrency: clients, settle: 0).run()
-        try printResult(result.merging(["scenario": "storm"]) { $1 })
+        try printResult(try await LoginRun(scenario: "storm", options: options, count: clients, concurrency: clients, settle: 0).run())
     }
 }
 
 /// The shared body of `idle` and `storm`.
 struct LoginRun {
+    var scenario: String
     var options: TargetOptions
     var count: Int
     var concurrency: Int
@@ -84,7 +83,7 @@ struct LoginRun {
         let (connections, errors) = await logIn(count: count, concurrency: concurrency, options: options, server: server) { loops[$0 % loops.count] }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
         var result: [String: Any] = [
-            "server": server.name, "tls": options.tls.rawValue, "mechanism": options.mechanism,
+            "scenario": scenario, "server": server.name, "tls": options.tls.rawValue, "mechanism": options.mechanism,
             "clients": count, "logged_in": connections.count, "errors": errors.count,
             "seconds": seconds, "logins_per_second": Double(connections.count) / seconds,
             "generator_cpu_seconds": ProcStat.ownCPUSeconds - generatorCPU,

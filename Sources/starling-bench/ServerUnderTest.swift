@@ -19,10 +19,11 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-1.") var mechanism = "PLAIN"
     @Option(help: "The starling executable to start (default: next to this tool).") var server: String?
     @Option(help: "Event-loop threads of the generator.") var threads = 1
+    @Flag(help: "Create each account by in-band registration (XEP-0077) before logging in (for --target servers).") var register = false
     @Option(help: "Spread connections over source addresses 127.0.0.1 ... 127.0.0.N (each holds ~28k ports).") var sourceAddresses = 1
 
     func login(_ index: Int) -> LoginSpec {
-        LoginSpec(domain: domain, username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls)
+        LoginSpec(domain: domain, username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls, register: register)
     }
 
     func sourceAddress(for index: Int) -> String? {
