@@ -18,17 +18,24 @@ extension PostgresStore: AccountStore {
 
     public func credentials(username: String, host: String) async throws(StorageError) -> [SCRAMCredentials]? {
         try await run { [client, logger] in
-            guard try await Self.exists(username: username, host: host, client: client) else { return nil }
+            // One round trip on the login path: no row means no account, a row without a hash an account
+            // without credentials.
             var result: [SCRAMCredentials] = []
+            var found = false
             let rows = try await client.query(
-                "SELECT hash, salt, iterations, stored_key, server_key FROM scram_credentials WHERE host = \(host) AND username = \(username)",
+                """
+                SELECT c.hash, c.salt, c.iterations, c.stored_key, c.server_key
+                FROM accounts a LEFT JOIN scram_credentials c ON c.host = a.host AND c.username = a.username
+                WHERE a.host = \(host) AND a.username = \(username)
+                """,
                 logger: logger)
-            for try await (hash, salt, iterations, storedKey, serverKey) in rows.decode((String, ByteBuffer, Int, ByteBuffer, ByteBuffer).self) {
-                guard let hash = SCRAMHash(rawValue: hash) else { continue }
+            for try await (hash, salt, iterations, storedKey, serverKey) in rows.decode((String?, ByteBuffer?, Int?, ByteBuffer?, ByteBuffer?).self) {
+                found = true
+                guard let hash = hash.flatMap(SCRAMHash.init(rawValue:)), let salt, let iterations, let storedKey, let serverKey else { continue }
                 result.append(SCRAMCredentials(hash: hash, salt: Array(buffer: salt), iterations: iterations,
                                                storedKey: Array(buffer: storedKey), serverKey: Array(buffer: serverKey)))
             }
-            return result
+            return found ? result : nil
         }
     }
 

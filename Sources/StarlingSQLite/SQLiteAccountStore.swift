@@ -19,10 +19,16 @@ extension SQLiteStore: AccountStore {
 
     public func credentials(username: String, host: String) async throws(StorageError) -> [SCRAMCredentials]? {
         try await run {
-            guard try await self.exists(username: username, host: host) else { return nil }
+            // One statement on the login path: no row means no account, a row without a hash an account
+            // without credentials.
             let rows = try await self.connection.query(
-                "SELECT hash, salt, iterations, stored_key, server_key FROM scram_credentials WHERE host = ? AND username = ?",
+                """
+                SELECT c.hash, c.salt, c.iterations, c.stored_key, c.server_key
+                FROM accounts a LEFT JOIN scram_credentials c ON c.host = a.host AND c.username = a.username
+                WHERE a.host = ? AND a.username = ?
+                """,
                 [.text(host), .text(username)])
+            if rows.isEmpty { return nil }
             return rows.compactMap { row -> SCRAMCredentials? in
                 guard let hash = row.column("hash")?.string.flatMap(SCRAMHash.init(rawValue:)),
                       let salt = row.column("salt")?.blob, let iterations = row.column("iterations")?.integer,

@@ -46,6 +46,8 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     private var registered = false
     private var scram: SCRAMClient?
     private var inbox: [UInt8] = []
+    private var loginDeadline: Scheduled<Void>?
+    static let loginTimeoutSeconds: Int64 = 60
 
     /// Chat traffic state, owned by the scenario driver on this loop.
     var partnerAddress = ""
@@ -134,6 +136,11 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelActive(context: ChannelHandlerContext) {
+        // A server that stops answering must fail the run, not hang it; the phase says where it stopped.
+        loginDeadline = context.eventLoop.scheduleTask(in: .seconds(Self.loginTimeoutSeconds)) { [self] in
+            fail("no answer within \(Self.loginTimeoutSeconds) s while in phase \(phase)")
+            channel?.close(promise: nil)
+        }
         openStream()
         context.fireChannelActive()
     }
@@ -162,6 +169,7 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     private func fail(_ reason: String) {
+        loginDeadline?.cancel()
         if phase != .ready && phase != .closed { loggedIn.fail(LoadError(reason: "\(spec.username): \(reason)")) }
         phase = .closed
     }
@@ -238,6 +246,7 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
             write("<presence/>")
             flush()
             phase = .ready
+            loginDeadline?.cancel()
             loggedIn.succeed(())
         case .ready, .closed:
             break
