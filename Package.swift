@@ -40,6 +40,22 @@ let package = Package(
             dependencies: ["CLibXML2", .product(name: "StarlingAPI", package: "PluginAPI")],
             swiftSettings: swiftSettings
         ),
+        // C: only StarlingLua sees Lua; every call that can raise a Lua error stays in the shim's C.
+        .systemLibrary(
+            name: "CLua",
+            pkgConfig: "lua5.4",
+            providers: [.apt(["liblua5.4-dev"])]
+        ),
+        .target(
+            name: "StarlingLua",
+            dependencies: [
+                "CLua",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .target(
             name: "StarlingSASL",
             dependencies: [
@@ -61,7 +77,7 @@ let package = Package(
         .target(
             name: "StarlingModules",
             dependencies: [
-                "StarlingStorage", "StarlingXML",
+                "StarlingStorage", "StarlingXML", "StarlingLua",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
@@ -98,7 +114,7 @@ let package = Package(
         .target(
             name: "StarlingServer",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingPostgres", "StarlingModules",
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -167,7 +183,7 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "ExampleModules",
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "ExampleModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "Logging", package: "swift-log"),
             ],

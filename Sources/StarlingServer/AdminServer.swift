@@ -24,6 +24,11 @@ enum AdminProtocol {
         var users: [String]
     }
 
+    struct ReloadReply: Codable {
+        var ok: Bool
+        var reloaded: [String]
+    }
+
     struct ErrorReply: Codable {
         var ok: Bool
         var error: String
@@ -76,6 +81,24 @@ final class AdminHandler: ChannelInboundHandler {
                     connections: server.connections.count, sessions: server.registry.sessionCount,
                     residentMemoryBytes: ProcessMemory.residentBytes(), hosts: server.configuration.hosts
                 ))
+            case "reload-hooks":
+                // Reading and compiling scripts must not stall this event loop.
+                let server = self.server
+                let loop = context.eventLoop
+                let bound = NIOLoopBound(context, eventLoop: loop)
+                server.threadPool.runIfActive(eventLoop: loop) { server.reloadHooks() }.whenComplete { result in
+                    let reply: Data
+                    switch result {
+                    case .success(let outcome) where outcome.errors.isEmpty:
+                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: outcome.summaries))) ?? Data()
+                    case .success(let outcome):
+                        reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: outcome.errors.joined(separator: "\n") + "\nthe previous hooks keep running"))) ?? Data()
+                    case .failure(let error):
+                        reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "\(error)"))) ?? Data()
+                    }
+                    Self.write(reply, to: bound.value)
+                }
+                return
             case "connected-users":
                 reply = try encoder.encode(AdminProtocol.UsersReply(ok: true, users: server.registry.allSessions.map(\.jid.description).sorted()))
             default:
@@ -84,10 +107,14 @@ final class AdminHandler: ChannelInboundHandler {
         } catch {
             reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "bad request: \(error)"))) ?? Data()
         }
+        Self.write(reply, to: context)
+    }
+
+    private static func write(_ reply: Data, to context: ChannelHandlerContext) {
         var buffer = context.channel.allocator.buffer(capacity: reply.count + 1)
         buffer.writeBytes(reply)
         buffer.writeInteger(UInt8(ascii: "\n"))
-        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        context.writeAndFlush(NIOAny(buffer), promise: nil)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

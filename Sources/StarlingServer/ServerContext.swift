@@ -2,6 +2,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import StarlingAPI
 import StarlingConfig
 import StarlingStorage
 
@@ -32,6 +33,21 @@ public final class ServerContext: Sendable {
             window: configuration.auth.failureWindow
         )
         connections = ConnectionSet()
+    }
+
+    /// Reloads every reloadable module (hook scripts) on every host. Each module swaps in its new
+    /// version only if all of it loaded, so a failure leaves that module as it was. Blocking: call it
+    /// off the event loops.
+    func reloadHooks() -> (summaries: [String], errors: [String]) {
+        var summaries: [String] = []
+        var errors: [String] = []
+        for (_, host) in router.modules.sorted(by: { $0.key < $1.key }) {
+            for (_, module) in host.modules.sorted(by: { $0.key < $1.key }) {
+                guard let reloadable = module as? any ReloadableModule else { continue }
+                do { summaries.append(try reloadable.reload()) } catch { errors.append("\(host.domain): \(error)") }
+            }
+        }
+        return (summaries, errors)
     }
 
     /// Settings for a listener's streams; call after the modules are installed (they add features).

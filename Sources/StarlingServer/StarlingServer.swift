@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import ServiceLifecycle
+import StarlingAPI
 import StarlingConfig
 import StarlingModules
 import StarlingSQLite
@@ -39,6 +40,8 @@ public final class StarlingServer: Service, @unchecked Sendable {
             services.register(store as any PrivateXMLStore, as: (any PrivateXMLStore).self)
             services.register(store as any VCardStore, as: (any VCardStore).self)
             services.register(store as any LastActivityStore, as: (any LastActivityStore).self)
+            services.register(ServerPaths(configDirectory: URL(fileURLWithPath: configuration.sourcePath).deletingLastPathComponent().path,
+                                          dataDirectory: configuration.dataDirectory), as: ServerPaths.self)
             router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog,
                                                           logger: logger, router: router, services: services))
         } catch {
@@ -68,6 +71,20 @@ public final class StarlingServer: Service, @unchecked Sendable {
             await store.close()
             throw error
         }
+
+        // SIGHUP reloads the hook scripts, as `starlingctl reload-hooks` does.
+        signal(SIGHUP, SIG_IGN)
+        let hangup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
+        hangup.setEventHandler { [logger] in
+            let outcome = context.reloadHooks()
+            if outcome.errors.isEmpty {
+                logger.notice("SIGHUP: hooks reloaded", metadata: ["result": "\(outcome.summaries.joined(separator: "; "))"])
+            } else {
+                logger.error("SIGHUP: hooks not reloaded, the previous ones keep running", metadata: ["error": "\(outcome.errors.joined(separator: "; "))"])
+            }
+        }
+        hangup.resume()
+        defer { hangup.cancel() }
 
         // Runs until SIGTERM/SIGINT (graceful shutdown) or cancellation.
         try? await gracefulShutdown()

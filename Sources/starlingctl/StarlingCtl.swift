@@ -12,7 +12,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, Migrate.self, Export.self, Import.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ReloadHooks.self, Migrate.self, Export.self, Import.self]
     )
 }
 
@@ -170,6 +170,27 @@ struct ConnectedUsers: ParsableCommand {
               let users = object["users"] as? [String]
         else { throw ValidationError("unexpected reply: \(reply)") }
         for user in users { print(user) }
+    }
+}
+
+struct ReloadHooks: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reload-hooks",
+        abstract: "Reload the Lua hook scripts (as SIGHUP does). All scripts load or none: on an error the previous ones keep running."
+    )
+    @OptionGroup var options: ConfigOption
+
+    func run() throws {
+        let reply = try AdminClient(path: options.load().admin.socketPath).request("reload-hooks")
+        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
+            throw ValidationError("unexpected reply: \(reply)")
+        }
+        if object["ok"] as? Bool == true {
+            let reloaded = object["reloaded"] as? [String] ?? []
+            print(reloaded.isEmpty ? "no host has Lua hooks enabled" : reloaded.joined(separator: "\n"))
+        } else {
+            throw ValidationError("reload failed:\n\(object["error"] as? String ?? reply)")
+        }
     }
 }
 

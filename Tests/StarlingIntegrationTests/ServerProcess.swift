@@ -38,9 +38,12 @@ final class ServerProcess {
         ProcessInfo.processInfo.environment["STARLING_TEST_BACKEND"] == "postgresql" ? .postgresql : .sqlite
     }
 
-    init(extraConfig: String = "", users: [(String, String)], backend: Backend = ServerProcess.defaultBackend, storageTimeout: Double = 5) throws {
+    /// `files` are written into the server's directory (next to its config) before it starts.
+    init(extraConfig: String = "", users: [(String, String)], backend: Backend = ServerProcess.defaultBackend, storageTimeout: Double = 5,
+         files: [String: String] = [:]) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        for (path, contents) in files { try Self.write(contents, to: directory.appendingPathComponent(path)) }
         configPath = directory.appendingPathComponent("starling.yml").path
         var storage = ""
         if backend == .postgresql {
@@ -103,6 +106,16 @@ final class ServerProcess {
         var components = URLComponents(string: base)!
         components.path = "/\(name)"
         return components.string!
+    }
+
+    /// Writes a file in the server's directory (scripts it loads, for example).
+    func write(_ contents: String, to path: String) throws {
+        try Self.write(contents, to: directory.appendingPathComponent(path))
+    }
+
+    private static func write(_ contents: String, to url: URL) throws {
+        try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+        try contents.write(to: url, atomically: true, encoding: .utf8)
     }
 
     /// Runs `starlingctl` against this server's config.

@@ -355,3 +355,24 @@ public enum StarlingAPIVersion {
     public static let api = 1
     public static let serverVersion = "0.1.0"
 }
+
+/// A module whose scripts or rules can be read again from disk while it runs (`starlingctl
+/// reload-hooks`, SIGHUP).
+public protocol ReloadableModule: ServerModule {
+    /// Loads everything anew and swaps it in only if all of it loaded; otherwise throws the reason
+    /// (naming file and line) and the running version stays. Returns a one-line summary.
+    func reload() throws -> String
+}
+
+/// Where the server's files are, for modules that read their own (scripts, rule files). Look it up
+/// with `host.service(ServerPaths.self)`.
+public struct ServerPaths: Sendable {
+    /// The directory of the configuration file: relative paths in module options are relative to it.
+    public var configDirectory: String
+    public var dataDirectory: String
+
+    public init(configDirectory: String, dataDirectory: String) {
+        self.configDirectory = configDirectory
+        self.dataDirectory = dataDirectory
+    }
+}

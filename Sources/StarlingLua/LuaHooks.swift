@@ -1,0 +1,279 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOPosix
+public import StarlingAPI
+import Synchronization
+
+/// The `lua` module: operators' policy scripts, run on named events with a verdict.
+///
+/// Each thread that runs hooks (the event loops, and the task threads modules route from) gets its own
+/// sandboxed state per script the first time it needs one, so hooks never share a state or take a lock.
+/// `reload()` loads every script in fresh states first and swaps them in only if all of them load;
+/// threads pick the new set up at their next event.
+public final class LuaHooks: ServerModule, ReloadableModule {
+    public static let descriptor = ModuleDescriptor(
+        name: "lua", summary: "Lua hook scripts for policy (spam rules, rate limits, ...), reloadable while running.",
+        options: [
+            ModuleOptionSpec("scripts", .stringList, default: .stringList([]), doc: "Lua scripts to load, in order; relative paths are relative to the config file."),
+            ModuleOptionSpec("fail_closed", .stringList, default: .stringList([]), doc: "Scripts (as listed in scripts) whose failures refuse the stanza instead of letting it pass."),
+            ModuleOptionSpec("priority", .integer(-10_000...10_000), default: .integer(500), doc: "Where the scripts run among the modules' hooks (higher first; blocking is 1000, presence 100)."),
+            ModuleOptionSpec("instruction_limit", .integer(1_000...100_000_000), default: .integer(1_000_000), doc: "Lua instructions one hook call may run before it is stopped."),
+            ModuleOptionSpec("memory_limit", .integer(65_536...1_073_741_824), default: .integer(8_388_608), doc: "Bytes each script's state may allocate (per thread)."),
+        ]
+    )
+
+    /// The events scripts can hook, with the stanzas they see.
+    public static let events = [
+        "stanza-in", "message-in", "presence-in", "iq-in",
+        "stanza-out", "message-out", "presence-out", "iq-out",
+        "message-offline", "session-bound", "session-closed",
+    ]
+
+    /// One loaded set of scripts. Threads compare `number` with their own copy to see a reload.
+    final class Generation: Sendable {
+        let number: Int
+        let scripts: [LuaScript]
+        /// Event → (priority, script index), highest priority first, then script order.
+        let dispatch: [String: [(priority: Int, script: Int)]]
+
+        init(number: Int, scripts: [LuaScript], handlers: [[String: Set<Int>]]) {
+            self.number = number
+            self.scripts = scripts
+            var dispatch: [String: [(priority: Int, script: Int)]] = [:]
+            for (index, registered) in handlers.enumerated() {
+                for (event, priorities) in registered {
+                    for priority in priorities { dispatch[event, default: []].append((priority, index)) }
+                }
+            }
+            for event in dispatch.keys {
+                dispatch[event]!.sort { $0.priority != $1.priority ? $0.priority > $1.priority : $0.script < $1.script }
+            }
+            self.dispatch = dispatch
+        }
+    }
+
+    private final class ThreadStates: @unchecked Sendable {
+        let generation: Generation
+        let states: [LuaScriptState]
+        init(generation: Generation, states: [LuaScriptState]) {
+            self.generation = generation
+            self.states = states
+        }
+    }
+
+    private let host: any ModuleHost
+    private let baseDirectory: String
+    private let paths: [String]
+    private let failClosed: Set<String>
+    private let priority: Int
+    private let limits: LuaLimits
+    private let services: LuaServices
+    private let current: NIOLockedValueBox<Generation>
+    private let currentNumber: Synchronization.Atomic<Int>
+    private let perThread = ThreadSpecificVariable<ThreadStates>()
+
+    public init(host: any ModuleHost) throws {
+        self.host = host
+        baseDirectory = host.service(ServerPaths.self)?.configDirectory ?? FileManager.default.currentDirectoryPath
+        paths = host.options.stringList("scripts")
+        failClosed = Set(host.options.stringList("fail_closed"))
+        priority = host.options.integer("priority")
+        limits = LuaLimits(instructions: host.options.integer("instruction_limit"), memory: host.options.integer("memory_limit"))
+        services = LuaServices { [host] level, message in host.log(level, message) }
+        for path in failClosed where !paths.contains(path) {
+            throw LuaScriptError(message: "lua: fail_closed names \(path), which is not in scripts")
+        }
+        let generation = try Self.load(paths: paths, failClosed: failClosed, baseDirectory: baseDirectory, limits: limits, services: services, number: 1)
+        current = NIOLockedValueBox(generation)
+        currentNumber = Synchronization.Atomic(1)
+    }
+
+    public func register(_ registrar: ModuleRegistrar) {
+        registrar.hook(.stanzaFromClient, priority: priority) { [self] event in
+            run(["stanza-in", "\(event.stanza.name)-in"], event.stanza)
+        }
+        registrar.hook(.stanzaToUser, priority: priority) { [self] event in
+            run(["stanza-out", "\(event.stanza.name)-out"], event.stanza)
+        }
+        registrar.hook(.messageUndeliverable, priority: priority) { [self] event in
+            run(["message-offline"], event.stanza)
+        }
+        registrar.hook(.sessionBound, priority: priority) { [self] event in
+            _ = run(["session-bound"], XMLElement(name: "session", namespace: Namespace.client, attributes: ["jid": event.jid.description]))
+            return .pass
+        }
+        registrar.hook(.sessionClosed, priority: priority) { [self] event in
+            _ = run(["session-closed"], XMLElement(name: "session", namespace: Namespace.client, attributes: ["jid": event.jid.description]))
+            return .pass
+        }
+    }
+
+    /// Reads every script again, loads them all in fresh states, and swaps them in only if all of them
+    /// loaded; otherwise throws the first error and the running scripts stay.
+    public func reload() throws -> String {
+        let next = currentNumber.load(ordering: .acquiring) + 1
+        let generation = try Self.load(paths: paths, failClosed: failClosed, baseDirectory: baseDirectory, limits: limits, services: services, number: next)
+        current.withLockedValue { $0 = generation }
+        currentNumber.store(next, ordering: .releasing)
+        let handlers = generation.dispatch.values.reduce(0) { $0 + $1.count }
+        host.log(.info, "lua: reloaded \(paths.count) script(s), \(handlers) handler group(s)")
+        return "\(host.domain): \(paths.count) script(s) loaded"
+    }
+
+    private static func load(paths: [String], failClosed: Set<String>, baseDirectory: String, limits: LuaLimits,
+                             services: LuaServices, number: Int) throws -> Generation {
+        var scripts: [LuaScript] = []
+        var handlers: [[String: Set<Int>]] = []
+        for path in paths {
+            let resolved = path.hasPrefix("/") ? path : baseDirectory + "/" + path
+            let source: String
+            do { source = try String(contentsOfFile: resolved, encoding: .utf8) } catch {
+                throw LuaScriptError(message: "lua: cannot read \(resolved): \(error.localizedDescription)")
+            }
+            let script = LuaScript(path: path, source: source, failClosed: failClosed.contains(path))
+            // Loading once here checks syntax and the top level before any thread depends on it.
+            let state = try LuaScriptState(script: script, limits: limits, services: services)
+            scripts.append(script)
+            handlers.append(state.handlers)
+        }
+        return Generation(number: number, scripts: scripts, handlers: handlers)
+    }
+
+    /// This thread's states for the current generation, created when the thread first needs them or
+    /// after a reload.
+    private func states() -> (Generation, [LuaScriptState])? {
+        // The common case reads one atomic and no lock.
+        if let local = perThread.currentValue, local.generation.number == currentNumber.load(ordering: .acquiring) {
+            return (local.generation, local.states)
+        }
+        let generation = current.withLockedValue { $0 }
+        do {
+            let states = try generation.scripts.map { try LuaScriptState(script: $0, limits: limits, services: services) }
+            perThread.currentValue = ThreadStates(generation: generation, states: states)
+            return (generation, states)
+        } catch {
+            services.report(script: "lua", "cannot load the scripts on this thread: \(error)")
+            return nil
+        }
+    }
+
+    private func run(_ events: [String], _ stanza: XMLElement) -> HookResult {
+        guard let (generation, states) = states() else { return .pass }
+        var stanza = stanza
+        var modified = false
+        for event in events {
+            guard let entries = generation.dispatch[event] else { continue }
+            for entry in entries {
+                let state = states[entry.script]
+                switch state.call(event: event, priority: entry.priority, stanza: stanza) {
+                case .pass:
+                    continue
+                case .drop:
+                    return .handled
+                case .error(let condition, let text):
+                    return .reject(StanzaErrorCondition(rawValue: condition) ?? .notAcceptable, text: text)
+                case .modify(let attributes, let body):
+                    stanza = Self.apply(attributes: attributes, body: body, to: stanza)
+                    modified = true
+                case .failed(let message):
+                    services.report(script: state.script.path, message)
+                    if state.script.failClosed { return .reject(.policyViolation, text: nil) }
+                }
+            }
+        }
+        return modified ? .modify(stanza) : .pass
+    }
+
+    private static func apply(attributes: [String: String], body: String?, to stanza: XMLElement) -> XMLElement {
+        var result = stanza
+        for attribute in stanza.attributes where attributes[attribute.qualifiedName] == nil {
+            result[attribute: attribute.qualifiedName] = nil
+        }
+        for (name, value) in attributes.sorted(by: { $0.key < $1.key }) where result[attribute: name] != value {
+            result[attribute: name] = value
+        }
+        let hadBody = stanza.child("body") != nil
+        if hadBody || body != nil {
+            result.children.removeAll { if case .element(let child) = $0 { return child.name == "body" } else { return false } }
+            if let body {
+                var element = XMLElement(name: "body", namespace: stanza.namespace)
+                element.children = [.text(body)]
+                result.children.insert(.element(element), at: 0)
+            }
+        }
+        return result
+    }
+}
+
+/// Logging and the shared key/value store behind `starling.*`, one per module instance: every thread's
+/// state of a script sees the same values and counters, and they survive reloads.
+public final class LuaServices: LuaScriptServices, Sendable {
+    private struct Entry: Sendable {
+        var value: LuaStoredValue?
+        var expires: Double?
+        var count = 0
+        var windowStart = 0.0
+    }
+
+    private let sink: @Sendable (ModuleLogLevel, String) -> Void
+    private let entries = ShardedDictionary<String, Entry>()
+    /// Errors are reported at most once per script every few seconds, with how many were suppressed.
+    private let lastReport = ShardedDictionary<String, (time: Double, suppressed: Int)>()
+
+    /// `log` receives what scripts log and their errors.
+    public init(log: @escaping @Sendable (ModuleLogLevel, String) -> Void) {
+        sink = log
+    }
+
+    private static var now: Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+    public func log(script: String, level: String, message: String) {
+        sink(ModuleLogLevel(rawValue: level) ?? .info, "lua \(script): \(message)")
+    }
+
+    public func value(script: String, key: String) -> LuaStoredValue? {
+        let now = Self.now
+        return entries.withValue(for: script + "\u{0}" + key) { entry in
+            if let expires = entry?.expires, expires <= now { entry = nil }
+            return entry?.value
+        }
+    }
+
+    public func setValue(script: String, key: String, value: LuaStoredValue?, ttl: Double?) {
+        let now = Self.now
+        entries.withValue(for: script + "\u{0}" + key) { entry in
+            entry = value.map { Entry(value: $0, expires: ttl.map { now + $0 }) }
+        }
+    }
+
+    public func increment(script: String, key: String, window: Double) -> Int {
+        let now = Self.now
+        return entries.withValue(for: script + "\u{1}" + key) { entry in
+            var counter = entry ?? Entry(windowStart: now)
+            if now - counter.windowStart >= window {
+                counter.count = 0
+                counter.windowStart = now
+            }
+            counter.count += 1
+            counter.expires = counter.windowStart + window
+            entry = counter
+            return counter.count
+        }
+    }
+
+    /// Logs a script failure, at most once per script every 5 seconds (saying how many were not shown).
+    public func report(script: String, _ message: String) {
+        let now = Self.now
+        let suppressed: Int? = lastReport.withValue(for: script) { last in
+            if let previous = last, now - previous.time < 5 {
+                last = (previous.time, previous.suppressed + 1)
+                return nil
+            }
+            let count = last?.suppressed ?? 0
+            last = (now, 0)
+            return count
+        }
+        guard let suppressed else { return }
+        sink(.error, "lua \(script): \(message)" + (suppressed > 0 ? " (\(suppressed) similar errors not shown)" : ""))
+    }
+}

@@ -1,0 +1,348 @@
+private import CLua
+import Foundation
+public import StarlingAPI
+
+/// One Lua hook script as read from disk.
+public struct LuaScript: Sendable, Equatable {
+    /// The path as configured (used in messages: errors name it with the line).
+    public var path: String
+    public var source: String
+    /// When the script fails (error, budget, memory), refuse the stanza instead of letting it pass.
+    public var failClosed: Bool
+
+    public init(path: String, source: String, failClosed: Bool) {
+        self.path = path
+        self.source = source
+        self.failClosed = failClosed
+    }
+}
+
+/// What one script's handlers decided about a stanza.
+public enum LuaVerdict: Equatable, Sendable {
+    case pass
+    case drop
+    case error(condition: String, text: String?)
+    /// The handler changed the stanza table: its attributes (all of them, as the script left them) and
+    /// body (nil when it removed the body).
+    case modify(attributes: [String: String], body: String?)
+    /// The script failed: the message names file and line where Lua knows them.
+    case failed(String)
+}
+
+/// Limits every script runs under.
+public struct LuaLimits: Sendable, Equatable {
+    /// Lua VM instructions one hook call may run before it is stopped.
+    public var instructions: Int
+    /// Bytes one script's state may allocate.
+    public var memory: Int
+    /// Longest string the pattern functions (find, match, gmatch, gsub) accept: they run inside C,
+    /// where the instruction budget cannot stop them.
+    public var patternSubject: Int
+
+    public init(instructions: Int = 1_000_000, memory: Int = 8 << 20, patternSubject: Int = 16_384) {
+        self.instructions = instructions
+        self.memory = memory
+        self.patternSubject = patternSubject
+    }
+}
+
+/// Services a script's `starling.*` functions reach: logging and the per-script key/value store. One per
+/// script, shared by that script's states on every thread.
+public protocol LuaScriptServices: AnyObject, Sendable {
+    func log(script: String, level: String, message: String)
+    func value(script: String, key: String) -> LuaStoredValue?
+    func setValue(script: String, key: String, value: LuaStoredValue?, ttl: Double?)
+    /// Adds one to the counter `key` in the current window of `window` seconds and returns its count.
+    func increment(script: String, key: String, window: Double) -> Int
+}
+
+public enum LuaStoredValue: Sendable, Equatable {
+    case number(Double)
+    case string(String)
+    case boolean(Bool)
+}
+
+/// One script in one sandboxed `lua_State`. Not thread-safe: each thread that runs hooks has its own
+/// (see `LuaHooks`), so no lock is taken on the stanza path.
+public final class LuaScriptState {
+    public let script: LuaScript
+    /// Event name → the priorities the script registered handlers at.
+    public let handlers: [String: Set<Int>]
+    private let state: OpaquePointer
+    private let limits: UnsafeMutablePointer<starling_lua_limits>
+    private let bridge: LuaBridge
+    private let instructionBudget: Int
+
+    /// Opens the sandbox and runs the script's top level. Throws the error (with file and line) if the
+    /// script does not compile or its top level fails.
+    public init(script: LuaScript, limits: LuaLimits, services: any LuaScriptServices) throws(LuaScriptError) {
+        let accounting = UnsafeMutablePointer<starling_lua_limits>.allocate(capacity: 1)
+        accounting.initialize(to: starling_lua_limits(used: 0, cap: limits.memory))
+        let bridge = LuaBridge(script: script.path, services: services)
+        let prelude = Self.prelude(patternSubject: limits.patternSubject)
+        var error: UnsafeMutablePointer<CChar>?
+        let opened: OpaquePointer? = prelude.withCString { preludePointer in
+            script.source.withCString { sourcePointer in
+                ("@" + script.path).withCString { chunkName in
+                    LuaBridge.functionNames.withCStringArray { names in
+                        var open = starling_lua_open(
+                            function: luaSwiftFunction,
+                            context: Unmanaged.passUnretained(bridge).toOpaque(),
+                            function_names: names,
+                            function_count: Int32(LuaBridge.functionNames.count),
+                            prelude: starling_lua_string(data: preludePointer, length: prelude.utf8.count),
+                            script: starling_lua_string(data: sourcePointer, length: script.source.utf8.count),
+                            chunk_name: chunkName
+                        )
+                        return starling_lua_open_state(accounting, &open, lua_Integer(limits.instructions), &error)
+                    }
+                }
+            }
+        }
+        guard let opened else {
+            let message = error.map { String(cString: $0) } ?? "the script could not be loaded"
+            free(error)
+            accounting.deallocate()
+            throw LuaScriptError(message: message)
+        }
+        self.script = script
+        self.instructionBudget = limits.instructions
+        self.limits = accounting
+        self.bridge = bridge
+        state = opened
+        var registered: [String: Set<Int>] = [:]
+        if let list = starling_lua_handlers(opened) {
+            for line in String(cString: list).split(separator: "\n") {
+                let parts = line.split(separator: " ")
+                if parts.count == 2, let priority = Int(parts[1]) { registered[String(parts[0]), default: []].insert(priority) }
+            }
+            free(list)
+        }
+        handlers = registered
+    }
+
+    deinit {
+        lua_close(state)
+        limits.deallocate()
+    }
+
+    /// Bytes the state holds now.
+    public var memoryInUse: Int { limits.pointee.used }
+
+    /// Runs the script's handlers for `event` registered at `priority` on `stanza`.
+    public func call(event: String, priority: Int, stanza: XMLElement) -> LuaVerdict {
+        var strings: [String] = [event, stanza.name]
+        for attribute in stanza.attributes { strings += [attribute.qualifiedName, attribute.value] }
+        let body = stanza.child("body")?.text
+        if let body { strings.append(body) }
+        let attributeCount = stanza.attributes.count
+        return strings.withLuaStrings { values in
+            var call = starling_lua_call()
+            call.event = values[0]
+            call.priority = lua_Integer(priority)
+            call.name = values[1]
+            call.attribute_count = Int32(attributeCount)
+            do {
+                call.attributes = UnsafePointer(values.baseAddress! + 2)
+                if body != nil {
+                    call.body = values[2 + attributeCount * 2]
+                    call.has_body = 1
+                }
+                defer { starling_lua_call_free(&call) }
+                let status = starling_lua_invoke(state, &call, lua_Integer(instructionBudget))
+                if status != 0 {
+                    let message = call.error.map { String(cString: $0) } ?? "error"
+                    return .failed(status == LUA_ERRMEM ? "\(script.path): memory limit of \(limits.pointee.cap) bytes reached (\(message))" : message)
+                }
+                switch call.verdict {
+                case 1: return .drop
+                case 2: return .error(condition: call.condition.map { String(cString: $0) } ?? "not-acceptable", text: call.text.map { String(cString: $0) })
+                case 3:
+                    var attributes: [String: String] = [:]
+                    for index in 0..<Int(call.result_attribute_count) {
+                        guard let name = call.result_attributes[index * 2], let value = call.result_attributes[index * 2 + 1] else { continue }
+                        attributes[String(cString: name)] = String(cString: value)
+                    }
+                    return .modify(attributes: attributes, body: call.result_has_body != 0 ? call.result_body.map { String(cString: $0) } : nil)
+                default: return .pass
+                }
+            }
+        }
+    }
+
+    /// Runs before every script: `starling.hook`, the dispatcher the C side calls, a `print` that logs,
+    /// and pattern functions that refuse subjects the instruction budget could not stop.
+    static func prelude(patternSubject: Int) -> String {
+        """
+        local known = {}
+        for _, name in ipairs({\(LuaHooks.events.map { "\"\($0)\"" }.joined(separator: ", "))}) do known[name] = true end
+        local handlers, order = {}, 0
+        function starling.hook(event, priority, fn)
+          if type(priority) == "function" then fn, priority = priority, 0 end
+          if not known[event] then error("unknown event '" .. tostring(event) .. "'", 2) end
+          if type(fn) ~= "function" then error("starling.hook needs a function", 2) end
+          if math.type(priority) ~= "integer" then error("the priority must be an integer", 2) end
+          order = order + 1
+          local list = handlers[event] or {}
+          list[#list + 1] = {priority = priority, fn = fn, order = order}
+          table.sort(list, function(a, b)
+            if a.priority ~= b.priority then return a.priority > b.priority end
+            return a.order < b.order
+          end)
+          handlers[event] = list
+        end
+        function __starling_dispatch(event, priority, stanza)
+          local modified = false
+          for _, handler in ipairs(handlers[event] or {}) do
+            if handler.priority == priority then
+              local verdict, a, b = handler.fn(stanza)
+              if verdict == "modify" then
+                modified = true
+                if type(a) == "table" then stanza = a end
+              elseif verdict == "drop" then return "drop"
+              elseif verdict == "error" then return "error", a or "not-acceptable", b
+              elseif verdict ~= nil and verdict ~= "pass" then
+                error("a handler for " .. event .. " returned '" .. tostring(verdict) .. "': expected pass, drop, error or modify", 0)
+              end
+            end
+          end
+          if modified then return "modify", stanza end
+          return "pass"
+        end
+        function __starling_handler_list()
+          local lines = {}
+          for event, list in pairs(handlers) do
+            for _, handler in ipairs(list) do lines[#lines + 1] = event .. " " .. handler.priority end
+          end
+          return table.concat(lines, "\\n")
+        end
+        local limit = \(patternSubject)
+        for _, name in ipairs({"find", "match", "gmatch", "gsub"}) do
+          local original = string[name]
+          string[name] = function(s, ...)
+            if type(s) == "string" and #s > limit then
+              error("string." .. name .. ": subject longer than " .. limit .. " bytes", 2)
+            end
+            return original(s, ...)
+          end
+        end
+        function print(...)
+          local parts = {}
+          for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end
+          starling.log("info", table.concat(parts, " "))
+        end
+        """
+    }
+}
+
+public struct LuaScriptError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public var description: String { message }
+}
+
+/// The context the C dispatcher hands back to Swift for `starling.*` calls.
+final class LuaBridge {
+    static let functionNames = ["log", "get", "set", "incr", "now"]
+
+    let script: String
+    let services: any LuaScriptServices
+    /// Holds a returned string until the C side has pushed it onto the Lua stack.
+    private var scratch: [CChar] = []
+
+    init(script: String, services: any LuaScriptServices) {
+        self.script = script
+        self.services = services
+    }
+
+    /// Returns 0, or -1 with the message in `result`; never touches the Lua state.
+    fileprivate func call(_ selector: Int32, _ arguments: [String?], _ result: inout starling_lua_value) -> Int32 {
+        func argument(_ index: Int) -> String? { index < arguments.count ? arguments[index] : nil }
+        switch selector {
+        case 0:
+            services.log(script: script, level: argument(0) ?? "info", message: argument(1) ?? "")
+        case 1:
+            guard let key = argument(0) else { return fail("starling.get needs a key", &result) }
+            set(services.value(script: script, key: key), &result)
+        case 2:
+            guard let key = argument(0) else { return fail("starling.set needs a key", &result) }
+            let value = argument(1).map { text in Double(text).map(LuaStoredValue.number) ?? .string(text) }
+            services.setValue(script: script, key: key, value: value, ttl: argument(2).flatMap(Double.init))
+        case 3:
+            guard let key = argument(0), let window = argument(1).flatMap(Double.init), window > 0 else {
+                return fail("starling.incr needs a key and a window in seconds", &result)
+            }
+            result.kind = 1
+            result.number = Double(services.increment(script: script, key: key, window: window))
+        case 4:
+            result.kind = 1
+            result.number = Date().timeIntervalSince1970
+        default:
+            return fail("unknown function", &result)
+        }
+        return 0
+    }
+
+    fileprivate func set(_ value: LuaStoredValue?, _ result: inout starling_lua_value) {
+        switch value {
+        case .number(let number)?:
+            result.kind = 1
+            result.number = number
+        case .boolean(let flag)?:
+            result.kind = 3
+            result.number = flag ? 1 : 0
+        case .string(let text)?:
+            scratch = Array(text.utf8CString)
+            result.kind = 2
+            result.length = text.utf8.count
+            result.data = scratch.withUnsafeBufferPointer { UnsafePointer($0.baseAddress!) }
+        case nil:
+            result.kind = 0
+        }
+    }
+
+    fileprivate func fail(_ message: String, _ result: inout starling_lua_value) -> Int32 {
+        scratch = Array(message.utf8CString)
+        result.kind = -1
+        result.length = message.utf8.count
+        result.data = scratch.withUnsafeBufferPointer { UnsafePointer($0.baseAddress!) }
+        return -1
+    }
+}
+
+/// The C dispatcher's way back into Swift. It only converts arguments and results; the Lua state is
+/// never touched from Swift here, so no Lua error can unwind through a Swift frame.
+private let luaSwiftFunction: starling_lua_swift_function = { context, selector, arguments, count, result in
+    let bridge = Unmanaged<LuaBridge>.fromOpaque(context!).takeUnretainedValue()
+    var strings: [String?] = []
+    for index in 0..<Int(count) {
+        let argument = arguments![index]
+        strings.append(argument.data.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: argument.length), as: UTF8.self) })
+    }
+    return bridge.call(selector, strings, &result!.pointee)
+}
+
+private extension Array where Element == String {
+    /// The strings as C strings for the duration of `body`.
+    func withCStringArray<Result>(_ body: (UnsafePointer<UnsafePointer<CChar>?>) -> Result) -> Result {
+        let copies = map { strdup($0) }
+        defer { copies.forEach { free($0) } }
+        let pointers = copies.map { UnsafePointer($0) }
+        return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
+    }
+
+    /// The strings as (pointer, length) pairs for the duration of `body`.
+    func withLuaStrings<Result>(_ body: (UnsafeMutableBufferPointer<starling_lua_string>) -> Result) -> Result {
+        let joined = joined()
+        return joined.utf8CString.withUnsafeBufferPointer { bytes in
+            var offset = 0
+            var values: [starling_lua_string] = []
+            values.reserveCapacity(count)
+            for string in self {
+                let length = string.utf8.count
+                values.append(starling_lua_string(data: bytes.baseAddress! + offset, length: length))
+                offset += length
+            }
+            return values.withUnsafeMutableBufferPointer { body($0) }
+        }
+    }
+}

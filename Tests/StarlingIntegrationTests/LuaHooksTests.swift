@@ -1,0 +1,186 @@
+import Foundation
+import StarlingAPI
+import StarlingTestClient
+import XCTest
+
+/// Lua hook scripts on the real server: the examples do what they say, failing scripts are contained
+/// and reported, and reloading scripts under traffic loses nothing.
+final class LuaHooksTests: XCTestCase {
+    static let users = (1...4).map { ("l\($0)", "pw\($0)") }
+
+    /// The repository's examples/lua, so the shipped examples are the ones tested.
+    static func example(_ name: String) throws -> String {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        return try String(contentsOf: root.appendingPathComponent("examples/lua/\(name)"), encoding: .utf8)
+    }
+
+    static let misbehaving = """
+    starling.hook("message-in", 10, function(stanza)
+      if stanza.body == "loop" then
+        while true do end
+      elseif stanza.body == "bomb" then
+        local s, hoard = "x", {}
+        while true do s = s .. s; hoard[#hoard + 1] = s end
+      elseif stanza.body == "crash" then
+        return stanza.missing.field
+      end
+    end)
+    """
+
+    static func probe(_ version: String) -> String {
+        """
+        starling.hook("message-out", function(stanza)
+          if stanza.body == "probe" then
+            stanza.body = "probe:\(version)"
+            return "modify"
+          end
+        end)
+        """
+    }
+
+    private func login(_ server: ServerProcess, _ number: Int) async throws -> TestClient {
+        try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct,
+                                   username: "l\(number)", password: "pw\(number)", resource: "r")
+    }
+
+    private static let modules = """
+    modules:
+      disco: {}
+      ping: {}
+      roster: {}
+      presence: {}
+    """
+
+    /// The next message (skipping presence and anything else) within `timeout`.
+    private func nextMessage(_ client: TestClient, timeout: Double = 10) async throws -> XMLElement {
+        let event = try await client.waitFor(timeout: timeout, "a message") { event in
+            if case .element(let element) = event { return element.name == "message" }
+            return false
+        }
+        guard case .element(let element) = event else { throw TestClientError.unexpected("\(event)") }
+        return element
+    }
+
+    private func send(_ client: TestClient, to: String, _ body: String) {
+        var message = XMLElement(name: "message", namespace: Namespace.client, attributes: ["to": to, "type": "chat"])
+        var element = XMLElement(name: "body", namespace: Namespace.client)
+        element.children = [.text(body)]
+        message.append(element)
+        client.send(message)
+    }
+
+    func testExamplesWorkAndFailingScriptsAreContained() async throws {
+        let server = try ServerProcess(extraConfig: Self.modules + "\n" + """
+          lua:
+            scripts: [hooks/spam_filter.lua, hooks/rate_limit.lua, hooks/misbehaving.lua]
+            instruction_limit: 100000
+            memory_limit: 4194304
+        """, users: Self.users, files: [
+            "hooks/spam_filter.lua": try Self.example("spam_filter.lua"),
+            "hooks/rate_limit.lua": try Self.example("rate_limit.lua"),
+            "hooks/misbehaving.lua": Self.misbehaving,
+        ])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice = try await login(server, 1)
+        let bob = try await login(server, 2)
+
+        // Spam is refused with the filter's reason; bob never sees it.
+        send(alice, to: "l2@localhost", "Claim your CASINO BONUS today")
+        let refused = try await nextMessage(alice)
+        XCTAssertEqual(refused[attribute: "type"], "error")
+        XCTAssertNotNil(refused.child("error")?.child("policy-violation"))
+        XCTAssertEqual(refused.child("error")?.child("text")?.text, "message refused by the spam filter")
+
+        // The rate limit: five messages in its window pass (the refused spam never reached it), the sixth
+        // is refused with resource-constraint.
+        for index in 1...6 { send(alice, to: "l2@localhost", "hello \(index)") }
+        for index in 1...5 {
+            let body = try await nextMessage(bob).child("body")?.text
+            XCTAssertEqual(body, "hello \(index)")
+        }
+        let limited = try await nextMessage(alice)
+        XCTAssertEqual(limited[attribute: "type"], "error")
+        XCTAssertNotNil(limited.child("error")?.child("resource-constraint"), "\(limited)")
+
+        // An endless loop, a memory bomb and a runtime error (from bob, whose own count is low): each is
+        // stopped, logged with file and line where Lua knows them, and the message passes (the script
+        // fails open).
+        for body in ["loop", "bomb", "crash"] {
+            send(bob, to: "l1@localhost", body)
+            let delivered = try await nextMessage(alice)
+            XCTAssertEqual(delivered.child("body")?.text, body)
+            if body != "crash" { try await Task.sleep(for: .seconds(5.1)) } // one error report per script every 5 s
+        }
+        try await Task.sleep(for: .milliseconds(200))
+        let log = server.log
+        XCTAssertTrue(log.contains("hooks/misbehaving.lua:3: instruction budget exceeded"), log)
+        XCTAssertTrue(log.contains("hooks/misbehaving.lua: memory limit"), log)
+        XCTAssertTrue(log.contains("hooks/misbehaving.lua:8: attempt to index a nil value"), log)
+
+        // The server and other sessions are unharmed.
+        send(bob, to: "l1@localhost", "still here")
+        let aliceGot = try await nextMessage(alice).child("body")?.text
+        XCTAssertEqual(aliceGot, "still here")
+        XCTAssertEqual(try server.ctl(["connected-users"]).1.split(separator: "\n").count, 2)
+    }
+
+    func testReloadingUnderTrafficLosesNothingAndABrokenScriptChangesNothing() async throws {
+        let server = try ServerProcess(extraConfig: Self.modules + "\n" + """
+          lua:
+            scripts: [hooks/probe.lua]
+        """, users: Self.users, files: ["hooks/probe.lua": Self.probe("v1")])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice = try await login(server, 3)
+        let bob = try await login(server, 4)
+
+        // A continuous stream of messages from alice to bob while the scripts are reloaded three times.
+        let total = 600
+        let sender = Task {
+            for index in 0..<total {
+                send(alice, to: "l4@localhost", "m\(index)")
+                if index % 20 == 0 { try await Task.sleep(for: .milliseconds(5)) }
+            }
+        }
+        try await Task.sleep(for: .milliseconds(30))
+        try server.write(Self.probe("v2"), to: "hooks/probe.lua")
+        let (reloaded, output) = try server.ctl(["reload-hooks"])
+        XCTAssertEqual(reloaded, 0, output)
+        XCTAssertTrue(output.contains("localhost: 1 script(s) loaded"), output)
+
+        try server.write("starling.hook('message-out', function(stanza)\n  return 'pass'\n", to: "hooks/probe.lua")
+        let (broken, error) = try server.ctl(["reload-hooks"])
+        XCTAssertNotEqual(broken, 0)
+        XCTAssertTrue(error.contains("hooks/probe.lua:3:"), error)
+        XCTAssertTrue(error.contains("the previous hooks keep running"), error)
+        try await sender.value
+
+        var received = Set<String>()
+        while received.count < total {
+            let message = try await nextMessage(bob)
+            if let body = message.child("body")?.text, body.hasPrefix("m") { received.insert(body) }
+        }
+        XCTAssertEqual(received.count, total)
+
+        // v2 is running (the broken v3 changed nothing)...
+        send(alice, to: "l4@localhost", "probe")
+        let bobGot = try await nextMessage(bob).child("body")?.text
+        XCTAssertEqual(bobGot, "probe:v2")
+        // ...until SIGHUP loads v4.
+        try server.write(Self.probe("v4"), to: "hooks/probe.lua")
+        kill(server.process.processIdentifier, SIGHUP)
+        var body: String?
+        for _ in 0..<50 {
+            try await Task.sleep(for: .milliseconds(100))
+            send(alice, to: "l4@localhost", "probe")
+            body = try await nextMessage(bob).child("body")?.text
+            if body == "probe:v4" { break }
+        }
+        XCTAssertEqual(body, "probe:v4")
+        XCTAssertTrue(server.log.contains("SIGHUP: hooks reloaded"), server.log)
+
+        // Both sessions are still up: neither was dropped by the reloads.
+        send(bob, to: "l3@localhost", "done")
+        let aliceGot = try await nextMessage(alice).child("body")?.text
+        XCTAssertEqual(aliceGot, "done")
+    }
+}
