@@ -150,7 +150,7 @@ let package = Package(
         .executableTarget(
             name: "starling-bench",
             dependencies: [
-                "StarlingTestClient", "StarlingSQLite", "StarlingPostgres", "StarlingServer", "StarlingConfig", "StarlingSASL", "StarlingModules",
+                "StarlingTestClient", "StarlingSQLite", "StarlingPostgres", "StarlingServer", "StarlingConfig", "StarlingSASL", "StarlingModules", "StarlingLua",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -29,6 +29,9 @@ public final class LuaHooks: ServerModule, ReloadableModule {
         "message-offline", "session-bound", "session-closed",
     ]
 
+    private static let inbound = ["message": ["stanza-in", "message-in"], "presence": ["stanza-in", "presence-in"], "iq": ["stanza-in", "iq-in"]]
+    private static let outbound = ["message": ["stanza-out", "message-out"], "presence": ["stanza-out", "presence-out"], "iq": ["stanza-out", "iq-out"]]
+
     /// One loaded set of scripts. Threads compare `number` with their own copy to see a reload.
     final class Generation: Sendable {
         let number: Int
@@ -90,10 +93,10 @@ public final class LuaHooks: ServerModule, ReloadableModule {
 
     public func register(_ registrar: ModuleRegistrar) {
         registrar.hook(.stanzaFromClient, priority: priority) { [self] event in
-            run(["stanza-in", "\(event.stanza.name)-in"], event.stanza)
+            run(Self.inbound[event.stanza.name] ?? ["stanza-in"], event.stanza)
         }
         registrar.hook(.stanzaToUser, priority: priority) { [self] event in
-            run(["stanza-out", "\(event.stanza.name)-out"], event.stanza)
+            run(Self.outbound[event.stanza.name] ?? ["stanza-out"], event.stanza)
         }
         registrar.hook(.messageUndeliverable, priority: priority) { [self] event in
             run(["message-offline"], event.stanza)

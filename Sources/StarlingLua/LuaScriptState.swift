@@ -330,19 +330,27 @@ private extension Array where Element == String {
         return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
     }
 
-    /// The strings as (pointer, length) pairs for the duration of `body`.
+    /// The strings as (pointer, length) pairs into one buffer, for the duration of `body`.
     func withLuaStrings<Result>(_ body: (UnsafeMutableBufferPointer<starling_lua_string>) -> Result) -> Result {
-        let joined = joined()
-        return joined.utf8CString.withUnsafeBufferPointer { bytes in
-            var offset = 0
-            var values: [starling_lua_string] = []
-            values.reserveCapacity(count)
-            for string in self {
-                let length = string.utf8.count
-                values.append(starling_lua_string(data: bytes.baseAddress! + offset, length: length))
-                offset += length
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(reduce(0) { $0 + $1.utf8.count })
+        var lengths: [Int] = []
+        lengths.reserveCapacity(count)
+        for string in self {
+            bytes.append(contentsOf: string.utf8)
+            lengths.append(string.utf8.count)
+        }
+        return bytes.withUnsafeBufferPointer { buffer in
+            buffer.withMemoryRebound(to: CChar.self) { characters in
+                var offset = 0
+                var values: [starling_lua_string] = []
+                values.reserveCapacity(lengths.count)
+                for length in lengths {
+                    values.append(starling_lua_string(data: characters.baseAddress.map { $0 + offset }, length: length))
+                    offset += length
+                }
+                return values.withUnsafeMutableBufferPointer { body($0) }
             }
-            return values.withUnsafeMutableBufferPointer { body($0) }
         }
     }
 }

@@ -1,17 +1,19 @@
 import ArgumentParser
+import Dispatch
 import Foundation
 import Logging
 import StarlingSQLite
 import StarlingPostgres
 import StarlingStorage
 import StarlingAPI
+import StarlingLua
 
 @main
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starling-bench",
         abstract: "Load scenarios against a starling it starts (release build) or any XMPP server given with --target. Prints one JSON line per run.",
-        subcommands: [Idle.self, Chat.self, Storm.self, OfflineStoreThroughput.self]
+        subcommands: [Idle.self, Chat.self, Storm.self, OfflineStoreThroughput.self, HookCost.self]
     )
 }
 
@@ -58,5 +60,37 @@ struct OfflineStoreThroughput: AsyncParsableCommand {
         await store.close()
         try printResult(["scenario": "offline-store", "backend": backend, "messages": messages,
                          "concurrency": concurrency, "seconds": seconds, "messages_per_second": Double(messages) / seconds])
+    }
+}
+
+/// What one hook costs per stanza, measured in process: a no-op Lua handler (the whole path: marshalling
+/// the stanza, the sandboxed call, reading the verdict) against a no-op Swift hook closure.
+struct HookCost: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "hook-cost", abstract: "Nanoseconds per call of a no-op Lua hook and a no-op Swift hook.")
+
+    @Option(help: "Calls to time.") var calls = 1_000_000
+
+    func run() throws {
+        var stanza = XMLElement(name: "message", namespace: Namespace.client, attributes: [
+            "from": "romeo@example.com/orchard", "to": "juliet@example.com", "type": "chat", "id": "m1",
+        ])
+        var body = XMLElement(name: "body", namespace: Namespace.client)
+        body.children = [.text("Wherefore art thou, Romeo?")]
+        stanza.append(body)
+        let lua = try LuaScriptState(script: LuaScript(path: "noop.lua", source: "starling.hook('message-in', function(stanza) end)", failClosed: false),
+                                     limits: LuaLimits(), services: LuaServices { _, _ in })
+        let swiftHook: @Sendable (StanzaEvent) -> HookResult = { _ in .pass }
+        let origin = JID("romeo@example.com/orchard")
+
+        func time(_ body: () -> Void) -> Double {
+            let start = DispatchTime.now().uptimeNanoseconds
+            for _ in 0..<calls { body() }
+            return Double(DispatchTime.now().uptimeNanoseconds - start) / Double(calls)
+        }
+        var passes = 0
+        let luaNanoseconds = time { if lua.call(event: "message-in", priority: 0, stanza: stanza) == .pass { passes += 1 } }
+        let swiftNanoseconds = time { if case .pass = swiftHook(StanzaEvent(stanza: stanza, origin: origin)) { passes += 1 } }
+        guard passes == calls * 2 else { throw ValidationError("a no-op hook did not pass") }
+        try printResult(["scenario": "hook-cost", "calls": calls, "lua_noop_ns_per_call": luaNanoseconds, "swift_noop_ns_per_call": swiftNanoseconds])
     }
 }

@@ -19,6 +19,8 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-1.") var mechanism = "PLAIN"
     @Option(help: "The starling executable to start (default: next to this tool).") var server: String?
     @Option(help: "Event-loop threads of the generator.") var threads = 1
+    @Option(help: "A YAML file appended to the config of the starling this tool starts (a modules: section, say; use absolute paths).")
+    var serverConfig: String?
     @Flag(help: "Create each account by in-band registration (XEP-0077) before logging in (for --target servers).") var register = false
     @Option(help: "Spread connections over source addresses 127.0.0.1 ... 127.0.0.N (each holds ~28k ports).") var sourceAddresses = 1
 
@@ -78,6 +80,7 @@ final class ServerUnderTest {
           required: \(options.tls != .none)
         auth:
           plain_without_tls: true
+        \(try options.serverConfig.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? "")
         """.write(toFile: configPath, atomically: true, encoding: .utf8)
         let configuration = try StarlingConfiguration.load(path: configPath, moduleCatalog: BuiltinModules.descriptors)
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
