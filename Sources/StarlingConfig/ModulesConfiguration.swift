@@ -11,9 +11,10 @@ extension StarlingConfiguration {
     /// Reads `modules:` (every host) and `host_modules:` (a host's own set, replacing `modules:` there):
     /// mappings from module name to its options (`{}` for defaults). Unknown modules, missing
     /// dependencies, unknown hosts and bad options fail here, with file and line.
-    static func readModules(_ top: ConfigSection, hosts: [String], catalog: [ModuleDescriptor]) throws(ConfigError) -> (all: [ModuleConfiguration], perHost: [String: [ModuleConfiguration]]) {
+    /// `leavingOut`: plugin modules that could not be loaded; they are skipped, not errors.
+    static func readModules(_ top: ConfigSection, hosts: [String], catalog: [ModuleDescriptor], leavingOut: Set<String> = []) throws(ConfigError) -> (all: [ModuleConfiguration], perHost: [String: [ModuleConfiguration]]) {
         let section = try top.section("modules", doc: "Modules enabled on every host, each with its options. Default: \(defaultModules.joined(separator: ", ")).")
-        let all = try readModuleSet(section, catalog: catalog, defaults: defaultModules)
+        let all = try readModuleSet(section, catalog: catalog, defaults: defaultModules, leavingOut: leavingOut)
         let hostSection = try top.section("host_modules", doc: "Per host, a module set that replaces `modules` on that host (same format).")
         var perHost: [String: [ModuleConfiguration]] = [:]
         for (key, _) in hostSection.node?.mapping ?? [:] {
@@ -21,13 +22,13 @@ extension StarlingConfiguration {
             guard let domain = JID(host)?.domainpart, hosts.contains(domain) else {
                 throw hostSection.error(host, "not one of the configured hosts (\(hosts.joined(separator: ", ")))", at: key)
             }
-            perHost[domain] = try readModuleSet(try hostSection.section(host, doc: "modules of \(host)"), catalog: catalog, defaults: [])
+            perHost[domain] = try readModuleSet(try hostSection.section(host, doc: "modules of \(host)"), catalog: catalog, defaults: [], leavingOut: leavingOut)
         }
         try hostSection.rejectUnknownKeys()
         return (all, perHost)
     }
 
-    private static func readModuleSet(_ section: ConfigSection, catalog: [ModuleDescriptor], defaults: [String]) throws(ConfigError) -> [ModuleConfiguration] {
+    private static func readModuleSet(_ section: ConfigSection, catalog: [ModuleDescriptor], defaults: [String], leavingOut: Set<String>) throws(ConfigError) -> [ModuleConfiguration] {
         let byName = Dictionary(uniqueKeysWithValues: catalog.map { ($0.name, $0) })
         var names: [String] = []
         if section.node == nil {
@@ -36,7 +37,7 @@ extension StarlingConfiguration {
             for (key, _) in section.node?.mapping ?? [:] { names.append(key.string ?? "") }
         }
         var result: [ModuleConfiguration] = []
-        for name in names {
+        for name in names where !leavingOut.contains(name) {
             guard let descriptor = byName[name] else {
                 throw section.error(name, "unknown module (available: \(byName.keys.sorted().joined(separator: ", ")))", at: section.keyNode(name))
             }
@@ -50,7 +51,7 @@ extension StarlingConfiguration {
         }
         let enabled = Set(result.map(\.name))
         for module in result {
-            for dependency in byName[module.name]!.dependencies where !enabled.contains(dependency) {
+            for dependency in byName[module.name]!.dependencies where !enabled.contains(dependency) && !leavingOut.contains(dependency) {
                 throw section.error(module.name, "needs module '\(dependency)', which is not enabled", at: section.keyNode(module.name))
             }
         }

@@ -83,6 +83,10 @@ public struct StarlingConfiguration: Sendable, Equatable {
     public var modules: [ModuleConfiguration]
     /// Hosts with a module set of their own (`host_modules:`).
     public var hostModules: [String: [ModuleConfiguration]]
+    /// Plugin modules (`plugins:`): module name → shared library path, resolved.
+    public var plugins: [String: String] = [:]
+    /// Plugins that could not be loaded, with the reason; their modules are left out.
+    public var pluginFailures: [String: String] = [:]
 
     /// The modules enabled on `host`.
     public func modules(for host: String) -> [ModuleConfiguration] {
@@ -138,15 +142,21 @@ public struct StarlingConfiguration: Sendable, Equatable {
 
     /// Reads and validates `path`. Every problem is a `ConfigError` naming file, line and key.
     /// - Parameter moduleCatalog: the modules that exist (built in, or loadable), to validate `modules:`.
-    public static func load(path: String, moduleCatalog: [ModuleDescriptor]) throws(ConfigError) -> StarlingConfiguration {
+    /// - Parameter loadPlugin: loads the plugin at a path and returns its module's descriptor. Without
+    ///   it (starlingctl, which runs no modules) plugin modules are left out unchecked.
+    public static func load(path: String, moduleCatalog: [ModuleDescriptor], loadPlugin: PluginDescriptorLoader? = nil) throws(ConfigError) -> StarlingConfiguration {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
             throw ConfigError(file: path, line: nil, key: nil, message: "cannot read: \(error.localizedDescription)")
         }
-        return try parse(yaml: text, file: path, moduleCatalog: moduleCatalog)
+        return try parse(yaml: text, file: path, moduleCatalog: moduleCatalog, loadPlugin: loadPlugin)
     }
 
-    public static func parse(yaml: String, file: String, moduleCatalog: [ModuleDescriptor], reference: ConfigReference = ConfigReference()) throws(ConfigError) -> StarlingConfiguration {
+    /// Loads a plugin (module name, resolved path) and returns its module's descriptor.
+    public typealias PluginDescriptorLoader = (_ name: String, _ path: String) throws -> ModuleDescriptor
+
+    public static func parse(yaml: String, file: String, moduleCatalog: [ModuleDescriptor], reference: ConfigReference = ConfigReference(),
+                             loadPlugin: PluginDescriptorLoader? = nil) throws(ConfigError) -> StarlingConfiguration {
         let root: Node?
         do { root = try Yams.compose(yaml: yaml) } catch let error as YamlError {
             throw ConfigError(file: file, line: Self.line(of: error), key: nil, message: "YAML syntax error: \(Self.problem(of: error))")
@@ -242,14 +252,41 @@ public struct StarlingConfiguration: Sendable, Equatable {
         let admin = AdminConfiguration(socketPath: resolve(try adminSection.read(adminSocket), against: dataDirectory))
         try adminSection.rejectUnknownKeys()
 
-        let modules = try readModules(top, hosts: hosts.map { JID($0)!.domainpart }, catalog: moduleCatalog)
+        // Plugins first: their modules join the catalog `modules:` is checked against.
+        let pluginSection = try top.section("plugins", doc: "Plugin modules: module name → shared library (lib<Name>.so) built from plugins/; relative to the config file.")
+        var plugins: [String: String] = [:]
+        var pluginFailures: [String: String] = [:]
+        var catalog = moduleCatalog
+        for (key, value) in pluginSection.node?.mapping ?? [:] {
+            let name = key.string ?? ""
+            guard let path = value.string, !path.isEmpty else { throw pluginSection.error(name, "expected the path of the plugin's shared library", at: value) }
+            guard !moduleCatalog.contains(where: { $0.name == name }) else { throw pluginSection.error(name, "a built-in module has this name", at: key) }
+            let resolved = resolve(path, against: baseDirectory)
+            plugins[name] = resolved
+            guard let loadPlugin else { continue }
+            do {
+                let descriptor = try loadPlugin(name, resolved)
+                guard descriptor.name == name else {
+                    pluginFailures[name] = "\(resolved) provides module '\(descriptor.name)', not '\(name)'"
+                    continue
+                }
+                catalog.append(descriptor)
+            } catch {
+                pluginFailures[name] = "\(error)"
+            }
+        }
+        let unavailable = Set(plugins.keys).subtracting(catalog.map(\.name))
+        let modules = try readModules(top, hosts: hosts.map { JID($0)!.domainpart }, catalog: catalog, leavingOut: unavailable)
 
         try top.rejectUnknownKeys()
-        return StarlingConfiguration(
+        var configuration = StarlingConfiguration(
             hosts: hosts.map { JID($0)!.domainpart }, dataDirectory: dataDirectory, logLevel: logLevel,
             listeners: listeners, tls: tls, auth: auth, limits: limits, storage: storage, admin: admin,
             modules: modules.all, hostModules: modules.perHost, sourcePath: file
         )
+        configuration.plugins = plugins
+        configuration.pluginFailures = pluginFailures
+        return configuration
     }
 
     /// The documentation of every option, generated from the declarations.

@@ -7,6 +7,7 @@ import NIOPosix
 enum AdminProtocol {
     struct Request: Codable {
         var command: String
+        var argument: String?
     }
 
     struct StatusReply: Codable {
@@ -16,6 +17,8 @@ enum AdminProtocol {
         var connections: Int
         var sessions: Int
         var residentMemoryBytes: Int?
+        /// Plugin images mapped since start; they are never unloaded, so reloads add to this.
+        var pluginImages: Int
         var hosts: [String]
     }
 
@@ -79,8 +82,27 @@ final class AdminHandler: ChannelInboundHandler {
                     ok: true, version: StarlingVersion.current,
                     uptimeSeconds: Date().timeIntervalSince(startedAt),
                     connections: server.connections.count, sessions: server.registry.sessionCount,
-                    residentMemoryBytes: ProcessMemory.residentBytes(), hosts: server.configuration.hosts
+                    residentMemoryBytes: ProcessMemory.residentBytes(), pluginImages: PluginLoader.loadedImages, hosts: server.configuration.hosts
                 ))
+            case "reload-module":
+                let server = self.server
+                let loop = context.eventLoop
+                let bound = NIOLoopBound(context, eventLoop: loop)
+                let name = request.argument ?? ""
+                server.threadPool.runIfActive(eventLoop: loop) { () throws -> String in
+                    guard let reload = server.moduleReloader.withLockedValue({ $0 }) else { throw ModuleError("the server is still starting") }
+                    return try reload(name)
+                }.whenComplete { result in
+                    let reply: Data
+                    switch result {
+                    case .success(let summary):
+                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: [summary]))) ?? Data()
+                    case .failure(let error):
+                        reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "\(error); the running version stays"))) ?? Data()
+                    }
+                    Self.write(reply, to: bound.value)
+                }
+                return
             case "reload-hooks":
                 // Reading and compiling scripts must not stall this event loop.
                 let server = self.server

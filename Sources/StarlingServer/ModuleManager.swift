@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import Logging
 import StarlingAPI
 import StarlingConfig
@@ -13,6 +14,9 @@ final class HostModules: Sendable {
 
     let domain: String
     let modules: [String: any ServerModule]
+    /// What each module registered, in configuration order (kept so one module can be replaced).
+    let registrars: [ModuleRegistrar]
+    let adapters: [String: ModuleHostAdapter]
     let serverFeatures: [String]
     let accountFeatures: [String]
     let preAuthStreamFeatures: [XMLElement]
@@ -21,9 +25,11 @@ final class HostModules: Sendable {
     /// Per hook name, handlers in the order they run (priority descending, then registration order).
     let hooks: [String: [ModuleRegistrar.HookRegistration]]
 
-    init(domain: String, modules: [String: any ServerModule], registrars: [ModuleRegistrar]) throws {
+    init(domain: String, modules: [String: any ServerModule], registrars: [ModuleRegistrar], adapters: [String: ModuleHostAdapter]) throws {
         self.domain = domain
         self.modules = modules
+        self.registrars = registrars
+        self.adapters = adapters
         var server = Set<String>(), account = Set<String>()
         var iqHandlers: [ModuleRegistrar.IQKey: IQEntry] = [:]
         var hooks: [String: [ModuleRegistrar.HookRegistration]] = [:]
@@ -56,6 +62,11 @@ final class HostModules: Sendable {
         self.serverFeatures = server.sorted()
         self.accountFeatures = account.sorted()
         self.iqHandlers = iqHandlers
+    }
+
+    /// Points the modules' hosts at these tables (after they are installed in the router).
+    func attachAdapters() {
+        for adapter in adapters.values { adapter.tables = self }
     }
 
     /// Runs the handlers of `point` until one ends propagation. A `.modify` replaces the stanza of a
@@ -93,8 +104,13 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     private let logger: Logger
     private let router: Router
     private let services: ServiceDirectory
-    /// Set once the host's tables exist (modules are created before their registrations are known).
-    var tables: HostModules?
+    /// The host's tables once they are installed (modules are created before their registrations are
+    /// known, and a reload installs new ones).
+    var tables: HostModules? {
+        get { installed.withLockedValue { $0 } }
+        set { installed.withLockedValue { $0 = newValue } }
+    }
+    private let installed = NIOLockedValueBox<HostModules?>(nil)
 
     init(domain: String, options: ModuleOptions, logger: Logger, router: Router, services: ServiceDirectory) {
         self.domain = domain
@@ -144,7 +160,7 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     }
 }
 
-/// Creates every enabled module on every host.
+/// Creates every enabled module on every host, and replaces one module's instances on reload.
 enum ModuleLoader {
     static func load(configuration: StarlingConfiguration, catalog: [String: any ServerModule.Type], logger: Logger,
                      router: Router, services: ServiceDirectory) throws -> [String: HostModules] {
@@ -152,28 +168,76 @@ enum ModuleLoader {
         for domain in configuration.hosts {
             var instances: [String: any ServerModule] = [:]
             var registrars: [ModuleRegistrar] = []
-            var adapters: [ModuleHostAdapter] = []
+            var adapters: [String: ModuleHostAdapter] = [:]
             for module in configuration.modules(for: domain) {
                 guard let type = catalog[module.name] else { throw ModuleError("module '\(module.name)' is not available") }
-                var moduleLogger = logger
-                moduleLogger[metadataKey: "module"] = "\(module.name)"
-                moduleLogger[metadataKey: "host"] = "\(domain)"
-                let adapter = ModuleHostAdapter(domain: domain, options: module.options, logger: moduleLogger, router: router, services: services)
-                let instance: any ServerModule
-                do { instance = try type.init(host: adapter) } catch {
-                    throw ModuleError("module '\(module.name)' failed to start on \(domain): \(error)")
-                }
-                let registrar = ModuleRegistrar(module: module.name)
-                instance.register(registrar)
+                let (instance, registrar, adapter) = try instantiate(type, module, domain: domain, logger: logger, router: router, services: services)
                 instances[module.name] = instance
                 registrars.append(registrar)
-                adapters.append(adapter)
+                adapters[module.name] = adapter
             }
-            let tables = try HostModules(domain: domain, modules: instances, registrars: registrars)
-            for adapter in adapters { adapter.tables = tables }
+            let tables = try HostModules(domain: domain, modules: instances, registrars: registrars, adapters: adapters)
+            tables.attachAdapters()
             result[domain] = tables
         }
         return result
+    }
+
+    /// New tables for every host that runs `name`, with a new instance of `type` in its place (state
+    /// handed over when both versions support it). Nothing is swapped here: the caller installs the
+    /// result, so a failure on any host leaves every host as it was.
+    static func replacing(_ name: String, with type: any ServerModule.Type, in current: [String: HostModules],
+                          configuration: StarlingConfiguration, logger: Logger, router: Router, services: ServiceDirectory) throws -> [String: HostModules] {
+        var result: [String: HostModules] = [:]
+        for (domain, host) in current {
+            guard let old = host.modules[name], var module = configuration.modules(for: domain).first(where: { $0.name == name }) else { continue }
+            module.options = try adapt(module.options, to: type.descriptor)
+            let (instance, registrar, adapter) = try instantiate(type, module, domain: domain, logger: logger, router: router, services: services)
+            if let old = old as? any StateHandoverModule, let new = instance as? any StateHandoverModule {
+                new.restoreState(old.saveState())
+            }
+            var instances = host.modules
+            instances[name] = instance
+            var adapters = host.adapters
+            adapters[name] = adapter
+            let registrars = host.registrars.map { $0.module == name ? registrar : $0 }
+            result[domain] = try HostModules(domain: domain, modules: instances, registrars: registrars, adapters: adapters)
+        }
+        return result
+    }
+
+    /// The configured options as the new build declares them: options it added get their defaults, and
+    /// one whose type changed refuses the reload (it needs the config changed and a restart).
+    private static func adapt(_ options: ModuleOptions, to descriptor: ModuleDescriptor) throws -> ModuleOptions {
+        var values: [String: ModuleOptionValue] = [:]
+        for spec in descriptor.options {
+            guard let value = options.values[spec.key] else {
+                values[spec.key] = spec.defaultValue
+                continue
+            }
+            switch (spec.kind, value) {
+            case (.integer, .integer), (.number, .number), (.number, .integer), (.boolean, .boolean), (.string, .string), (.stringList, .stringList):
+                values[spec.key] = value
+            default:
+                throw ModuleError("option '\(spec.key)' of '\(descriptor.name)' changed type in the new build: change the config and restart")
+            }
+        }
+        return ModuleOptions(values)
+    }
+
+    private static func instantiate(_ type: any ServerModule.Type, _ module: ModuleConfiguration, domain: String, logger: Logger,
+                                    router: Router, services: ServiceDirectory) throws -> (any ServerModule, ModuleRegistrar, ModuleHostAdapter) {
+        var moduleLogger = logger
+        moduleLogger[metadataKey: "module"] = "\(module.name)"
+        moduleLogger[metadataKey: "host"] = "\(domain)"
+        let adapter = ModuleHostAdapter(domain: domain, options: module.options, logger: moduleLogger, router: router, services: services)
+        let instance: any ServerModule
+        do { instance = try type.init(host: adapter) } catch {
+            throw ModuleError("module '\(module.name)' failed to start on \(domain): \(error)")
+        }
+        let registrar = ModuleRegistrar(module: module.name)
+        instance.register(registrar)
+        return (instance, registrar, adapter)
     }
 }
 

@@ -1,14 +1,21 @@
 import Logging
 import StarlingAPI
 
+/// Every host's module tables, one immutable value.
+final class ModuleTables: Sendable {
+    let hosts: [String: HostModules]
+    init(_ hosts: [String: HostModules]) { self.hosts = hosts }
+}
+
 /// Local stanza routing (RFC 6120 §10, RFC 6121 §8) between bound sessions. Runs on the sending
 /// session's event loop; deliveries hop to the recipient's loop.
 public final class Router: @unchecked Sendable {
     let registry: SessionRegistry
     let hosts: Set<String>
     let logger: Logger
-    /// Per host; installed once before any listener opens and never changed after, so reads need no lock.
-    private(set) var modules: [String: HostModules] = [:]
+    /// Per host. Replaced as a whole when a module is reloaded; reads take no lock (see `Swappable`).
+    private let tables = Swappable(ModuleTables([:]))
+    var modules: [String: HostModules] { tables.current.hosts }
 
     public init(registry: SessionRegistry, hosts: Set<String>, logger: Logger) {
         self.registry = registry
@@ -17,7 +24,12 @@ public final class Router: @unchecked Sendable {
     }
 
     func install(modules: [String: HostModules]) {
-        self.modules = modules
+        tables.replace(ModuleTables(modules))
+    }
+
+    /// Swaps in new tables for some hosts; events already running finish on the old ones.
+    func replace(_ hosts: [String: HostModules]) {
+        tables.replace(ModuleTables(modules.merging(hosts) { $1 }))
     }
 
     /// Runs a hook on `domain`'s modules.

@@ -17,9 +17,13 @@ public final class StarlingServer: Service, @unchecked Sendable {
     private let logger: Logger
     private let group: MultiThreadedEventLoopGroup
     private let threadPool: NIOThreadPool
+    private let pluginModules: [String: any ServerModule.Type]
 
-    public init(configuration: StarlingConfiguration, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup = .singleton) {
+    /// - Parameter pluginModules: modules loaded from plugins while the configuration was read.
+    public init(configuration: StarlingConfiguration, pluginModules: [String: any ServerModule.Type] = [:], logger: Logger,
+                eventLoopGroup: MultiThreadedEventLoopGroup = .singleton) {
         self.configuration = configuration
+        self.pluginModules = pluginModules
         self.logger = logger
         self.group = eventLoopGroup
         self.threadPool = NIOThreadPool.singleton
@@ -31,8 +35,8 @@ public final class StarlingServer: Service, @unchecked Sendable {
         let tls = try TLSIdentity.load(configuration, logger: logger)
         let context = ServerContext(configuration: configuration, accounts: store, tls: tls, threadPool: threadPool, logger: logger)
         let router = context.router
+        let services = ServiceDirectory()
         do {
-            let services = ServiceDirectory()
             services.register(store as any AccountStore, as: (any AccountStore).self)
             services.register(store as any RosterStore, as: (any RosterStore).self)
             services.register(store as any OfflineStore, as: (any OfflineStore).self)
@@ -42,12 +46,32 @@ public final class StarlingServer: Service, @unchecked Sendable {
             services.register(store as any LastActivityStore, as: (any LastActivityStore).self)
             services.register(ServerPaths(configDirectory: URL(fileURLWithPath: configuration.sourcePath).deletingLastPathComponent().path,
                                           dataDirectory: configuration.dataDirectory), as: ServerPaths.self)
-            router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog,
+            for (name, reason) in configuration.pluginFailures {
+                logger.error("plugin not loaded, running without it", metadata: ["plugin": "\(name)", "error": "\(reason)"])
+            }
+            router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog.merging(pluginModules) { $1 },
                                                           logger: logger, router: router, services: services))
         } catch {
             await store.close()
             throw error
         }
+        context.moduleReloader.withLockedValue { $0 = { [configuration, logger, pluginModules] name in
+            guard let path = configuration.plugins[name] else {
+                throw ModuleError(BuiltinModules.catalog[name] != nil ? "'\(name)' is built in: only plugin modules can be reloaded"
+                                                                   : "no plugin module '\(name)' in the configuration")
+            }
+            guard pluginModules[name] != nil else { throw ModuleError("plugin '\(name)' did not load at start: restart to load it") }
+            let type = try PluginLoader.load(path: path)
+            guard type.descriptor.name == name else { throw ModuleError("\(path) now provides module '\(type.descriptor.name)', not '\(name)'") }
+            let replaced = try ModuleLoader.replacing(name, with: type, in: router.modules, configuration: configuration,
+                                                      logger: logger, router: router, services: services)
+            guard !replaced.isEmpty else { throw ModuleError("module '\(name)' is not enabled on any host") }
+            router.replace(replaced)
+            for tables in replaced.values { tables.attachAdapters() }
+            logger.notice("module reloaded", metadata: ["module": "\(name)", "hosts": "\(replaced.keys.sorted().joined(separator: ", "))",
+                                                         "plugin_images": "\(PluginLoader.loadedImages)"])
+            return "\(name) reloaded on \(replaced.keys.sorted().joined(separator: ", ")); \(PluginLoader.loadedImages) plugin images mapped (never unloaded)"
+        } }
         for host in configuration.hosts {
             logger.info("modules enabled", metadata: ["host": "\(host)", "modules": "\(configuration.modules(for: host).map(\.name).joined(separator: ", "))"])
         }

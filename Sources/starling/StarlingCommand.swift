@@ -28,11 +28,15 @@ struct StarlingCommand: AsyncParsableCommand {
             return
         }
         let configuration: StarlingConfiguration
+        let plugins = LoadedPlugins()
         do {
-            configuration = try StarlingConfiguration.load(path: config, moduleCatalog: BuiltinModules.descriptors)
+            configuration = try StarlingConfiguration.load(path: config, moduleCatalog: BuiltinModules.descriptors, loadPlugin: plugins.load)
         } catch {
             FileHandle.standardError.write(Data("starling: configuration error: \(error)\n".utf8))
             throw ExitCode(78) // EX_CONFIG
+        }
+        for (name, reason) in configuration.pluginFailures.sorted(by: { $0.key < $1.key }) {
+            FileHandle.standardError.write(Data("starling: plugin \(name) not loaded, running without it: \(reason)\n".utf8))
         }
         if check {
             print("\(config): OK")
@@ -44,7 +48,7 @@ struct StarlingCommand: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "starling")
-        let server = StarlingServer(configuration: configuration, logger: logger)
+        let server = StarlingServer(configuration: configuration, pluginModules: plugins.modules, logger: logger)
         let group = ServiceGroup(configuration: .init(
             services: [.init(service: server)],
             gracefulShutdownSignals: [.sigterm, .sigint],

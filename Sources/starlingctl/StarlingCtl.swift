@@ -12,7 +12,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ReloadHooks.self, Migrate.self, Export.self, Import.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ReloadHooks.self, ReloadModule.self, Migrate.self, Export.self, Import.self]
     )
 }
 
@@ -194,6 +194,24 @@ struct ReloadHooks: ParsableCommand {
     }
 }
 
+struct ReloadModule: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reload-module",
+        abstract: "Load a plugin module's current build from a fresh copy and swap it in; sessions stay connected. The old image stays mapped (never unloaded)."
+    )
+    @OptionGroup var options: ConfigOption
+    @Argument(help: "The module's name, as under plugins: in the config.") var name: String
+
+    func run() throws {
+        let reply = try AdminClient(path: options.load().admin.socketPath).request("reload-module", argument: name)
+        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
+            throw ValidationError("unexpected reply: \(reply)")
+        }
+        guard object["ok"] as? Bool == true else { throw ValidationError("reload failed: \(object["error"] as? String ?? reply)") }
+        print((object["reloaded"] as? [String] ?? []).joined(separator: "\n"))
+    }
+}
+
 func readPassword(_ argument: String) throws -> String {
     guard argument == "-" else { return argument }
     guard let line = readLine(strippingNewline: true), !line.isEmpty else { throw ValidationError("no password on standard input") }
@@ -204,7 +222,7 @@ func readPassword(_ argument: String) throws -> String {
 struct AdminClient {
     let path: String
 
-    func request(_ command: String) throws -> String {
+    func request(_ command: String, argument: String? = nil) throws -> String {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw ValidationError("cannot create a socket") }
         defer { close(fd) }
@@ -221,7 +239,9 @@ struct AdminClient {
         guard connected == 0 else {
             throw ValidationError("the server is not running (cannot connect to \(path): \(String(cString: strerror(errno))))")
         }
-        let line = Array("{\"command\":\"\(command)\"}\n".utf8)
+        var request = ["command": command]
+        request["argument"] = argument
+        let line = Array(try JSONSerialization.data(withJSONObject: request)) + [UInt8(ascii: "\n")]
         guard write(fd, line, line.count) == line.count else { throw ValidationError("cannot write to \(path)") }
         var reply: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)

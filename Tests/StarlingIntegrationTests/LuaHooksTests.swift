@@ -85,7 +85,7 @@ final class LuaHooksTests: XCTestCase {
         let bob = try await login(server, 2)
 
         // Spam is refused with the filter's reason; bob never sees it.
-        send(alice, to: "l2@localhost", "Claim your CASINO BONUS today")
+        send(alice, to: "l2@localhost/r", "Claim your CASINO BONUS today")
         let refused = try await nextMessage(alice)
         XCTAssertEqual(refused[attribute: "type"], "error")
         XCTAssertNotNil(refused.child("error")?.child("policy-violation"))
@@ -93,7 +93,7 @@ final class LuaHooksTests: XCTestCase {
 
         // The rate limit: five messages in its window pass (the refused spam never reached it), the sixth
         // is refused with resource-constraint.
-        for index in 1...6 { send(alice, to: "l2@localhost", "hello \(index)") }
+        for index in 1...6 { send(alice, to: "l2@localhost/r", "hello \(index)") }
         for index in 1...5 {
             let body = try await nextMessage(bob).child("body")?.text
             XCTAssertEqual(body, "hello \(index)")
@@ -106,7 +106,7 @@ final class LuaHooksTests: XCTestCase {
         // stopped, logged with file and line where Lua knows them, and the message passes (the script
         // fails open).
         for body in ["loop", "bomb", "crash"] {
-            send(bob, to: "l1@localhost", body)
+            send(bob, to: "l1@localhost/r", body)
             let delivered = try await nextMessage(alice)
             XCTAssertEqual(delivered.child("body")?.text, body)
             if body != "crash" { try await Task.sleep(for: .seconds(5.1)) } // one error report per script every 5 s
@@ -118,7 +118,7 @@ final class LuaHooksTests: XCTestCase {
         XCTAssertTrue(log.contains("hooks/misbehaving.lua:8: attempt to index a nil value"), log)
 
         // The server and other sessions are unharmed.
-        send(bob, to: "l1@localhost", "still here")
+        send(bob, to: "l1@localhost/r", "still here")
         let aliceGot = try await nextMessage(alice).child("body")?.text
         XCTAssertEqual(aliceGot, "still here")
         XCTAssertEqual(try server.ctl(["connected-users"]).1.split(separator: "\n").count, 2)
@@ -137,7 +137,7 @@ final class LuaHooksTests: XCTestCase {
         let total = 600
         let sender = Task {
             for index in 0..<total {
-                send(alice, to: "l4@localhost", "m\(index)")
+                send(alice, to: "l4@localhost/r", "m\(index)")
                 if index % 20 == 0 { try await Task.sleep(for: .milliseconds(5)) }
             }
         }
@@ -162,7 +162,7 @@ final class LuaHooksTests: XCTestCase {
         XCTAssertEqual(received.count, total)
 
         // v2 is running (the broken v3 changed nothing)...
-        send(alice, to: "l4@localhost", "probe")
+        send(alice, to: "l4@localhost/r", "probe")
         let bobGot = try await nextMessage(bob).child("body")?.text
         XCTAssertEqual(bobGot, "probe:v2")
         // ...until SIGHUP loads v4.
@@ -171,7 +171,7 @@ final class LuaHooksTests: XCTestCase {
         var body: String?
         for _ in 0..<50 {
             try await Task.sleep(for: .milliseconds(100))
-            send(alice, to: "l4@localhost", "probe")
+            send(alice, to: "l4@localhost/r", "probe")
             body = try await nextMessage(bob).child("body")?.text
             if body == "probe:v4" { break }
         }
@@ -179,7 +179,7 @@ final class LuaHooksTests: XCTestCase {
         XCTAssertTrue(server.log.contains("SIGHUP: hooks reloaded"), server.log)
 
         // Both sessions are still up: neither was dropped by the reloads.
-        send(bob, to: "l3@localhost", "done")
+        send(bob, to: "l3@localhost/r", "done")
         let aliceGot = try await nextMessage(alice).child("body")?.text
         XCTAssertEqual(aliceGot, "done")
     }

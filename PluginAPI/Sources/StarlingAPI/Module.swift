@@ -351,9 +351,50 @@ extension ModuleHost {
 
 /// Versions the core and plugins agree on.
 public enum StarlingAPIVersion {
-    /// Bumped on any change to this package's public API; a plugin built against another is refused.
-    public static let api = 1
+    /// The plugin API of the loaded library (the server's). Bump `compiledAPI` on any change to this
+    /// package's public API: a plugin built against another version is refused at load.
+    public static var api: Int { compiledAPI }
+    /// The API version compiled into the caller. It is emitted into each plugin's own binary, so it
+    /// records what the plugin was built against, not what happens to be loaded.
+    @_alwaysEmitIntoClient public static var compiledAPI: Int { 1 }
     public static let serverVersion = "0.1.0"
+}
+
+/// What a plugin's shared library hands the server. A plugin exports two C functions:
+///
+/// ```swift
+/// @_cdecl("starling_plugin_api_version")
+/// public func starlingPluginAPIVersion() -> Int { StarlingAPIVersion.compiledAPI }
+///
+/// @_cdecl("starling_plugin_module")
+/// public func starlingPluginModule() -> UnsafeMutableRawPointer { StarlingPlugin.export(MyModule.self) }
+/// ```
+///
+/// The server calls the second only when the first matches its own API version.
+public final class StarlingPlugin: @unchecked Sendable {
+    public let module: any ServerModule.Type
+
+    private init(module: any ServerModule.Type) {
+        self.module = module
+    }
+
+    /// The value `starling_plugin_module` returns.
+    public static func export(_ module: any ServerModule.Type) -> UnsafeMutableRawPointer {
+        Unmanaged.passRetained(StarlingPlugin(module: module)).toOpaque()
+    }
+
+    /// For the server's loader: takes the exported value back.
+    public static func take(_ pointer: UnsafeMutableRawPointer) -> StarlingPlugin {
+        Unmanaged<StarlingPlugin>.fromOpaque(pointer).takeRetainedValue()
+    }
+}
+
+/// A module that hands its state to its replacement when it is reloaded (`starlingctl reload-module`).
+public protocol StateHandoverModule: ServerModule {
+    /// Called on the old instance once the new one is ready.
+    func saveState() -> [String: String]
+    /// Called on the new instance, before it receives any event.
+    func restoreState(_ state: [String: String])
 }
 
 /// A module whose scripts or rules can be read again from disk while it runs (`starlingctl

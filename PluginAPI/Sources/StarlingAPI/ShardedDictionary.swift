@@ -35,6 +35,14 @@ public final class ShardedDictionary<Key: Hashable & Sendable, Value: Sendable>:
         set { shard(for: key).entries.withLock { $0[key] = newValue } }
     }
 
+    /// Every entry, read shard by shard (not one atomic picture): for state handover and reports, not
+    /// for the stanza path.
+    public func snapshot() -> [Key: Value] {
+        var all: [Key: Value] = [:]
+        for shard in shards { all.merge(shard.entries.withLock { $0 }) { $1 } }
+        return all
+    }
+
     @discardableResult
     public func removeValue(forKey key: Key) -> Value? {
         shard(for: key).entries.withLock { $0.removeValue(forKey: key) }
