@@ -134,13 +134,21 @@ public final class SQLiteStore: Sendable {
         }
     }
 
+    /// Waits for the operation in progress, then closes. Operations after that fail with a clear
+    /// error instead of reaching a closed SQLite handle.
     public func close() async {
-        try? await connection.close()
+        await gate.acquire()
+        if await gate.markClosed() { try? await connection.close() }
+        await gate.release()
     }
 
     /// Runs one store operation with the connection to itself, mapping failures to `StorageError`.
     func run<T>(_ body: () async throws -> T) async throws(StorageError) -> T {
         await gate.acquire()
+        if await gate.isClosed {
+            await gate.release()
+            throw .backend("the database is closed (the server is shutting down)")
+        }
         do {
             let value = try await body()
             await gate.release()
@@ -168,6 +176,7 @@ public final class SQLiteStore: Sendable {
 
 /// A FIFO async mutex: the connection runs one operation at a time.
 actor ConnectionGate {
+    private(set) var isClosed = false
     private var busy = false
     private var waiters: [CheckedContinuation<Void, Never>] = []
 
@@ -181,6 +190,12 @@ actor ConnectionGate {
 
     func release() {
         if waiters.isEmpty { busy = false } else { waiters.removeFirst().resume() }
+    }
+
+    /// Returns whether this call closed it (false if it already was).
+    func markClosed() -> Bool {
+        defer { isClosed = true }
+        return !isClosed
     }
 }
 

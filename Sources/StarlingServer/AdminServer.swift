@@ -84,21 +84,21 @@ final class AdminHandler: ChannelInboundHandler {
                     connections: server.connections.count, sessions: server.registry.sessionCount,
                     residentMemoryBytes: ProcessMemory.residentBytes(), pluginImages: PluginLoader.loadedImages, hosts: server.configuration.hosts
                 ))
-            case "reload-module":
+            case "reload-module", "reload-config":
                 let server = self.server
                 let loop = context.eventLoop
                 let bound = NIOLoopBound(context, eventLoop: loop)
                 let name = request.argument ?? ""
-                server.threadPool.runIfActive(eventLoop: loop) { () throws -> String in
-                    guard let reload = server.moduleReloader.withLockedValue({ $0 }) else { throw ModuleError("the server is still starting") }
-                    return try reload(name)
+                server.threadPool.runIfActive(eventLoop: loop) { () throws -> [String] in
+                    guard let reloads = server.reloads.withLockedValue({ $0 }) else { throw ModuleError("the server is still starting") }
+                    return request.command == "reload-config" ? try reloads.reloadConfig(dryRun: name == "dry-run") : [try reloads.reloadModule(name)]
                 }.whenComplete { result in
                     let reply: Data
                     switch result {
                     case .success(let summary):
-                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: [summary]))) ?? Data()
+                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: summary))) ?? Data()
                     case .failure(let error):
-                        reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "\(error); the running version stays"))) ?? Data()
+                        reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "\(error)\nnothing was changed"))) ?? Data()
                     }
                     Self.write(reply, to: bound.value)
                 }

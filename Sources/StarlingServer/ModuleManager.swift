@@ -206,6 +206,46 @@ enum ModuleLoader {
         return result
     }
 
+    /// New tables for every host whose module set or module options differ between `old` and `new`:
+    /// unchanged modules keep their instances (and state), changed and added ones are created anew,
+    /// removed ones are left out. Nothing is installed here. Returns the tables and what changed.
+    static func reconfiguring(_ current: [String: HostModules], from old: StarlingConfiguration, to new: StarlingConfiguration,
+                              catalog: [String: any ServerModule.Type], logger: Logger, router: Router,
+                              services: ServiceDirectory) throws -> (tables: [String: HostModules], changes: [String]) {
+        var result: [String: HostModules] = [:]
+        var changes: [String] = []
+        for (domain, host) in current.sorted(by: { $0.key < $1.key }) {
+            let before = Dictionary(uniqueKeysWithValues: old.modules(for: domain).map { ($0.name, $0) })
+            let after = new.modules(for: domain)
+            var instances: [String: any ServerModule] = [:]
+            var registrars: [ModuleRegistrar] = []
+            var adapters: [String: ModuleHostAdapter] = [:]
+            var changed = false
+            for module in after {
+                if before[module.name] == module, let instance = host.modules[module.name], let adapter = host.adapters[module.name],
+                   let registrar = host.registrars.first(where: { $0.module == module.name }) {
+                    instances[module.name] = instance
+                    registrars.append(registrar)
+                    adapters[module.name] = adapter
+                    continue
+                }
+                guard let type = catalog[module.name] else { throw ModuleError("module '\(module.name)' is not available") }
+                let (instance, registrar, adapter) = try instantiate(type, module, domain: domain, logger: logger, router: router, services: services)
+                instances[module.name] = instance
+                registrars.append(registrar)
+                adapters[module.name] = adapter
+                changes.append("\(domain): \(module.name) \(before[module.name] == nil ? "enabled" : "restarted with new options")")
+                changed = true
+            }
+            for name in before.keys.sorted() where !after.contains(where: { $0.name == name }) {
+                changes.append("\(domain): \(name) disabled")
+                changed = true
+            }
+            if changed { result[domain] = try HostModules(domain: domain, modules: instances, registrars: registrars, adapters: adapters) }
+        }
+        return (result, changes)
+    }
+
     /// The configured options as the new build declares them: options it added get their defaults, and
     /// one whose type changed refuses the reload (it needs the config changed and a restart).
     private static func adapt(_ options: ModuleOptions, to descriptor: ModuleDescriptor) throws -> ModuleOptions {

@@ -35,9 +35,9 @@ public final class ServerContext: Sendable {
         connections = ConnectionSet()
     }
 
-    /// Loads a new build of a plugin module and swaps it in on every host (set by the server once its
-    /// modules run). Blocking: call it off the event loops.
-    let moduleReloader = NIOLockedValueBox<(@Sendable (String) throws -> String)?>(nil)
+    /// Module and config reloads, set by the server once its modules run. Blocking: call them off the
+    /// event loops.
+    let reloads = NIOLockedValueBox<LiveReloads?>(nil)
 
     /// Reloads every reloadable module (hook scripts) on every host. Each module swaps in its new
     /// version only if all of it loaded, so a failure leaves that module as it was. Blocking: call it

@@ -55,23 +55,9 @@ public final class StarlingServer: Service, @unchecked Sendable {
             await store.close()
             throw error
         }
-        context.moduleReloader.withLockedValue { $0 = { [configuration, logger, pluginModules] name in
-            guard let path = configuration.plugins[name] else {
-                throw ModuleError(BuiltinModules.catalog[name] != nil ? "'\(name)' is built in: only plugin modules can be reloaded"
-                                                                   : "no plugin module '\(name)' in the configuration")
-            }
-            guard pluginModules[name] != nil else { throw ModuleError("plugin '\(name)' did not load at start: restart to load it") }
-            let type = try PluginLoader.load(path: path)
-            guard type.descriptor.name == name else { throw ModuleError("\(path) now provides module '\(type.descriptor.name)', not '\(name)'") }
-            let replaced = try ModuleLoader.replacing(name, with: type, in: router.modules, configuration: configuration,
-                                                      logger: logger, router: router, services: services)
-            guard !replaced.isEmpty else { throw ModuleError("module '\(name)' is not enabled on any host") }
-            router.replace(replaced)
-            for tables in replaced.values { tables.attachAdapters() }
-            logger.notice("module reloaded", metadata: ["module": "\(name)", "hosts": "\(replaced.keys.sorted().joined(separator: ", "))",
-                                                         "plugin_images": "\(PluginLoader.loadedImages)"])
-            return "\(name) reloaded on \(replaced.keys.sorted().joined(separator: ", ")); \(PluginLoader.loadedImages) plugin images mapped (never unloaded)"
-        } }
+        context.reloads.withLockedValue {
+            $0 = LiveReloads(configuration: configuration, pluginModules: pluginModules, logger: logger, router: router, services: services)
+        }
         for host in configuration.hosts {
             logger.info("modules enabled", metadata: ["host": "\(host)", "modules": "\(configuration.modules(for: host).map(\.name).joined(separator: ", "))"])
         }

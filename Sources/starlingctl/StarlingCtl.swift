@@ -12,7 +12,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ReloadHooks.self, ReloadModule.self, Migrate.self, Export.self, Import.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self]
     )
 }
 
@@ -204,6 +204,24 @@ struct ReloadModule: ParsableCommand {
 
     func run() throws {
         let reply = try AdminClient(path: options.load().admin.socketPath).request("reload-module", argument: name)
+        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
+            throw ValidationError("unexpected reply: \(reply)")
+        }
+        guard object["ok"] as? Bool == true else { throw ValidationError("reload failed: \(object["error"] as? String ?? reply)") }
+        print((object["reloaded"] as? [String] ?? []).joined(separator: "\n"))
+    }
+}
+
+struct ReloadConfig: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reload-config",
+        abstract: "Read the config file again: module changes apply at once (all or nothing), the rest is listed as needing a restart."
+    )
+    @OptionGroup var options: ConfigOption
+    @Flag(help: "Validate and show what would change, without changing anything.") var dryRun = false
+
+    func run() throws {
+        let reply = try AdminClient(path: options.load().admin.socketPath).request("reload-config", argument: dryRun ? "dry-run" : nil)
         guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
             throw ValidationError("unexpected reply: \(reply)")
         }
