@@ -176,7 +176,7 @@ typedef struct starling_lua_call {
     starling_lua_string body;
     int has_body;
 
-    int verdict; /* 0 pass, 1 drop, 2 error, 3 modify */
+    int verdict; /* 0 pass, 1 drop, 2 error, 3 modify, 4 allow (authenticate) */
     char *condition;
     char *text;
     int result_attribute_count;
@@ -230,6 +230,8 @@ static int starling_lua_call_protected(lua_State *L) {
         call->verdict = 0;
     } else if (strcmp(verdict, "drop") == 0) {
         call->verdict = 1;
+    } else if (strcmp(verdict, "allow") == 0) {
+        call->verdict = 4;
     } else if (strcmp(verdict, "error") == 0) {
         call->verdict = 2;
         call->condition = starling_lua_field_copy(L, 2);
@@ -263,7 +265,7 @@ static int starling_lua_call_protected(lua_State *L) {
         }
         lua_pop(L, 1);
     } else {
-        return luaL_error(L, "a handler returned '%s': expected pass, drop, error or modify", verdict);
+        return luaL_error(L, "a handler returned '%s': expected pass, drop, error, modify or allow", verdict);
     }
     return 0;
 }

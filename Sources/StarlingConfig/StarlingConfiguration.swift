@@ -36,6 +36,13 @@ public struct AuthConfiguration: Sendable, Equatable {
     public var failureWindow: Double
     /// Offer PLAIN on connections without TLS (load tests on loopback only).
     public var plainWithoutTLS: Bool
+    /// Who decides passwords: "internal" (the stored SCRAM keys) or the name of an enabled module that
+    /// authenticates (`lua`, or a plugin); `hostMethods` overrides it per host.
+    public var method = "internal"
+    public var hostMethods: [String: String] = [:]
+
+    /// The method used on `host`.
+    public func method(for host: String) -> String { hostMethods[host] ?? method }
 }
 
 public struct LimitsConfiguration: Sendable, Equatable {
@@ -121,6 +128,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let authFailureDelay = ConfigOption<Double>("failure_delay", default: 1.0, range: 0...30, doc: "Seconds before a failed authentication is answered.")
     static let authFailuresBeforeSlowdown = ConfigOption<Int>("failures_before_slowdown", default: 5, range: 1...1000, doc: "Failed attempts from one IP address after which each further failure waits twice as long (up to 30 s).")
     static let authFailureWindow = ConfigOption<Double>("failure_window", default: 300, range: 1...86400, doc: "Seconds over which failures from one address are counted.")
+    static let authMethod = ConfigOption<String>("method", default: "internal", doc: "Who decides passwords: internal (stored SCRAM keys), or an enabled module that authenticates (lua, or a plugin such as external_auth). Hosts using a module offer PLAIN only, over TLS.")
     static let authPlainWithoutTLS = ConfigOption<Bool>("plain_without_tls", default: false, doc: "Offer PLAIN on connections without TLS when tls.required is false. It sends passwords in the clear: for load tests on loopback only.")
 
     static let maxStanzaSize = ConfigOption<Int>("max_stanza_size", default: 262_144, range: 1024...16_777_216, doc: "Largest stanza in bytes; larger gets <policy-violation/>.")
@@ -211,7 +219,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         try tlsSection.rejectUnknownKeys()
 
         let authSection = try top.section("auth", doc: "Authentication.")
-        let auth = AuthConfiguration(
+        var auth = AuthConfiguration(
             mechanisms: try authSection.read(authMechanisms),
             scramIterations: try authSection.read(authIterations),
             failureDelay: try authSection.read(authFailureDelay),
@@ -219,6 +227,14 @@ public struct StarlingConfiguration: Sendable, Equatable {
             failureWindow: try authSection.read(authFailureWindow),
             plainWithoutTLS: try authSection.read(authPlainWithoutTLS)
         )
+        auth.method = try authSection.read(authMethod)
+        let hostMethodsSection = try authSection.section("host_methods", doc: "Per host, an auth method that replaces auth.method there.")
+        for (key, value) in hostMethodsSection.node?.mapping ?? [:] {
+            guard let host = key.string.flatMap({ JID($0)?.domainpart }), let method = value.string, !method.isEmpty else {
+                throw hostMethodsSection.error(key.string, "expected host: method", at: key)
+            }
+            auth.hostMethods[host] = method
+        }
         try authSection.rejectUnknownKeys()
 
         let limitsSection = try top.section("limits", doc: "Resource limits on what clients control.")
@@ -277,6 +293,15 @@ public struct StarlingConfiguration: Sendable, Equatable {
         }
         let unavailable = Set(plugins.keys).subtracting(catalog.map(\.name))
         let modules = try readModules(top, hosts: hosts.map { JID($0)!.domainpart }, catalog: catalog, leavingOut: unavailable)
+
+        for host in hosts.map({ JID($0)!.domainpart }) {
+            let method = auth.method(for: host)
+            let enabled = (modules.perHost[host] ?? modules.all).map(\.name)
+            guard method == "internal" || enabled.contains(method) || unavailable.contains(method) else {
+                let key = auth.hostMethods[host] != nil ? "host_methods" : "method"
+                throw authSection.error(key, "auth method '\(method)' for \(host) is neither internal nor a module enabled there (\(enabled.joined(separator: ", ")))", at: authSection.valueNode(key))
+            }
+        }
 
         try top.rejectUnknownKeys()
         var configuration = StarlingConfiguration(

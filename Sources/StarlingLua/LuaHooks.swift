@@ -26,7 +26,7 @@ public final class LuaHooks: ServerModule, ReloadableModule {
     public static let events = [
         "stanza-in", "message-in", "presence-in", "iq-in",
         "stanza-out", "message-out", "presence-out", "iq-out",
-        "message-offline", "session-bound", "session-closed",
+        "message-offline", "session-bound", "session-closed", "authenticate",
     ]
 
     private static let inbound = ["message": ["stanza-in", "message-in"], "presence": ["stanza-in", "presence-in"], "iq": ["stanza-in", "iq-in"]]
@@ -100,6 +100,13 @@ public final class LuaHooks: ServerModule, ReloadableModule {
         }
         registrar.hook(.messageUndeliverable, priority: priority) { [self] event in
             run(["message-offline"], event.stanza)
+        }
+        // Used when auth.method names this module: a handler returning "allow" accepts the password.
+        registrar.authenticator { [self] request in
+            let attempt = XMLElement(name: "auth", namespace: Namespace.client, attributes: [
+                "username": request.username, "host": request.host, "password": request.password, "address": request.address,
+            ])
+            return allows(attempt)
         }
         registrar.hook(.sessionBound, priority: priority) { [self] event in
             _ = run(["session-bound"], XMLElement(name: "session", namespace: Namespace.client, attributes: ["jid": event.jid.description]))
@@ -178,6 +185,8 @@ public final class LuaHooks: ServerModule, ReloadableModule {
                 case .modify(let attributes, let body):
                     stanza = Self.apply(attributes: attributes, body: body, to: stanza)
                     modified = true
+                case .allow:
+                    continue
                 case .failed(let message):
                     services.report(script: state.script.path, message)
                     if state.script.failClosed { return .reject(.policyViolation, text: nil) }
@@ -185,6 +194,24 @@ public final class LuaHooks: ServerModule, ReloadableModule {
             }
         }
         return modified ? .modify(stanza) : .pass
+    }
+
+    /// Runs the `authenticate` handlers: the first "allow" accepts; a failure, anything else or no
+    /// handler refuses (authentication always fails closed).
+    private func allows(_ attempt: XMLElement) -> Bool {
+        guard let (generation, states) = states(), let entries = generation.dispatch["authenticate"] else { return false }
+        for entry in entries {
+            let state = states[entry.script]
+            switch state.call(event: "authenticate", priority: entry.priority, stanza: attempt) {
+            case .allow: return true
+            case .pass: continue
+            case .failed(let message):
+                services.report(script: state.script.path, message)
+                return false
+            case .drop, .error, .modify: return false
+            }
+        }
+        return false
     }
 
     private static func apply(attributes: [String: String], body: String?, to stanza: XMLElement) -> XMLElement {

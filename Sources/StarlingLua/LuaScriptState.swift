@@ -25,6 +25,8 @@ public enum LuaVerdict: Equatable, Sendable {
     /// The handler changed the stanza table: its attributes (all of them, as the script left them) and
     /// body (nil when it removed the body).
     case modify(attributes: [String: String], body: String?)
+    /// An `authenticate` handler accepted the password.
+    case allow
     /// The script failed: the message names file and line where Lua knows them.
     case failed(String)
 }
@@ -156,6 +158,7 @@ public final class LuaScriptState {
                 }
                 switch call.verdict {
                 case 1: return .drop
+                case 4: return .allow
                 case 2: return .error(condition: call.condition.map { String(cString: $0) } ?? "not-acceptable", text: call.text.map { String(cString: $0) })
                 case 3:
                     var attributes: [String: String] = [:]
@@ -200,9 +203,10 @@ public final class LuaScriptState {
                 modified = true
                 if type(a) == "table" then stanza = a end
               elseif verdict == "drop" then return "drop"
+              elseif verdict == "allow" then return "allow"
               elseif verdict == "error" then return "error", a or "not-acceptable", b
               elseif verdict ~= nil and verdict ~= "pass" then
-                error("a handler for " .. event .. " returned '" .. tostring(verdict) .. "': expected pass, drop, error or modify", 0)
+                error("a handler for " .. event .. " returned '" .. tostring(verdict) .. "': expected pass, drop, error, modify or allow", 0)
               end
             end
           end

@@ -210,7 +210,11 @@ final class C2SHandler: ChannelInboundHandler {
                 suspend()
                 let accounts = server.accounts
                 let pool = server.threadPool
+                let moduleCheck = server.router.modules[host]?.passwordCheck
+                let request = PasswordRequest(username: username, host: host, password: password, address: remoteAddress)
                 let future = context.eventLoop.makeFutureWithTask { () async throws -> Bool in
+                    // auth.method names a module: it decides, off the event loop.
+                    if let moduleCheck { return try await moduleCheck(request) }
                     let stored = try await accounts.credentials(username: username, host: host)
                     let credential = stored.flatMap { $0.first(where: { $0.hash == .sha256 }) ?? $0.first }
                     // PBKDF2 takes milliseconds: keep it off the event loops and the cooperative pool. An

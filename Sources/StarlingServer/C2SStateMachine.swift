@@ -15,6 +15,8 @@ public struct C2SSettings: Sendable {
     public var maxSASLAttempts: Int
     /// PLAIN may be offered without TLS (an explicit, load-test-only choice).
     public var plainWithoutTLS = false
+    /// Hosts whose passwords a module decides: no stored keys there, so PLAIN is the only mechanism.
+    public var moduleAuthenticatedHosts: Set<String> = []
     /// Stream features modules add, per host and phase.
     public var preAuthFeatures: [String: [XMLElement]] = [:]
     public var boundFeatures: [String: [XMLElement]] = [:]
@@ -259,7 +261,9 @@ public struct C2SStateMachine {
 
     private func offeredMechanisms() -> [String] {
         if !tlsActive && settings.tlsRequired { return [] }
+        let moduleDecides = settings.moduleAuthenticatedHosts.contains(host)
         return settings.mechanisms.filter { mechanism in
+            if moduleDecides && mechanism != "PLAIN" { return false }
             if mechanism.hasSuffix("-PLUS") { return tlsActive && channelBinding != nil }
             if mechanism == "PLAIN" { return tlsActive || settings.plainWithoutTLS }
             return true

@@ -24,9 +24,23 @@ final class HostModules: Sendable {
     let iqHandlers: [ModuleRegistrar.IQKey: IQEntry]
     /// Per hook name, handlers in the order they run (priority descending, then registration order).
     let hooks: [String: [ModuleRegistrar.HookRegistration]]
+    /// Decides passwords when `auth.method` names a module; nil means the stored SCRAM keys.
+    let passwordCheck: PasswordCheck?
 
-    init(domain: String, modules: [String: any ServerModule], registrars: [ModuleRegistrar], adapters: [String: ModuleHostAdapter]) throws {
+    init(domain: String, modules: [String: any ServerModule], registrars: [ModuleRegistrar], adapters: [String: ModuleHostAdapter],
+         authMethod: String) throws {
         self.domain = domain
+        if authMethod == "internal" {
+            passwordCheck = nil
+        } else {
+            guard let registrar = registrars.first(where: { $0.module == authMethod }) else {
+                throw ModuleError("auth method '\(authMethod)' for \(domain): that module is not running there")
+            }
+            guard let check = registrar.passwordCheck else {
+                throw ModuleError("auth method '\(authMethod)' for \(domain): module '\(authMethod)' does not authenticate")
+            }
+            passwordCheck = check
+        }
         self.modules = modules
         self.registrars = registrars
         self.adapters = adapters
@@ -176,7 +190,8 @@ enum ModuleLoader {
                 registrars.append(registrar)
                 adapters[module.name] = adapter
             }
-            let tables = try HostModules(domain: domain, modules: instances, registrars: registrars, adapters: adapters)
+            let tables = try HostModules(domain: domain, modules: instances, registrars: registrars, adapters: adapters,
+                                         authMethod: configuration.auth.method(for: domain))
             tables.attachAdapters()
             result[domain] = tables
         }
@@ -201,7 +216,8 @@ enum ModuleLoader {
             var adapters = host.adapters
             adapters[name] = adapter
             let registrars = host.registrars.map { $0.module == name ? registrar : $0 }
-            result[domain] = try HostModules(domain: domain, modules: instances, registrars: registrars, adapters: adapters)
+            result[domain] = try HostModules(domain: domain, modules: instances, registrars: registrars, adapters: adapters,
+                                             authMethod: configuration.auth.method(for: domain))
         }
         return result
     }
@@ -241,7 +257,11 @@ enum ModuleLoader {
                 changes.append("\(domain): \(name) disabled")
                 changed = true
             }
-            if changed { result[domain] = try HostModules(domain: domain, modules: instances, registrars: registrars, adapters: adapters) }
+            // The auth method itself needs a restart (listeners fix the offered mechanisms); the running one is kept.
+            if changed {
+                result[domain] = try HostModules(domain: domain, modules: instances, registrars: registrars, adapters: adapters,
+                                                 authMethod: old.auth.method(for: domain))
+            }
         }
         return (result, changes)
     }

@@ -64,6 +64,7 @@ public final class ServerContext: Sendable {
             offersStartTLS: listener.tls == .starttls
         )
         settings.plainWithoutTLS = configuration.auth.plainWithoutTLS
+        settings.moduleAuthenticatedHosts = Set(configuration.hosts.filter { configuration.auth.method(for: $0) != "internal" })
         for (host, modules) in router.modules {
             settings.preAuthFeatures[host] = modules.preAuthStreamFeatures
             settings.boundFeatures[host] = modules.boundStreamFeatures

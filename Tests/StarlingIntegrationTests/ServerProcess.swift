@@ -57,8 +57,7 @@ final class ServerProcess {
         listeners:
           - { address: 127.0.0.1, port: 0, tls: starttls }
           - { address: 127.0.0.1, port: 0, tls: direct }
-        auth:
-          failure_delay: 0.2
+        \(extraConfig.hasPrefix("auth:") ? "" : "auth:\n  failure_delay: 0.2")
         \(storage)
         \(extraConfig)
         """
@@ -113,9 +112,11 @@ final class ServerProcess {
         try Self.write(contents, to: directory.appendingPathComponent(path))
     }
 
+    /// A file starting with "#!" is made executable.
     private static func write(_ contents: String, to url: URL) throws {
         try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
         try contents.write(to: url, atomically: true, encoding: .utf8)
+        if contents.hasPrefix("#!") { chmod(url.path, 0o755) }
     }
 
     /// Runs `starlingctl` against this server's config.

@@ -319,8 +319,15 @@ public final class ModuleRegistrar: @unchecked Sendable {
     public private(set) var streamFeatures: [(element: XMLElement, phase: StreamPhase)] = []
     public private(set) var iqHandlers: [IQRegistration] = []
     public private(set) var hooks: [HookRegistration] = []
+    /// Set when the module can decide passwords (used on hosts whose `auth.method` names it).
+    public private(set) var passwordCheck: PasswordCheck?
 
     public init(module: String) { self.module = module }
+
+    /// Offers to decide passwords: a host whose `auth.method` (or `auth.host_methods`) names this module
+    /// authenticates every login with `check` instead of the stored SCRAM keys. Such hosts offer PLAIN
+    /// only (over TLS), since SCRAM needs keys the server does not have.
+    public func authenticator(_ check: @escaping PasswordCheck) { passwordCheck = check }
 
     /// Adds a disco#info feature var, listed for the server's domain, for accounts, or both.
     public func feature(_ namespace: String, for target: IQTarget = .server) { features.append((namespace, target)) }
@@ -417,3 +424,22 @@ public struct ServerPaths: Sendable {
         self.dataDirectory = dataDirectory
     }
 }
+
+/// One login to decide with a module's authenticator.
+public struct PasswordRequest: Sendable {
+    public let username: String
+    public let host: String
+    public let password: String
+    /// The client's IP address.
+    public let address: String
+
+    public init(username: String, host: String, password: String, address: String) {
+        self.username = username
+        self.host = host
+        self.password = password
+        self.address = address
+    }
+}
+
+/// Decides whether a password is right. Runs off the event loops; may wait on I/O.
+public typealias PasswordCheck = @Sendable (PasswordRequest) async throws -> Bool
