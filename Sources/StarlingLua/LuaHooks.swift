@@ -27,6 +27,7 @@ public final class LuaHooks: ServerModule, ReloadableModule {
         "stanza-in", "message-in", "presence-in", "iq-in",
         "stanza-out", "message-out", "presence-out", "iq-out",
         "message-offline", "session-bound", "session-closed", "authenticate",
+        "connect", "login", "login-failed", "user-registered",
     ]
 
     private static let inbound = ["message": ["stanza-in", "message-in"], "presence": ["stanza-in", "presence-in"], "iq": ["stanza-in", "iq-in"]]
@@ -107,6 +108,20 @@ public final class LuaHooks: ServerModule, ReloadableModule {
                 "username": request.username, "host": request.host, "password": request.password, "address": request.address,
             ])
             return allows(attempt)
+        }
+        registrar.hook(.connectionOpened, priority: priority) { [self] event in
+            run(["connect"], XMLElement(name: "connection", namespace: Namespace.client, attributes: ["address": event.address]))
+        }
+        registrar.hook(.loginAttempt, priority: priority) { [self] event in
+            run(["login"], Self.element(event))
+        }
+        registrar.hook(.loginFailed, priority: priority) { [self] event in
+            _ = run(["login-failed"], Self.element(event))
+            return .pass
+        }
+        registrar.hook(.userRegistered, priority: priority) { [self] event in
+            _ = run(["user-registered"], XMLElement(name: "account", namespace: Namespace.client, attributes: ["jid": event.jid.description]))
+            return .pass
         }
         registrar.hook(.sessionBound, priority: priority) { [self] event in
             _ = run(["session-bound"], XMLElement(name: "session", namespace: Namespace.client, attributes: ["jid": event.jid.description]))
@@ -194,6 +209,12 @@ public final class LuaHooks: ServerModule, ReloadableModule {
             }
         }
         return modified ? .modify(stanza) : .pass
+    }
+
+    private static func element(_ login: LoginEvent) -> XMLElement {
+        XMLElement(name: "login", namespace: Namespace.client, attributes: [
+            "username": login.username, "host": login.host, "address": login.address, "mechanism": login.mechanism,
+        ])
     }
 
     /// Runs the `authenticate` handlers: the first "allow" accepts; a failure, anything else or no

@@ -114,6 +114,7 @@ public final class RegistrationModule: ServerModule {
                 return iq.errorReply(.internalServerError)
             }
             host.log(.info, "\(jid) registered in-band from \(event.address)")
+            _ = host.run(.userRegistered, SessionEvent(jid: jid.bare))
             return iq.iqResult()
         default:
             return iq.errorReply(.badRequest)

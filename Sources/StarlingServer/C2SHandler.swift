@@ -21,6 +21,9 @@ final class C2SHandler: ChannelInboundHandler {
     private var remoteAddress = "unknown"
     private var remotePort = 0
     private var authenticatedUser: JID?
+    /// The login being checked, for the login-failed hook.
+    private var currentLogin: LoginEvent?
+    private var refusedByPolicy = false
     /// Built when something is logged rather than kept per connection: most connections never log.
     private var logger: Logger {
         var logger = server.logger
@@ -64,6 +67,13 @@ final class C2SHandler: ChannelInboundHandler {
     func channelActive(context: ChannelHandlerContext) {
         remoteAddress = context.remoteAddress?.ipAddress ?? "unknown"
         remotePort = context.remoteAddress?.port ?? 0
+        // Connection policies (rate limits per address): refused before any byte is read.
+        if case .reject = server.router.run(.connectionOpened, ConnectionEvent(address: remoteAddress), on: server.configuration.hosts[0]) {
+            logger.info("connection refused by policy")
+            refusedByPolicy = true
+            context.close(promise: nil)
+            return
+        }
         let loop = context.eventLoop
         let id = ObjectIdentifier(self)
         let bound = NIOLoopBound(self, eventLoop: loop)
@@ -91,7 +101,7 @@ final class C2SHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
-        if machine.isClosed { return }
+        if machine.isClosed || refusedByPolicy { return }
         pingOutstanding = false
         inReadBurst = true
         var parseError: XMLStreamError?
@@ -197,6 +207,12 @@ final class C2SHandler: ChannelInboundHandler {
                 parser.reset()
             case .lookUpCredentials(let username, let host):
                 suspend()
+                if refuseLogin(username: username, host: host, mechanism: "SCRAM") {
+                    // Looks like an unknown account to the client: the exchange fails at its end.
+                    perform(machine.credentialsLoaded(nil))
+                    resume()
+                    continue
+                }
                 let accounts = server.accounts
                 let future = context.eventLoop.makeFutureWithTask { try await accounts.credentials(username: username, host: host) }
                 future.whenComplete { result in
@@ -208,6 +224,11 @@ final class C2SHandler: ChannelInboundHandler {
                 }
             case .verifyPlain(let username, let host, let password):
                 suspend()
+                if refuseLogin(username: username, host: host, mechanism: "PLAIN") {
+                    perform(machine.plainVerified(username: username, success: false))
+                    resume()
+                    continue
+                }
                 let accounts = server.accounts
                 let pool = server.threadPool
                 let moduleCheck = server.router.modules[host]?.passwordCheck
@@ -235,6 +256,7 @@ final class C2SHandler: ChannelInboundHandler {
                     self.resume()
                 }
             case .authenticationFailed(let reply):
+                if let login = currentLogin { _ = server.router.run(.loginFailed, login, on: login.host) }
                 suspend()
                 let delay = server.failures.recordFailure(address: remoteAddress)
                 logger.info("authentication failed", metadata: ["delay": "\(delay)"])
@@ -281,6 +303,15 @@ final class C2SHandler: ChannelInboundHandler {
             }
         }
         flushSoon()
+    }
+
+    /// Runs the login-attempt hooks; true when a policy refuses the attempt.
+    private func refuseLogin(username: String, host: String, mechanism: String) -> Bool {
+        let login = LoginEvent(username: username, host: host, address: remoteAddress, mechanism: mechanism)
+        currentLogin = login
+        guard case .reject = server.router.run(.loginAttempt, login, on: host) else { return false }
+        logger.info("login refused by policy", metadata: ["username": "\(username)"])
+        return true
     }
 
     private func bind(user: JID, requested: String?, iq: XMLElement) {

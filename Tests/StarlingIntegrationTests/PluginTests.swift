@@ -87,6 +87,55 @@ final class PluginTests: XCTestCase {
         XCTAssertTrue(output.contains("'disco' is built in"), output)
     }
 
+    func testConnectionRateAndLoginFailureLimits() async throws {
+        let plugin = try plugin("STARLING_TEST_PLUGIN")
+        let connections = try ServerProcess(extraConfig: """
+        plugins:
+          rate_limits: \(plugin)
+        modules:
+          disco: {}
+          rate_limits: { connection_rate: 0.01, connection_burst: 3 }
+        """, users: Self.users)
+        defer { XCTAssertEqual(connections.stop(), 0) }
+        var open: [TestClient] = []
+        for _ in 1...3 {
+            let client = try await TestClient.connect(port: connections.directTLSPort, domain: "localhost", tls: .direct)
+            _ = try await client.openStream()
+            open.append(client)
+        }
+        let fourth = try await TestClient.connect(port: connections.directTLSPort, domain: "localhost", tls: .direct)
+        do {
+            _ = try await fourth.openStream()
+            XCTFail("a fourth connection from the same address got a stream")
+        } catch {}
+        for client in open { await client.close() }
+
+        let logins = try ServerProcess(extraConfig: """
+        auth:
+          failure_delay: 0.1
+        plugins:
+          rate_limits: \(plugin)
+        modules:
+          disco: {}
+          rate_limits: { login_failures: 2, login_failure_window: 300 }
+        """, users: Self.users)
+        defer { XCTAssertEqual(logins.stop(), 0) }
+        func attempt(_ user: String, _ password: String) async -> Bool {
+            guard let client = try? await TestClient.login(port: logins.directTLSPort, domain: "localhost", tls: .direct,
+                                                          username: user, password: password) else { return false }
+            await client.close()
+            return true
+        }
+        let wrong1 = await attempt("p1", "wrong"), wrong2 = await attempt("p1", "wrong")
+        XCTAssertFalse(wrong1 || wrong2)
+        // Two failures: even the right password is refused for this account now, not for others.
+        let blocked = await attempt("p1", "pw1")
+        XCTAssertFalse(blocked)
+        let other = await attempt("p2", "pw2")
+        XCTAssertTrue(other)
+        XCTAssertTrue(logins.log.contains("login refused by policy"), logins.log)
+    }
+
     func testReloadingAPluginUnderTrafficLosesNothing() async throws {
         let server = try ServerProcess(extraConfig: """
         plugins:

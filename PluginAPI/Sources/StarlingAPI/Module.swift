@@ -280,6 +280,44 @@ extension HookPoint where Event == SessionEvent {
     public static let initialPresence = HookPoint("initial-presence")
 }
 
+/// A new client connection, before any byte is read. Connection hooks run on the first configured
+/// host's modules (the stream has not named its host yet); `.reject` closes the connection.
+public struct ConnectionEvent: Sendable {
+    /// The client's IP address.
+    public let address: String
+    public init(address: String) { self.address = address }
+}
+
+extension HookPoint where Event == ConnectionEvent {
+    public static let connectionOpened = HookPoint("connection-opened")
+}
+
+/// A login attempt, or its failure.
+public struct LoginEvent: Sendable {
+    public let username: String
+    public let host: String
+    public let address: String
+    public let mechanism: String
+    public init(username: String, host: String, address: String, mechanism: String) {
+        self.username = username
+        self.host = host
+        self.address = address
+        self.mechanism = mechanism
+    }
+}
+
+extension HookPoint where Event == LoginEvent {
+    /// Before the password is checked; `.reject` refuses the attempt (it counts as a failure).
+    public static let loginAttempt = HookPoint("login-attempt")
+    /// After a wrong password (or a refused attempt); the result is ignored.
+    public static let loginFailed = HookPoint("login-failed")
+}
+
+extension HookPoint where Event == SessionEvent {
+    /// An account was created (in-band registration); `jid` is its bare JID. The result is ignored.
+    public static let userRegistered = HookPoint("user-registered")
+}
+
 /// Collects a module's registrations. The core keeps them per module and removes them on unload.
 public final class ModuleRegistrar: @unchecked Sendable {
     public struct IQKey: Hashable, Sendable {
