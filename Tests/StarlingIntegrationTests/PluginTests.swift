@@ -87,6 +87,29 @@ final class PluginTests: XCTestCase {
         XCTAssertTrue(output.contains("'disco' is built in"), output)
     }
 
+    func testSpamFilterRefusesKeywordsAndDropsBlockedSenders() async throws {
+        let server = try ServerProcess(extraConfig: """
+        plugins:
+          spam_filter: \(try plugin("STARLING_TEST_SPAM_PLUGIN"))
+        modules:
+          disco: {}
+          roster: {}
+          presence: {}
+          spam_filter: { keywords: [casino bonus], blocked_jids: [p3@localhost] }
+        """, users: Self.users)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice = try await login(server, 1)
+        let bob = try await login(server, 2)
+        let spammer = try await login(server, 3)
+        send(alice, to: "p2@localhost/r", "Your CASINO BONUS awaits")
+        let refused = try await nextMessage(alice)
+        XCTAssertNotNil(refused.child("error")?.child("policy-violation"), "\(refused)")
+        send(spammer, to: "p2@localhost/r", "hi from a blocked sender")
+        send(alice, to: "p2@localhost/r", "hello")
+        let first = try await nextMessage(bob).child("body")?.text
+        XCTAssertEqual(first, "hello")
+    }
+
     func testConnectionRateAndLoginFailureLimits() async throws {
         let plugin = try plugin("STARLING_TEST_PLUGIN")
         let connections = try ServerProcess(extraConfig: """
