@@ -49,7 +49,7 @@ let package = Package(
         .target(
             name: "StarlingLua",
             dependencies: [
-                "CLua",
+                "CLua", "StarlingStorage",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

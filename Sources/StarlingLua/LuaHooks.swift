@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOPosix
 public import StarlingAPI
+import StarlingStorage
 import Synchronization
 
 /// The `lua` module: operators' policy scripts, run on named events with a verdict.
@@ -121,6 +122,29 @@ public final class LuaHooks: ServerModule, ReloadableModule {
         }
         registrar.hook(.userRegistered, priority: priority) { [self] event in
             _ = run(["user-registered"], XMLElement(name: "account", namespace: Namespace.client, attributes: ["jid": event.jid.description]))
+            return .pass
+        }
+        // Rosters of accounts with a session here, for starling.in_roster: loaded at bind, kept current
+        // from roster changes, dropped when the last session goes.
+        registrar.hook(.sessionBound, priority: priority) { [self] event in
+            let user = event.jid.bare
+            if services.rosters[user] == nil, let store = host.service((any RosterStore).self) {
+                let rosters = services.rosters
+                Task {
+                    guard let roster = try? await store.roster(of: user) else { return }
+                    rosters.withValue(for: user) { cached in if cached == nil { cached = Set(roster.items.map(\.jid)) } }
+                }
+            }
+            return .pass
+        }
+        registrar.hook(.rosterChanged, priority: priority) { [self] event in
+            services.rosters.withValue(for: event.user) { cached in
+                if event.subscription == "remove" { cached?.remove(event.contact) } else { cached?.insert(event.contact) }
+            }
+            return .pass
+        }
+        registrar.hook(.sessionClosed, priority: priority - 1) { [self] event in
+            if host.resources(of: event.jid.bare).isEmpty { services.rosters.removeValue(forKey: event.jid.bare) }
             return .pass
         }
         registrar.hook(.sessionBound, priority: priority) { [self] event in
@@ -268,6 +292,8 @@ public final class LuaServices: LuaScriptServices, Sendable {
 
     private let sink: @Sendable (ModuleLogLevel, String) -> Void
     private let entries = ShardedDictionary<String, Entry>()
+    /// Roster contacts of local accounts with a session, by bare JID (filled by the lua module).
+    public let rosters = ShardedDictionary<JID, Set<JID>>()
     /// Errors are reported at most once per script every few seconds, with how many were suppressed.
     private let lastReport = ShardedDictionary<String, (time: Double, suppressed: Int)>()
 
@@ -310,6 +336,11 @@ public final class LuaServices: LuaScriptServices, Sendable {
             entry = counter
             return counter.count
         }
+    }
+
+    public func rosterContains(user: String, contact: String) -> Bool? {
+        guard let user = JID(user)?.bare, let contact = JID(contact)?.bare, let roster = rosters[user] else { return nil }
+        return roster.contains(contact)
     }
 
     /// Logs a script failure, at most once per script every 5 seconds (saying how many were not shown).

@@ -56,6 +56,9 @@ public protocol LuaScriptServices: AnyObject, Sendable {
     func setValue(script: String, key: String, value: LuaStoredValue?, ttl: Double?)
     /// Adds one to the counter `key` in the current window of `window` seconds and returns its count.
     func increment(script: String, key: String, window: Double) -> Int
+    /// Whether `contact` is on the roster of the local account `user`; nil when that roster is not
+    /// known here (the account has no session on this server).
+    func rosterContains(user: String, contact: String) -> Bool?
 }
 
 public enum LuaStoredValue: Sendable, Equatable {
@@ -246,7 +249,7 @@ public struct LuaScriptError: Error, CustomStringConvertible, Sendable {
 
 /// The context the C dispatcher hands back to Swift for `starling.*` calls.
 final class LuaBridge {
-    static let functionNames = ["log", "get", "set", "incr", "now"]
+    static let functionNames = ["log", "get", "set", "incr", "now", "in_roster"]
 
     let script: String
     let services: any LuaScriptServices
@@ -280,6 +283,12 @@ final class LuaBridge {
         case 4:
             result.kind = 1
             result.number = Date().timeIntervalSince1970
+        case 5:
+            guard let user = argument(0), let contact = argument(1) else { return fail("starling.in_roster needs a user and a contact", &result) }
+            if let known = services.rosterContains(user: user, contact: contact) {
+                result.kind = 3
+                result.number = known ? 1 : 0
+            }
         default:
             return fail("unknown function", &result)
         }

@@ -68,6 +68,7 @@ final class SubscriptionEngine: Sendable {
     }
 
     func push(_ item: RosterItem, version: Int, to user: JID, removed: Bool = false) {
+        _ = host.run(.rosterChanged, RosterChangeEvent(user: user.bare, contact: item.jid, subscription: removed ? "remove" : item.subscription.rawValue))
         let targets = state.withLock { state in state.interested.filter { $0.bare == user.bare } }
         for resource in targets {
             var query = XMLElement(name: "query", namespace: RosterModule.namespace, attributes: ["ver": String(version)])

@@ -124,6 +124,33 @@ final class LuaHooksTests: XCTestCase {
         XCTAssertEqual(try server.ctl(["connected-users"]).1.split(separator: "\n").count, 2)
     }
 
+    func testMessagesFromStrangersAreDropped() async throws {
+        let server = try ServerProcess(extraConfig: Self.modules + "\n" + """
+          lua:
+            scripts: [hooks/strangers.lua]
+        """, users: Self.users, files: ["hooks/strangers.lua": try Self.example("strangers.lua")])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let friend = try await login(server, 1)
+        let bob = try await login(server, 2)
+        let stranger = try await login(server, 3)
+        // bob puts l1 on his roster; the roster push shows it is stored.
+        bob.send("<iq type='set' id='add'><query xmlns='jabber:iq:roster'><item jid='l1@localhost'/></query></iq>")
+        _ = try await bob.waitFor(timeout: 10, "roster result") { event in
+            if case .element(let element) = event { return element.name == "iq" && element[attribute: "id"] == "add" }
+            return false
+        }
+        send(stranger, to: "l2@localhost/r", "hello from nobody")
+        // Once the stranger's ping is answered, its message has been routed (or dropped).
+        stranger.send("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        _ = try await stranger.waitFor(timeout: 10, "ping result") { event in
+            if case .element(let element) = event { return element[attribute: "id"] == "sync" }
+            return false
+        }
+        send(friend, to: "l2@localhost/r", "hello from a friend")
+        let first = try await nextMessage(bob).child("body")?.text
+        XCTAssertEqual(first, "hello from a friend")
+    }
+
     func testReloadingUnderTrafficLosesNothingAndABrokenScriptChangesNothing() async throws {
         let server = try ServerProcess(extraConfig: Self.modules + "\n" + """
           lua:

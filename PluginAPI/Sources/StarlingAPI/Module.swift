@@ -318,6 +318,24 @@ extension HookPoint where Event == SessionEvent {
     public static let userRegistered = HookPoint("user-registered")
 }
 
+/// A change to a local account's roster (an item added, changed or removed); the result is ignored.
+public struct RosterChangeEvent: Sendable {
+    /// The account (bare JID).
+    public let user: JID
+    public let contact: JID
+    /// none, to, from, both, or remove.
+    public let subscription: String
+    public init(user: JID, contact: JID, subscription: String) {
+        self.user = user
+        self.contact = contact
+        self.subscription = subscription
+    }
+}
+
+extension HookPoint where Event == RosterChangeEvent {
+    public static let rosterChanged = HookPoint("roster-changed")
+}
+
 /// Collects a module's registrations. The core keeps them per module and removes them on unload.
 public final class ModuleRegistrar: @unchecked Sendable {
     public struct IQKey: Hashable, Sendable {
