@@ -40,6 +40,8 @@ public final class LuaHooks: ServerModule, ReloadableModule {
         let scripts: [LuaScript]
         /// Event → (priority, script index), highest priority first, then script order.
         let dispatch: [String: [(priority: Int, script: Int)]]
+        /// Some script calls starling.in_roster: only then are rosters loaded at bind.
+        let usesRosters: Bool
 
         init(number: Int, scripts: [LuaScript], handlers: [[String: Set<Int>]]) {
             self.number = number
@@ -54,6 +56,7 @@ public final class LuaHooks: ServerModule, ReloadableModule {
                 dispatch[event]!.sort { $0.priority != $1.priority ? $0.priority > $1.priority : $0.script < $1.script }
             }
             self.dispatch = dispatch
+            usesRosters = scripts.contains { $0.source.contains("in_roster") }
         }
     }
 
@@ -128,7 +131,7 @@ public final class LuaHooks: ServerModule, ReloadableModule {
         // from roster changes, dropped when the last session goes.
         registrar.hook(.sessionBound, priority: priority) { [self] event in
             let user = event.jid.bare
-            if services.rosters[user] == nil, let store = host.service((any RosterStore).self) {
+            if current.withLockedValue({ $0.usesRosters }), services.rosters[user] == nil, let store = host.service((any RosterStore).self) {
                 let rosters = services.rosters
                 Task {
                     guard let roster = try? await store.roster(of: user) else { return }

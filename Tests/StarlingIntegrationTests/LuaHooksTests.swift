@@ -52,22 +52,7 @@ final class LuaHooksTests: XCTestCase {
     """
 
     /// The next message (skipping presence and anything else) within `timeout`.
-    private func nextMessage(_ client: TestClient, timeout: Double = 10) async throws -> XMLElement {
-        let event = try await client.waitFor(timeout: timeout, "a message") { event in
-            if case .element(let element) = event { return element.name == "message" }
-            return false
-        }
-        guard case .element(let element) = event else { throw TestClientError.unexpected("\(event)") }
-        return element
-    }
 
-    private func send(_ client: TestClient, to: String, _ body: String) {
-        var message = XMLElement(name: "message", namespace: Namespace.client, attributes: ["to": to, "type": "chat"])
-        var element = XMLElement(name: "body", namespace: Namespace.client)
-        element.children = [.text(body)]
-        message.append(element)
-        client.send(message)
-    }
 
     func testExamplesWorkAndFailingScriptsAreContained() async throws {
         let server = try ServerProcess(extraConfig: Self.modules + "\n" + """

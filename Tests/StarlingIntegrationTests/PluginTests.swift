@@ -20,22 +20,7 @@ final class PluginTests: XCTestCase {
                                    username: "p\(number)", password: "pw\(number)", resource: "r")
     }
 
-    private func send(_ client: TestClient, to: String, _ body: String) {
-        var message = XMLElement(name: "message", namespace: Namespace.client, attributes: ["to": to, "type": "chat"])
-        var element = XMLElement(name: "body", namespace: Namespace.client)
-        element.children = [.text(body)]
-        message.append(element)
-        client.send(message)
-    }
 
-    private func nextMessage(_ client: TestClient) async throws -> XMLElement {
-        let event = try await client.waitFor(timeout: 10, "a message") { event in
-            if case .element(let element) = event { return element.name == "message" }
-            return false
-        }
-        guard case .element(let element) = event else { throw TestClientError.unexpected("\(event)") }
-        return element
-    }
 
     private func pluginImages(_ server: ServerProcess) throws -> Int? {
         let (_, status) = try server.ctl(["status"])

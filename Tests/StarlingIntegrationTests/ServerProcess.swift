@@ -1,4 +1,5 @@
 import Foundation
+import StarlingAPI
 import StarlingTestClient
 import XCTest
 
@@ -185,5 +186,26 @@ final class ServerProcess {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("Interop/slixmpp_client.py").path
         return try run("/usr/bin/env", ["python3", script] + arguments)
+    }
+}
+
+extension XCTestCase {
+    /// Sends a chat message with `body` to `to`.
+    func send(_ client: TestClient, to: String, _ body: String) {
+        var message = XMLElement(name: "message", namespace: Namespace.client, attributes: ["to": to, "type": "chat"])
+        var element = XMLElement(name: "body", namespace: Namespace.client)
+        element.children = [.text(body)]
+        message.append(element)
+        client.send(message)
+    }
+
+    /// The next message `client` receives, skipping everything else.
+    func nextMessage(_ client: TestClient, timeout: Double = 10) async throws -> XMLElement {
+        let event = try await client.waitFor(timeout: timeout, "a message") { event in
+            if case .element(let element) = event { return element.name == "message" }
+            return false
+        }
+        guard case .element(let element) = event else { throw TestClientError.unexpected("\(event)") }
+        return element
     }
 }
