@@ -233,6 +233,9 @@ public struct StarlingConfiguration: Sendable, Equatable {
             guard let host = key.string.flatMap({ JID($0)?.domainpart }), let method = value.string, !method.isEmpty else {
                 throw hostMethodsSection.error(key.string, "expected host: method", at: key)
             }
+            guard hosts.contains(where: { JID($0)?.domainpart == host }) else {
+                throw hostMethodsSection.error(host, "not one of the configured hosts (\(hosts.joined(separator: ", ")))", at: key)
+            }
             auth.hostMethods[host] = method
         }
         try authSection.rejectUnknownKeys()

@@ -181,16 +181,8 @@ struct ReloadHooks: ParsableCommand {
     @OptionGroup var options: ConfigOption
 
     func run() throws {
-        let reply = try AdminClient(path: options.load().admin.socketPath).request("reload-hooks")
-        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
-            throw ValidationError("unexpected reply: \(reply)")
-        }
-        if object["ok"] as? Bool == true {
-            let reloaded = object["reloaded"] as? [String] ?? []
-            print(reloaded.isEmpty ? "no host has Lua hooks enabled" : reloaded.joined(separator: "\n"))
-        } else {
-            throw ValidationError("reload failed:\n\(object["error"] as? String ?? reply)")
-        }
+        let reloaded = try reload(options, "reload-hooks")
+        print(reloaded.isEmpty ? "no host has Lua hooks enabled" : reloaded.joined(separator: "\n"))
     }
 }
 
@@ -203,12 +195,7 @@ struct ReloadModule: ParsableCommand {
     @Argument(help: "The module's name, as under plugins: in the config.") var name: String
 
     func run() throws {
-        let reply = try AdminClient(path: options.load().admin.socketPath).request("reload-module", argument: name)
-        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
-            throw ValidationError("unexpected reply: \(reply)")
-        }
-        guard object["ok"] as? Bool == true else { throw ValidationError("reload failed: \(object["error"] as? String ?? reply)") }
-        print((object["reloaded"] as? [String] ?? []).joined(separator: "\n"))
+        print(try reload(options, "reload-module", argument: name).joined(separator: "\n"))
     }
 }
 
@@ -221,13 +208,18 @@ struct ReloadConfig: ParsableCommand {
     @Flag(help: "Validate and show what would change, without changing anything.") var dryRun = false
 
     func run() throws {
-        let reply = try AdminClient(path: options.load().admin.socketPath).request("reload-config", argument: dryRun ? "dry-run" : nil)
-        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
-            throw ValidationError("unexpected reply: \(reply)")
-        }
-        guard object["ok"] as? Bool == true else { throw ValidationError("reload failed: \(object["error"] as? String ?? reply)") }
-        print((object["reloaded"] as? [String] ?? []).joined(separator: "\n"))
+        print(try reload(options, "reload-config", argument: dryRun ? "dry-run" : nil).joined(separator: "\n"))
     }
+}
+
+/// Sends one of the reload commands and returns what the server reports, or throws its error.
+func reload(_ options: ConfigOption, _ command: String, argument: String? = nil) throws -> [String] {
+    let reply = try AdminClient(path: options.load().admin.socketPath).request(command, argument: argument)
+    guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
+        throw ValidationError("unexpected reply: \(reply)")
+    }
+    guard object["ok"] as? Bool == true else { throw ValidationError("reload failed:\n\(object["error"] as? String ?? reply)") }
+    return object["reloaded"] as? [String] ?? []
 }
 
 func readPassword(_ argument: String) throws -> String {
