@@ -16,14 +16,19 @@ public struct SCRAMClient: Sendable {
     private let channelBindingData: [UInt8]
     private var authMessage: [UInt8] = []
     private var saltedPassword: [UInt8] = []
+    private let derive: @Sendable (_ password: String, _ salt: [UInt8], _ iterations: Int) -> [UInt8]
 
     /// - Parameters:
     ///   - channelBinding: set for -PLUS.
     ///   - supportsChannelBinding: without `channelBinding`, send "y" (we could bind, the server offered
     ///     no -PLUS) instead of "n" (we can't bind).
+    ///   - derive: computes SaltedPassword; a client may cache it per salt and iteration count
+    ///     (RFC 5802 §5.1), as the load generator does. Default: PBKDF2 every time.
     public init(hash: SCRAMHash, username: String, password: String, authzid: String? = nil,
-                channelBinding: ChannelBinding? = nil, supportsChannelBinding: Bool = false, clientNonce: String? = nil) {
+                channelBinding: ChannelBinding? = nil, supportsChannelBinding: Bool = false, clientNonce: String? = nil,
+                derive: (@Sendable (_ password: String, _ salt: [UInt8], _ iterations: Int) -> [UInt8])? = nil) {
         self.hash = hash
+        self.derive = derive ?? { [hash] password, salt, iterations in hash.saltedPassword(password, salt: salt, iterations: iterations) }
         self.username = username
         self.password = password
         self.clientNonce = clientNonce ?? randomNonce()
@@ -49,7 +54,7 @@ public struct SCRAMClient: Sendable {
         }
         guard let nonce, let salt, let iterations, iterations > 0 else { throw .malformedServerMessage }
         guard nonce.hasPrefix(clientNonce) else { throw .nonceMismatch }
-        saltedPassword = hash.saltedPassword(password, salt: Array(salt), iterations: iterations)
+        saltedPassword = derive(password, Array(salt), iterations)
         let binding = Data(Array(gs2Header.utf8) + channelBindingData).base64EncodedString()
         let withoutProof = "c=\(binding),r=\(nonce)"
         authMessage = Array("\(clientFirstBare),\(text),\(withoutProof)".utf8)

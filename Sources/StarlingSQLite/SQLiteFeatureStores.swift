@@ -20,13 +20,14 @@ extension SQLiteStore: OfflineStore {
     }
 
     public func takeOffline(for user: JID) async throws(StorageError) -> [String] {
+        // One statement, atomic on its own: most logins find nothing, and this is on the login path.
         try await run {
-            try await self.transaction {
-                let rows = try await self.connection.query(
-                    "SELECT stanza FROM offline_messages WHERE host = ? AND username = ? ORDER BY id", Self.userBinds(user))
-                _ = try await self.connection.query("DELETE FROM offline_messages WHERE host = ? AND username = ?", Self.userBinds(user))
-                return rows.compactMap { $0.column("stanza")?.string }
-            }
+            try await self.connection.query(
+                "DELETE FROM offline_messages WHERE host = ? AND username = ? RETURNING id, stanza", Self.userBinds(user)
+            ).compactMap { row -> (Int, String)? in
+                guard let id = row.column("id")?.integer, let stanza = row.column("stanza")?.string else { return nil }
+                return (id, stanza)
+            }.sorted { $0.0 < $1.0 }.map(\.1)
         }
     }
 

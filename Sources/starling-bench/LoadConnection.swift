@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -261,7 +262,7 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         let hash: SCRAMHash = spec.mechanism == "SCRAM-SHA-1" ? .sha1 : .sha256
-        let client = SCRAMClient(hash: hash, username: spec.username, password: spec.password)
+        let client = SCRAMClient(hash: hash, username: spec.username, password: spec.password, derive: SaltedPasswords.shared.derive(hash))
         scram = client
         write("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='\(spec.mechanism)'>\(Data(client.clientFirst()).base64EncodedString())</auth>")
     }
@@ -295,6 +296,25 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
             cursor = end + Marker.messageEnd.count
         }
         if cursor > 0 { inbox.removeFirst(min(cursor, inbox.count)) }
+    }
+}
+
+/// SaltedPassword per (hash, password, salt, iterations), computed once (RFC 5802 §5.1 lets clients
+/// cache it). Without it the generator spends more CPU on PBKDF2 than the server spends on the login,
+/// and a SCRAM run measures the generator.
+final class SaltedPasswords: @unchecked Sendable {
+    static let shared = SaltedPasswords()
+    private let lock = NIOLock()
+    private var cache: [String: [UInt8]] = [:]
+
+    func derive(_ hash: SCRAMHash) -> @Sendable (String, [UInt8], Int) -> [UInt8] {
+        { [self] password, salt, iterations in
+            let key = "\(hash.rawValue)|\(password)|\(salt)|\(iterations)"
+            if let known = lock.withLock({ cache[key] }) { return known }
+            let derived = hash.saltedPassword(password, salt: salt, iterations: iterations)
+            lock.withLock { cache[key] = derived }
+            return derived
+        }
     }
 }
 
