@@ -23,6 +23,10 @@ struct StarlingCommand: AsyncParsableCommand {
     var check = false
 
     func run() async throws {
+        // A peer that goes away mid-write (an external auth program, a client) must cost an EPIPE on
+        // that write, not the whole process. NIO does the same once it opens a socket; this covers the
+        // start before that.
+        signal(SIGPIPE, SIG_IGN)
         if configReference {
             print(StarlingConfiguration.referenceText(moduleCatalog: BuiltinModules.descriptors))
             return

@@ -87,4 +87,41 @@ final class AuthMethodTests: XCTestCase {
         try await expectLogin(server, "stored", "storedpw", succeeds: true)
         try await expectLogin(server, "ext", "extpw", succeeds: false)
     }
+
+    func testAnExternalAuthProgramThatDiesIsRestartedAndTheServerCarriesOn() async throws {
+        guard let plugin = ProcessInfo.processInfo.environment["STARLING_TEST_EXTAUTH_PLUGIN"] else {
+            throw XCTSkip("STARLING_TEST_EXTAUTH_PLUGIN is not set: scripts/test builds the plugins and sets it")
+        }
+        // Answers one request, then stops reading but stays alive: the next write hits a pipe nobody reads.
+        let oneShot = Self.extauth.replacingOccurrences(
+            of: "    sys.stdout.buffer.flush()",
+            with: "    sys.stdout.buffer.flush()\n    import os, time\n    os.close(0)\n    time.sleep(60)")
+        XCTAssertNotEqual(oneShot, Self.extauth)
+        let server = try ServerProcess(extraConfig: """
+        auth:
+          failure_delay: 0.1
+          method: external_auth
+        plugins:
+          external_auth: \(plugin)
+        modules:
+          disco: {}
+          roster: {}
+          presence: {}
+          external_auth: { program: extauth.py, timeout: 5 }
+        """, users: [], files: ["extauth.py": oneShot])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        try await expectLogin(server, "ext", "extpw", succeeds: true)
+        // The program no longer reads: that login fails (the write gets EPIPE, and the program is
+        // replaced); the server stays up and the next login works.
+        var succeeded = false
+        for _ in 0..<5 where !succeeded {
+            if let client = try? await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct,
+                                                        username: "ext", password: "extpw", mechanism: "PLAIN") {
+                succeeded = true
+                await client.close()
+            }
+        }
+        XCTAssertTrue(succeeded)
+        XCTAssertTrue(server.process.isRunning)
+    }
 }
