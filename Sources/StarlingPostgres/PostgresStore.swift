@@ -25,6 +25,8 @@ public final class PostgresStore: Sendable {
     let logger: Logger
     let timeout: Double
     private let runner: Task<Void, Never>
+    /// Operations running, and when the last one started: `close` waits for a quiet moment.
+    private let activity = Mutex<(running: Int, lastStart: ContinuousClock.Instant)>((0, .now))
 
     /// Each entry is one schema version; append, never edit.
     static let migrations: [[String]] = [
@@ -69,7 +71,9 @@ public final class PostgresStore: Sendable {
         self.client = client
         self.logger = logger
         self.timeout = timeout
-        runner = Task { await client.run() }
+        // Detached: a task would inherit the service group's graceful-shutdown signal, and the pool would
+        // shut down on SIGTERM before the sessions' last writes; `close` ends it instead.
+        runner = Task.detached { await client.run() }
     }
 
     /// Connects, checks the database answers, and migrates. A bad URL or an unreachable database is a
@@ -86,7 +90,14 @@ public final class PostgresStore: Sendable {
         return store
     }
 
+    /// Closes once the store has been quiet for a moment (at most two seconds of waiting): work that
+    /// session closes queue at shutdown (presence broadcasts, last activity) still lands.
     public func close() async {
+        let deadline = ContinuousClock.now + .seconds(2)
+        while ContinuousClock.now < deadline,
+              activity.withLock({ $0.running > 0 || ContinuousClock.now - $0.lastStart < .milliseconds(150) }) {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
         runner.cancel()
         _ = await runner.value
     }
@@ -151,6 +162,8 @@ public final class PostgresStore: Sendable {
     /// gets its answer at the deadline even if the operation itself cannot be interrupted (a connection
     /// lease waiting for a database that is gone): that one is cancelled and left to finish on its own.
     func run<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws(StorageError) -> T {
+        activity.withLock { $0 = ($0.running + 1, .now) }
+        defer { activity.withLock { $0.running -= 1 } }
         let timeout = self.timeout
         let operation = Task { try await body() }
         let outcome: Result<T, any Error> = await withCheckedContinuation { continuation in

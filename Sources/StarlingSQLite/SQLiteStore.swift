@@ -134,9 +134,14 @@ public final class SQLiteStore: Sendable {
         }
     }
 
-    /// Waits for the operation in progress, then closes. Operations after that fail with a clear
-    /// error instead of reaching a closed SQLite handle.
+    /// Closes once the store has been quiet for a moment (at most two seconds of waiting): work that
+    /// session closes queue at shutdown (presence broadcasts, last activity) still lands. Operations
+    /// after that fail with a clear error instead of reaching a closed SQLite handle.
     public func close() async {
+        let deadline = ContinuousClock.now + .seconds(2)
+        while ContinuousClock.now < deadline, await gate.usedWithin(.milliseconds(150)) {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
         await gate.acquire()
         if await gate.markClosed() { try? await connection.close() }
         await gate.release()
@@ -178,9 +183,11 @@ public final class SQLiteStore: Sendable {
 actor ConnectionGate {
     private(set) var isClosed = false
     private var busy = false
+    private var lastUse = ContinuousClock.now
     private var waiters: [CheckedContinuation<Void, Never>] = []
 
     func acquire() async {
+        lastUse = .now
         if !busy {
             busy = true
             return
@@ -190,6 +197,11 @@ actor ConnectionGate {
 
     func release() {
         if waiters.isEmpty { busy = false } else { waiters.removeFirst().resume() }
+    }
+
+    /// Whether an operation is running or started within `interval`.
+    func usedWithin(_ interval: Duration) -> Bool {
+        busy || ContinuousClock.now - lastUse < interval
     }
 
     /// Returns whether this call closed it (false if it already was).

@@ -20,6 +20,8 @@ final class LifecycleTests: XCTestCase {
         let second = try await unauthenticated.expectStreamError()
         XCTAssertEqual(second, "system-shutdown")
         XCTAssertEqual(server.stop(), 0, server.log)
+        // What the closing session queued (presence, last activity) reached the store before it closed.
+        XCTAssertFalse(server.log.contains("database is closed") || server.log.contains("storage failure"), server.log)
         let (code, output) = try server.ctl(["status"])
         XCTAssertNotEqual(code, 0)
         XCTAssertTrue(output.contains("not running"), output)
