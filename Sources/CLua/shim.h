@@ -140,6 +140,28 @@ static int starling_lua_open_protected(lua_State *L) {
     return 0;
 }
 
+/// Calls `function(argument)` under lua_pcall with an instruction budget. On failure returns the Lua
+/// status and a malloc'd message in *error (the caller frees it).
+static int starling_lua_protected_call(lua_State *L, lua_CFunction function, void *argument, lua_Integer budget, char **error) {
+    lua_settop(L, 0);
+    lua_pushcfunction(L, function);
+    lua_pushlightuserdata(L, argument);
+    if (budget > 0) lua_sethook(L, starling_lua_budget_hook, LUA_MASKCOUNT, (int)budget);
+    int status = lua_pcall(L, 1, 0, 0);
+    lua_sethook(L, NULL, 0, 0);
+    if (status != LUA_OK) {
+        size_t length = 0;
+        const char *message = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &length) : NULL;
+        if (message == NULL) {
+            message = status == LUA_ERRMEM ? "not enough memory" : "error without a message";
+            length = strlen(message);
+        }
+        *error = starling_lua_copy(message, length);
+    }
+    lua_settop(L, 0);
+    return status;
+}
+
 /// Opens a sandboxed state and runs the prelude and the script's top level (which registers its
 /// handlers). On failure returns NULL and a malloc'd message in *error (the caller frees it).
 static lua_State *starling_lua_open_state(starling_lua_limits *limits, starling_lua_open *open, lua_Integer budget, char **error) {
@@ -149,16 +171,7 @@ static lua_State *starling_lua_open_state(starling_lua_limits *limits, starling_
         *error = starling_lua_copy("not enough memory for a Lua state", 33);
         return NULL;
     }
-    lua_pushcfunction(L, starling_lua_open_protected);
-    lua_pushlightuserdata(L, open);
-    if (budget > 0) lua_sethook(L, starling_lua_budget_hook, LUA_MASKCOUNT, (int)budget);
-    int status = lua_pcall(L, 1, 0, 0);
-    lua_sethook(L, NULL, 0, 0);
-    if (status != LUA_OK) {
-        size_t length = 0;
-        const char *message = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &length) : "error without a message";
-        if (message == NULL) message = "error without a message";
-        *error = starling_lua_copy(message, length ? length : strlen(message));
+    if (starling_lua_protected_call(L, starling_lua_open_protected, open, budget, error) != LUA_OK) {
         lua_close(L);
         return NULL;
     }
@@ -273,23 +286,7 @@ static int starling_lua_call_protected(lua_State *L) {
 /// Runs the handlers of `call->event` at `call->priority` under an instruction budget. Returns the Lua
 /// status; on failure call->error holds the message.
 static int starling_lua_invoke(lua_State *L, starling_lua_call *call, lua_Integer budget) {
-    lua_settop(L, 0);
-    lua_pushcfunction(L, starling_lua_call_protected);
-    lua_pushlightuserdata(L, call);
-    if (budget > 0) lua_sethook(L, starling_lua_budget_hook, LUA_MASKCOUNT, (int)budget);
-    int status = lua_pcall(L, 1, 0, 0);
-    lua_sethook(L, NULL, 0, 0);
-    if (status != LUA_OK) {
-        size_t length = 0;
-        const char *message = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &length) : NULL;
-        if (message == NULL) {
-            message = status == LUA_ERRMEM ? "not enough memory" : "error without a message";
-            length = strlen(message);
-        }
-        call->error = starling_lua_copy(message, length);
-    }
-    lua_settop(L, 0);
-    return status;
+    return starling_lua_protected_call(L, starling_lua_call_protected, call, budget, &call->error);
 }
 
 /// The handlers a script registered, as "event priority" lines (read once after loading).

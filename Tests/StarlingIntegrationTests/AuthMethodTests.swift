@@ -35,6 +35,25 @@ final class AuthMethodTests: XCTestCase {
         }
     }
 
+    /// A server whose `auth:` section is `auth` and whose external_auth module runs `program`.
+    private func externalAuthServer(auth: String, program: String, users: [(String, String)]) throws -> ServerProcess {
+        guard let plugin = ProcessInfo.processInfo.environment["STARLING_TEST_EXTAUTH_PLUGIN"] else {
+            throw XCTSkip("STARLING_TEST_EXTAUTH_PLUGIN is not set: scripts/test builds the plugins and sets it")
+        }
+        return try ServerProcess(extraConfig: """
+        auth:
+          failure_delay: 0.1
+          \(auth)
+        plugins:
+          external_auth: \(plugin)
+        modules:
+          disco: {}
+          roster: {}
+          presence: {}
+          external_auth: { program: extauth.py, timeout: 5 }
+        """, users: users, files: ["extauth.py": program])
+    }
+
     func testALuaScriptDecidesPasswordsAndOnlyPLAINIsOffered() async throws {
         let server = try ServerProcess(extraConfig: """
         auth: { method: lua, failure_delay: 0.1 }
@@ -64,21 +83,8 @@ final class AuthMethodTests: XCTestCase {
     }
 
     func testTheExternalAuthPluginAsksAnExtauthProgram() async throws {
-        guard let plugin = ProcessInfo.processInfo.environment["STARLING_TEST_EXTAUTH_PLUGIN"] else {
-            throw XCTSkip("STARLING_TEST_EXTAUTH_PLUGIN is not set: scripts/test builds the plugins and sets it")
-        }
-        let server = try ServerProcess(extraConfig: """
-        auth:
-          failure_delay: 0.1
-          host_methods: { example.test: external_auth }
-        plugins:
-          external_auth: \(plugin)
-        modules:
-          disco: {}
-          roster: {}
-          presence: {}
-          external_auth: { program: extauth.py, timeout: 5 }
-        """, users: [("stored", "storedpw")], files: ["extauth.py": Self.extauth])
+        let server = try externalAuthServer(auth: "host_methods: { example.test: external_auth }", program: Self.extauth,
+                                            users: [("stored", "storedpw")])
         defer { XCTAssertEqual(server.stop(), 0) }
 
         try await expectLogin(server, "ext", "extpw", succeeds: true, host: "example.test")
@@ -89,26 +95,12 @@ final class AuthMethodTests: XCTestCase {
     }
 
     func testAnExternalAuthProgramThatDiesIsRestartedAndTheServerCarriesOn() async throws {
-        guard let plugin = ProcessInfo.processInfo.environment["STARLING_TEST_EXTAUTH_PLUGIN"] else {
-            throw XCTSkip("STARLING_TEST_EXTAUTH_PLUGIN is not set: scripts/test builds the plugins and sets it")
-        }
         // Answers one request, then stops reading but stays alive: the next write hits a pipe nobody reads.
         let oneShot = Self.extauth.replacingOccurrences(
             of: "    sys.stdout.buffer.flush()",
             with: "    sys.stdout.buffer.flush()\n    import os, time\n    os.close(0)\n    time.sleep(60)")
         XCTAssertNotEqual(oneShot, Self.extauth)
-        let server = try ServerProcess(extraConfig: """
-        auth:
-          failure_delay: 0.1
-          method: external_auth
-        plugins:
-          external_auth: \(plugin)
-        modules:
-          disco: {}
-          roster: {}
-          presence: {}
-          external_auth: { program: extauth.py, timeout: 5 }
-        """, users: [], files: ["extauth.py": oneShot])
+        let server = try externalAuthServer(auth: "method: external_auth", program: oneShot, users: [])
         defer { XCTAssertEqual(server.stop(), 0) }
         try await expectLogin(server, "ext", "extpw", succeeds: true)
         // The program no longer reads: that login fails (the write gets EPIPE, and the program is
