@@ -40,16 +40,18 @@ let package = Package(
             dependencies: ["CLibXML2", .product(name: "StarlingAPI", package: "PluginAPI")],
             swiftSettings: swiftSettings
         ),
-        // C: only StarlingLua sees Lua; every call that can raise a Lua error stays in the shim's C.
+        // C: only CLuaSandbox sees Lua's API; every call that can raise a Lua error stays in its C, and
+        // StarlingLua imports it privately.
         .systemLibrary(
             name: "CLua",
             pkgConfig: "lua5.4",
             providers: [.apt(["liblua5.4-dev"])]
         ),
+        .target(name: "CLuaSandbox", dependencies: ["CLua"]),
         .target(
             name: "StarlingLua",
             dependencies: [
-                "CLua", "StarlingStorage",
+                "CLuaSandbox", "StarlingStorage",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -184,7 +186,7 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "ExampleModules",
+                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "ExampleModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -11,15 +11,17 @@ import Synchronization
 /// sandboxed state per script the first time it needs one, so hooks never share a state or take a lock.
 /// `reload()` loads every script in fresh states first and swaps them in only if all of them load;
 /// threads pick the new set up at their next event.
-public final class LuaHooks: ServerModule, ReloadableModule {
+public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModule {
     public static let descriptor = ModuleDescriptor(
         name: "lua", summary: "Lua hook scripts for policy (spam rules, rate limits, ...), reloadable while running.",
         options: [
             ModuleOptionSpec("scripts", .stringList, default: .stringList([]), doc: "Lua scripts to load, in order; relative paths are relative to the config file."),
             ModuleOptionSpec("fail_closed", .stringList, default: .stringList([]), doc: "Scripts (as listed in scripts) whose failures refuse the stanza instead of letting it pass."),
             ModuleOptionSpec("priority", .integer(-10_000...10_000), default: .integer(500), doc: "Where the scripts run among the modules' hooks (higher first; blocking is 1000, presence 100)."),
-            ModuleOptionSpec("instruction_limit", .integer(1_000...100_000_000), default: .integer(1_000_000), doc: "Lua instructions one hook call may run before it is stopped."),
+            ModuleOptionSpec("instruction_limit", .integer(1_000...100_000_000), default: .integer(1_000_000), doc: "Work one hook call may do before it is stopped: Lua instructions, pattern-matching steps, and the cost of library functions that grow with their input (see examples/lua/README.md)."),
             ModuleOptionSpec("memory_limit", .integer(65_536...1_073_741_824), default: .integer(8_388_608), doc: "Bytes each script's state may allocate (per thread)."),
+            ModuleOptionSpec("time_limit_ms", .integer(10...60_000), default: .integer(1_000), doc: "CPU milliseconds one hook call may take before it is stopped, even within its instruction limit."),
+            ModuleOptionSpec("watchdog_ms", .integer(1...60_000), default: .integer(50), doc: "A hook call taking longer than this (wall clock) is logged with the script's file and line and counted."),
         ]
     )
 
@@ -86,7 +88,9 @@ public final class LuaHooks: ServerModule, ReloadableModule {
         paths = host.options.stringList("scripts")
         failClosed = Set(host.options.stringList("fail_closed"))
         priority = host.options.integer("priority")
-        limits = LuaLimits(instructions: host.options.integer("instruction_limit"), memory: host.options.integer("memory_limit"))
+        limits = LuaLimits(instructions: host.options.integer("instruction_limit"), memory: host.options.integer("memory_limit"),
+                           timeLimit: Double(host.options.integer("time_limit_ms")) / 1000,
+                           watchdog: Double(host.options.integer("watchdog_ms")) / 1000)
         services = LuaServices { [host] level, message in host.log(level, message) }
         for path in failClosed where !paths.contains(path) {
             throw LuaScriptError(message: "lua: fail_closed names \(path), which is not in scripts")
@@ -160,6 +164,10 @@ public final class LuaHooks: ServerModule, ReloadableModule {
         }
     }
 
+    public var statusCounters: [String: Int] {
+        ["failed_calls": services.failedCalls.load(ordering: .relaxed), "slow_calls": services.slowCalls.load(ordering: .relaxed)]
+    }
+
     /// Reads every script again, loads them all in fresh states, and swaps them in only if all of them
     /// loaded; otherwise throws the first error and the running scripts stay.
     public func reload() throws -> String {
@@ -217,7 +225,9 @@ public final class LuaHooks: ServerModule, ReloadableModule {
             guard let entries = generation.dispatch[event] else { continue }
             for entry in entries {
                 let state = states[entry.script]
-                switch state.call(event: event, priority: entry.priority, stanza: stanza) {
+                let verdict = state.call(event: event, priority: entry.priority, stanza: stanza)
+                watch(state, event: event)
+                switch verdict {
                 case .pass:
                     continue
                 case .drop:
@@ -230,12 +240,19 @@ public final class LuaHooks: ServerModule, ReloadableModule {
                 case .allow:
                     continue
                 case .failed(let message):
-                    services.report(script: state.script.path, message)
+                    services.reportFailure(script: state.script.path, message)
                     if state.script.failClosed { return .reject(.policyViolation, text: nil) }
                 }
             }
         }
         return modified ? .modify(stanza) : .pass
+    }
+
+    /// The watchdog: a call that took longer than `watchdog_ms` is logged with where it was and counted.
+    private func watch(_ state: LuaScriptState, event: String) {
+        let (seconds, location) = state.lastCall
+        guard seconds > limits.watchdog else { return }
+        services.reportSlow(script: state.script.path, event: event, seconds: seconds, location: location, watchdog: limits.watchdog)
     }
 
     private static func element(_ login: LoginEvent) -> XMLElement {
@@ -250,11 +267,13 @@ public final class LuaHooks: ServerModule, ReloadableModule {
         guard let (generation, states) = states(), let entries = generation.dispatch["authenticate"] else { return false }
         for entry in entries {
             let state = states[entry.script]
-            switch state.call(event: "authenticate", priority: entry.priority, stanza: attempt) {
+            let verdict = state.call(event: "authenticate", priority: entry.priority, stanza: attempt)
+            watch(state, event: "authenticate")
+            switch verdict {
             case .allow: return true
             case .pass: continue
             case .failed(let message):
-                services.report(script: state.script.path, message)
+                services.reportFailure(script: state.script.path, message)
                 return false
             case .drop, .error, .modify: return false
             }
@@ -346,10 +365,33 @@ public final class LuaServices: LuaScriptServices, Sendable {
         return roster.contains(contact)
     }
 
+    /// Calls stopped or failed (budget, time, memory, errors) and calls the watchdog saw run long, since
+    /// start, over every script of this module.
+    public let failedCalls = Synchronization.Atomic<Int>(0)
+    public let slowCalls = Synchronization.Atomic<Int>(0)
+
+    /// Counts and logs a failed call (see `report`).
+    public func reportFailure(script: String, _ message: String) {
+        failedCalls.add(1, ordering: .relaxed)
+        report(script: script, message)
+    }
+
+    /// Counts and logs a call that ran past the watchdog, naming where it was (file:line) when known.
+    public func reportSlow(script: String, event: String, seconds: Double, location: String?, watchdog: Double) {
+        slowCalls.add(1, ordering: .relaxed)
+        let milliseconds = Int((seconds * 1000).rounded())
+        log(.warning, key: script + "\u{0}slow", "lua \(location ?? script): a \(event) hook call took \(milliseconds) ms (watchdog: \(Int((watchdog * 1000).rounded())) ms)",
+            repeats: "slow calls")
+    }
+
     /// Logs a script failure, at most once per script every 5 seconds (saying how many were not shown).
     public func report(script: String, _ message: String) {
+        log(.error, key: script, "lua \(script): \(message)", repeats: "similar errors")
+    }
+
+    private func log(_ level: ModuleLogLevel, key: String, _ text: String, repeats: String) {
         let now = Self.now
-        let suppressed: Int? = lastReport.withValue(for: script) { last in
+        let suppressed: Int? = lastReport.withValue(for: key) { last in
             if let previous = last, now - previous.time < 5 {
                 last = (previous.time, previous.suppressed + 1)
                 return nil
@@ -359,6 +401,6 @@ public final class LuaServices: LuaScriptServices, Sendable {
             return count
         }
         guard let suppressed else { return }
-        sink(.error, "lua \(script): \(message)" + (suppressed > 0 ? " (\(suppressed) similar errors not shown)" : ""))
+        sink(level, text + (suppressed > 0 ? " (\(suppressed) \(repeats) not shown)" : ""))
     }
 }

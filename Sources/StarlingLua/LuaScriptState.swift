@@ -1,4 +1,4 @@
-private import CLua
+private import CLuaSandbox
 import Foundation
 public import StarlingAPI
 
@@ -33,18 +33,23 @@ public enum LuaVerdict: Equatable, Sendable {
 
 /// Limits every script runs under.
 public struct LuaLimits: Sendable, Equatable {
-    /// Lua VM instructions one hook call may run before it is stopped.
+    /// Units of work one hook call may do before it is stopped: a VM instruction is one unit, and so is
+    /// a step of pattern matching; allocating costs one unit per 32 bytes, and library functions whose
+    /// work grows with their arguments (string.rep, table.insert, ...) pay for it before they run.
     public var instructions: Int
     /// Bytes one script's state may allocate.
     public var memory: Int
-    /// Longest string the pattern functions (find, match, gmatch, gsub) accept: they run inside C,
-    /// where the instruction budget cannot stop them.
-    public var patternSubject: Int
+    /// CPU seconds one hook call may take before it is stopped, whatever the budget says: the last line
+    /// (counted from the first check, a thousand instructions into the call).
+    public var timeLimit: Double
+    /// Wall-clock seconds after which a hook call is reported as slow (it still runs to its end).
+    public var watchdog: Double
 
-    public init(instructions: Int = 1_000_000, memory: Int = 8 << 20, patternSubject: Int = 16_384) {
+    public init(instructions: Int = 1_000_000, memory: Int = 8 << 20, timeLimit: Double = 1, watchdog: Double = 0.05) {
         self.instructions = instructions
         self.memory = memory
-        self.patternSubject = patternSubject
+        self.timeLimit = timeLimit
+        self.watchdog = watchdog
     }
 }
 
@@ -73,19 +78,19 @@ public final class LuaScriptState {
     public let script: LuaScript
     /// Event name → the priorities the script registered handlers at.
     public let handlers: [String: Set<Int>]
-    private let state: OpaquePointer
-    private let limits: UnsafeMutablePointer<starling_lua_limits>
+    private let sandbox: OpaquePointer
     private let bridge: LuaBridge
-    private let instructionBudget: Int
+    /// How long the last call took, and where it was seen running past the watchdog (file:line), if it did.
+    public private(set) var lastCall: (seconds: Double, slowLocation: String?) = (0, nil)
 
     /// Opens the sandbox and runs the script's top level. Throws the error (with file and line) if the
     /// script does not compile or its top level fails.
     public init(script: LuaScript, limits: LuaLimits, services: any LuaScriptServices) throws(LuaScriptError) {
-        let accounting = UnsafeMutablePointer<starling_lua_limits>.allocate(capacity: 1)
-        accounting.initialize(to: starling_lua_limits(used: 0, cap: limits.memory))
         let bridge = LuaBridge(script: script.path, services: services)
-        let prelude = Self.prelude(patternSubject: limits.patternSubject)
+        let prelude = Self.prelude
         var error: UnsafeMutablePointer<CChar>?
+        var sandboxLimits = starling_lua_limits(instructions: Int64(limits.instructions), memory: limits.memory,
+                                                time_limit: limits.timeLimit, watchdog: limits.watchdog)
         let opened: OpaquePointer? = prelude.withCString { preludePointer in
             script.source.withCString { sourcePointer in
                 ("@" + script.path).withCString { chunkName in
@@ -99,7 +104,7 @@ public final class LuaScriptState {
                             script: starling_lua_string(data: sourcePointer, length: script.source.utf8.count),
                             chunk_name: chunkName
                         )
-                        return starling_lua_open_state(accounting, &open, lua_Integer(limits.instructions), &error)
+                        return starling_lua_sandbox_open(&sandboxLimits, &open, &error)
                     }
                 }
             }
@@ -107,16 +112,13 @@ public final class LuaScriptState {
         guard let opened else {
             let message = error.map { String(cString: $0) } ?? "the script could not be loaded"
             free(error)
-            accounting.deallocate()
             throw LuaScriptError(message: message)
         }
         self.script = script
-        self.instructionBudget = limits.instructions
-        self.limits = accounting
         self.bridge = bridge
-        state = opened
+        sandbox = opened
         var registered: [String: Set<Int>] = [:]
-        if let list = starling_lua_handlers(opened) {
+        if let list = starling_lua_sandbox_handlers(opened) {
             for line in String(cString: list).split(separator: "\n") {
                 let parts = line.split(separator: " ")
                 if parts.count == 2, let priority = Int(parts[1]) { registered[String(parts[0]), default: []].insert(priority) }
@@ -127,12 +129,11 @@ public final class LuaScriptState {
     }
 
     deinit {
-        lua_close(state)
-        limits.deallocate()
+        starling_lua_sandbox_close(sandbox)
     }
 
     /// Bytes the state holds now.
-    public var memoryInUse: Int { limits.pointee.used }
+    public var memoryInUse: Int { starling_lua_sandbox_memory(sandbox) }
 
     /// Runs the script's handlers for `event` registered at `priority` on `stanza`.
     public func call(event: String, priority: Int, stanza: XMLElement) -> LuaVerdict {
@@ -144,7 +145,7 @@ public final class LuaScriptState {
         return strings.withLuaStrings { values in
             var call = starling_lua_call()
             call.event = values[0]
-            call.priority = lua_Integer(priority)
+            call.priority = Int64(priority)
             call.name = values[1]
             call.attribute_count = Int32(attributeCount)
             do {
@@ -154,10 +155,14 @@ public final class LuaScriptState {
                     call.has_body = 1
                 }
                 defer { starling_lua_call_free(&call) }
-                let status = starling_lua_invoke(state, &call, lua_Integer(instructionBudget))
+                let status = starling_lua_sandbox_invoke(sandbox, &call)
+                lastCall = (call.elapsed, call.slow_location.map { String(cString: $0) })
                 if status != 0 {
                     let message = call.error.map { String(cString: $0) } ?? "error"
-                    return .failed(status == LUA_ERRMEM ? "\(script.path): memory limit of \(limits.pointee.cap) bytes reached (\(message))" : message)
+                    if call.stop == STARLING_LUA_STOPPED_MEMORY {
+                        return .failed("\(script.path): memory limit of \(starling_lua_sandbox_memory_cap(sandbox)) bytes reached (\(message))")
+                    }
+                    return .failed(message)
                 }
                 switch call.verdict {
                 case 1: return .drop
@@ -176,13 +181,13 @@ public final class LuaScriptState {
         }
     }
 
-    /// Runs before every script: `starling.hook`, the dispatcher the C side calls, a `print` that logs,
-    /// and pattern functions that refuse subjects the instruction budget could not stop.
-    static func prelude(patternSubject: Int) -> String {
-        """
+    /// Runs before every script: `starling.hook` and a `print` that logs. It returns the dispatcher the C
+    /// side calls and the list of registered handlers; the sandbox keeps both where scripts cannot reach.
+    static let prelude = """
         local known = {}
         for _, name in ipairs({\(LuaHooks.events.map { "\"\($0)\"" }.joined(separator: ", "))}) do known[name] = true end
         local handlers, order = {}, 0
+        local sort, concat, select, tostring, type, ipairs, pairs, error = table.sort, table.concat, select, tostring, type, ipairs, pairs, error
         function starling.hook(event, priority, fn)
           if type(priority) == "function" then fn, priority = priority, 0 end
           if not known[event] then error("unknown event '" .. tostring(event) .. "'", 2) end
@@ -191,13 +196,19 @@ public final class LuaScriptState {
           order = order + 1
           local list = handlers[event] or {}
           list[#list + 1] = {priority = priority, fn = fn, order = order}
-          table.sort(list, function(a, b)
+          sort(list, function(a, b)
             if a.priority ~= b.priority then return a.priority > b.priority end
             return a.order < b.order
           end)
           handlers[event] = list
         end
-        function __starling_dispatch(event, priority, stanza)
+        local log = starling.log
+        function print(...)
+          local parts = {}
+          for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end
+          log("info", concat(parts, " "))
+        end
+        local function dispatch(event, priority, stanza)
           local modified = false
           for _, handler in ipairs(handlers[event] or {}) do
             if handler.priority == priority then
@@ -216,30 +227,15 @@ public final class LuaScriptState {
           if modified then return "modify", stanza end
           return "pass"
         end
-        function __starling_handler_list()
+        local function handler_list()
           local lines = {}
           for event, list in pairs(handlers) do
             for _, handler in ipairs(list) do lines[#lines + 1] = event .. " " .. handler.priority end
           end
-          return table.concat(lines, "\\n")
+          return concat(lines, "\\n")
         end
-        local limit = \(patternSubject)
-        for _, name in ipairs({"find", "match", "gmatch", "gsub"}) do
-          local original = string[name]
-          string[name] = function(s, ...)
-            if type(s) == "string" and #s > limit then
-              error("string." .. name .. ": subject longer than " .. limit .. " bytes", 2)
-            end
-            return original(s, ...)
-          end
-        end
-        function print(...)
-          local parts = {}
-          for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end
-          starling.log("info", table.concat(parts, " "))
-        end
+        return dispatch, handler_list
         """
-    }
 }
 
 public struct LuaScriptError: Error, CustomStringConvertible, Sendable {

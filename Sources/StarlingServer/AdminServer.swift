@@ -20,6 +20,8 @@ enum AdminProtocol {
         /// Plugin images mapped since start; they are never unloaded, so reloads add to this.
         var pluginImages: Int
         var hosts: [String]
+        /// Counters of modules that keep them, by "host/module".
+        var modules: [String: [String: Int]]
     }
 
     struct UsersReply: Codable {
@@ -82,7 +84,8 @@ final class AdminHandler: ChannelInboundHandler {
                     ok: true, version: StarlingVersion.current,
                     uptimeSeconds: Date().timeIntervalSince(startedAt),
                     connections: server.connections.count, sessions: server.registry.sessionCount,
-                    residentMemoryBytes: ProcessMemory.residentBytes(), pluginImages: PluginLoader.loadedImages, hosts: server.configuration.hosts
+                    residentMemoryBytes: ProcessMemory.residentBytes(), pluginImages: PluginLoader.loadedImages, hosts: server.configuration.hosts,
+                    modules: server.moduleCounters()
                 ))
             case "reload-module", "reload-config":
                 let server = self.server

@@ -54,6 +54,17 @@ public final class ServerContext: Sendable {
         return (summaries, errors)
     }
 
+    /// The counters of every module that keeps them, by "host/module".
+    func moduleCounters() -> [String: [String: Int]] {
+        var counters: [String: [String: Int]] = [:]
+        for (domain, host) in router.modules {
+            for (name, module) in host.modules {
+                if let reporting = module as? any StatusReportingModule { counters["\(domain)/\(name)"] = reporting.statusCounters }
+            }
+        }
+        return counters
+    }
+
     /// Settings for a listener's streams; call after the modules are installed (they add features).
     func settings(for listener: ListenerConfiguration) -> C2SSettings {
         var settings = C2SSettings(

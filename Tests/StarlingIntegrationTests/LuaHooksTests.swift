@@ -109,6 +109,128 @@ final class LuaHooksTests: XCTestCase {
         XCTAssertEqual(try server.ctl(["connected-users"]).1.split(separator: "\n").count, 2)
     }
 
+    /// The issue's spam rule, as written.
+    static let spamRule = """
+    starling.hook("message-in", 100, function(stanza)
+      local body = stanza.body
+      if body and body:find("buy.-now.-cheap.-!") then return "error", "policy-violation", "spam" end
+      return "pass"
+    end)
+    """
+
+    /// Library calls that used to run far longer than their instructions, one script each (errors are
+    /// logged once per script every 5 s), each triggered by a message's id.
+    static let costlyCalls: [(id: String, name: String, code: String)] = [
+        ("rep", "string.rep", ##"local s = string.rep("", 1e15)"##),
+        ("byte", "string.byte", ##"local n = select("#", stanza.body:byte(1, -1))"##),
+        ("codepoint", "utf8.codepoint", ##"local n = select("#", utf8.codepoint(stanza.body, 1, -1))"##),
+        ("utf8len", "utf8.len", ##"local n = utf8.len(stanza.body)"##),
+        ("offset", "utf8.offset", ##"local n = utf8.offset(stanza.body, -1)"##),
+        ("tonumber", "tonumber", ##"local n = tonumber(stanza.body)"##),
+        ("unpackstring", "string.unpack", ##"local n = select("#", string.unpack(stanza.body, stanza.body))"##),
+        ("insert", "table.insert", ##"table.insert(long, 1, "x")"##),
+        ("remove", "table.remove", ##"table.remove(long, 1)"##),
+        ("unpack", "table.unpack", ##"local n = select("#", table.unpack(long))"##),
+        ("concat", "table.concat", ##"local s = table.concat(long)"##),
+        ("sort", "table.sort", ##"table.sort(long)"##),
+        ("move", "table.move", ##"table.move(long, 1, 1e12, 1)"##),
+        ("match", "pattern too expensive in string.match", ##"local x = stanza.body:match("(.*)%1y")"##),
+        ("gsub", "pattern too expensive in string.gsub", ##"local x = stanza.body:gsub("x.-x.-x.-y", "")"##),
+        ("gmatch", "pattern too expensive in string.gmatch", ##"for x in stanza.body:gmatch("x.-x.-x.-y") do end"##),
+    ]
+
+    /// Issue 19: a backtracking pattern or a costly library call in a hook used to hold an event loop
+    /// (32 s for the spam rule below). Each is now stopped within the script's budget: the message is
+    /// delivered (the scripts fail open), the next one too, the error is logged with file and line, and
+    /// a chat between two other users on the same server goes on throughout.
+    func testCostlyScriptsCannotStallTheServer() async throws {
+        var files = ["hooks/spam.lua": Self.spamRule]
+        for call in Self.costlyCalls {
+            files["hooks/\(call.id).lua"] = """
+            local long = setmetatable({}, {__len = function() return 1e9 end})
+            starling.hook("message-in", function(stanza)
+              if stanza.attr.id == "\(call.id)" then \(call.code) end
+            end)
+            """
+        }
+        let scripts = ["hooks/spam.lua"] + Self.costlyCalls.map { "hooks/\($0.id).lua" }
+        let server = try ServerProcess(extraConfig: Self.modules + "\n" + """
+          lua:
+            scripts: [\(scripts.joined(separator: ", "))]
+            instruction_limit: 20000
+        """, users: Self.users, files: files)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice = try await login(server, 1)
+        let bob = try await login(server, 2)
+        let carol = try await login(server, 3)
+        let dave = try await login(server, 4)
+
+        // Carol and Dave chat on the side the whole time.
+        let bystanders = Task {
+            for index in 0..<200 {
+                send(carol, to: "l4@localhost/r", "side \(index)")
+                let got = try await nextMessage(dave, timeout: 5).child("body")?.text
+                XCTAssertEqual(got, "side \(index)")
+            }
+        }
+
+        var spam = "buy "
+        while spam.utf8.count < 16_000 { spam += "now " }
+        let filler = String(repeating: "x", count: 200_000)
+        let cases = [(id: "spam", body: spam, logged: "hooks/spam.lua:3: pattern too expensive in string.find")]
+            + Self.costlyCalls.map { (id: $0.id, body: filler, logged: "hooks/\($0.id).lua:3: \($0.name)") }
+        for (id, body, _) in cases {
+            var message = XMLElement(name: "message", namespace: Namespace.client, attributes: ["to": "l2@localhost/r", "type": "chat", "id": id])
+            message.append(XMLElement(name: "body", namespace: Namespace.client).with(text: body))
+            alice.send(message)
+            // A stall would show as a timeout here: both messages arrive, in order.
+            let delivered = try await nextMessage(bob, timeout: 5)
+            XCTAssertEqual(delivered[attribute: "id"], id)
+            XCTAssertEqual(delivered.child("body")?.text.utf8.count, body.utf8.count)
+            send(alice, to: "l2@localhost/r", "after \(id)")
+            let next = try await nextMessage(bob, timeout: 5).child("body")?.text
+            XCTAssertEqual(next, "after \(id)")
+        }
+        try await bystanders.value
+        let log = server.log
+        for (id, _, logged) in cases {
+            XCTAssertTrue(log.contains(logged), "\(id): \(logged) not in the log")
+        }
+        let (_, status) = try server.ctl(["status"])
+        XCTAssertTrue(status.contains("\"failed_calls\":\(cases.count)"), status)
+    }
+
+    /// The watchdog reports a slow call with its file and line (it still runs), and the CPU time limit
+    /// stops one that its budget would allow.
+    func testTheWatchdogAndTheTimeLimit() async throws {
+        let server = try ServerProcess(extraConfig: Self.modules + "\n" + """
+          lua:
+            scripts: [hooks/slow.lua]
+            instruction_limit: 100000000
+            time_limit_ms: 20
+            watchdog_ms: 1
+        """, users: Self.users, files: ["hooks/slow.lua": """
+        starling.hook("message-in", function(stanza)
+          local n = 0
+          if stanza.body == "busy" then for i = 1, 1e6 do n = n + i end end
+          if stanza.body == "endless" then while true do n = n + 1 end end
+        end)
+        """])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice = try await login(server, 1)
+        let bob = try await login(server, 2)
+        for body in ["busy", "endless", "fine"] {
+            send(alice, to: "l2@localhost/r", body)
+            let got = try await nextMessage(bob).child("body")?.text
+            XCTAssertEqual(got, body)
+        }
+        let log = server.log
+        XCTAssertTrue(log.contains("lua hooks/slow.lua:3: a message-in hook call took"), log)
+        XCTAssertTrue(log.contains("hooks/slow.lua:4: time limit of 20 ms exceeded"), log)
+        let (_, status) = try server.ctl(["status"])
+        XCTAssertTrue(status.contains("\"localhost\\/lua\":{\"failed_calls\":1"), status)
+    }
+
     func testMessagesFromStrangersAreDropped() async throws {
         let server = try ServerProcess(extraConfig: Self.modules + "\n" + """
           lua:

@@ -468,6 +468,13 @@ public protocol ReloadableModule: ServerModule {
     func reload() throws -> String
 }
 
+/// A module that counts what it does (calls, failures, ...): `starlingctl status` shows the counters per
+/// host, and they are what metrics will export.
+public protocol StatusReportingModule: ServerModule {
+    /// Counter name (snake_case) → value since the module started.
+    var statusCounters: [String: Int] { get }
+}
+
 /// Where the server's files are, for modules that read their own (scripts, rule files). Look it up
 /// with `host.service(ServerPaths.self)`.
 public struct ServerPaths: Sendable {

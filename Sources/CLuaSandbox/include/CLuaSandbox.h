@@ -1,0 +1,114 @@
+#ifndef STARLING_LUA_SANDBOX_H
+#define STARLING_LUA_SANDBOX_H
+// The Lua sandbox behind `StarlingLua`, in C: a Lua error is a longjmp and must never cross a Swift
+// frame, so every Lua call that can fail runs here under lua_pcall, and Swift only fills and reads the
+// plain structs below. Lua's own headers stay inside this target.
+#include <stddef.h>
+
+/// One sandboxed Lua state and its limits. Opaque to Swift.
+typedef struct starling_lua_sandbox starling_lua_sandbox;
+
+typedef struct starling_lua_string {
+    const char *data;
+    size_t length;
+} starling_lua_string;
+
+/// What one state may use. Every hook call starts with `instructions` units of budget: VM instructions,
+/// pattern-matching steps, bytes allocated (one unit per 32) and the work of library functions whose cost
+/// grows with their arguments all draw from it. `time_limit` (seconds of the thread's CPU time) stops a
+/// call that the budget somehow did not; `watchdog` (seconds of wall-clock time) only records where a
+/// slow call was, for the log.
+typedef struct starling_lua_limits {
+    long long instructions;
+    size_t memory;
+    double time_limit;
+    double watchdog;
+} starling_lua_limits;
+
+/// A value a Swift function hands back to a script.
+typedef struct starling_lua_value {
+    int kind; /* 0 nil, 1 number, 2 string, 3 boolean, -1 error (message in data) */
+    double number;
+    const char *data;
+    size_t length;
+} starling_lua_value;
+
+/// A function Swift provides to scripts (`starling.log`, `starling.incr`, ...). It reads up to 4 string
+/// arguments and sets `result`; it returns 0, or -1 with an error message in `result` (raised as a Lua
+/// error in C).
+typedef int (*starling_lua_swift_function)(void *context, int function, const starling_lua_string *arguments, int count,
+                                           starling_lua_value *result);
+
+typedef struct starling_lua_open {
+    starling_lua_swift_function function;
+    void *context;
+    const char *const *function_names; /* installed as starling.<name>, selector = index */
+    int function_count;
+    /// Runs first; it must return two functions: the dispatcher (event, priority, stanza) and the handler
+    /// list. They are kept where scripts cannot reach them.
+    starling_lua_string prelude;
+    starling_lua_string script;
+    const char *chunk_name;
+} starling_lua_open;
+
+/// Why a call was stopped.
+typedef enum starling_lua_stop {
+    STARLING_LUA_RAN = 0,
+    STARLING_LUA_STOPPED_BUDGET = 1,
+    STARLING_LUA_STOPPED_TIME = 2,
+    STARLING_LUA_STOPPED_MEMORY = 3,
+    STARLING_LUA_FAILED = 4
+} starling_lua_stop;
+
+/// One hook call: the event, the stanza as name, attributes and body, and the priority whose handlers
+/// run. The results are malloc'd; free them with starling_lua_call_free.
+typedef struct starling_lua_call {
+    starling_lua_string event;
+    long long priority;
+    starling_lua_string name;
+    int attribute_count;
+    const starling_lua_string *attributes; /* name, value, name, value, ... */
+    starling_lua_string body;
+    int has_body;
+
+    int verdict; /* 0 pass, 1 drop, 2 error, 3 modify, 4 allow (authenticate) */
+    char *condition;
+    char *text;
+    int result_attribute_count;
+    char **result_attributes; /* name, value, ... */
+    char *result_body;
+    int result_has_body;
+    char *error;
+    starling_lua_stop stop;
+    /// Wall-clock seconds the call took.
+    double elapsed;
+    /// "file:line" where the call was first seen running past the watchdog, or NULL.
+    char *slow_location;
+} starling_lua_call;
+
+/// Opens a sandboxed state and runs the prelude and the script's top level (which registers its
+/// handlers) under the limits. On failure returns NULL and a malloc'd message in *error.
+starling_lua_sandbox *starling_lua_sandbox_open(const starling_lua_limits *limits, const starling_lua_open *open, char **error);
+
+/// Closes the state; finalizers a script set up cannot run a single instruction here.
+void starling_lua_sandbox_close(starling_lua_sandbox *sandbox);
+
+/// Bytes the state holds now, and its cap.
+size_t starling_lua_sandbox_memory(const starling_lua_sandbox *sandbox);
+size_t starling_lua_sandbox_memory_cap(const starling_lua_sandbox *sandbox);
+
+/// Runs the handlers of `call->event` at `call->priority` under the limits. Returns 0, or nonzero with
+/// call->error holding the message (which names file and line where Lua knows them).
+int starling_lua_sandbox_invoke(starling_lua_sandbox *sandbox, starling_lua_call *call);
+
+/// The handlers the script registered, as "event priority" lines (malloc'd), or NULL.
+char *starling_lua_sandbox_handlers(starling_lua_sandbox *sandbox);
+
+void starling_lua_call_free(starling_lua_call *call);
+
+/// Evaluates `source` (a chunk returning one string) in a state with Lua's standard string library as
+/// `string` and the sandbox's bounded pattern functions as `bounded` (find, match, gmatch, gsub), under
+/// the limits. For tests that compare the two. Returns a malloc'd result or error text; *failed says which.
+char *starling_lua_pattern_compare(const starling_lua_limits *limits, starling_lua_string source, int *failed);
+
+#endif

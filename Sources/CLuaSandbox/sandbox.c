@@ -1,0 +1,474 @@
+// The sandboxed state: the allocator with its cap, the budget every call draws from, the clocks, and the
+// protected calls Swift goes through.
+#include "sandbox_internal.h"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static uint64_t clock_ns(clockid_t clock) {
+    struct timespec now;
+    clock_gettime(clock, &now);
+    return (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec;
+}
+
+static char *copy_text(const char *data, size_t length) {
+    char *copy = (char *)malloc(length + 1);
+    if (copy == NULL) return NULL;
+    memcpy(copy, data, length);
+    copy[length] = 0;
+    return copy;
+}
+
+starling_lua_sandbox *starling_lua_sandbox_of(lua_State *L) {
+    void *user = NULL;
+    lua_getallocf(L, &user);
+    return (starling_lua_sandbox *)user;
+}
+
+static void budget_hook(lua_State *L, lua_Debug *ar);
+
+/// Stops the running call: its next instruction raises, and so does every one after it, so a script
+/// cannot catch the stop with pcall and carry on.
+static void stop_call(starling_lua_sandbox *sandbox, starling_lua_stop reason) {
+    if (sandbox->stopped == STARLING_LUA_RAN) sandbox->stopped = reason;
+    sandbox->remaining = 0;
+    sandbox->hook_period = 1;
+    // lua_sethook may be called at any point (it is how Lua's own interpreter stops a script on a signal).
+    lua_sethook(sandbox->L, budget_hook, LUA_MASKCOUNT, 1);
+}
+
+/// Lua allocates through here. Growth is refused past the cap (Lua raises "not enough memory" and the
+/// state stays usable) and, during a call, costs one unit of budget per 32 bytes asked for: copying and
+/// building strings costs time the instruction count does not see.
+static void *sandbox_alloc(void *user, void *block, size_t old_size, size_t new_size) {
+    starling_lua_sandbox *sandbox = (starling_lua_sandbox *)user;
+    size_t old = block ? old_size : 0;
+    if (new_size == 0) {
+        free(block);
+        sandbox->used -= old;
+        return NULL;
+    }
+    if (new_size > old) {
+        size_t growth = new_size - old;
+        if (sandbox->in_call) {
+            sandbox->remaining -= (long long)(growth >> 5);
+            if (sandbox->remaining <= 0 && sandbox->stopped == STARLING_LUA_RAN) stop_call(sandbox, STARLING_LUA_STOPPED_BUDGET);
+        }
+        if (sandbox->used + growth > sandbox->cap) return NULL;
+    }
+    void *grown = realloc(block, new_size);
+    if (grown != NULL) sandbox->used = sandbox->used - old + new_size;
+    return grown;
+}
+
+static void note_slow(starling_lua_sandbox *sandbox, lua_State *L, lua_Debug *ar) {
+    if (sandbox->slow_noted) return;
+    sandbox->slow_noted = 1;
+    if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0) {
+        snprintf(sandbox->slow_location, sizeof sandbox->slow_location, "%s:%d", ar->short_src, ar->currentline);
+    }
+}
+
+static void note_slow_caller(starling_lua_sandbox *sandbox, lua_State *L) {
+    lua_Debug ar;
+    if (!sandbox->slow_noted && lua_getstack(L, 1, &ar)) note_slow(sandbox, L, &ar);
+}
+
+static const char *stop_message(starling_lua_sandbox *sandbox, char *buffer, size_t size) {
+    switch (sandbox->stopped) {
+    case STARLING_LUA_STOPPED_TIME:
+        snprintf(buffer, size, "time limit of %.0f ms exceeded", (double)sandbox->cpu_limit_ns / 1e6);
+        return buffer;
+    default:
+        return "instruction budget exceeded";
+    }
+}
+
+/// Whether the call has used up its CPU time. The thread's CPU clock is a system call, so most calls,
+/// which end before the first check, never read it: the count starts at the first check, one hook
+/// period (or a few thousand matcher steps) into the call.
+static int cpu_time_exceeded(starling_lua_sandbox *sandbox) {
+    uint64_t now = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    if (sandbox->cpu_started_ns == 0) {
+        sandbox->cpu_started_ns = now;
+        return 0;
+    }
+    return now - sandbox->cpu_started_ns > sandbox->cpu_limit_ns;
+}
+
+/// Fires every `hook_period` instructions: charges them, reads the clocks, and raises once the call is
+/// stopped, naming the script's file and line.
+static void budget_hook(lua_State *L, lua_Debug *ar) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    if (sandbox->stopped == STARLING_LUA_RAN) {
+        sandbox->remaining -= sandbox->hook_period;
+        if (sandbox->remaining <= 0) {
+            stop_call(sandbox, STARLING_LUA_STOPPED_BUDGET);
+        } else if (cpu_time_exceeded(sandbox)) {
+            stop_call(sandbox, STARLING_LUA_STOPPED_TIME);
+        } else if (!sandbox->slow_noted && clock_ns(CLOCK_MONOTONIC) - sandbox->wall_started_ns > sandbox->watchdog_ns) {
+            note_slow(sandbox, L, ar);
+        }
+    }
+    if (sandbox->stopped == STARLING_LUA_RAN) return;
+    char buffer[64];
+    const char *message = stop_message(sandbox, buffer, sizeof buffer);
+    if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0) {
+        lua_pushfstring(L, "%s:%d: %s", ar->short_src, ar->currentline, message);
+    } else {
+        lua_pushstring(L, message);
+    }
+    lua_error(L);
+}
+
+void starling_lua_charge(lua_State *L, long long units, const char *what) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    sandbox->remaining -= units;
+    if (sandbox->remaining > 0 && sandbox->stopped == STARLING_LUA_RAN) return;
+    stop_call(sandbox, STARLING_LUA_STOPPED_BUDGET);
+    luaL_error(L, "%s (the instruction budget of %I is used up)", what, (lua_Integer)sandbox->budget);
+}
+
+void starling_lua_check_clock(lua_State *L, const char *what) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    if (cpu_time_exceeded(sandbox)) {
+        stop_call(sandbox, STARLING_LUA_STOPPED_TIME);
+        luaL_error(L, "%s: time limit of %d ms exceeded", what, (int)(sandbox->cpu_limit_ns / 1000000));
+    }
+    if (!sandbox->slow_noted && clock_ns(CLOCK_MONOTONIC) - sandbox->wall_started_ns > sandbox->watchdog_ns) note_slow_caller(sandbox, L);
+}
+
+/// Calls `function(argument)` under lua_pcall with a fresh budget. On failure returns the Lua status and
+/// a malloc'd message in *error (the caller frees it).
+static int protected_call(starling_lua_sandbox *sandbox, lua_CFunction function, void *argument, char **error) {
+    lua_State *L = sandbox->L;
+    lua_settop(L, 0);
+    lua_pushcfunction(L, function);
+    lua_pushlightuserdata(L, argument);
+    sandbox->remaining = sandbox->budget;
+    sandbox->stopped = STARLING_LUA_RAN;
+    sandbox->slow_noted = 0;
+    sandbox->slow_location[0] = 0;
+    sandbox->hook_period = sandbox->budget < STARLING_LUA_HOOK_PERIOD ? (int)sandbox->budget : STARLING_LUA_HOOK_PERIOD;
+    sandbox->cpu_started_ns = 0;
+    sandbox->wall_started_ns = clock_ns(CLOCK_MONOTONIC);
+    sandbox->in_call = 1;
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, sandbox->hook_period);
+    int status = lua_pcall(L, 1, 0, 0);
+    lua_sethook(L, NULL, 0, 0);
+    sandbox->in_call = 0;
+    if (status != LUA_OK) {
+        // Running out of memory ends the call even when the budget ran out on the same allocation.
+        if (status == LUA_ERRMEM) sandbox->stopped = STARLING_LUA_STOPPED_MEMORY;
+        if (sandbox->stopped == STARLING_LUA_RAN) sandbox->stopped = STARLING_LUA_FAILED;
+        size_t length = 0;
+        const char *message = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &length) : NULL;
+        if (message == NULL) {
+            message = status == LUA_ERRMEM ? "not enough memory" : "error without a message";
+            length = strlen(message);
+        }
+        if (error) *error = copy_text(message, length);
+    }
+    lua_settop(L, 0);
+    return status;
+}
+
+/// Calls Swift from a script (`starling.<name>`): up to four arguments as strings, one result.
+static int swift_dispatch(lua_State *L) {
+    starling_lua_swift_function function = (starling_lua_swift_function)lua_touserdata(L, lua_upvalueindex(1));
+    void *context = lua_touserdata(L, lua_upvalueindex(2));
+    int selector = (int)lua_tointeger(L, lua_upvalueindex(3));
+    starling_lua_string arguments[4];
+    int count = lua_gettop(L);
+    if (count > 4) count = 4;
+    long long bytes = 0;
+    for (int index = 0; index < count; index++) {
+        if (lua_isnil(L, index + 1)) {
+            arguments[index].data = NULL;
+            arguments[index].length = 0;
+        } else {
+            arguments[index].data = luaL_tolstring(L, index + 1, &arguments[index].length);
+            bytes += (long long)arguments[index].length;
+        }
+    }
+    // A call into Swift costs about what a hundred instructions do (a log line rather more), so a loop
+    // of them is bounded like any other loop.
+    starling_lua_charge(L, (selector == 0 ? 1000 : 100) + (bytes >> 5), "starling.* calls too expensive");
+    starling_lua_value result = {0, 0, NULL, 0};
+    int status = function(context, selector, arguments, count, &result);
+    if (status != 0 || result.kind < 0) {
+        lua_pushlstring(L, result.data ? result.data : "error", result.data ? result.length : 5);
+        return lua_error(L);
+    }
+    switch (result.kind) {
+    case 1: lua_pushnumber(L, result.number); break;
+    case 2: lua_pushlstring(L, result.data, result.length); break;
+    case 3: lua_pushboolean(L, result.number != 0); break;
+    default: lua_pushnil(L); break;
+    }
+    return 1;
+}
+
+/// `setmetatable` without finalizers: Lua runs `__gc` with hooks off, where no budget could stop it.
+/// Lua marks an object for finalization only if `__gc` is present when the metatable is set, so checking
+/// here is enough.
+static int sandbox_setmetatable(lua_State *L) {
+    if (lua_type(L, 2) == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc");
+        int present = lua_rawget(L, 2) != LUA_TNIL;
+        lua_pop(L, 1);
+        if (present) return luaL_error(L, "setmetatable: __gc (finalizers) is not available in the sandbox");
+    }
+    lua_CFunction original = lua_tocfunction(L, lua_upvalueindex(1));
+    return original(L);
+}
+
+/// Only the libraries that cannot reach the outside world, with every function whose cost grows with
+/// its input bounded.
+static void open_libraries(lua_State *L) {
+    luaL_requiref(L, LUA_GNAME, luaopen_base, 1);
+    luaL_requiref(L, LUA_TABLIBNAME, luaopen_table, 1);
+    luaL_requiref(L, LUA_STRLIBNAME, luaopen_string, 1);
+    luaL_requiref(L, LUA_MATHLIBNAME, luaopen_math, 1);
+    luaL_requiref(L, LUA_UTF8LIBNAME, luaopen_utf8, 1);
+    lua_pop(L, 5);
+    static const char *const removed[] = {"dofile", "loadfile", "load", "require", "collectgarbage", "print", NULL};
+    for (int index = 0; removed[index]; index++) {
+        lua_pushnil(L);
+        lua_setglobal(L, removed[index]);
+    }
+    lua_getglobal(L, "setmetatable");
+    lua_pushcclosure(L, sandbox_setmetatable, 1);
+    lua_setglobal(L, "setmetatable");
+    lua_getglobal(L, "string");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "dump");
+    starling_lua_install_patterns(L, lua_gettop(L));
+    lua_pop(L, 1);
+    starling_lua_install_costs(L);
+}
+
+static int open_protected(lua_State *L) {
+    const starling_lua_open *open = (const starling_lua_open *)lua_touserdata(L, 1);
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    open_libraries(L);
+    lua_settop(L, 1);
+
+    lua_createtable(L, 0, open->function_count);
+    for (int index = 0; index < open->function_count; index++) {
+        lua_pushlightuserdata(L, (void *)open->function);
+        lua_pushlightuserdata(L, open->context);
+        lua_pushinteger(L, index);
+        lua_pushcclosure(L, swift_dispatch, 3);
+        lua_setfield(L, -2, open->function_names[index]);
+    }
+    lua_setglobal(L, "starling");
+
+    if (luaL_loadbufferx(L, open->prelude.data, open->prelude.length, "=starling", "t") != LUA_OK) return lua_error(L);
+    lua_call(L, 0, 2);
+    // Kept in the registry, where scripts cannot replace them.
+    sandbox->handler_list_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    sandbox->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    if (luaL_loadbufferx(L, open->script.data, open->script.length, open->chunk_name, "t") != LUA_OK) return lua_error(L);
+    lua_call(L, 0, 0);
+    return 0;
+}
+
+static starling_lua_sandbox *new_sandbox(const starling_lua_limits *limits, char **error) {
+    starling_lua_sandbox *sandbox = (starling_lua_sandbox *)calloc(1, sizeof(starling_lua_sandbox));
+    if (sandbox == NULL) {
+        *error = copy_text("not enough memory for a Lua state", 33);
+        return NULL;
+    }
+    sandbox->cap = limits->memory;
+    sandbox->budget = limits->instructions > 0 ? limits->instructions : 1;
+    sandbox->cpu_limit_ns = (uint64_t)(limits->time_limit * 1e9);
+    sandbox->watchdog_ns = (uint64_t)(limits->watchdog * 1e9);
+    sandbox->dispatch_ref = LUA_NOREF;
+    sandbox->handler_list_ref = LUA_NOREF;
+    sandbox->L = lua_newstate(sandbox_alloc, sandbox);
+    if (sandbox->L == NULL) {
+        free(sandbox);
+        *error = copy_text("not enough memory for a Lua state", 33);
+        return NULL;
+    }
+    return sandbox;
+}
+
+starling_lua_sandbox *starling_lua_sandbox_open(const starling_lua_limits *limits, const starling_lua_open *open, char **error) {
+    *error = NULL;
+    starling_lua_sandbox *sandbox = new_sandbox(limits, error);
+    if (sandbox == NULL) return NULL;
+    if (protected_call(sandbox, open_protected, (void *)open, error) != LUA_OK) {
+        starling_lua_sandbox_close(sandbox);
+        return NULL;
+    }
+    return sandbox;
+}
+
+void starling_lua_sandbox_close(starling_lua_sandbox *sandbox) {
+    lua_close(sandbox->L);
+    free(sandbox);
+}
+
+size_t starling_lua_sandbox_memory(const starling_lua_sandbox *sandbox) { return sandbox->used; }
+size_t starling_lua_sandbox_memory_cap(const starling_lua_sandbox *sandbox) { return sandbox->cap; }
+
+void starling_lua_call_free(starling_lua_call *call) {
+    free(call->condition);
+    free(call->text);
+    for (int index = 0; index < call->result_attribute_count * 2; index++) free(call->result_attributes[index]);
+    free(call->result_attributes);
+    free(call->result_body);
+    free(call->error);
+    free(call->slow_location);
+    call->condition = call->text = call->result_body = call->error = call->slow_location = NULL;
+    call->result_attributes = NULL;
+    call->result_attribute_count = 0;
+}
+
+static char *field_copy(lua_State *L, int index) {
+    size_t length = 0;
+    const char *value = lua_tolstring(L, index, &length);
+    return value ? copy_text(value, length) : NULL;
+}
+
+static int call_protected(lua_State *L) {
+    starling_lua_call *call = (starling_lua_call *)lua_touserdata(L, 1);
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    lua_settop(L, 0);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sandbox->dispatch_ref);
+    lua_pushlstring(L, call->event.data, call->event.length);
+    lua_pushinteger(L, (lua_Integer)call->priority);
+    lua_createtable(L, 0, 3);
+    lua_pushlstring(L, call->name.data, call->name.length);
+    lua_setfield(L, -2, "name");
+    lua_createtable(L, 0, call->attribute_count);
+    for (int index = 0; index < call->attribute_count; index++) {
+        lua_pushlstring(L, call->attributes[index * 2].data, call->attributes[index * 2].length);
+        lua_pushlstring(L, call->attributes[index * 2 + 1].data, call->attributes[index * 2 + 1].length);
+        lua_rawset(L, -3);
+    }
+    lua_setfield(L, -2, "attr");
+    if (call->has_body) {
+        lua_pushlstring(L, call->body.data, call->body.length);
+        lua_setfield(L, -2, "body");
+    }
+    lua_call(L, 3, 3); /* verdict, condition or stanza, text */
+    const char *verdict = lua_tostring(L, 1);
+    if (verdict == NULL || strcmp(verdict, "pass") == 0) {
+        call->verdict = 0;
+    } else if (strcmp(verdict, "drop") == 0) {
+        call->verdict = 1;
+    } else if (strcmp(verdict, "allow") == 0) {
+        call->verdict = 4;
+    } else if (strcmp(verdict, "error") == 0) {
+        call->verdict = 2;
+        call->condition = field_copy(L, 2);
+        call->text = field_copy(L, 3);
+    } else if (strcmp(verdict, "modify") == 0 && lua_istable(L, 2)) {
+        call->verdict = 3;
+        if (lua_getfield(L, 2, "attr") == LUA_TTABLE) {
+            int count = 0;
+            lua_pushnil(L);
+            while (lua_next(L, 4) != 0) {
+                count++;
+                lua_pop(L, 1);
+            }
+            call->result_attributes = (char **)calloc((size_t)(count * 2 + 1), sizeof(char *));
+            lua_pushnil(L);
+            while (call->result_attributes && lua_next(L, 4) != 0 && call->result_attribute_count < count) {
+                if (lua_type(L, -2) == LUA_TSTRING && (lua_type(L, -1) == LUA_TSTRING || lua_type(L, -1) == LUA_TNUMBER)) {
+                    lua_pushvalue(L, -2);
+                    call->result_attributes[call->result_attribute_count * 2] = field_copy(L, -1);
+                    lua_pop(L, 1);
+                    call->result_attributes[call->result_attribute_count * 2 + 1] = field_copy(L, -1);
+                    call->result_attribute_count++;
+                }
+                lua_pop(L, 1);
+            }
+        }
+        lua_pop(L, 1);
+        if (lua_getfield(L, 2, "body") == LUA_TSTRING) {
+            call->result_has_body = 1;
+            call->result_body = field_copy(L, -1);
+        }
+        lua_pop(L, 1);
+    } else {
+        return luaL_error(L, "a handler returned '%s': expected pass, drop, error, modify or allow", verdict);
+    }
+    return 0;
+}
+
+int starling_lua_sandbox_invoke(starling_lua_sandbox *sandbox, starling_lua_call *call) {
+    int status = protected_call(sandbox, call_protected, call, &call->error);
+    call->stop = status == LUA_OK ? STARLING_LUA_RAN : sandbox->stopped;
+    call->elapsed = (double)(clock_ns(CLOCK_MONOTONIC) - sandbox->wall_started_ns) / 1e9;
+    if (sandbox->slow_location[0]) call->slow_location = copy_text(sandbox->slow_location, strlen(sandbox->slow_location));
+    return status;
+}
+
+typedef struct handler_list {
+    char *text;
+} handler_list;
+
+static int handlers_protected(lua_State *L) {
+    handler_list *list = (handler_list *)lua_touserdata(L, 1);
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sandbox->handler_list_ref);
+    lua_call(L, 0, 1);
+    size_t length = 0;
+    const char *text = lua_tolstring(L, -1, &length);
+    if (text) list->text = copy_text(text, length);
+    return 0;
+}
+
+char *starling_lua_sandbox_handlers(starling_lua_sandbox *sandbox) {
+    handler_list list = {NULL};
+    if (protected_call(sandbox, handlers_protected, &list, NULL) != LUA_OK) {
+        free(list.text);
+        return NULL;
+    }
+    return list.text;
+}
+
+typedef struct compare_request {
+    starling_lua_string source;
+    char *result;
+} compare_request;
+
+static int compare_protected(lua_State *L) {
+    compare_request *request = (compare_request *)lua_touserdata(L, 1);
+    luaL_requiref(L, LUA_GNAME, luaopen_base, 1);
+    luaL_requiref(L, LUA_TABLIBNAME, luaopen_table, 1);
+    luaL_requiref(L, LUA_STRLIBNAME, luaopen_string, 1);
+    luaL_requiref(L, LUA_MATHLIBNAME, luaopen_math, 1);
+    lua_pop(L, 4);
+    lua_newtable(L);
+    starling_lua_install_patterns(L, lua_gettop(L));
+    lua_setglobal(L, "bounded");
+    if (luaL_loadbufferx(L, request->source.data, request->source.length, "=compare", "t") != LUA_OK) return lua_error(L);
+    lua_call(L, 0, 1);
+    size_t length = 0;
+    const char *text = lua_tolstring(L, -1, &length);
+    request->result = copy_text(text ? text : "", text ? length : 0);
+    return 0;
+}
+
+char *starling_lua_pattern_compare(const starling_lua_limits *limits, starling_lua_string source, int *failed) {
+    char *error = NULL;
+    starling_lua_sandbox *sandbox = new_sandbox(limits, &error);
+    if (sandbox == NULL) {
+        *failed = 1;
+        return error;
+    }
+    compare_request request = {source, NULL};
+    *failed = protected_call(sandbox, compare_protected, &request, &error) != LUA_OK;
+    starling_lua_sandbox_close(sandbox);
+    if (*failed) {
+        free(request.result);
+        return error;
+    }
+    return request.result;
+}
