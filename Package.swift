@@ -75,11 +75,21 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Multi-user chat (XEP-0045): a module written against the plugin API and the storage protocols.
+        .target(
+            name: "StarlingMUC",
+            dependencies: [
+                "StarlingStorage",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Built-in modules: written against the plugin API only, like any plugin.
         .target(
             name: "StarlingModules",
             dependencies: [
-                "StarlingStorage", "StarlingXML", "StarlingLua",
+                "StarlingStorage", "StarlingXML", "StarlingLua", "StarlingMUC",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
@@ -186,7 +196,7 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "ExampleModules",
+                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingMUC", "ExampleModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -323,6 +323,10 @@ void starling_lua_call_free(starling_lua_call *call) {
     free(call->result_body);
     free(call->error);
     free(call->slow_location);
+    for (int index = 0; index < call->result_field_count; index++) free((void *)call->result_fields[index].text.data);
+    free(call->result_fields);
+    call->result_fields = NULL;
+    call->result_field_count = 0;
     call->condition = call->text = call->result_body = call->error = call->slow_location = NULL;
     call->result_attributes = NULL;
     call->result_attribute_count = 0;
@@ -332,6 +336,67 @@ static char *field_copy(lua_State *L, int index) {
     size_t length = 0;
     const char *value = lua_tolstring(L, index, &length);
     return value ? copy_text(value, length) : NULL;
+}
+
+static void push_field(lua_State *L, const starling_lua_field *field) {
+    switch (field->kind) {
+    case 1: lua_pushnumber(L, field->number); break;
+    case 2: lua_pushboolean(L, field->number != 0); break;
+    default: lua_pushlstring(L, field->text.data, field->text.length); break;
+    }
+}
+
+/// After "modify": the fields the call passed in, as the returned event table (at index 2) holds them now.
+static void read_back_tables(lua_State *L, starling_lua_call *call) {
+    int total = 0;
+    for (int index = 0; index < call->table_count; index++) total += call->tables[index].field_count;
+    if (total == 0) return;
+    call->result_fields = (starling_lua_field *)calloc((size_t)total, sizeof(starling_lua_field));
+    if (call->result_fields == NULL) return;
+    call->result_field_count = total;
+    int out = 0;
+    for (int index = 0; index < call->table_count; index++) {
+        const starling_lua_table *table = &call->tables[index];
+        int nested = table->name.length > 0;
+        int container = 2;
+        if (nested) {
+            lua_pushlstring(L, table->name.data, table->name.length);
+            if (lua_rawget(L, 2) != LUA_TTABLE) {
+                lua_pop(L, 1);
+                for (int field = 0; field < table->field_count; field++) call->result_fields[out++].kind = -1;
+                continue;
+            }
+            container = lua_gettop(L);
+        }
+        for (int field = 0; field < table->field_count; field++) {
+            starling_lua_field *result = &call->result_fields[out++];
+            result->key = table->fields[field].key;
+            lua_pushlstring(L, table->fields[field].key.data, table->fields[field].key.length);
+            switch (lua_rawget(L, container)) {
+            case LUA_TSTRING: {
+                size_t length = 0;
+                const char *text = lua_tolstring(L, -1, &length);
+                result->kind = 0;
+                result->text.data = copy_text(text, length);
+                result->text.length = length;
+                break;
+            }
+            case LUA_TNUMBER:
+                result->kind = 1;
+                result->number = lua_tonumber(L, -1);
+                break;
+            case LUA_TBOOLEAN:
+                result->kind = 2;
+                result->number = lua_toboolean(L, -1);
+                break;
+            default:
+                result->kind = -1;
+                break;
+            }
+            lua_pop(L, 1);
+        }
+        if (nested) lua_pop(L, 1);
+    }
 }
 
 static int call_protected(lua_State *L) {
@@ -355,6 +420,20 @@ static int call_protected(lua_State *L) {
         lua_pushlstring(L, call->body.data, call->body.length);
         lua_setfield(L, -2, "body");
     }
+    for (int index = 0; index < call->table_count; index++) {
+        const starling_lua_table *table = &call->tables[index];
+        int nested = table->name.length > 0;
+        if (nested) {
+            lua_pushlstring(L, table->name.data, table->name.length);
+            lua_createtable(L, 0, table->field_count);
+        }
+        for (int field = 0; field < table->field_count; field++) {
+            lua_pushlstring(L, table->fields[field].key.data, table->fields[field].key.length);
+            push_field(L, &table->fields[field]);
+            lua_rawset(L, -3);
+        }
+        if (nested) lua_rawset(L, -3);
+    }
     lua_call(L, 3, 3); /* verdict, condition or stanza, text */
     const char *verdict = lua_tostring(L, 1);
     if (verdict == NULL || strcmp(verdict, "pass") == 0) {
@@ -367,8 +446,12 @@ static int call_protected(lua_State *L) {
         call->verdict = 2;
         call->condition = field_copy(L, 2);
         call->text = field_copy(L, 3);
+    } else if (strcmp(verdict, "kick") == 0) {
+        call->verdict = 5;
+        call->text = field_copy(L, 2);
     } else if (strcmp(verdict, "modify") == 0 && lua_istable(L, 2)) {
         call->verdict = 3;
+        read_back_tables(L, call);
         if (lua_getfield(L, 2, "attr") == LUA_TTABLE) {
             int count = 0;
             lua_pushnil(L);
@@ -396,7 +479,7 @@ static int call_protected(lua_State *L) {
         }
         lua_pop(L, 1);
     } else {
-        return luaL_error(L, "a handler returned '%s': expected pass, drop, error, modify or allow", verdict);
+        return luaL_error(L, "a handler returned '%s': expected pass, drop, error, modify, allow or kick", verdict);
     }
     return 0;
 }

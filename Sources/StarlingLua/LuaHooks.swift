@@ -31,6 +31,8 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
         "stanza-out", "message-out", "presence-out", "iq-out",
         "message-offline", "session-bound", "session-closed", "authenticate",
         "connect", "login", "login-failed", "user-registered",
+        "muc-create", "muc-configure", "muc-join", "muc-message", "muc-private-message", "muc-subject", "muc-nick",
+        "muc-moderate", "muc-destroy",
     ]
 
     private static let inbound = ["message": ["stanza-in", "message-in"], "presence": ["stanza-in", "presence-in"], "iq": ["stanza-in", "iq-in"]]
@@ -75,7 +77,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
     private let baseDirectory: String
     private let paths: [String]
     private let failClosed: Set<String>
-    private let priority: Int
+    let priority: Int
     private let limits: LuaLimits
     private let services: LuaServices
     private let current: NIOLockedValueBox<Generation>
@@ -162,6 +164,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             _ = run(["session-closed"], XMLElement(name: "session", namespace: Namespace.client, attributes: ["jid": event.jid.description]))
             return .pass
         }
+        registerMUC(registrar)
     }
 
     public var statusCounters: [String: Int] {
@@ -218,34 +221,59 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
     }
 
     private func run(_ events: [String], _ stanza: XMLElement) -> HookResult {
-        guard let (generation, states) = states() else { return .pass }
+        run(events, stanza, tables: []).result
+    }
+
+    /// What the scripts decided: the verdict, the tables as the last "modify" left them, a MUC kick.
+    struct Outcome {
+        var result: HookResult
+        var tables: [String: [String: LuaStoredValue]] = [:]
+        var kick: String?
+    }
+
+    /// One MUC event's handlers (see LuaHooks+MUC.swift).
+    func runMUC(_ event: String, _ stanza: XMLElement, tables: [LuaTable]) -> Outcome {
+        run([event], stanza, tables: tables)
+    }
+
+    private func run(_ events: [String], _ stanza: XMLElement, tables: [LuaTable]) -> Outcome {
+        guard let (generation, states) = states() else { return Outcome(result: .pass) }
         var stanza = stanza
+        var tables = tables
         var modified = false
+        var changedTables: [String: [String: LuaStoredValue]] = [:]
         for event in events {
             guard let entries = generation.dispatch[event] else { continue }
             for entry in entries {
                 let state = states[entry.script]
-                let verdict = state.call(event: event, priority: entry.priority, stanza: stanza)
+                let verdict = state.call(event: event, priority: entry.priority, stanza: stanza, tables: tables)
                 watch(state, event: event)
                 switch verdict {
-                case .pass:
+                case .pass, .allow:
                     continue
                 case .drop:
-                    return .handled
+                    return Outcome(result: .handled, tables: changedTables)
+                case .kick(let reason):
+                    return Outcome(result: .handled, tables: changedTables, kick: reason ?? "removed by the room's policy")
                 case .error(let condition, let text):
-                    return .reject(StanzaErrorCondition(rawValue: condition) ?? .notAcceptable, text: text)
-                case .modify(let attributes, let body):
+                    return Outcome(result: .reject(StanzaErrorCondition(rawValue: condition) ?? .notAcceptable, text: text), tables: changedTables)
+                case .modify(let attributes, let body, let newTables):
                     stanza = Self.apply(attributes: attributes, body: body, to: stanza)
                     modified = true
-                case .allow:
-                    continue
+                    // Later handlers see what earlier ones changed.
+                    for (name, fields) in newTables {
+                        changedTables[name, default: [:]].merge(fields) { $1 }
+                        if let index = tables.firstIndex(where: { $0.name == name }) {
+                            tables[index].fields = tables[index].fields.map { (key: $0.key, value: fields[$0.key] ?? $0.value) }
+                        }
+                    }
                 case .failed(let message):
                     services.reportFailure(script: state.script.path, message)
-                    if state.script.failClosed { return .reject(.policyViolation, text: nil) }
+                    if state.script.failClosed { return Outcome(result: .reject(.policyViolation, text: nil), tables: changedTables) }
                 }
             }
         }
-        return modified ? .modify(stanza) : .pass
+        return Outcome(result: modified ? .modify(stanza) : .pass, tables: changedTables)
     }
 
     /// The watchdog: a call that took longer than `watchdog_ms` is logged with where it was and counted.
@@ -275,7 +303,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             case .failed(let message):
                 services.reportFailure(script: state.script.path, message)
                 return false
-            case .drop, .error, .modify: return false
+            case .drop, .error, .modify, .kick: return false
             }
         }
         return false

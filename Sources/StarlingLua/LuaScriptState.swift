@@ -22,9 +22,11 @@ public enum LuaVerdict: Equatable, Sendable {
     case pass
     case drop
     case error(condition: String, text: String?)
-    /// The handler changed the stanza table: its attributes (all of them, as the script left them) and
-    /// body (nil when it removed the body).
-    case modify(attributes: [String: String], body: String?)
+    /// The handler changed the stanza table: its attributes (all of them, as the script left them), body
+    /// (nil when it removed the body), and the fields of the tables the call passed, by table name.
+    case modify(attributes: [String: String], body: String?, tables: [String: [String: LuaStoredValue]] = [:])
+    /// A MUC message handler removes the sender from the room, with this reason.
+    case kick(reason: String?)
     /// An `authenticate` handler accepted the password.
     case allow
     /// The script failed: the message names file and line where Lua knows them.
@@ -135,49 +137,115 @@ public final class LuaScriptState {
     /// Bytes the state holds now.
     public var memoryInUse: Int { starling_lua_sandbox_memory(sandbox) }
 
-    /// Runs the script's handlers for `event` registered at `priority` on `stanza`.
-    public func call(event: String, priority: Int, stanza: XMLElement) -> LuaVerdict {
+    /// Runs the script's handlers for `event` registered at `priority` on `stanza`, with `tables` as more
+    /// fields of the event table (MUC events: `event.room`, `event.occupant`, ...).
+    public func call(event: String, priority: Int, stanza: XMLElement, tables: [LuaTable] = []) -> LuaVerdict {
+        // Every string the call needs goes into one buffer; the C structs point into it.
         var strings: [String] = [event, stanza.name]
         for attribute in stanza.attributes { strings += [attribute.qualifiedName, attribute.value] }
         let body = stanza.child("body")?.text
         if let body { strings.append(body) }
         let attributeCount = stanza.attributes.count
+        let tablesStart = strings.count
+        for table in tables {
+            strings.append(table.name)
+            for (key, value) in table.fields {
+                strings.append(key)
+                if case .string(let text) = value { strings.append(text) }
+            }
+        }
         return strings.withLuaStrings { values in
-            var call = starling_lua_call()
-            call.event = values[0]
-            call.priority = Int64(priority)
-            call.name = values[1]
-            call.attribute_count = Int32(attributeCount)
-            do {
-                call.attributes = UnsafePointer(values.baseAddress! + 2)
-                if body != nil {
-                    call.body = values[2 + attributeCount * 2]
-                    call.has_body = 1
-                }
-                defer { starling_lua_call_free(&call) }
-                let status = starling_lua_sandbox_invoke(sandbox, &call)
-                lastCall = (call.elapsed, call.slow_location.map { String(cString: $0) })
-                if status != 0 {
-                    let message = call.error.map { String(cString: $0) } ?? "error"
-                    if call.stop == STARLING_LUA_STOPPED_MEMORY {
-                        return .failed("\(script.path): memory limit of \(starling_lua_sandbox_memory_cap(sandbox)) bytes reached (\(message))")
+            var fields: [starling_lua_field] = []
+            var shapes: [(name: starling_lua_string, start: Int, count: Int)] = []
+            var next = tablesStart
+            for table in tables {
+                let name = values[next]
+                next += 1
+                let start = fields.count
+                for (_, value) in table.fields {
+                    var field = starling_lua_field()
+                    field.key = values[next]
+                    next += 1
+                    switch value {
+                    case .string:
+                        field.kind = 0
+                        field.text = values[next]
+                        next += 1
+                    case .number(let number):
+                        field.kind = 1
+                        field.number = number
+                    case .boolean(let flag):
+                        field.kind = 2
+                        field.number = flag ? 1 : 0
                     }
-                    return .failed(message)
+                    fields.append(field)
                 }
-                switch call.verdict {
-                case 1: return .drop
-                case 4: return .allow
-                case 2: return .error(condition: call.condition.map { String(cString: $0) } ?? "not-acceptable", text: call.text.map { String(cString: $0) })
-                case 3:
-                    var attributes: [String: String] = [:]
-                    for index in 0..<Int(call.result_attribute_count) {
-                        guard let name = call.result_attributes[index * 2], let value = call.result_attributes[index * 2 + 1] else { continue }
-                        attributes[String(cString: name)] = String(cString: value)
+                shapes.append((name, start, table.fields.count))
+            }
+            return fields.withUnsafeBufferPointer { fieldBuffer in
+                let luaTables = shapes.map { shape in
+                    starling_lua_table(name: shape.name, field_count: Int32(shape.count), fields: fieldBuffer.baseAddress.map { $0 + shape.start })
+                }
+                return luaTables.withUnsafeBufferPointer { tableBuffer in
+                    var call = starling_lua_call()
+                    call.event = values[0]
+                    call.priority = Int64(priority)
+                    call.name = values[1]
+                    call.attribute_count = Int32(attributeCount)
+                    call.attributes = UnsafePointer(values.baseAddress! + 2)
+                    if body != nil {
+                        call.body = values[2 + attributeCount * 2]
+                        call.has_body = 1
                     }
-                    return .modify(attributes: attributes, body: call.result_has_body != 0 ? call.result_body.map { String(cString: $0) } : nil)
-                default: return .pass
+                    call.table_count = Int32(tables.count)
+                    call.tables = tableBuffer.baseAddress
+                    defer { starling_lua_call_free(&call) }
+                    return invoke(&call, tables: tables)
                 }
             }
+        }
+    }
+
+    private func invoke(_ call: inout starling_lua_call, tables: [LuaTable]) -> LuaVerdict {
+        let status = starling_lua_sandbox_invoke(sandbox, &call)
+        lastCall = (call.elapsed, call.slow_location.map { String(cString: $0) })
+        if status != 0 {
+            let message = call.error.map { String(cString: $0) } ?? "error"
+            if call.stop == STARLING_LUA_STOPPED_MEMORY {
+                return .failed("\(script.path): memory limit of \(starling_lua_sandbox_memory_cap(sandbox)) bytes reached (\(message))")
+            }
+            return .failed(message)
+        }
+        switch call.verdict {
+        case 1: return .drop
+        case 4: return .allow
+        case 5: return .kick(reason: call.text.map { String(cString: $0) })
+        case 2: return .error(condition: call.condition.map { String(cString: $0) } ?? "not-acceptable", text: call.text.map { String(cString: $0) })
+        case 3:
+            var attributes: [String: String] = [:]
+            for index in 0..<Int(call.result_attribute_count) {
+                guard let name = call.result_attributes[index * 2], let value = call.result_attributes[index * 2 + 1] else { continue }
+                attributes[String(cString: name)] = String(cString: value)
+            }
+            var changed: [String: [String: LuaStoredValue]] = [:]
+            var index = 0
+            for table in tables {
+                var current: [String: LuaStoredValue] = [:]
+                for (key, _) in table.fields {
+                    defer { index += 1 }
+                    guard index < Int(call.result_field_count) else { continue }
+                    let field = call.result_fields[index]
+                    switch field.kind {
+                    case 0: current[key] = .string(field.text.data.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: field.text.length), as: UTF8.self) } ?? "")
+                    case 1: current[key] = .number(field.number)
+                    case 2: current[key] = .boolean(field.number != 0)
+                    default: continue
+                    }
+                }
+                changed[table.name] = current
+            }
+            return .modify(attributes: attributes, body: call.result_has_body != 0 ? call.result_body.map { String(cString: $0) } : nil, tables: changed)
+        default: return .pass
         }
     }
 
@@ -218,9 +286,10 @@ public final class LuaScriptState {
                 if type(a) == "table" then stanza = a end
               elseif verdict == "drop" then return "drop"
               elseif verdict == "allow" then return "allow"
+              elseif verdict == "kick" then return "kick", a
               elseif verdict == "error" then return "error", a or "not-acceptable", b
               elseif verdict ~= nil and verdict ~= "pass" then
-                error("a handler for " .. event .. " returned '" .. tostring(verdict) .. "': expected pass, drop, error, modify or allow", 0)
+                error("a handler for " .. event .. " returned '" .. tostring(verdict) .. "': expected pass, drop, error, modify, allow or kick", 0)
               end
             end
           end
@@ -236,6 +305,18 @@ public final class LuaScriptState {
         end
         return dispatch, handler_list
         """
+}
+
+/// Fields handed to a script beside the stanza: a sub-table of the event (`event.room`), or, with an
+/// empty name, fields of the event table itself.
+public struct LuaTable: Sendable {
+    public var name: String
+    public var fields: [(key: String, value: LuaStoredValue)]
+
+    public init(_ name: String, _ fields: [(key: String, value: LuaStoredValue)]) {
+        self.name = name
+        self.fields = fields
+    }
 }
 
 public struct LuaScriptError: Error, CustomStringConvertible, Sendable {

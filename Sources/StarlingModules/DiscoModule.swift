@@ -46,7 +46,14 @@ public final class DiscoModule: ServerModule {
         }
         registrar.iq(.get, "query", Self.itemsNamespace, target: .both) { request in
             if request.payload[attribute: "node"] != nil { return .error(.itemNotFound) }
-            return .result(XMLElement(name: "query", namespace: Self.itemsNamespace))
+            var query = XMLElement(name: "query", namespace: Self.itemsNamespace)
+            // The server's services at their own domains (a MUC service, say).
+            if request.to.localpart == nil {
+                for component in host.components {
+                    query.append(XMLElement(name: "item", namespace: Self.itemsNamespace, attributes: ["jid": component.domain, "name": component.name]))
+                }
+            }
+            return .result(query)
         }
     }
 }

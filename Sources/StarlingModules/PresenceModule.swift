@@ -36,7 +36,9 @@ public final class PresenceModule: ServerModule {
                 return .pass
             case nil, "unavailable":
                 if let to, to.bare != origin.bare {
-                    engine.directed(stanza, from: origin, to: to)
+                    // Another domain (a MUC service, say) is the router's to reach; the target is remembered
+                    // either way, so that going offline reaches it too (RFC 6121 §4.6.3).
+                    return engine.directed(stanza, from: origin, to: to) ? .handled : .pass
                 } else if to == nil {
                     engine.broadcast(stanza, from: origin)
                 } else {

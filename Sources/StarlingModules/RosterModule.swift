@@ -110,8 +110,3 @@ public final class RosterModule: ServerModule {
         return element
     }
 }
-
-public struct ModuleStartError: Error, CustomStringConvertible {
-    public let description: String
-    public init(_ description: String) { self.description = description }
-}

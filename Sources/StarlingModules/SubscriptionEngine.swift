@@ -62,7 +62,7 @@ final class SubscriptionEngine: Sendable {
     func markInterested(_ resource: JID) { _ = state.withLock { $0.interested.insert(resource) } }
 
     func forgetInterest(_ resource: JID) {
-        state.withLock { state in
+        _ = state.withLock { state in
             state.interested.remove(resource)
         }
     }
@@ -241,8 +241,15 @@ final class SubscriptionEngine: Sendable {
         enqueue(for: user, "presence broadcast") { [self] in
             let items = try await store.roster(of: user).items
             var recipients = Set(items.filter { $0.subscription.contactReceivesPresence }.map(\.jid))
-            recipients.formUnion(directedTargets)
+            recipients.formUnion(directedTargets.filter { host.isLocal($0.domainpart) })
             for recipient in recipients { deliverToAvailable(stanza, of: recipient, stamped: resource) }
+            // Directed presence that went to another domain (a room's occupant JID) goes there as addressed.
+            for target in directedTargets where !host.isLocal(target.domainpart) {
+                var copy = stanza
+                copy[attribute: "from"] = resource.description
+                copy[attribute: "to"] = target.description
+                host.route(copy)
+            }
             // The user's other resources see it too.
             for other in host.resources(of: user) where other.jid != resource && other.available {
                 var copy = stanza
@@ -272,21 +279,22 @@ final class SubscriptionEngine: Sendable {
         }
     }
 
-    /// Directed presence (§4.6): delivered, and remembered so going offline reaches the target too.
-    func directed(_ stanza: XMLElement, from resource: JID, to target: JID) {
+    /// Directed presence (§4.6): remembered so going offline reaches the target too, and delivered when
+    /// the target is a local account. Returns false for other domains, which the caller routes.
+    func directed(_ stanza: XMLElement, from resource: JID, to target: JID) -> Bool {
         let available = stanza[attribute: "type"] == nil
         state.withLock { state in
             if available { state.directed[resource, default: []].insert(target) } else { state.directed[resource]?.remove(target) }
         }
-        if host.isLocal(target.domainpart) {
-            if target.resourcepart != nil { host.route(stanza) } else { deliverToAvailable(stanza, of: target, stamped: resource) }
-        }
+        guard host.isLocal(target.domainpart) else { return false }
+        if target.resourcepart != nil { host.route(stanza) } else { deliverToAvailable(stanza, of: target, stamped: resource) }
+        return true
     }
 
     /// The resource went away without saying so: broadcast unavailable for it.
     func sessionClosed(_ resource: JID) {
         let wasAvailable = state.withLock { $0.presence[resource] != nil }
-        state.withLock { state in
+        _ = state.withLock { state in
             state.interested.remove(resource)
         }
         guard wasAvailable else {

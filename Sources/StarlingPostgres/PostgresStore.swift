@@ -65,6 +65,21 @@ public final class PostgresStore: Sendable {
             "CREATE TABLE vcards (host TEXT NOT NULL, username TEXT NOT NULL, xml TEXT NOT NULL, photo_hash TEXT, PRIMARY KEY (host, username))",
             "CREATE TABLE last_activity (host TEXT NOT NULL, username TEXT NOT NULL, seconds BIGINT NOT NULL, status TEXT NOT NULL, PRIMARY KEY (host, username))",
         ],
+        [
+            """
+            CREATE TABLE muc_rooms (
+                service TEXT NOT NULL, name TEXT NOT NULL, options TEXT NOT NULL, subject TEXT NOT NULL, subject_nick TEXT,
+                subject_time BIGINT, salt TEXT NOT NULL,
+                PRIMARY KEY (service, name)
+            )
+            """,
+            """
+            CREATE TABLE muc_affiliations (
+                service TEXT NOT NULL, name TEXT NOT NULL, jid TEXT NOT NULL, affiliation TEXT NOT NULL, nick TEXT, reason TEXT,
+                PRIMARY KEY (service, name, jid)
+            )
+            """,
+        ],
     ]
 
     private init(client: PostgresClient, logger: Logger, timeout: Double) {

@@ -26,8 +26,8 @@ final class LiveReloads: @unchecked Sendable {
 
     private var catalog: [String: any ServerModule.Type] { BuiltinModules.catalog.merging(pluginModules) { $1 } }
 
-    private func install(_ tables: [String: HostModules]) {
-        router.replace(tables)
+    private func install(_ tables: [String: HostModules]) throws {
+        try router.replace(tables)
         for host in tables.values { host.attachAdapters() }
     }
 
@@ -44,7 +44,7 @@ final class LiveReloads: @unchecked Sendable {
             let replaced = try ModuleLoader.replacing(name, with: type, in: router.modules, configuration: configuration,
                                                       logger: logger, router: router, services: services)
             guard !replaced.isEmpty else { throw ModuleError("module '\(name)' is not enabled on any host") }
-            install(replaced)
+            try install(replaced)
             let hosts = replaced.keys.sorted().joined(separator: ", ")
             logger.notice("module reloaded", metadata: ["module": "\(name)", "hosts": "\(hosts)", "plugin_images": "\(PluginLoader.loadedImages)"])
             return "\(name) reloaded on \(hosts); \(PluginLoader.loadedImages) plugin images mapped (never unloaded)"
@@ -85,7 +85,7 @@ final class LiveReloads: @unchecked Sendable {
             let (tables, changes) = try ModuleLoader.reconfiguring(router.modules, from: current, to: next, catalog: catalog,
                                                                     logger: logger, router: router, services: services)
             if !dryRun {
-                install(tables)
+                try install(tables)
                 running.withLockedValue { configuration in
                     configuration.modules = next.modules
                     configuration.hostModules = next.hostModules

@@ -26,6 +26,8 @@ final class HostModules: Sendable {
     let hooks: [String: [ModuleRegistrar.HookRegistration]]
     /// Decides passwords when `auth.method` names a module; nil means the stored SCRAM keys.
     let passwordCheck: PasswordCheck?
+    /// Domains modules of this host serve as components.
+    let components: [ComponentRegistration]
 
     init(domain: String, modules: [String: any ServerModule], registrars: [ModuleRegistrar], adapters: [String: ModuleHostAdapter],
          authMethod: String) throws {
@@ -48,7 +50,9 @@ final class HostModules: Sendable {
         var iqHandlers: [ModuleRegistrar.IQKey: IQEntry] = [:]
         var hooks: [String: [ModuleRegistrar.HookRegistration]] = [:]
         var preAuth: [XMLElement] = [], bound: [XMLElement] = []
+        var components: [ComponentRegistration] = []
         for registrar in registrars {
+            components += registrar.components
             for (element, phase) in registrar.streamFeatures {
                 switch phase {
                 case .beforeAuthentication: preAuth.append(element)
@@ -76,6 +80,7 @@ final class HostModules: Sendable {
         self.serverFeatures = server.sorted()
         self.accountFeatures = account.sorted()
         self.iqHandlers = iqHandlers
+        self.components = components
     }
 
     /// Points the modules' hosts at these tables (after they are installed in the router).
@@ -84,7 +89,7 @@ final class HostModules: Sendable {
     }
 
     /// Runs the handlers of `point` until one ends propagation. A `.modify` replaces the stanza of a
-    /// `StanzaEvent` for the handlers after it and is what the caller gets if nobody ends propagation.
+    /// `StanzaCarryingEvent` for the handlers after it and is what the caller gets if nobody ends propagation.
     func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult {
         guard let handlers = hooks[point.name] else { return .pass }
         var event = event
@@ -94,9 +99,9 @@ final class HostModules: Sendable {
             case .pass:
                 continue
             case .modify(let stanza):
-                guard var stanzaEvent = event as? StanzaEvent else { continue }
-                stanzaEvent.stanza = stanza
-                event = stanzaEvent as! Event
+                guard var carrying = event as? any StanzaCarryingEvent else { continue }
+                carrying.stanza = stanza
+                event = carrying as! Event
                 modified = stanza
             case let result:
                 return result
@@ -165,6 +170,8 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
         case .error: logger.error("\(message)")
         }
     }
+
+    var components: [ComponentInfo] { tables?.components.map(\.info) ?? [] }
 
     func features(for target: IQTarget) -> [String] {
         switch target {

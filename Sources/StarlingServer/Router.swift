@@ -4,7 +4,29 @@ import StarlingAPI
 /// Every host's module tables, one immutable value.
 final class ModuleTables: Sendable {
     let hosts: [String: HostModules]
-    init(_ hosts: [String: HostModules]) { self.hosts = hosts }
+    /// Component domains (a MUC service's, say) → the handler the module registered.
+    let components: [String: ComponentRegistration]
+
+    /// Fails when two modules claim one component domain, or a component claims a served host.
+    init(_ hosts: [String: HostModules]) throws {
+        var components: [String: (host: String, registration: ComponentRegistration)] = [:]
+        for (domain, host) in hosts.sorted(by: { $0.key < $1.key }) {
+            for registration in host.components {
+                let component = registration.info.domain
+                if hosts[component] != nil {
+                    throw ModuleError("\(component) is a host of this server: it cannot also be a component of \(domain)")
+                }
+                if let existing = components[component] {
+                    throw ModuleError("\(component) is claimed as a component by both \(existing.host) and \(domain)")
+                }
+                components[component] = (domain, registration)
+            }
+        }
+        self.hosts = hosts
+        self.components = components.mapValues(\.registration)
+    }
+
+    static let empty = try! ModuleTables([:])
 }
 
 /// Local stanza routing (RFC 6120 §10, RFC 6121 §8) between bound sessions. Runs on the sending
@@ -14,8 +36,9 @@ public final class Router: @unchecked Sendable {
     let hosts: Set<String>
     let logger: Logger
     /// Per host. Replaced as a whole when a module is reloaded; reads take no lock (see `Swappable`).
-    private let tables = Swappable(ModuleTables([:]))
+    private let tables = Swappable(ModuleTables.empty)
     var modules: [String: HostModules] { tables.current.hosts }
+    var components: [String: ComponentRegistration] { tables.current.components }
 
     public init(registry: SessionRegistry, hosts: Set<String>, logger: Logger) {
         self.registry = registry
@@ -23,13 +46,13 @@ public final class Router: @unchecked Sendable {
         self.logger = logger
     }
 
-    func install(modules: [String: HostModules]) {
-        tables.replace(ModuleTables(modules))
+    func install(modules: [String: HostModules]) throws {
+        tables.replace(try ModuleTables(modules))
     }
 
     /// Swaps in new tables for some hosts; events already running finish on the old ones.
-    func replace(_ hosts: [String: HostModules]) {
-        tables.replace(ModuleTables(modules.merging(hosts) { $1 }))
+    func replace(_ hosts: [String: HostModules]) throws {
+        tables.replace(try ModuleTables(modules.merging(hosts) { $1 }))
     }
 
     /// Runs a hook on `domain`'s modules.
@@ -57,6 +80,10 @@ public final class Router: @unchecked Sendable {
         // No `to` means the sender's own account (RFC 6120 §10.3).
         let target = to ?? sender.jid.bare
         guard hosts.contains(target.domainpart) else {
+            if let component = components[target.domainpart] {
+                component.handler(ComponentStanza(stanza: stanza, from: sender.jid, to: target))
+                return
+            }
             // No server-to-server yet: every other domain is unreachable.
             bounce(stanza, .remoteServerNotFound, to: sender)
             return
@@ -113,9 +140,19 @@ public final class Router: @unchecked Sendable {
         }
     }
 
-    /// Delivers a stanza a module sends (roster pushes, offline messages, ...) to local sessions.
+    /// Delivers a stanza a module sends (roster pushes, offline messages, room traffic, ...) to local
+    /// sessions or to a component.
     func routeFromServer(_ stanza: XMLElement) {
-        guard let to = stanza[attribute: "to"].flatMap({ JID($0) }), hosts.contains(to.domainpart), to.localpart != nil else {
+        guard let to = stanza[attribute: "to"].flatMap({ JID($0) }) else {
+            logger.debug("dropping a module's stanza without a recipient")
+            return
+        }
+        if let component = components[to.domainpart] {
+            let from = stanza[attribute: "from"].flatMap { JID($0) } ?? to.domain
+            component.handler(ComponentStanza(stanza: stanza, from: from, to: to))
+            return
+        }
+        guard hosts.contains(to.domainpart), to.localpart != nil else {
             logger.debug("dropping a module's stanza without a local recipient")
             return
         }

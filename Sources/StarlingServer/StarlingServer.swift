@@ -44,12 +44,13 @@ public final class StarlingServer: Service, @unchecked Sendable {
             services.register(store as any PrivateXMLStore, as: (any PrivateXMLStore).self)
             services.register(store as any VCardStore, as: (any VCardStore).self)
             services.register(store as any LastActivityStore, as: (any LastActivityStore).self)
+            services.register(store as any MUCStore, as: (any MUCStore).self)
             services.register(ServerPaths(configDirectory: URL(fileURLWithPath: configuration.sourcePath).deletingLastPathComponent().path,
                                           dataDirectory: configuration.dataDirectory), as: ServerPaths.self)
             for (name, reason) in configuration.pluginFailures {
                 logger.error("plugin not loaded, running without it", metadata: ["plugin": "\(name)", "error": "\(reason)"])
             }
-            router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog.merging(pluginModules) { $1 },
+            try router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog.merging(pluginModules) { $1 },
                                                           logger: logger, router: router, services: services))
         } catch {
             await store.close()
@@ -101,6 +102,8 @@ public final class StarlingServer: Service, @unchecked Sendable {
 
         logger.notice("shutting down", metadata: ["connections": "\(context.connections.count)"])
         for channel in channels { try? await channel.close() }
+        // Modules say goodbye first (MUC rooms tell their occupants, status 332), then every stream closes.
+        for host in configuration.hosts { _ = router.run(.serverStopping, ServerStoppingEvent(), on: host) }
         context.connections.shutdownAll()
         // Give clients a moment to receive the stream error and close their side.
         for _ in 0..<50 where context.connections.count > 0 { try? await Task.sleep(for: .milliseconds(20)) }

@@ -40,7 +40,7 @@ public protocol LastActivityStore: Sendable {
 }
 
 /// Everything a backend stores: the server opens one of these.
-public protocol StarlingStore: AccountStore, RosterStore, OfflineStore, BlocklistStore, PrivateXMLStore, VCardStore, LastActivityStore {
+public protocol StarlingStore: AccountStore, RosterStore, OfflineStore, BlocklistStore, PrivateXMLStore, VCardStore, LastActivityStore, MUCStore {
     /// Releases connections and files.
     func close() async
 }

@@ -124,6 +124,24 @@ public final class TestClient: @unchecked Sendable {
         }
     }
 
+    /// The first element (already passed over or new) that matches; the others stay for later calls.
+    public func expect(_ description: String, timeout: Double = 10, where matches: (XMLElement) -> Bool) async throws -> XMLElement {
+        let event = try await waitFor(timeout: timeout, description) { event in
+            if case .element(let element) = event { return matches(element) }
+            return false
+        }
+        guard case .element(let element) = event else { throw TestClientError.unexpected("\(event)") }
+        return element
+    }
+
+    /// Sends an IQ and waits for its result or error (matched by `id`).
+    public func iq(_ xml: String, id: String, timeout: Double = 10) async throws -> XMLElement {
+        send(xml)
+        return try await expect("iq \(id)", timeout: timeout) {
+            $0.name == "iq" && $0[attribute: "id"] == id && ($0[attribute: "type"] == "result" || $0[attribute: "type"] == "error")
+        }
+    }
+
     /// Waits for a stream error and returns its condition name (then expects the stream to close).
     public func expectStreamError(timeout: Double = 10) async throws -> String {
         let event = try await waitFor(timeout: timeout, "a stream error") { event in

@@ -116,7 +116,7 @@ final class LuaScriptTests: XCTestCase {
         }
         let wrong = try load("starling.hook('message-in', function() return 'maybe' end)", path: "hooks/verdict.lua")
         guard case .failed(let verdict) = wrong.call(event: "message-in", priority: 0, stanza: chat("x")) else { return XCTFail("accepted") }
-        XCTAssertTrue(verdict.contains("expected pass, drop, error, modify or allow"), verdict)
+        XCTAssertTrue(verdict.contains("expected pass, drop, error, modify, allow or kick"), verdict)
     }
 
     func testStateCountersAndLoggingAreSharedByEveryStateOfAScript() throws {

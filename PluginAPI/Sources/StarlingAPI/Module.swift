@@ -20,6 +20,13 @@ public protocol ServerModule: AnyObject, Sendable {
     func register(_ registrar: ModuleRegistrar)
 }
 
+/// Why a module cannot start on a host (its options or the services it needs); the server reports it
+/// naming the module and host, and does not start.
+public struct ModuleStartError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
 /// What a module is, declared once.
 public struct ModuleDescriptor: Sendable {
     public var name: String
@@ -137,6 +144,8 @@ public protocol ModuleHost: Sendable {
     func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult
     /// Ends every session of the account (with `<not-authorized/>`), e.g. once it has been deleted.
     func closeSessions(of bare: JID)
+    /// The components the modules of this host registered (what disco#items on the domain lists).
+    var components: [ComponentInfo] { get }
 }
 
 /// One bound resource as modules see it.
@@ -214,8 +223,14 @@ public struct HookPoint<Event: Sendable>: Sendable, Hashable {
     public init(_ name: String) { self.name = name }
 }
 
+/// An event carrying a stanza: a handler's `.modify` replaces it for the handlers after it, and the
+/// caller gets the last replacement.
+public protocol StanzaCarryingEvent: Sendable {
+    var stanza: XMLElement { get set }
+}
+
 /// A stanza passing through the server.
-public struct StanzaEvent: Sendable {
+public struct StanzaEvent: StanzaCarryingEvent {
     public var stanza: XMLElement
     /// The full JID of the local session that sent it, when it came from one.
     public var origin: JID?
@@ -377,6 +392,10 @@ public final class ModuleRegistrar: @unchecked Sendable {
     public private(set) var hooks: [HookRegistration] = []
     /// Set when the module can decide passwords (used on hosts whose `auth.method` names it).
     public private(set) var passwordCheck: PasswordCheck?
+    /// Domains the module serves as a component (see `component(_:name:_:)`).
+    public private(set) var components: [ComponentRegistration] = []
+
+    func addComponent(_ registration: ComponentRegistration) { components.append(registration) }
 
     public init(module: String) { self.module = module }
 
@@ -406,6 +425,9 @@ public final class ModuleRegistrar: @unchecked Sendable {
 }
 
 extension ModuleHost {
+    /// None, unless the host says otherwise (the server's does).
+    public var components: [ComponentInfo] { [] }
+
     /// Features of the whole host (what disco#info on the domain lists).
     public var serverFeatures: [String] { features(for: .server) }
     /// Features the server offers on an account's behalf (disco#info on a bare JID).

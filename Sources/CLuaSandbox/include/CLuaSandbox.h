@@ -60,8 +60,25 @@ typedef enum starling_lua_stop {
     STARLING_LUA_FAILED = 4
 } starling_lua_stop;
 
-/// One hook call: the event, the stanza as name, attributes and body, and the priority whose handlers
-/// run. The results are malloc'd; free them with starling_lua_call_free.
+/// A typed value in a table handed to a script (and read back after "modify").
+typedef struct starling_lua_field {
+    starling_lua_string key;
+    int kind; /* 0 string (text), 1 number, 2 boolean (number != 0); in results also -1: nil or another type */
+    starling_lua_string text;
+    double number;
+} starling_lua_field;
+
+/// Named fields of the event table: `name` is a sub-table (`event.room`), or empty for fields of the
+/// event table itself.
+typedef struct starling_lua_table {
+    starling_lua_string name;
+    int field_count;
+    const starling_lua_field *fields;
+} starling_lua_table;
+
+/// One hook call: the event, the stanza as name, attributes and body (plus typed tables for events such
+/// as MUC ones), and the priority whose handlers run. The results are malloc'd; free them with
+/// starling_lua_call_free.
 typedef struct starling_lua_call {
     starling_lua_string event;
     long long priority;
@@ -70,14 +87,19 @@ typedef struct starling_lua_call {
     const starling_lua_string *attributes; /* name, value, name, value, ... */
     starling_lua_string body;
     int has_body;
+    int table_count;
+    const starling_lua_table *tables;
 
-    int verdict; /* 0 pass, 1 drop, 2 error, 3 modify, 4 allow (authenticate) */
+    int verdict; /* 0 pass, 1 drop, 2 error, 3 modify, 4 allow (authenticate), 5 kick (MUC; reason in text) */
     char *condition;
     char *text;
     int result_attribute_count;
     char **result_attributes; /* name, value, ... */
     char *result_body;
     int result_has_body;
+    /// After "modify": every field of `tables`, in order, as the script left it (text malloc'd).
+    int result_field_count;
+    starling_lua_field *result_fields;
     char *error;
     starling_lua_stop stop;
     /// Wall-clock seconds the call took.

@@ -1,13 +1,15 @@
-import StarlingAPI
 import Synchronization
 
 /// Runs async work one item at a time per key, in submission order: two presence stanzas of one user
-/// never interleave their read-modify-write of the roster, while different users run in parallel.
-final class KeyedSerialQueue: Sendable {
+/// never interleave their read-modify-write of the roster, two changes to one room are stored in order,
+/// while different keys run in parallel.
+public final class KeyedSerialQueue: Sendable {
     private let tails = Mutex<[JID: (id: Int, task: Task<Void, Never>)]>([:])
     private let counter = Atomic<Int>(0)
 
-    func enqueue(_ key: JID, _ work: @escaping @Sendable () async -> Void) {
+    public init() {}
+
+    public func enqueue(_ key: JID, _ work: @escaping @Sendable () async -> Void) {
         let id = counter.add(1, ordering: .relaxed).newValue
         tails.withLock { tails in
             let previous = tails[key]?.task

@@ -1,0 +1,64 @@
+/// A stanza addressed to a component's domain (or a JID at it), as the router hands it over.
+public struct ComponentStanza: Sendable {
+    public let stanza: XMLElement
+    /// The sender, already checked: a local session's full JID, or the entity a module sent it as.
+    public let from: JID
+    /// The addressee, parsed: the component's domain or a JID at it.
+    public let to: JID
+
+    public init(stanza: XMLElement, from: JID, to: JID) {
+        self.stanza = stanza
+        self.from = from
+        self.to = to
+    }
+}
+
+/// Receives every stanza for a component's domain. Called on the sender's thread: hand long work off,
+/// and answer through `ModuleHost.route`.
+public typealias ComponentHandler = @Sendable (ComponentStanza) -> Void
+
+/// A service a module runs at a domain of its own (a MUC service at `conference.<host>`), listed in the
+/// host's disco#items.
+public struct ComponentInfo: Sendable, Equatable {
+    public let domain: String
+    /// Shown in disco#items.
+    public let name: String
+
+    public init(domain: String, name: String) {
+        self.domain = domain
+        self.name = name
+    }
+}
+
+extension ModuleRegistrar {
+    /// Makes this module the component serving `domain`: every stanza addressed to the domain or to a
+    /// JID at it, from local sessions and from modules, goes to `handler`. The domain is listed in the
+    /// host's disco#items under `name`. Two modules claiming one domain fail at start.
+    public func component(_ domain: String, name: String, _ handler: @escaping ComponentHandler) {
+        addComponent(ComponentRegistration(info: ComponentInfo(domain: domain, name: name), handler: handler))
+    }
+}
+
+/// One component registration, as the core keeps it.
+public struct ComponentRegistration: Sendable {
+    public let info: ComponentInfo
+    public let handler: ComponentHandler
+}
+
+/// The server is about to stop (SIGTERM): the last moment to tell clients anything, before their
+/// streams close with `<system-shutdown/>`. The result is ignored.
+public struct ServerStoppingEvent: Sendable {
+    public init() {}
+}
+
+extension HookPoint where Event == ServerStoppingEvent {
+    public static let serverStopping = HookPoint("server-stopping")
+}
+
+/// A value hook handlers may change, for events with parts a policy can adjust (the role a MUC
+/// occupant joins with, the options a room is configured with). Handlers run one after another on one
+/// thread, each sees what the previous ones set, and the caller reads the result once they are done.
+public final class Adjustable<Value: Sendable>: @unchecked Sendable {
+    public var value: Value
+    public init(_ value: Value) { self.value = value }
+}

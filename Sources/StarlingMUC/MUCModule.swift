@@ -1,0 +1,88 @@
+import StarlingAPI
+import StarlingStorage
+
+/// The `muc` module: a multi-user chat service (XEP-0045) per host at its own domain, with rooms that
+/// policy hooks (Lua scripts, plugins) can steer at every decision.
+public final class MUCModule: ServerModule, StatusReportingModule {
+    public static let descriptor = ModuleDescriptor(
+        name: "muc", summary: "Multi-user chat rooms at conference.<host>, with policy hooks.",
+        xeps: ["XEP-0045", "XEP-0249", "XEP-0359", "XEP-0410", "XEP-0421"],
+        options: [
+            ModuleOptionSpec("domain", .string(choices: nil), default: .string("conference.@HOST@"), doc: "The service's domain; @HOST@ stands for the host."),
+            ModuleOptionSpec("name", .string(choices: nil), default: .string("Chatrooms"), doc: "The service's name in service discovery."),
+            ModuleOptionSpec("room_creation", .string(choices: RoomCreation.allCases.map(\.rawValue)), default: .string("local"),
+                             doc: "Who may create rooms: anyone, local (users of this server), listed (room_creators), admins."),
+            ModuleOptionSpec("room_creators", .stringList, default: .stringList([]), doc: "JIDs and domains that may create rooms when room_creation is listed."),
+            ModuleOptionSpec("admins", .stringList, default: .stringList([]), doc: "JIDs that own every room of the service (they may configure, moderate and destroy any room)."),
+            ModuleOptionSpec("max_rooms", .integer(1...10_000_000), default: .integer(10_000), doc: "Rooms the service holds at most (persistent ones included)."),
+            ModuleOptionSpec("max_occupants", .integer(1...100_000), default: .integer(200), doc: "Occupants per room at most (a room's own maximum can only be lower)."),
+            ModuleOptionSpec("max_rooms_per_session", .integer(1...10_000), default: .integer(100), doc: "Rooms one client session may be in at once."),
+            ModuleOptionSpec("history_size", .integer(0...1_000), default: .integer(20), doc: "Messages of discussion history each room keeps for newcomers."),
+            ModuleOptionSpec("max_nick_length", .integer(1...1_023), default: .integer(64), doc: "Longest nickname, in characters."),
+            ModuleOptionSpec("max_subject_length", .integer(0...65_536), default: .integer(1_024), doc: "Longest room subject, in characters."),
+            ModuleOptionSpec("message_rate", .number(0.01...100_000), default: .number(5), doc: "Messages (and presence changes) per second each occupant may send, on average."),
+            ModuleOptionSpec("message_burst", .integer(1...100_000), default: .integer(10), doc: "Messages an occupant may send at once before message_rate applies."),
+            ModuleOptionSpec("lock_new_rooms", .boolean, default: .boolean(true),
+                             doc: "A new room is locked until its owner configures it (or accepts the defaults), as XEP-0045 asks."),
+            ModuleOptionSpec("default_persistent", .boolean, default: .boolean(false), doc: "New rooms are persistent."),
+            ModuleOptionSpec("default_public", .boolean, default: .boolean(true), doc: "New rooms are listed in service discovery."),
+            ModuleOptionSpec("default_members_only", .boolean, default: .boolean(false), doc: "New rooms are members-only."),
+            ModuleOptionSpec("default_moderated", .boolean, default: .boolean(false), doc: "New rooms are moderated."),
+            ModuleOptionSpec("default_non_anonymous", .boolean, default: .boolean(false), doc: "New rooms show occupants' real JIDs to everyone."),
+        ]
+    )
+
+    let service: MUCService
+
+    public init(host: any ModuleHost) throws {
+        let options = host.options
+        var settings = ServiceSettings(domain: options.string("domain").replacingOccurrences(of: "@HOST@", with: host.domain))
+        guard let domain = JID(settings.domain), domain.localpart == nil, domain.resourcepart == nil else {
+            throw ModuleStartError("muc: '\(settings.domain)' is not a domain")
+        }
+        settings.domain = domain.domainpart
+        guard settings.domain != host.domain else { throw ModuleStartError("muc: the service needs a domain of its own, not \(host.domain)") }
+        settings.name = options.string("name")
+        settings.creation = RoomCreation(rawValue: options.string("room_creation")) ?? .local
+        settings.creators = Set(try options.stringList("room_creators").map { try Self.jid($0, option: "room_creators") })
+        settings.maxRooms = options.integer("max_rooms")
+        settings.maxRoomsPerSession = options.integer("max_rooms_per_session")
+        settings.lockNewRooms = options.boolean("lock_new_rooms")
+        settings.defaults.persistent = options.boolean("default_persistent")
+        settings.defaults.isPublic = options.boolean("default_public")
+        settings.defaults.membersOnly = options.boolean("default_members_only")
+        settings.defaults.moderated = options.boolean("default_moderated")
+        settings.defaults.nonAnonymous = options.boolean("default_non_anonymous")
+        settings.defaults.maxOccupants = options.integer("max_occupants")
+        settings.room.maxOccupants = options.integer("max_occupants")
+        settings.room.historySize = options.integer("history_size")
+        settings.room.maxNickLength = options.integer("max_nick_length")
+        settings.room.maxSubjectLength = options.integer("max_subject_length")
+        settings.room.messageRate = options.number("message_rate")
+        settings.room.messageBurst = Double(options.integer("message_burst"))
+        settings.room.serviceAdmins = Set(try options.stringList("admins").map { try Self.jid($0, option: "admins") })
+        service = MUCService(settings: settings, host: host, hooks: HostHooks(host: host), store: host.service((any MUCStore).self))
+        service.start()
+    }
+
+    private static func jid(_ text: String, option: String) throws -> JID {
+        guard let jid = JID(text) else { throw ModuleStartError("muc: \(option) lists '\(text)', which is not a JID") }
+        return jid.bare
+    }
+
+    public func register(_ registrar: ModuleRegistrar) {
+        let service = self.service
+        registrar.component(service.domain, name: service.settings.name) { service.receive($0) }
+        // Registered late (low priority): occupants leave after everything else heard of the session's end.
+        registrar.hook(.sessionClosed, priority: -100) { event in
+            service.sessionClosed(event.jid)
+            return .pass
+        }
+        registrar.hook(.serverStopping) { _ in
+            service.shutdown()
+            return .pass
+        }
+    }
+
+    public var statusCounters: [String: Int] { ["rooms": service.liveRooms] }
+}

@@ -1,0 +1,361 @@
+import Foundation
+import StarlingAPI
+import StarlingStorage
+import Synchronization
+
+/// Who may create rooms.
+enum RoomCreation: String, CaseIterable {
+    /// Any user (of any server, once federation exists).
+    case anyone
+    /// Users of this server's hosts.
+    case local
+    /// Users and domains listed in `room_creators`.
+    case listed
+    /// Only the service's admins.
+    case admins
+}
+
+/// The service-level settings (module options, read once).
+struct ServiceSettings {
+    var domain: String
+    var name = "Chatrooms"
+    var creation = RoomCreation.local
+    var creators: Set<JID> = []
+    var maxRooms = 10_000
+    var maxRoomsPerSession = 100
+    var lockNewRooms = true
+    var defaults = MUCRoomOptions()
+    var room = RoomSettings()
+}
+
+/// One live room and the serial line its work runs on.
+final class RoomHandle: @unchecked Sendable {
+    let room: Room
+    let mailbox: Mailbox
+    /// Touched only by work running in `mailbox`.
+    var closed = false
+    var owners: Set<JID>
+    /// What disco#items on the service shows, readable from any thread.
+    let listing: Mutex<(isPublic: Bool, name: String, occupants: Int)>
+
+    init(room: Room) {
+        self.room = room
+        mailbox = Mailbox()
+        owners = room.owners
+        listing = Mutex((room.options.isPublic && !room.locked, room.options.name, room.occupants.count))
+    }
+}
+
+/// A MUC service at one domain: its rooms, who is in which, loading persistent rooms at start and
+/// storing their changes, and carrying out what rooms decide. No lock is shared between rooms: each
+/// room's work runs on its own mailbox, and rooms are found in a sharded table.
+final class MUCService: @unchecked Sendable {
+    let settings: ServiceSettings
+    private let host: any ModuleHost
+    private let hooks: any HookRunner
+    private let store: (any MUCStore)?
+    private let rooms = ShardedDictionary<String, RoomHandle>()
+    private let roomCount = Atomic<Int>(0)
+    /// Session (real full JID) → the rooms it is in, for leaving them all when it closes.
+    private let sessionRooms = ShardedDictionary<JID, Set<String>>()
+    /// Owner (bare JID) → rooms of this service it owns.
+    private let ownerCounts = ShardedDictionary<JID, Int>()
+    private let writes = KeyedSerialQueue()
+    /// Until persistent rooms are loaded, stanzas wait here (a few) so none meets a room that is not
+    /// there yet.
+    private let loading = Mutex<(done: Bool, pending: [ComponentStanza])>((false, []))
+    private static let maxPendingWhileLoading = 10_000
+
+    init(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner, store: (any MUCStore)?) {
+        self.settings = settings
+        self.host = host
+        self.hooks = hooks
+        self.store = store
+    }
+
+    var domain: String { settings.domain }
+    var liveRooms: Int { roomCount.load(ordering: .relaxed) }
+
+    /// Loads the persistent rooms, retrying while the store fails (stanzas wait meanwhile, up to a bound).
+    func start() {
+        guard let store else {
+            finishLoading([])
+            return
+        }
+        Task {
+            var delay = 1.0
+            while true {
+                do {
+                    let stored = try await store.mucRooms(service: settings.domain)
+                    finishLoading(stored)
+                    host.log(.info, "muc \(settings.domain): \(stored.count) persistent room(s) loaded")
+                    return
+                } catch {
+                    host.log(.error, "muc \(settings.domain): cannot load the persistent rooms, retrying in \(Int(delay)) s: \(error)")
+                    try? await Task.sleep(for: .seconds(delay))
+                    delay = min(delay * 2, 30)
+                }
+            }
+        }
+    }
+
+    private func finishLoading(_ stored: [StoredMUCRoom]) {
+        for entry in stored {
+            let room = Room(stored: entry, settings: settings.room, hooks: hooks)
+            rooms[entry.jid.localpart ?? ""] = RoomHandle(room: room)
+            roomCount.add(1, ordering: .relaxed)
+            for owner in room.owners { ownerCounts.withValue(for: owner) { $0 = ($0 ?? 0) + 1 } }
+        }
+        let pending = loading.withLock { state -> [ComponentStanza] in
+            state.done = true
+            defer { state.pending = [] }
+            return state.pending
+        }
+        for input in pending { receive(input) }
+    }
+
+    // MARK: Stanzas in
+
+    /// Every stanza for the service's domain or a JID at it.
+    func receive(_ input: ComponentStanza) {
+        let ready: Bool = loading.withLock { state in
+            if state.done { return true }
+            if state.pending.count < Self.maxPendingWhileLoading { state.pending.append(input) } else { return true }
+            return false
+        }
+        guard ready else { return }
+        guard let name = input.to.localpart else { return serviceStanza(input) }
+        if let handle = rooms[name] {
+            submit(input, to: handle)
+            return
+        }
+        guard input.stanza.name == "presence", input.stanza[attribute: "type"] == nil, let nick = input.to.resourcepart,
+              input.stanza.child("x", namespace: MUCNamespace.muc) != nil else {
+            return noSuchRoom(input)
+        }
+        create(name: name, for: input, nick: nick)
+    }
+
+    private func submit(_ input: ComponentStanza, to handle: RoomHandle) {
+        if input.stanza.name == "presence", input.stanza[attribute: "type"] == nil, input.to.resourcepart != nil,
+           let joined = sessionRooms[input.from], !joined.contains(handle.room.jid.localpart ?? ""), joined.count >= settings.maxRoomsPerSession {
+            return refuse(input, .resourceConstraint, text: "you are in too many rooms already", type: "wait")
+        }
+        let accepted = handle.mailbox.submit { [self] in
+            guard !handle.closed else {
+                // The room went away while this waited: it meets whatever is there now.
+                receive(input)
+                return
+            }
+            carryOut(handle.room.handle(input, now: Date().timeIntervalSince1970), for: handle)
+        }
+        if !accepted { refuse(input, .resourceConstraint, text: "the room is too busy, try again", type: "wait") }
+    }
+
+    /// The first join of a room that does not exist creates it, if the user may.
+    private func create(name: String, for input: ComponentStanza, nick: String) {
+        let creator = input.from.bare
+        let admin = settings.room.serviceAdmins.contains(creator)
+        let allowed: Bool
+        switch settings.creation {
+        case .anyone: allowed = true
+        case .local: allowed = host.isLocal(creator.domainpart)
+        case .listed: allowed = settings.creators.contains(creator) || settings.creators.contains(creator.domain)
+        case .admins: allowed = false
+        }
+        guard allowed || admin else { return refuse(input, .notAllowed, text: "you may not create rooms on this service") }
+        guard roomCount.load(ordering: .relaxed) < settings.maxRooms else {
+            return refuse(input, .resourceConstraint, text: "this service has as many rooms as it may", type: "wait")
+        }
+        guard let jid = try? JID(localpart: name, domainpart: settings.domain) else { return refuse(input, .jidMalformed) }
+        let event = MUCRoomEvent(room: MUCRoomInfo(jid: jid, options: settings.defaults, occupants: 0, subject: ""), actor: input.from, nick: nick,
+                                 ownedRooms: ownerCounts[creator] ?? 0)
+        switch hooks.run(.mucRoomCreate, event) {
+        case .pass, .modify: break
+        case .handled: return refuse(input, .notAllowed, text: "refused by the service's policy")
+        case .reject(let condition, let text): return refuse(input, condition, text: text)
+        }
+        let room = Room.created(jid: jid, creator: creator, options: settings.defaults, settings: settings.room, hooks: hooks,
+                                locked: settings.lockNewRooms)
+        let fresh = RoomHandle(room: room)
+        // Two first joins at once: one creates, the other joins what it created.
+        let handle: RoomHandle = rooms.withValue(for: name) { existing in
+            if let existing { return existing }
+            existing = fresh
+            return fresh
+        }
+        if handle === fresh {
+            roomCount.add(1, ordering: .relaxed)
+            ownerCounts.withValue(for: creator) { $0 = ($0 ?? 0) + 1 }
+            if settings.defaults.persistent && !settings.lockNewRooms { write(.all(room.stored), room: jid) }
+        }
+        submit(input, to: handle)
+    }
+
+    /// Stanzas for a room that does not exist (§7.2.11, §7.2.2).
+    private func noSuchRoom(_ input: ComponentStanza) {
+        let stanza = input.stanza
+        switch (stanza.name, stanza[attribute: "type"]) {
+        case ("presence", nil) where input.to.resourcepart != nil:
+            // A client that thinks it is in a room that is gone (say, after a restart) learns it is not.
+            var kick = XMLElement(name: "presence", namespace: Namespace.client, attributes: [
+                "from": input.to.description, "to": input.from.description, "type": "unavailable",
+            ])
+            var x = XMLElement(name: "x", namespace: MUCNamespace.user)
+            x.append(XMLElement(name: "item", namespace: MUCNamespace.user, attributes: ["affiliation": "none", "role": "none"]))
+            for code in [110, 307, 333] { x.append(XMLElement(name: "status", namespace: MUCNamespace.user, attributes: ["code": String(code)])) }
+            kick.append(x)
+            host.route(kick)
+        case ("presence", _):
+            break
+        case ("iq", "get"), ("iq", "set"), ("message", _):
+            refuse(input, .itemNotFound, text: "no such room")
+        default:
+            break
+        }
+    }
+
+    private func serviceStanza(_ input: ComponentStanza) {
+        let stanza = input.stanza
+        guard stanza.name == "iq", let type = stanza[attribute: "type"], type == "get" || type == "set", let payload = stanza.elements.first else {
+            if stanza.name == "message" { refuse(input, .serviceUnavailable) }
+            return
+        }
+        switch (payload.name, payload.namespace, type) {
+        case ("query", MUCNamespace.discoInfo, "get") where payload[attribute: "node"] == nil:
+            var query = XMLElement(name: "query", namespace: MUCNamespace.discoInfo)
+            query.append(XMLElement(name: "identity", namespace: MUCNamespace.discoInfo, attributes: ["category": "conference", "type": "text", "name": settings.name]))
+            for feature in [MUCNamespace.muc, MUCNamespace.discoInfo, MUCNamespace.discoItems, MUCNamespace.stableID, MUCNamespace.selfPing,
+                            MUCNamespace.occupantID].sorted() {
+                query.append(XMLElement(name: "feature", namespace: MUCNamespace.discoInfo, attributes: ["var": feature]))
+            }
+            answer(input, query)
+        case ("query", MUCNamespace.discoItems, "get") where payload[attribute: "node"] == nil:
+            var query = XMLElement(name: "query", namespace: MUCNamespace.discoItems)
+            var listed: [(String, String)] = []
+            for (name, handle) in rooms.snapshot() {
+                let listing = handle.listing.withLock { $0 }
+                guard listing.isPublic else { continue }
+                listed.append((name, listing.name.isEmpty ? name : listing.name))
+            }
+            for (name, title) in listed.sorted(by: { $0.0 < $1.0 }) {
+                query.append(XMLElement(name: "item", namespace: MUCNamespace.discoItems, attributes: ["jid": "\(name)@\(settings.domain)", "name": title]))
+            }
+            answer(input, query)
+        case ("ping", Namespace.ping, "get"):
+            answer(input, nil)
+        default:
+            refuse(input, .serviceUnavailable)
+        }
+    }
+
+    // MARK: Carrying out
+
+    private func carryOut(_ actions: [RoomAction], for handle: RoomHandle) {
+        let name = handle.room.jid.localpart ?? ""
+        for action in actions {
+            switch action {
+            case .send(let stanza):
+                host.route(stanza)
+            case .store(let operation):
+                write(operation, room: handle.room.jid)
+            case .joined(let session):
+                sessionRooms.withValue(for: session) { $0 = ($0 ?? []).union([name]) }
+            case .left(let session):
+                sessionRooms.withValue(for: session) { rooms in
+                    rooms?.remove(name)
+                    if rooms?.isEmpty == true { rooms = nil }
+                }
+            case .owners(let owners):
+                adjustOwners(from: handle.owners, to: owners)
+                handle.owners = owners
+            case .closed:
+                handle.closed = true
+                adjustOwners(from: handle.owners, to: [])
+                let removed: Bool = rooms.withValue(for: name) { current in
+                    guard current === handle else { return false }
+                    current = nil
+                    return true
+                }
+                if removed { roomCount.subtract(1, ordering: .relaxed) }
+            }
+        }
+        let room = handle.room
+        handle.listing.withLock { $0 = (room.options.isPublic && !room.locked, room.options.name, room.occupants.count) }
+    }
+
+    private func adjustOwners(from old: Set<JID>, to new: Set<JID>) {
+        for owner in old.subtracting(new) {
+            ownerCounts.withValue(for: owner) { count in
+                count = (count ?? 1) - 1
+                if count! <= 0 { count = nil }
+            }
+        }
+        for owner in new.subtracting(old) { ownerCounts.withValue(for: owner) { $0 = ($0 ?? 0) + 1 } }
+    }
+
+    /// Stores a room's change, after that room's earlier changes.
+    private func write(_ operation: RoomWrite, room: JID) {
+        guard let store else { return }
+        let host = self.host
+        writes.enqueue(room) {
+            do {
+                switch operation {
+                case .all(let stored): try await store.replaceMUCRoom(stored)
+                case .options(let stored): try await store.saveMUCRoom(stored)
+                case .affiliation(let user, let record): try await store.setMUCAffiliation(room: room, user: user, record)
+                case .delete: try await store.deleteMUCRoom(room)
+                }
+            } catch {
+                host.log(.error, "muc: cannot store a change to \(room) (it stays in effect until a restart): \(error)")
+            }
+        }
+    }
+
+    // MARK: Sessions and shutdown
+
+    /// A session closed: it leaves every room it was in.
+    func sessionClosed(_ session: JID) {
+        guard let names = sessionRooms.removeValue(forKey: session) else { return }
+        for name in names {
+            guard let handle = rooms[name] else { continue }
+            handle.mailbox.submit { [self] in
+                guard !handle.closed else { return }
+                carryOut(handle.room.sessionClosed(session), for: handle)
+            }
+        }
+    }
+
+    /// The server is stopping: every occupant hears so (332) while it can still be told.
+    func shutdown() {
+        for (_, handle) in rooms.snapshot() {
+            handle.mailbox.submit { [self] in
+                guard !handle.closed else { return }
+                carryOut(handle.room.shutdown(), for: handle)
+            }
+        }
+    }
+
+    // MARK: Replies
+
+    private func answer(_ input: ComponentStanza, _ payload: XMLElement?) {
+        var reply = input.stanza.iqResult(payload: payload)
+        reply[attribute: "from"] = input.to.description
+        reply[attribute: "to"] = input.from.description
+        host.route(reply)
+    }
+
+    private func refuse(_ input: ComponentStanza, _ condition: StanzaErrorCondition, text: String? = nil, type: String? = nil) {
+        guard input.stanza[attribute: "type"] != "error", input.stanza[attribute: "type"] != "result" else { return }
+        var reply = input.stanza.errorReply(condition, text: text, type: type)
+        reply[attribute: "from"] = input.to.description
+        reply[attribute: "to"] = input.from.description
+        host.route(reply)
+    }
+}
+
+/// Policy hooks run on the module's host.
+struct HostHooks: HookRunner {
+    let host: any ModuleHost
+    func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult { host.run(point, event) }
+}
