@@ -93,10 +93,10 @@ extension Room {
                 }
                 guard requesterAffiliation.rank >= MUCAffiliation.admin.rank else { return refuse(input, .forbidden, text: "only admins may change affiliations") }
                 let current = affiliations[target]?.affiliation ?? .none
+                if wanted == .outcast && target == input.from.bare { return refuse(input, .conflict, text: "you cannot ban yourself") }
                 if wanted.rank >= MUCAffiliation.admin.rank && wanted != .outcast || current.rank >= MUCAffiliation.admin.rank {
                     guard requesterAffiliation == .owner else { return refuse(input, .forbidden, text: "only owners may change admins and owners") }
                 }
-                if wanted == .outcast && target == input.from.bare { return refuse(input, .conflict, text: "you cannot ban yourself") }
                 if current == .owner && wanted != .owner { ownersAfter.remove(target) }
                 if wanted == .owner { ownersAfter.insert(target) }
                 changes.append(.affiliation(target, wanted, nick: item[attribute: "nick"], reason: reason))

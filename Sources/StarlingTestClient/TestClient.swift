@@ -179,11 +179,12 @@ public final class TestClient: @unchecked Sendable {
         send("<starttls xmlns='\(Namespace.tls)'/>")
         let proceed = try await nextElement()
         guard proceed.name == "proceed" else { throw TestClientError.unexpected("\(proceed)") }
-        let tlsHandler = try Self.makeTLSHandler(domain: domain)
+        let domain = self.domain
         let handler = self.handler
         try await channel.eventLoop.submit {
             handler.resetParser()
-            try self.channel.pipeline.syncOperations.addHandler(tlsHandler, position: .first)
+            // Made on the channel's loop, where it is used (the handler is not Sendable).
+            try self.channel.pipeline.syncOperations.addHandler(try Self.makeTLSHandler(domain: domain), position: .first)
         }.get()
         try await openStream()
     }

@@ -28,7 +28,7 @@ final class PostgresOutageTests: XCTestCase {
         defer {
             if starter == nil { starter = try? ServerProcess.startDaemon(script, ["resume", cluster]) }
             // PostgreSQL is up by the time the test ends (it logged in through it); its starter may linger.
-            Thread.sleep(forTimeInterval: 1)
+            usleep(1_000_000)
             if starter?.isRunning == true { starter?.terminate() }
         }
 

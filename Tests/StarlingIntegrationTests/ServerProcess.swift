@@ -70,6 +70,26 @@ final class ServerProcess {
         errorLogPath = directory.appendingPathComponent("server.log").path
         _ = FileManager.default.createFile(atPath: errorLogPath, contents: nil)
         errors = FileHandle(forWritingAtPath: errorLogPath)!
+        try launch()
+    }
+
+    /// The same server started again (same directory, configuration and database) after `previous`
+    /// stopped; the directory now belongs to the new one.
+    init(restarting previous: ServerProcess) throws {
+        precondition(!previous.process.isRunning, "stop the server before restarting it")
+        directory = previous.directory
+        configPath = previous.configPath
+        previous.ownsDirectory = false
+        errorLogPath = directory.appendingPathComponent("server.log").path
+        errors = FileHandle(forWritingAtPath: errorLogPath)!
+        errors.seekToEndOfFile()
+        try launch()
+    }
+
+    /// Whether this object removes the directory when it goes away.
+    private var ownsDirectory = true
+
+    private func launch() throws {
         process.executableURL = URL(fileURLWithPath: Self.executable("starling"))
         process.arguments = ["--config", configPath]
         process.standardOutput = output
@@ -143,7 +163,7 @@ final class ServerProcess {
 
     deinit {
         if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        try? FileManager.default.removeItem(at: directory)
+        if ownsDirectory { try? FileManager.default.removeItem(at: directory) }
     }
 
     static func run(_ executable: String, _ arguments: [String], stdin: String? = nil) throws -> (Int32, String) {
