@@ -198,6 +198,64 @@ struct StoreContract {
         let awaited22 = try await store.lastActivity(of: user)
         XCTAssertNil(awaited22)
     }
+
+    func mucRooms() async throws {
+        let service = "conference." + host
+        let room = JID("lobby@\(service)")!
+        var options = MUCRoomOptions()
+        options.name = "Lobby & co"
+        options.persistent = true
+        options.membersOnly = true
+        options.presenceBroadcast = [.moderator]
+        var stored = StoredMUCRoom(jid: room, options: options, subject: "Hello", subjectNick: "Owner", subjectTime: 1_700_000_000, salt: "pepper",
+                                   affiliations: [jid("owner"): MUCAffiliationRecord(affiliation: .owner),
+                                                  jid("member"): MUCAffiliationRecord(affiliation: .member, nick: "Mem")])
+        try await store.replaceMUCRoom(stored)
+        try await store.saveMUCRoom(StoredMUCRoom(jid: JID("other@\(service)")!, options: MUCRoomOptions(), salt: "s"))
+        var loaded = try await store.mucRooms(service: service)
+        XCTAssertEqual(loaded.map(\.jid), [JID("lobby@\(service)")!, JID("other@\(service)")!], "sorted by name")
+        XCTAssertEqual(loaded.first, stored)
+        let elsewhere = try await store.mucRooms(service: "conference.other-" + host)
+        XCTAssertEqual(elsewhere, [], "rooms are per service")
+
+        // Affiliations one at a time: set, change, remove.
+        try await store.setMUCAffiliation(room: room, user: jid("troll"), MUCAffiliationRecord(affiliation: .outcast, reason: "spam"))
+        try await store.setMUCAffiliation(room: room, user: jid("member"), MUCAffiliationRecord(affiliation: .admin, nick: "Mem"))
+        try await store.setMUCAffiliation(room: room, user: jid("owner"), MUCAffiliationRecord(affiliation: .none))
+        loaded = try await store.mucRooms(service: service)
+        XCTAssertEqual(loaded.first?.affiliations, [jid("troll"): MUCAffiliationRecord(affiliation: .outcast, reason: "spam"),
+                                                    jid("member"): MUCAffiliationRecord(affiliation: .admin, nick: "Mem")])
+        // Saving the options leaves the affiliations; replacing replaces them.
+        stored.options.name = "Renamed"
+        stored.subject = ""
+        stored.subjectNick = nil
+        stored.subjectTime = nil
+        try await store.saveMUCRoom(stored)
+        loaded = try await store.mucRooms(service: service)
+        XCTAssertEqual(loaded.first?.options.name, "Renamed")
+        XCTAssertNil(loaded.first?.subjectNick)
+        XCTAssertEqual(loaded.first?.affiliations.count, 2)
+        try await store.replaceMUCRoom(stored)
+        loaded = try await store.mucRooms(service: service)
+        XCTAssertEqual(loaded.first?.affiliations, stored.affiliations)
+        // Deleting removes the room and its affiliations; the other room stays.
+        try await store.deleteMUCRoom(room)
+        loaded = try await store.mucRooms(service: service)
+        XCTAssertEqual(loaded.map(\.jid), [JID("other@\(service)")!])
+        try await store.replaceMUCRoom(StoredMUCRoom(jid: room, options: options, salt: "again"))
+        loaded = try await store.mucRooms(service: service)
+        XCTAssertEqual(loaded.first { $0.jid == room }?.affiliations, [:], "no affiliation outlives its room")
+    }
+
+    /// Options stored by an older version (fewer fields) load with defaults for the rest.
+    func mucOptionsFromAnOlderVersion() throws {
+        let options = try MUCOptionsCoding.decode(#"{"name":"Old","persistent":true}"#, room: "old@conference.example")
+        var expected = MUCRoomOptions()
+        expected.name = "Old"
+        expected.persistent = true
+        XCTAssertEqual(options, expected)
+        XCTAssertThrowsError(try MUCOptionsCoding.decode("not json", room: "bad@conference.example"))
+    }
 }
 
 final class SQLiteStoreConformanceTests: XCTestCase {
@@ -227,6 +285,8 @@ final class SQLiteStoreConformanceTests: XCTestCase {
     func testBlocklist() async throws { try await contract { try await $0.blocklist() } }
     func testDocuments() async throws { try await contract { try await $0.documents() } }
     func testDeletionRemovesEverything() async throws { try await contract { try await $0.deletionRemovesEverything() } }
+    func testMUCRooms() async throws { try await contract { try await $0.mucRooms() } }
+    func testMUCOptionsFromAnOlderVersion() async throws { try await contract { try $0.mucOptionsFromAnOlderVersion() } }
 
     func testReopeningKeepsDataAndMigratesOnce() async throws {
         let first = try await SQLiteStore.open(path: path, logger: Logger(label: "test"))
@@ -276,6 +336,7 @@ final class PostgresStoreConformanceTests: XCTestCase {
     func testBlocklist() async throws { try await contract { try await $0.blocklist() } }
     func testDocuments() async throws { try await contract { try await $0.documents() } }
     func testDeletionRemovesEverything() async throws { try await contract { try await $0.deletionRemovesEverything() } }
+    func testMUCRooms() async throws { try await contract { try await $0.mucRooms() } }
 
     func testTwoNodesMigratingAtOnceBothSucceed() async throws {
         let url = try Self.requireURL()
