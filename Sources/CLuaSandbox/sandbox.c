@@ -202,7 +202,14 @@ static int swift_dispatch(lua_State *L) {
         return lua_error(L);
     }
     switch (result.kind) {
-    case 1: lua_pushnumber(L, result.number); break;
+    case 1:
+        // Counts and the like come back as integers ("3", not "3.0", when printed).
+        if (result.number == (double)(lua_Integer)result.number && result.number > -9e15 && result.number < 9e15) {
+            lua_pushinteger(L, (lua_Integer)result.number);
+        } else {
+            lua_pushnumber(L, result.number);
+        }
+        break;
     case 2: lua_pushlstring(L, result.data, result.length); break;
     case 3: lua_pushboolean(L, result.number != 0); break;
     default: lua_pushnil(L); break;

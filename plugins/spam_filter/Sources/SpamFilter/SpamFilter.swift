@@ -34,16 +34,26 @@ public final class SpamFilterModule: ServerModule {
     }
 
     public func register(_ registrar: ModuleRegistrar) {
+        // Messages to users are judged as they are delivered (whoever sent them); groupchat messages as a
+        // local occupant sends them, before the room passes them on to everyone.
         registrar.hook(.stanzaToUser, priority: 900) { [self] event in
-            guard event.stanza.name == "message", event.stanza[attribute: "type"] != "error",
+            guard event.stanza.name == "message", event.stanza[attribute: "type"] != "error", event.stanza[attribute: "type"] != "groupchat",
                   let from = event.stanza[attribute: "from"].flatMap({ JID($0) }) else { return .pass }
-            if blockedJIDs.contains(from.bare) || blockedDomains.contains(from.domainpart) { return .handled }
-            guard !keywords.isEmpty, let body = event.stanza.child("body")?.text.lowercased() else { return .pass }
-            for keyword in keywords where body.contains(keyword) {
-                return .reject(.policyViolation, text: "message refused by the spam filter")
-            }
-            return .pass
+            return judge(event.stanza, sender: from)
         }
+        registrar.hook(.stanzaFromClient, priority: 900) { [self] event in
+            guard event.stanza.name == "message", event.stanza[attribute: "type"] == "groupchat", let origin = event.origin else { return .pass }
+            return judge(event.stanza, sender: origin)
+        }
+    }
+
+    private func judge(_ message: XMLElement, sender: JID) -> HookResult {
+        if blockedJIDs.contains(sender.bare) || blockedDomains.contains(sender.domainpart) { return .handled }
+        guard !keywords.isEmpty, let body = message.child("body")?.text.lowercased() else { return .pass }
+        for keyword in keywords where body.contains(keyword) {
+            return .reject(.policyViolation, text: "message refused by the spam filter")
+        }
+        return .pass
     }
 }
 
