@@ -7,6 +7,9 @@ Modes (each prints one result line and exits 0 on success, 1 on failure, bounded
   badauth  log in as A with the given (wrong) password: prints AUTH-FAILED when the server refuses
   im       A subscribes to B (B approves and subscribes back), both rosters end at 'both'; A writes to
            offline C, who gets it with a delay stamp at login: prints OK
+  muc      with the xep_0045 plugin: A creates --room and configures it through the form, B joins, they
+           exchange groupchat messages, A kicks B, makes the room moderated, and B comes back as a
+           visitor: prints OK
 """
 import argparse
 import asyncio
@@ -23,6 +26,7 @@ def make_client(jid, password, args):
     client.enable_starttls = args.tls == "starttls"
     client.enable_plaintext = False
     client.register_plugin("xep_0203")
+    client.register_plugin("xep_0045")
     # The test server uses a self-signed certificate.
     client.ssl_context.check_hostname = False
     client.ssl_context.verify_mode = ssl.CERT_NONE
@@ -162,9 +166,85 @@ async def badauth(args):
     return 0 if state == "failed" else 1
 
 
+async def muc(args):
+    """Multi-user chat as slixmpp's xep_0045 plugin does it."""
+    room = args.room
+    a = make_client(args.jid_a, args.password_a, args)
+    b = make_client(args.jid_b, args.password_b, args)
+    for client in (a, b):
+        state = await connect_and_start(client, args)
+        if state != "started":
+            print(f"LOGIN-{state.upper()} {client.boundjid}")
+            return 1
+    muc_a, muc_b = a.plugin["xep_0045"], b.plugin["xep_0045"]
+
+    def codes(presence):
+        return {int(code) for code in presence["muc"]["status_codes"]}
+
+    # A creates the room: status 201, then configures it through the form the room sends.
+    own, _, _, _ = await muc_a.join_muc_wait(room, "Alpha", maxstanzas=0, timeout=args.timeout)
+    if 201 not in codes(own) or own["muc"]["affiliation"] != "owner":
+        print(f"WRONG-CREATION {own}")
+        return 1
+    form = await muc_a.get_room_config(room)
+    fields = form.get_fields()
+    if "muc#roomconfig_roomname" not in fields or "muc#roomconfig_persistentroom" not in fields:
+        print(f"WRONG-FORM {sorted(fields)}")
+        return 1
+    submission = a.plugin["xep_0004"].make_form(ftype="submit")
+    submission.add_field(var="FORM_TYPE", value="http://jabber.org/protocol/muc#roomconfig")
+    submission.add_field(var="muc#roomconfig_roomname", value="Slixmpp room")
+    await muc_a.set_room_config(room, submission)
+
+    # B joins and sees A; then they talk.
+    own_b, _, occupants, _ = await muc_b.join_muc_wait(room, "Bravo", maxstanzas=0, timeout=args.timeout)
+    # (slixmpp's list of occupants includes the self-presence, which comes last.)
+    if [p["muc"]["nick"] for p in occupants] != ["Alpha", "Bravo"] or own_b["muc"]["role"] != "participant":
+        print(f"WRONG-JOIN {[str(p) for p in occupants]} {own_b}")
+        return 1
+    got_b, got_a = asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
+    b.add_event_handler("groupchat_message", lambda m: m["mucnick"] == "Alpha" and not got_b.done() and got_b.set_result(m))
+    a.add_event_handler("groupchat_message", lambda m: m["mucnick"] == "Bravo" and not got_a.done() and got_a.set_result(m))
+    a.send_message(mto=room, mbody="hello from slixmpp", mtype="groupchat")
+    heard = await asyncio.wait_for(got_b, args.timeout)
+    b.send_message(mto=room, mbody="hello back", mtype="groupchat")
+    answered = await asyncio.wait_for(got_a, args.timeout)
+    if heard["body"] != "hello from slixmpp" or answered["body"] != "hello back":
+        print(f"WRONG-MESSAGES {heard} {answered}")
+        return 1
+
+    # A kicks B, who learns it with 307 and the reason.
+    kicked = asyncio.get_running_loop().create_future()
+
+    def on_presence(presence):
+        if presence["type"] == "unavailable" and presence["muc"]["nick"] == "Bravo" and not kicked.done():
+            kicked.set_result(presence)
+
+    b.add_event_handler("groupchat_presence", on_presence)
+    await muc_a.set_role(room, "Bravo", "none", reason="bye for now")
+    removal = await asyncio.wait_for(kicked, args.timeout)
+    if not {110, 307} <= codes(removal):
+        print(f"WRONG-KICK {removal}")
+        return 1
+
+    # A makes the room moderated; B comes back as a visitor.
+    moderated = a.plugin["xep_0004"].make_form(ftype="submit")
+    moderated.add_field(var="FORM_TYPE", value="http://jabber.org/protocol/muc#roomconfig")
+    moderated.add_field(var="muc#roomconfig_moderatedroom", value=True)
+    await muc_a.set_room_config(room, moderated)
+    again, _, _, _ = await muc_b.join_muc_wait(room, "Bravo", maxstanzas=0, timeout=args.timeout)
+    if again["muc"]["role"] != "visitor":
+        print(f"WRONG-MODERATION {again}")
+        return 1
+    for client in (a, b):
+        client.disconnect()
+    print("OK")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["chat", "echo", "badauth", "im"])
+    parser.add_argument("mode", choices=["chat", "echo", "badauth", "im", "muc"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tls", choices=["starttls", "direct"], default="starttls")
@@ -176,11 +256,12 @@ def main():
     parser.add_argument("--jid-c")
     parser.add_argument("--password-c")
     parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--room")
     parser.add_argument("--timeout", type=float, default=20)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.CRITICAL)
-    modes = {"chat": chat, "echo": echo, "badauth": badauth, "im": im}
+    modes = {"chat": chat, "echo": echo, "badauth": badauth, "im": im, "muc": muc}
     try:
         code = asyncio.run(asyncio.wait_for(modes[args.mode](args), args.timeout + 5))
     except asyncio.TimeoutError:

@@ -545,4 +545,15 @@ final class MUCTests: XCTestCase {
         }
         XCTAssertEqual(next.name, "iq", "the occupant did not leave")
     }
+
+    // MARK: An independent client
+
+    func testSlixmppJoinsTalksKicksAndConfigures() async throws {
+        let (status, output) = try ServerProcess.slixmpp([
+            "muc", "--port", "\(Self.server.starttlsPort)", "--tls", "starttls", "--room", "slixmpp@\(MUC.service)",
+            "--jid-a", "u10@localhost", "--password-a", "pw10", "--jid-b", "u11@localhost", "--password-b", "pw11",
+        ])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("OK"), output)
+    }
 }
