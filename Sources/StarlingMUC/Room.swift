@@ -68,8 +68,9 @@ struct HistoryEntry {
     /// The message as reflected, without `to`.
     var stanza: XMLElement
     var time: Double
-    /// Characters of the stanza as sent (for `maxchars`).
-    var size: Int
+
+    /// Characters of the stanza as a newcomer gets it (for `maxchars`): measured only when asked.
+    var size: Int { stanza.serialized(inheritedNamespace: Namespace.client).utf8.count + 100 }
 }
 
 /// One room (XEP-0045): occupants, affiliations, configuration, history and subject, and every rule
@@ -689,7 +690,7 @@ final class Room {
         message.append(XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: ["id": occupantID(of: occupant.user)]))
         message.append(XMLElement(name: "stanza-id", namespace: MUCNamespace.stanzaID, attributes: ["id": StanzaID.next(), "by": jid.description]))
         if message.child("body") != nil, settings.historySize > 0 {
-            history.append(HistoryEntry(stanza: message, time: now, size: message.serialized(inheritedNamespace: Namespace.client).utf8.count + 100))
+            history.append(HistoryEntry(stanza: message, time: now))
             if history.count > settings.historySize { history.removeFirst(history.count - settings.historySize) }
         }
         for recipient in sortedOccupants() {

@@ -51,12 +51,12 @@ public final class XMLStreamParser {
     }
 
     deinit {
-        if let context { xmlFreeParserCtxt(context) }
+        if let context { starling_release_push_parser(context) }
     }
 
     /// Starts a fresh document, as RFC 6120 requires after STARTTLS and SASL success.
     public func reset() {
-        if let context { xmlFreeParserCtxt(context) }
+        if let context { starling_release_push_parser(context) }
         context = nil
         state.reset()
     }
@@ -69,7 +69,7 @@ public final class XMLStreamParser {
     public func releaseBetweenStanzas() -> Bool {
         guard let context, state.failure == nil, state.streamOpen, state.stack.isEmpty,
               state.resumeHeader != nil, Self.onlyWhitespaceUnparsed(context) else { return false }
-        xmlFreeParserCtxt(context)
+        starling_release_push_parser(context)
         self.context = nil
         state.context = nil
         state.needsPriming = true
@@ -120,8 +120,13 @@ public final class XMLStreamParser {
         try feed(Array(string.utf8))
     }
 
+    /// libxml2 sets up its global state (locks included) lazily, and racily when two threads parse for
+    /// the first time at once: it must be initialized once before any parsing, which this does.
+    private static let libraryInitialized: Void = xmlInitParser()
+
     private func parserContext() throws(XMLStreamError) -> xmlParserCtxtPtr {
         if let context { return context }
+        Self.libraryInitialized
         var handler = Self.saxHandler
         let userData = Unmanaged.passUnretained(state).toOpaque()
         guard let ctx = starling_create_push_parser(&handler, userData, Self.sharedDictionaryLimit) else {

@@ -59,8 +59,18 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     var sent = 0
     var received = 0
     var receivedErrors = 0
-    /// Called for every received chat message with the send time stamped in its body.
-    var onMessage: ((UInt64) -> Void)?
+    /// Called for every received message with the send time stamped in its body, and the sender's
+    /// number when the body carries one (groupchat: "STAMP:SENDER"), else -1.
+    var onMessage: ((UInt64, Int) -> Void)?
+    /// MUC traffic state: the room, this session's number, and how many of its own messages the room
+    /// has reflected back to it.
+    var roomAddress = ""
+    var number = 0
+    var echoed = 0
+    /// A join waiting for its self-presence (status 110); succeeds with whether the room was created (201).
+    private var pendingJoin: EventLoopPromise<Bool>?
+    /// An IQ waiting for its answer, by id.
+    private var pendingIQ: (marker: [UInt8], promise: EventLoopPromise<Void>)?
     /// Called at the end of each read burst in the ready phase.
     var onReadComplete: (() -> Void)?
     var onClose: (() -> Void)?
@@ -125,6 +135,30 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
         write("<message to='\(partnerAddress)' type='chat' id='m\(sent)'><body>\(DispatchTime.now().uptimeNanoseconds)</body></message>")
     }
 
+    /// Sends one groupchat message to the room with the current time and this session's number in its body.
+    func sendGroupchat() {
+        sent += 1
+        write("<message to='\(roomAddress)' type='groupchat' id='g\(sent)'><body>\(DispatchTime.now().uptimeNanoseconds):\(number)</body></message>")
+    }
+
+    /// Enters `roomAddress` as `nick` (asking for no history); completes with whether the room was created.
+    func join(nick: String) -> EventLoopFuture<Bool> {
+        let promise = loop.makePromise(of: Bool.self)
+        pendingJoin = promise
+        write("<presence to='\(roomAddress)/\(nick)'><x xmlns='http://jabber.org/protocol/muc'><history maxchars='0'/></x></presence>")
+        flush()
+        return promise.futureResult
+    }
+
+    /// Sends an IQ and completes when its answer (of any type) arrives.
+    func iq(id: String, _ text: String) -> EventLoopFuture<Void> {
+        let promise = loop.makePromise(of: Void.self)
+        pendingIQ = (Array("id='\(id)'".utf8), promise)
+        write(text)
+        flush()
+        return promise.futureResult
+    }
+
     func close() {
         phase = .closed
         channel?.close(promise: nil)
@@ -161,7 +195,12 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         inbox.append(contentsOf: buffer.readableBytesView)
-        if phase == .ready { scanMessages() } else { advanceLogin(context: context) }
+        if phase == .ready {
+            if pendingJoin != nil || pendingIQ != nil { scanRoomReplies() }
+            scanMessages()
+        } else {
+            advanceLogin(context: context)
+        }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -267,6 +306,26 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
         write("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='\(spec.mechanism)'>\(Data(client.clientFirst()).base64EncodedString())</auth>")
     }
 
+    /// A join's self-presence (or its refusal) and an awaited IQ's answer.
+    private func scanRoomReplies() {
+        if let promise = pendingJoin {
+            if let own = inbox.find(Marker.selfPresenceSingle) ?? inbox.find(Marker.selfPresenceDouble) {
+                pendingJoin = nil
+                let created = inbox[..<own].containsMarker(Marker.createdSingle) || inbox[..<own].containsMarker(Marker.createdDouble)
+                    || inbox.find(Marker.createdSingle, from: own) != nil || inbox.find(Marker.createdDouble, from: own) != nil
+                promise.succeed(created)
+            } else if let error = inbox.find(Marker.errorElement) {
+                pendingJoin = nil
+                let end = Swift.min(inbox.count, error + 200)
+                promise.fail(LoadError(reason: "\(spec.username) could not join \(roomAddress): \(String(decoding: inbox[error..<end], as: UTF8.self))"))
+            }
+        }
+        if let (marker, promise) = pendingIQ, inbox.find(marker) != nil {
+            pendingIQ = nil
+            promise.succeed(())
+        }
+    }
+
     /// Counts complete `<message>` stanzas and drops everything else; a partial one stays for the next read.
     private func scanMessages() {
         var cursor = 0
@@ -290,8 +349,18 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
                     stamp = stamp * 10 + UInt64(inbox[index] - 48)
                     index += 1
                 }
+                var sender = -1
+                if index < end, inbox[index] == UInt8(ascii: ":") {
+                    sender = 0
+                    index += 1
+                    while index < end, inbox[index] >= 48, inbox[index] <= 57 {
+                        sender = sender * 10 + Int(inbox[index] - 48)
+                        index += 1
+                    }
+                }
                 received += 1
-                onMessage?(stamp)
+                if sender == number { echoed += 1 }
+                onMessage?(stamp, sender)
             }
             cursor = end + Marker.messageEnd.count
         }
@@ -342,6 +411,11 @@ private enum Marker {
     static let errorSingle = Array("type='error'".utf8)
     static let errorDouble = Array("type=\"error\"".utf8)
     static let bodyStart = Array("<body>".utf8)
+    static let selfPresenceSingle = Array("code='110'".utf8)
+    static let selfPresenceDouble = Array("code=\"110\"".utf8)
+    static let createdSingle = Array("code='201'".utf8)
+    static let createdDouble = Array("code=\"201\"".utf8)
+    static let errorElement = Array("<error".utf8)
 }
 
 extension Array where Element == UInt8 {

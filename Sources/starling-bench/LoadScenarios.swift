@@ -222,7 +222,7 @@ final class ChatDriver: @unchecked Sendable {
         sending = true
         latencies.reserveCapacity(1 << 16)
         for connection in connections {
-            connection.onMessage = { [unowned self] stamp in
+            connection.onMessage = { [unowned self] stamp, _ in
                 let now = DispatchTime.now().uptimeNanoseconds
                 lastReceipt = now
                 latencies.append(now &- stamp)

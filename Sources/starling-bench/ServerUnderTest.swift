@@ -52,8 +52,9 @@ final class ServerUnderTest {
         self.workDirectory = workDirectory
     }
 
-    /// The `--target` server, or a fresh starling with `accounts` accounts.
-    static func prepare(_ options: TargetOptions, accounts: Int) async throws -> ServerUnderTest {
+    /// The `--target` server, or a fresh starling with `accounts` accounts (and `defaultConfig` appended to
+    /// its config when no `--server-config` is given).
+    static func prepare(_ options: TargetOptions, accounts: Int, defaultConfig: String = "") async throws -> ServerUnderTest {
         raiseFileLimit()
         if let target = options.target {
             guard let colon = target.lastIndex(of: ":"), let port = Int(target[target.index(after: colon)...]) else {
@@ -61,10 +62,10 @@ final class ServerUnderTest {
             }
             return ServerUnderTest(name: "target", host: String(target[..<colon]), port: port, pid: options.serverPid, process: nil, workDirectory: nil)
         }
-        return try await startStarling(options, accounts: accounts)
+        return try await startStarling(options, accounts: accounts, defaultConfig: defaultConfig)
     }
 
-    private static func startStarling(_ options: TargetOptions, accounts: Int) async throws -> ServerUnderTest {
+    private static func startStarling(_ options: TargetOptions, accounts: Int, defaultConfig: String) async throws -> ServerUnderTest {
         let work = FileManager.default.temporaryDirectory.appendingPathComponent("starling-bench-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
         let configPath = work.appendingPathComponent("starling.yml").path
@@ -80,7 +81,7 @@ final class ServerUnderTest {
           required: \(options.tls != .none)
         auth:
           plain_without_tls: true
-        \(try options.serverConfig.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? "")
+        \(try options.serverConfig.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? defaultConfig)
         """.write(toFile: configPath, atomically: true, encoding: .utf8)
         let configuration = try StarlingConfiguration.load(path: configPath, moduleCatalog: BuiltinModules.descriptors)
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
