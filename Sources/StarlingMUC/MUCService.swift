@@ -257,6 +257,8 @@ final class MUCService: @unchecked Sendable {
             switch action {
             case .send(let stanza):
                 host.route(stanza)
+            case .broadcast(let stanza, let sessions):
+                host.deliver(stanza, to: sessions)
             case .store(let operation):
                 write(operation, room: handle.room.jid)
             case .joined(let session):

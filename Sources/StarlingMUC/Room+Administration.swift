@@ -225,22 +225,14 @@ extension Room {
             if new.nonAnonymous != before.nonAnonymous { codes.append(new.nonAnonymous ? 172 : 173) }
             if codes.isEmpty && new != before { codes.append(104) }
             if !codes.isEmpty {
-                broadcastToAll { session in
-                    var message = XMLElement(name: "message", namespace: Namespace.client, attributes: [
-                        "from": jid.description, "to": session.description, "type": "groupchat", "id": StanzaID.next(),
-                    ])
-                    message.append(userX(statuses: codes))
-                    return message
-                }
+                var message = XMLElement(name: "message", namespace: Namespace.client, attributes: [
+                    "from": jid.description, "type": "groupchat", "id": StanzaID.next(),
+                ])
+                message.append(userX(statuses: codes))
+                output.append(.broadcast(message, allSessions))
             }
         }
         closeIfAbandoned()
-    }
-
-    func broadcastToAll(_ build: (JID) -> XMLElement) {
-        for occupant in sortedOccupants() {
-            for session in occupant.sessions.keys { send(build(session)) }
-        }
     }
 
     /// The owner destroys the room (§10.9): each occupant gets one unavailable presence with `<destroy/>`.

@@ -12,6 +12,8 @@ protocol HookRunner: Sendable {
 enum RoomAction {
     /// A stanza to route, fully addressed.
     case send(XMLElement)
+    /// One stanza for many sessions (each gets it addressed to itself), serialized once.
+    case broadcast(XMLElement, [JID])
     /// A change to the room's stored state; writes run in order, after the room's earlier ones.
     case store(RoomWrite)
     /// A session became an occupant, or stopped being one (for the service's per-session index).
@@ -59,6 +61,8 @@ struct Occupant {
     var role: MUCRole
     /// Join order, for the order of the occupant list.
     var sequence: Int
+    /// XEP-0421's id for this user in this room (computed once: it is a keyed hash).
+    let occupantID: String
     var tokens: Double
     var refilled: Double
 }
@@ -86,7 +90,18 @@ final class Room {
     var affiliations: [JID: MUCAffiliationRecord]
     var occupants: [String: Occupant] = [:]
     /// Session (real full JID) → nickname.
-    var sessions: [JID: String] = [:]
+    var sessions: [JID: String] = [:] {
+        didSet { everySession = nil }
+    }
+    /// Every occupant's every session, kept between membership changes (each message goes to all).
+    private var everySession: [JID]?
+
+    var allSessions: [JID] {
+        if let everySession { return everySession }
+        let all = Array(sessions.keys)
+        everySession = all
+        return all
+    }
     var history: [HistoryEntry] = []
     private(set) var subject = ""
     var subjectNick: String?
@@ -263,7 +278,7 @@ final class Room {
         }
         presence[attribute: "from"] = occupantJID(occupant.nick).description
         presence[attribute: "to"] = recipient.description
-        presence.append(XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: ["id": occupantID(of: occupant.user)]))
+        presence.append(XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: ["id": occupant.occupantID]))
         return presence
     }
 
@@ -272,7 +287,7 @@ final class Room {
             "from": occupantJID(occupant.nick).description, "to": recipient.description, "type": "unavailable",
         ])
         if let status { presence.append(status) }
-        presence.append(XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: ["id": occupantID(of: occupant.user)]))
+        presence.append(XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: ["id": occupant.occupantID]))
         return presence
     }
 
@@ -421,7 +436,7 @@ final class Room {
         sequence += 1
         let occupant = Occupant(nick: nick, user: user, sessions: [session: input.stanza], primary: session,
                                 role: grant.value.role == .none ? defaultRole(for: grant.value.affiliation) : grant.value.role,
-                                sequence: sequence, tokens: settings.messageBurst, refilled: now)
+                                sequence: sequence, occupantID: occupantID(of: user), tokens: settings.messageBurst, refilled: now)
         occupants[nick] = occupant
         sessions[session] = nick
         output.append(.joined(session))
@@ -687,19 +702,13 @@ final class Room {
         message[attribute: "from"] = occupantJID(occupant.nick).description
         message[attribute: "to"] = nil
         if message[attribute: "id"] == nil { message[attribute: "id"] = StanzaID.next() }
-        message.append(XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: ["id": occupantID(of: occupant.user)]))
+        message.append(XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: ["id": occupant.occupantID]))
         message.append(XMLElement(name: "stanza-id", namespace: MUCNamespace.stanzaID, attributes: ["id": StanzaID.next(), "by": jid.description]))
         if message.child("body") != nil, settings.historySize > 0 {
             history.append(HistoryEntry(stanza: message, time: now))
             if history.count > settings.historySize { history.removeFirst(history.count - settings.historySize) }
         }
-        for recipient in sortedOccupants() {
-            for session in recipient.sessions.keys {
-                var copy = message
-                copy[attribute: "to"] = session.description
-                send(copy)
-            }
-        }
+        output.append(.broadcast(message, allSessions))
     }
 
     /// Runs a message hook; nil when the message goes no further. Applies a role change or a kick the
@@ -747,14 +756,9 @@ final class Room {
         subjectTime = now
         var reflected = message
         reflected[attribute: "from"] = occupantJID(occupant.nick).description
+        reflected[attribute: "to"] = nil
         if reflected[attribute: "id"] == nil { reflected[attribute: "id"] = StanzaID.next() }
-        for recipient in sortedOccupants() {
-            for session in recipient.sessions.keys {
-                var copy = reflected
-                copy[attribute: "to"] = session.description
-                send(copy)
-            }
-        }
+        output.append(.broadcast(reflected, allSessions))
         if options.persistent { output.append(.store(.options(stored))) }
     }
 

@@ -47,6 +47,10 @@ final class C2SHandler: ChannelInboundHandler {
     private var authTimeout: Scheduled<Void>?
     /// We pinged an idle client and it has not sent anything since.
     private var pingOutstanding = false
+    /// Something was written since the keepalive timer last looked; without it, a bound session gets a
+    /// whitespace keepalive (RFC 6120 §4.6.1).
+    private var wroteSinceKeepalive = false
+    private var keepalive: RepeatedTask?
 
     init(server: ServerContext, settings: C2SSettings, directTLS: Bool) {
         self.server = server
@@ -88,6 +92,7 @@ final class C2SHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         authTimeout?.cancel()
+        keepalive?.cancel()
         server.connections.remove(ObjectIdentifier(self))
         if let session {
             server.registry.unbind(session)
@@ -156,10 +161,7 @@ final class C2SHandler: ChannelInboundHandler {
                 } else {
                     perform(machine.idleTimedOut())
                 }
-            case .write:
-                // Whitespace keepalive (RFC 6120 §4.6.1), only between stanzas of an open stream.
-                if session != nil { write(" ") ; flushSoon() }
-            case .all:
+            case .write, .all:
                 break
             }
             return
@@ -333,6 +335,8 @@ final class C2SHandler: ChannelInboundHandler {
             session = created
             replaced?.close(.conflict)
             authTimeout?.cancel()
+            let interval = TimeAmount.milliseconds(Int64(server.configuration.limits.keepaliveInterval * 1000))
+            keepalive = loop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in bound.value.keepaliveTick() }
             logger.debug("resource bound", metadata: ["jid": "\(jid)"])
             perform(machine.resourceBound(jid, iq: iq))
             _ = server.router.run(.sessionBound, SessionEvent(jid: jid), on: jid.domainpart)
@@ -347,9 +351,18 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     /// A stanza routed to this session from anywhere on the server.
-    private func deliver(_ stanza: XMLElement) {
-        guard session != nil, !machine.isClosed else { return }
-        write(stanza.serialized(inheritedNamespace: Namespace.client))
+    private func deliver(_ stanza: OutgoingStanza) {
+        guard session != nil, !machine.isClosed, let context else { return }
+        switch stanza {
+        case .element(let element):
+            write(element.serialized(inheritedNamespace: Namespace.client))
+        case .addressed(let shared):
+            var buffer = context.channel.allocator.buffer(capacity: shared.approximateSize)
+            shared.write(to: session!.escapedAddress, into: &buffer)
+            context.write(wrapOutboundOut(buffer), promise: nil)
+            flushPending = true
+            wroteSinceKeepalive = true
+        }
         flushSoon()
     }
 
@@ -366,6 +379,18 @@ final class C2SHandler: ChannelInboundHandler {
         buffer.writeString(text)
         context.write(wrapOutboundOut(buffer), promise: nil)
         flushPending = true
+        wroteSinceKeepalive = true
+    }
+
+    /// Whitespace between stanzas when nothing else was written for a keepalive interval.
+    private func keepaliveTick() {
+        if wroteSinceKeepalive {
+            wroteSinceKeepalive = false
+        } else if session != nil, !machine.isClosed {
+            write(" ")
+            wroteSinceKeepalive = false
+            flushSoon()
+        }
     }
 
     /// Flushes now, or at the end of the current read burst so one burst costs one syscall.

@@ -28,6 +28,8 @@ final class HostModules: Sendable {
     let passwordCheck: PasswordCheck?
     /// Domains modules of this host serve as components.
     let components: [ComponentRegistration]
+    /// Some module looks at stanzas on their way to this host's sessions (`HookPoint.stanzaToUser`).
+    let screensDeliveries: Bool
 
     init(domain: String, modules: [String: any ServerModule], registrars: [ModuleRegistrar], adapters: [String: ModuleHostAdapter],
          authMethod: String) throws {
@@ -81,6 +83,7 @@ final class HostModules: Sendable {
         self.accountFeatures = account.sorted()
         self.iqHandlers = iqHandlers
         self.components = components
+        screensDeliveries = self.hooks[HookPoint<StanzaEvent>.stanzaToUser.name] != nil
     }
 
     /// Points the modules' hosts at these tables (after they are installed in the router).
@@ -140,6 +143,8 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     }
 
     func route(_ stanza: XMLElement) { router.routeFromServer(stanza) }
+
+    func deliver(_ stanza: XMLElement, to recipients: [JID]) { router.deliver(stanza, to: recipients) }
 
     func resources(of bare: JID) -> [ResourceInfo] {
         router.registry.resources(of: bare).map { ResourceInfo(jid: $0.session.jid, available: $0.available, priority: $0.priority) }

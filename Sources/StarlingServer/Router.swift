@@ -232,23 +232,68 @@ public final class Router: @unchecked Sendable {
     /// The last step of every delivery to a local session: the recipient's modules may drop, refuse or
     /// rewrite the stanza (blocking, carbons, client state indication).
     private func deliverLocal(_ stanza: XMLElement, to session: ClientSession) {
+        switch screen(stanza, for: session) {
+        case .unchanged: session.deliver(stanza)
+        case .replaced(let modified): session.deliver(modified)
+        case .stopped: break
+        }
+    }
+
+    enum Screening {
+        case unchanged
+        case replaced(XMLElement)
+        case stopped
+    }
+
+    /// What the recipient's modules make of a delivery; a refusal is answered to the sender here.
+    private func screen(_ stanza: XMLElement, for session: ClientSession) -> Screening {
+        guard let tables = modules[session.jid.domainpart], tables.screensDeliveries else { return .unchanged }
         var delivered = stanza
         delivered[attribute: "to"] = delivered[attribute: "to"] ?? session.jid.description
-        switch run(.stanzaToUser, StanzaEvent(stanza: delivered, origin: nil, recipient: session.jid), on: session.jid.domainpart) {
+        switch tables.run(.stanzaToUser, StanzaEvent(stanza: delivered, origin: nil, recipient: session.jid)) {
         case .pass:
-            session.deliver(stanza)
+            return .unchanged
         case .modify(let modified):
-            session.deliver(modified)
+            return .replaced(modified)
         case .handled:
-            break
+            return .stopped
         case .reject(let condition, let text):
             let type = stanza[attribute: "type"]
-            guard type != "error", type != "result", stanza.name != "presence", let from = stanza[attribute: "from"].flatMap({ JID($0) }) else { return }
+            guard type != "error", type != "result", stanza.name != "presence", let from = stanza[attribute: "from"].flatMap({ JID($0) }) else { return .stopped }
             var reply = stanza.errorReply(condition, text: text)
             reply[attribute: "from"] = session.jid.bare.description
             reply[attribute: "to"] = from.description
-            if case .local(let origin)? = registry.location(of: from) { origin.deliver(reply) }
+            if case .local(let origin)? = registry.location(of: from) { origin.deliver(reply) } else { routeFromServer(reply) }
+            return .stopped
         }
+    }
+
+    /// One stanza to many full JIDs (a room's occupants): each recipient's modules screen it as for any
+    /// delivery, and what passes unchanged is serialized once for all of them, with one hop per event loop.
+    func deliver(_ stanza: XMLElement, to recipients: [JID]) {
+        var shared: SharedSerialization?
+        var batch: [(session: ClientSession, stanza: OutgoingStanza)] = []
+        batch.reserveCapacity(recipients.count)
+        for recipient in recipients {
+            guard recipient.resourcepart != nil, hosts.contains(recipient.domainpart) else {
+                var copy = stanza
+                copy[attribute: "to"] = recipient.description
+                routeFromServer(copy)
+                continue
+            }
+            guard case .local(let session)? = registry.location(of: recipient) else { continue }
+            switch screen(stanza, for: session) {
+            case .unchanged:
+                if shared == nil { shared = SharedSerialization(stanza) }
+                batch.append((session, .addressed(shared!)))
+            case .replaced(var modified):
+                modified[attribute: "to"] = modified[attribute: "to"] ?? recipient.description
+                batch.append((session, .element(modified)))
+            case .stopped:
+                continue
+            }
+        }
+        ClientSession.deliver(batch)
     }
 
     /// A reply addressed to the sending session, from the entity it addressed (its own account when the

@@ -6,13 +6,17 @@ import StarlingAPI
 /// session hops to its own event loop before touching its channel.
 public final class ClientSession: @unchecked Sendable, Hashable {
     public let jid: JID
+    /// `jid` as an attribute value, for stanzas serialized once for many sessions.
+    let escapedAddress: String
     public let eventLoop: any EventLoop
-    /// Called on `eventLoop` only.
-    private let deliverOnLoop: (XMLElement) -> Void
+    /// Called on `eventLoop` only. Delivering writes at once and flushes at the end of the loop's
+    /// current tick, so stanzas for one session that arrive together leave in one write.
+    private let deliverOnLoop: (OutgoingStanza) -> Void
     private let closeOnLoop: (StreamErrorCondition) -> Void
 
-    init(jid: JID, eventLoop: any EventLoop, deliver: @escaping (XMLElement) -> Void, close: @escaping (StreamErrorCondition) -> Void) {
+    init(jid: JID, eventLoop: any EventLoop, deliver: @escaping (OutgoingStanza) -> Void, close: @escaping (StreamErrorCondition) -> Void) {
         self.jid = jid
+        escapedAddress = SharedSerialization.escaped(jid)
         self.eventLoop = eventLoop
         self.deliverOnLoop = deliver
         self.closeOnLoop = close
@@ -20,10 +24,36 @@ public final class ClientSession: @unchecked Sendable, Hashable {
 
     /// Writes `stanza` to this client.
     public func deliver(_ stanza: XMLElement) {
+        deliver(.element(stanza))
+    }
+
+    func deliver(_ outgoing: OutgoingStanza) {
         if eventLoop.inEventLoop {
-            deliverOnLoop(stanza)
+            deliverOnLoop(outgoing)
         } else {
-            eventLoop.execute { self.deliverOnLoop(stanza) }
+            eventLoop.execute { self.deliverOnLoop(outgoing) }
+        }
+    }
+
+    /// Delivers many stanzas to many sessions with one hop per event loop rather than one per stanza.
+    static func deliver(_ batch: [(session: ClientSession, stanza: OutgoingStanza)]) {
+        var groups: [(loop: any EventLoop, items: [(session: ClientSession, stanza: OutgoingStanza)])] = []
+        for item in batch {
+            if let index = groups.firstIndex(where: { $0.loop === item.session.eventLoop }) {
+                groups[index].items.append(item)
+            } else {
+                groups.append((item.session.eventLoop, [item]))
+            }
+        }
+        for group in groups {
+            if group.loop.inEventLoop {
+                for item in group.items { item.session.deliverOnLoop(item.stanza) }
+                continue
+            }
+            let items = group.items
+            group.loop.execute {
+                for item in items { item.session.deliverOnLoop(item.stanza) }
+            }
         }
     }
 

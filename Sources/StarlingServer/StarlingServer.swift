@@ -128,11 +128,9 @@ public final class StarlingServer: Service, @unchecked Sendable {
                     if listener.tls == .direct {
                         try sync.addHandler(NIOSSLServerHandler(context: tls.context))
                     }
-                    try sync.addHandler(IdleStateHandler(
-                        // Half: the first silence gets a ping, the second closes (see C2SHandler).
-                        readTimeout: .milliseconds(Int64(limits.idleTimeout * 500)),
-                        writeTimeout: .milliseconds(Int64(limits.keepaliveInterval * 1000))
-                    ))
+                    // Half: the first silence gets a ping, the second closes (see C2SHandler). Write idleness is
+                    // C2SHandler's own business: IdleStateHandler would make a promise for every write.
+                    try sync.addHandler(IdleStateHandler(readTimeout: .milliseconds(Int64(limits.idleTimeout * 500))))
                     try sync.addHandler(C2SHandler(server: context, settings: settings, directTLS: listener.tls == .direct))
                 }
             }

@@ -46,8 +46,20 @@ final class RoomTests: XCTestCase {
         sent(room.handle(input("<presence><x xmlns='http://jabber.org/protocol/muc'>\(history)</x></presence>", from: session, to: nick), now: now))
     }
 
+    /// What the room sends, broadcasts expanded to one addressed copy per session.
     private func sent(_ actions: [RoomAction]) -> [XMLElement] {
-        actions.compactMap { if case .send(let stanza) = $0 { return stanza } else { return nil } }
+        actions.flatMap { action -> [XMLElement] in
+            switch action {
+            case .send(let stanza): return [stanza]
+            case .broadcast(let stanza, let sessions):
+                return sessions.map { session in
+                    var copy = stanza
+                    copy[attribute: "to"] = session.description
+                    return copy
+                }
+            default: return []
+            }
+        }
     }
 
     private func statuses(_ stanza: XMLElement) -> [Int] {

@@ -128,6 +128,9 @@ public protocol ModuleHost: Sendable {
     var options: ModuleOptions { get }
     /// Routes a stanza as if the server sent it (its `from` should be set by the module).
     func route(_ stanza: XMLElement)
+    /// Delivers one stanza to many full JIDs at once (a room's occupants): as routing a copy addressed
+    /// to each would, but serialized once for all of them.
+    func deliver(_ stanza: XMLElement, to recipients: [JID])
     func log(_ level: ModuleLogLevel, _ message: String)
     /// The disco features every enabled module on this host declared (sorted, deduplicated), for
     /// entities answered `for` the server or for accounts.
@@ -427,6 +430,15 @@ public final class ModuleRegistrar: @unchecked Sendable {
 extension ModuleHost {
     /// None, unless the host says otherwise (the server's does).
     public var components: [ComponentInfo] { [] }
+
+    /// A copy addressed to each recipient, routed (the server's host does better).
+    public func deliver(_ stanza: XMLElement, to recipients: [JID]) {
+        for recipient in recipients {
+            var copy = stanza
+            copy[attribute: "to"] = recipient.description
+            route(copy)
+        }
+    }
 
     /// Features of the whole host (what disco#info on the domain lists).
     public var serverFeatures: [String] { features(for: .server) }

@@ -1,0 +1,45 @@
+import NIOCore
+import StarlingAPI
+
+/// A stanza on its way to one session: its element, or a serialization shared by many recipients with
+/// each one's address spliced in (a room's message to its occupants is serialized once, not once each).
+enum OutgoingStanza {
+    case element(XMLElement)
+    /// Written with the receiving session's own address as `to`.
+    case addressed(SharedSerialization)
+}
+
+/// A stanza serialized once without its `to`: each recipient's copy is the two halves around ` to='…'`.
+final class SharedSerialization: @unchecked Sendable {
+    private let head: String
+    private let tail: String
+
+    init(_ stanza: XMLElement) {
+        var stanza = stanza
+        stanza[attribute: "to"] = nil
+        let text = stanza.serialized(inheritedNamespace: Namespace.client)
+        // "<" and the qualified name come first; the attributes follow.
+        let nameLength = 1 + stanza.name.utf8.count + (stanza.prefix.map { $0.utf8.count + 1 } ?? 0)
+        let split = text.utf8.index(text.utf8.startIndex, offsetBy: nameLength)
+        head = String(text[..<split])
+        tail = String(text[split...])
+    }
+
+    /// `address` must already be escaped for an attribute value (see `escaped(_:)`).
+    func write(to address: String, into buffer: inout ByteBuffer) {
+        buffer.reserveCapacity(minimumWritableBytes: head.utf8.count + tail.utf8.count + address.utf8.count + 6)
+        buffer.writeString(head)
+        buffer.writeString(" to='")
+        buffer.writeString(address)
+        buffer.writeString("'")
+        buffer.writeString(tail)
+    }
+
+    var approximateSize: Int { head.utf8.count + tail.utf8.count + 64 }
+
+    static func escaped(_ jid: JID) -> String {
+        var out = ""
+        XMLElement.escapeAttribute(jid.description, into: &out)
+        return out
+    }
+}
