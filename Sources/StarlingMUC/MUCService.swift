@@ -64,6 +64,8 @@ final class MUCService: @unchecked Sendable {
     /// Until persistent rooms are loaded, stanzas wait here (a few) so none meets a room that is not
     /// there yet.
     private let loading = Mutex<(done: Bool, pending: [ComponentStanza])>((false, []))
+    /// Set once loading is done: afterwards no stanza takes `loading`'s lock.
+    private let loaded = Atomic<Bool>(false)
     private static let maxPendingWhileLoading = 10_000
 
     init(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner, store: (any MUCStore)?) {
@@ -108,6 +110,7 @@ final class MUCService: @unchecked Sendable {
         }
         let pending = loading.withLock { state -> [ComponentStanza] in
             state.done = true
+            loaded.store(true, ordering: .releasing)
             defer { state.pending = [] }
             return state.pending
         }
@@ -118,12 +121,14 @@ final class MUCService: @unchecked Sendable {
 
     /// Every stanza for the service's domain or a JID at it.
     func receive(_ input: ComponentStanza) {
-        let ready: Bool = loading.withLock { state in
-            if state.done { return true }
-            if state.pending.count < Self.maxPendingWhileLoading { state.pending.append(input) } else { return true }
-            return false
+        if !loaded.load(ordering: .acquiring) {
+            let ready: Bool = loading.withLock { state in
+                if state.done { return true }
+                if state.pending.count < Self.maxPendingWhileLoading { state.pending.append(input) } else { return true }
+                return false
+            }
+            guard ready else { return }
         }
-        guard ready else { return }
         guard let name = input.to.localpart else { return serviceStanza(input) }
         if let handle = rooms[name] {
             submit(input, to: handle)
