@@ -3,7 +3,7 @@ import StarlingStorage
 
 /// The `muc` module: a multi-user chat service (XEP-0045) per host at its own domain, with rooms that
 /// policy hooks (Lua scripts, plugins) can steer at every decision.
-public final class MUCModule: ServerModule, StatusReportingModule {
+public final class MUCModule: ServerModule, StatusReportingModule, ActivatableModule {
     public static let descriptor = ModuleDescriptor(
         name: "muc", summary: "Multi-user chat rooms at conference.<host>, with policy hooks.",
         xeps: ["XEP-0045", "XEP-0249", "XEP-0359", "XEP-0410", "XEP-0421"],
@@ -33,6 +33,9 @@ public final class MUCModule: ServerModule, StatusReportingModule {
     )
 
     let service: MUCService
+    private let settings: ServiceSettings
+    private let host: any ModuleHost
+    private let hooks: HostHooks
 
     public init(host: any ModuleHost) throws {
         let options = host.options
@@ -61,8 +64,20 @@ public final class MUCModule: ServerModule, StatusReportingModule {
         settings.room.messageRate = options.number("message_rate")
         settings.room.messageBurst = Double(options.integer("message_burst"))
         settings.room.serviceAdmins = Set(try options.stringList("admins").map { try Self.jid($0, option: "admins") })
-        service = MUCService(settings: settings, host: host, hooks: HostHooks(host: host), store: host.service((any MUCStore).self))
-        service.start()
+        hooks = HostHooks(host: host)
+        self.host = host
+        self.settings = settings
+        service = MUCService.claim(settings: settings, host: host, hooks: hooks, store: host.service((any MUCStore).self))
+    }
+
+    /// A reload with new options hands the running service, rooms and occupants included, to the new
+    /// instance; a reload that disables the module stops it, and occupants hear so (332).
+    public func activated() {
+        service.activate(settings: settings, host: host, hooks: hooks)
+    }
+
+    public func deactivated() {
+        service.retire()
     }
 
     private static func jid(_ text: String, option: String) throws -> JID {
@@ -72,7 +87,7 @@ public final class MUCModule: ServerModule, StatusReportingModule {
 
     public func register(_ registrar: ModuleRegistrar) {
         let service = self.service
-        registrar.component(service.domain, name: service.settings.name) { service.receive($0) }
+        registrar.component(settings.domain, name: settings.name) { service.receive($0) }
         // Registered late (low priority): occupants leave after everything else heard of the session's end.
         registrar.hook(.sessionClosed, priority: -100) { event in
             service.sessionClosed(event.jid)

@@ -50,10 +50,14 @@ final class RoomHandle: @unchecked Sendable {
 /// storing their changes, and carrying out what rooms decide. No lock is shared between rooms: each
 /// room's work runs on its own mailbox, and rooms are found in a sharded table.
 final class MUCService: @unchecked Sendable {
-    let settings: ServiceSettings
-    private let host: any ModuleHost
-    private let hooks: any HookRunner
+    /// Replaced when a reload gives the running service new options (see `running`).
+    private let current: Mutex<(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner)>
+    var settings: ServiceSettings { current.withLock { $0.settings } }
+    private var host: any ModuleHost { current.withLock { $0.host } }
+    private var hooks: any HookRunner { current.withLock { $0.hooks } }
     private let store: (any MUCStore)?
+    /// How many active module instances use this service (a reload briefly has two); guarded by `live`.
+    private var users = 0
     private let rooms = ShardedDictionary<String, RoomHandle>()
     private let roomCount = Atomic<Int>(0)
     /// Session (real full JID) → the rooms it is in, for leaving them all when it closes.
@@ -69,13 +73,55 @@ final class MUCService: @unchecked Sendable {
     private static let maxPendingWhileLoading = 10_000
 
     init(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner, store: (any MUCStore)?) {
-        self.settings = settings
-        self.host = host
-        self.hooks = hooks
+        current = Mutex((settings, host, hooks))
         self.store = store
+        domain = settings.domain
     }
 
-    var domain: String { settings.domain }
+    let domain: String
+
+    /// The services in this process, by domain: a module reloaded with new options takes over the
+    /// running service (rooms, occupants and all) instead of starting an empty one.
+    private static let live = Mutex<[String: MUCService]>([:])
+
+    /// The service at `settings.domain`: the running one, or a new one that starts when activated.
+    static func claim(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner, store: (any MUCStore)?) -> MUCService {
+        live.withLock { live in
+            if let existing = live[settings.domain] { return existing }
+            let created = MUCService(settings: settings, host: host, hooks: hooks, store: store)
+            live[settings.domain] = created
+            return created
+        }
+    }
+
+    /// A module instance now serves with these options: the first one starts the service, a later one
+    /// (a reload) gives every room the new options at its next turn.
+    func activate(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner) {
+        let first = MUCService.live.withLock { _ in
+            users += 1
+            return users == 1
+        }
+        current.withLock { $0 = (settings, host, hooks) }
+        if first { start() }
+        for (_, handle) in rooms.snapshot() {
+            handle.mailbox.submit {
+                handle.room.settings = settings.room
+                handle.room.hooks = hooks
+            }
+        }
+    }
+
+    /// A module instance stopped serving; the last one to go stops the service (occupants hear 332).
+    func retire() {
+        let last: Bool = MUCService.live.withLock { live in
+            users -= 1
+            guard users == 0 else { return false }
+            if live[domain] === self { live[domain] = nil }
+            return true
+        }
+        if last { shutdown() }
+    }
+
     var liveRooms: Int { roomCount.load(ordering: .relaxed) }
 
     /// Loads the persistent rooms, retrying while the store fails (stanzas wait meanwhile, up to a bound).

@@ -83,7 +83,7 @@ struct HistoryEntry {
 final class Room {
     let jid: JID
     var settings: RoomSettings
-    let hooks: any HookRunner
+    var hooks: any HookRunner
     var options: MUCRoomOptions
     /// A new room waits for its owner's configuration (XEP-0045 §10.1); only owners may enter.
     var locked: Bool

@@ -27,8 +27,10 @@ final class LiveReloads: @unchecked Sendable {
     private var catalog: [String: any ServerModule.Type] { BuiltinModules.catalog.merging(pluginModules) { $1 } }
 
     private func install(_ tables: [String: HostModules]) throws {
+        let before = router.modules
         try router.replace(tables)
         for host in tables.values { host.attachAdapters() }
+        ModuleLoader.activate(tables, replacing: before)
     }
 
     func reloadModule(_ name: String) throws -> String {

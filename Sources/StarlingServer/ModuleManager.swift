@@ -278,6 +278,23 @@ enum ModuleLoader {
         return (result, changes)
     }
 
+    /// Tells the instances `tables` brought in that they serve now, then those of the hosts `tables`
+    /// replaced that are gone that they no longer do (`ActivatableModule`).
+    static func activate(_ tables: [String: HostModules], replacing previous: [String: HostModules]) {
+        let old = instances(in: previous.filter { tables[$0.key] != nil })
+        let new = instances(in: tables)
+        for (id, module) in new where old[id] == nil { (module as? any ActivatableModule)?.activated() }
+        for (id, module) in old where new[id] == nil { (module as? any ActivatableModule)?.deactivated() }
+    }
+
+    private static func instances(in tables: [String: HostModules]) -> [ObjectIdentifier: any ServerModule] {
+        var result: [ObjectIdentifier: any ServerModule] = [:]
+        for host in tables.values {
+            for module in host.modules.values { result[ObjectIdentifier(module)] = module }
+        }
+        return result
+    }
+
     /// The configured options as the new build declares them: options it added get their defaults, and
     /// one whose type changed refuses the reload (it needs the config changed and a restart).
     private static func adapt(_ options: ModuleOptions, to descriptor: ModuleDescriptor) throws -> ModuleOptions {

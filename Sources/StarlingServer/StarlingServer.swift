@@ -50,8 +50,10 @@ public final class StarlingServer: Service, @unchecked Sendable {
             for (name, reason) in configuration.pluginFailures {
                 logger.error("plugin not loaded, running without it", metadata: ["plugin": "\(name)", "error": "\(reason)"])
             }
-            try router.install(modules: try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog.merging(pluginModules) { $1 },
-                                                          logger: logger, router: router, services: services))
+            let modules = try ModuleLoader.load(configuration: configuration, catalog: BuiltinModules.catalog.merging(pluginModules) { $1 },
+                                                logger: logger, router: router, services: services)
+            try router.install(modules: modules)
+            ModuleLoader.activate(modules, replacing: [:])
         } catch {
             await store.close()
             throw error

@@ -90,6 +90,52 @@ final class MUCServiceTests: XCTestCase {
         XCTAssertEqual(MUC.errorCondition(gone), "item-not-found")
     }
 
+    func testReloadingTheConfigKeepsTheRoomsAndDisablingTheModuleClosesThem() async throws {
+        let server = try ServerProcess(extraConfig: Self.config("{ max_nick_length: 20 }"), users: Self.users)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let owner = try await login(server, 1)
+        let guest = try await login(server, 2)
+        try await MUC.createInstantRoom(owner, "live", nick: "Owner")
+        _ = try await MUC.join(guest, "live", nick: "Guest")
+        let original = try String(contentsOfFile: server.configPath, encoding: .utf8)
+        func reload(_ muc: String?, dryRun: Bool = false) throws -> String {
+            let changed = original.replacingOccurrences(of: "  muc: { max_nick_length: 20 }", with: muc.map { "  muc: \($0)" } ?? "")
+            XCTAssertNotEqual(changed, original)
+            try changed.write(toFile: server.configPath, atomically: true, encoding: .utf8)
+            let (status, output) = try server.ctl(["reload-config"] + (dryRun ? ["--dry-run"] : []))
+            XCTAssertEqual(status, 0, output)
+            return output
+        }
+
+        // A dry run builds the new module but changes nothing.
+        let dryRun = try reload("{ max_nick_length: 4 }", dryRun: true)
+        XCTAssertTrue(dryRun.contains("would apply: localhost: muc restarted with new options"), dryRun)
+        _ = try await MUC.join(try await login(server, 3), "live", nick: "Three33")
+
+        // New options: the room and its occupants carry on, and the new limit holds.
+        let applied = try reload("{ max_nick_length: 4 }")
+        XCTAssertTrue(applied.contains("applied: localhost: muc restarted with new options"), applied)
+        MUC.groupchat(guest, "live", "still here")
+        _ = try await MUC.message(owner, from: "live@\(MUC.service)/Guest", body: "still here")
+        let longNick = try await MUC.refusedJoin(try await login(server, 4), "live", nick: "Four44")
+        XCTAssertEqual(longNick, "not-acceptable")
+        _ = try await MUC.join(try await login(server, 5), "live", nick: "Five")
+
+        // Disabled: occupants hear that the service is going away (332), and it no longer answers.
+        let disabled = try reload(nil)
+        XCTAssertTrue(disabled.contains("applied: localhost: muc disabled"), disabled)
+        let closed = try await MUC.presence(guest, from: "live@\(MUC.service)/Guest", type: "unavailable")
+        XCTAssertEqual(MUC.statuses(closed), [110, 332])
+        let unserved = try await guest.iq("<iq type='get' to='\(MUC.service)' id='u'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "u")
+        XCTAssertEqual(unserved[attribute: "type"], "error")
+
+        // Enabled again: a fresh service, without the temporary room.
+        _ = try reload("{}")
+        let gone = try await guest.iq("<iq type='get' to='live@\(MUC.service)' id='g'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "g")
+        XCTAssertEqual(MUC.errorCondition(gone), "item-not-found")
+        try await MUC.createInstantRoom(owner, "again", nick: "Owner")
+    }
+
     func testOperatorLimits() async throws {
         let server = try ServerProcess(extraConfig: Self.config("""
         { max_rooms: 2, max_rooms_per_session: 2, max_occupants: 3, message_rate: 0.01, message_burst: 3, max_nick_length: 8,

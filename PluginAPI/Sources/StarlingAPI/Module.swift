@@ -453,7 +453,7 @@ public enum StarlingAPIVersion {
     public static var api: Int { compiledAPI }
     /// The API version compiled into the caller. It is emitted into each plugin's own binary, so it
     /// records what the plugin was built against, not what happens to be loaded.
-    @_alwaysEmitIntoClient public static var compiledAPI: Int { 1 }
+    @_alwaysEmitIntoClient public static var compiledAPI: Int { 2 }
     public static let serverVersion = "0.1.0"
 }
 
@@ -492,6 +492,17 @@ public protocol StateHandoverModule: ServerModule {
     func saveState() -> [String: String]
     /// Called on the new instance, before it receives any event.
     func restoreState(_ state: [String: String])
+}
+
+/// A module holding live state beyond its registrations (a MUC service's rooms), which must know when
+/// it enters and leaves service: a reload builds a new instance while the old one still serves, and
+/// a dry run builds one that never serves.
+public protocol ActivatableModule: ServerModule {
+    /// Called once the host's tables hold this instance: at start, or when a reload installs it (before
+    /// the instance it replaces is deactivated, so state can pass from one to the other).
+    func activated()
+    /// Called once, after `activated()`, when tables without this instance are in place.
+    func deactivated()
 }
 
 /// A module whose scripts or rules can be read again from disk while it runs (`starlingctl
