@@ -80,6 +80,28 @@ public final class PostgresStore: Sendable {
             )
             """,
         ],
+        [
+            // An archive is named by (host, username): an account's, or a room's (service, room name).
+            // A message's id is (stamp, random): the stamp is time-ordered, so time filters are ranges
+            // on the primary key and retention a range on (host, stamp).
+            """
+            CREATE TABLE archive_messages (
+                host TEXT NOT NULL, username TEXT NOT NULL, stamp BIGINT NOT NULL, random BIGINT NOT NULL,
+                peer TEXT NOT NULL, peer_resource TEXT NOT NULL, stanza TEXT NOT NULL, body TEXT,
+                PRIMARY KEY (host, username, stamp, random)
+            )
+            """,
+            "CREATE INDEX archive_messages_peer ON archive_messages (host, username, peer, stamp)",
+            "CREATE INDEX archive_messages_time ON archive_messages (host, stamp)",
+            "CREATE INDEX archive_messages_text ON archive_messages USING GIN (to_tsvector('simple', body))",
+            """
+            CREATE TABLE archive_prefs (
+                host TEXT NOT NULL, username TEXT NOT NULL, default_behaviour TEXT NOT NULL, always_list TEXT NOT NULL,
+                never_list TEXT NOT NULL,
+                PRIMARY KEY (host, username)
+            )
+            """,
+        ],
     ]
 
     private init(client: PostgresClient, logger: Logger, timeout: Double) {
@@ -176,6 +198,7 @@ public final class PostgresStore: Sendable {
     /// Runs one storage operation with the deadline, mapping every failure to `StorageError`. The caller
     /// gets its answer at the deadline even if the operation itself cannot be interrupted (a connection
     /// lease waiting for a database that is gone): that one is cancelled and left to finish on its own.
+    @discardableResult
     func run<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws(StorageError) -> T {
         activity.withLock { $0 = ($0.running + 1, .now) }
         defer { activity.withLock { $0.running -= 1 } }

@@ -104,6 +104,27 @@ public final class SQLiteStore: Sendable {
             )
             """,
         ],
+        [
+            // An archive is named by (host, username): an account's, or a room's (service, room name).
+            // A message's id is (stamp, random): the stamp is time-ordered, so time filters are ranges
+            // on the primary key and retention a range on (host, stamp).
+            """
+            CREATE TABLE archive_messages (
+                host TEXT NOT NULL, username TEXT NOT NULL, stamp INTEGER NOT NULL, random INTEGER NOT NULL,
+                peer TEXT NOT NULL, peer_resource TEXT NOT NULL, stanza TEXT NOT NULL,
+                PRIMARY KEY (host, username, stamp, random)
+            )
+            """,
+            "CREATE INDEX archive_messages_peer ON archive_messages (host, username, peer, stamp)",
+            "CREATE INDEX archive_messages_time ON archive_messages (host, stamp)",
+            """
+            CREATE TABLE archive_prefs (
+                host TEXT NOT NULL, username TEXT NOT NULL, default_behaviour TEXT NOT NULL, always_list TEXT NOT NULL,
+                never_list TEXT NOT NULL,
+                PRIMARY KEY (host, username)
+            )
+            """,
+        ],
     ]
 
     private init(connection: SQLiteConnection) {

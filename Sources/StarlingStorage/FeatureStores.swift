@@ -40,7 +40,8 @@ public protocol LastActivityStore: Sendable {
 }
 
 /// Everything a backend stores: the server opens one of these.
-public protocol StarlingStore: AccountStore, RosterStore, OfflineStore, BlocklistStore, PrivateXMLStore, VCardStore, LastActivityStore, MUCStore {
+public protocol StarlingStore: AccountStore, RosterStore, OfflineStore, BlocklistStore, PrivateXMLStore, VCardStore, LastActivityStore, MUCStore,
+                               ArchiveStore {
     /// Releases connections and files.
     func close() async
 }
@@ -50,6 +51,6 @@ public enum StorageTables {
     /// Every table keyed by (host, username), dependents before `accounts`.
     public static let perUser = [
         "roster_items", "roster_pending", "roster_versions", "offline_messages", "blocklist", "private_xml", "vcards",
-        "last_activity", "scram_credentials", "accounts",
+        "last_activity", "archive_messages", "archive_prefs", "scram_credentials", "accounts",
     ]
 }
