@@ -75,11 +75,18 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Message archives (XEP-0313): the module for accounts' archives, and the query and batched-write
+        // machinery rooms use for theirs.
+        .target(
+            name: "StarlingMAM",
+            dependencies: ["StarlingStorage", "StarlingXML", .product(name: "StarlingAPI", package: "PluginAPI")],
+            swiftSettings: swiftSettings
+        ),
         // Multi-user chat (XEP-0045): a module written against the plugin API and the storage protocols.
         .target(
             name: "StarlingMUC",
             dependencies: [
-                "StarlingStorage",
+                "StarlingStorage", "StarlingMAM",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
@@ -89,7 +96,7 @@ let package = Package(
         .target(
             name: "StarlingModules",
             dependencies: [
-                "StarlingStorage", "StarlingXML", "StarlingLua", "StarlingMUC",
+                "StarlingStorage", "StarlingXML", "StarlingLua", "StarlingMUC", "StarlingMAM",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
@@ -196,7 +203,7 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingMUC", "ExampleModules",
+                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingMUC", "StarlingMAM", "ExampleModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -477,7 +477,7 @@ final class Room {
         ])
         subjectMessage.append(XMLElement(name: "subject", namespace: Namespace.client).with(text: subject))
         if let subjectTime {
-            subjectMessage.append(XMLElement(name: "delay", namespace: MUCNamespace.delay, attributes: ["from": jid.description, "stamp": MUCTime.stamp(subjectTime)]))
+            subjectMessage.append(XMLElement(name: "delay", namespace: MUCNamespace.delay, attributes: ["from": jid.description, "stamp": XMPPDateTime.string(subjectTime)]))
         }
         send(subjectMessage)
     }
@@ -487,7 +487,7 @@ final class Room {
         var selected = history
         if let text = request?[attribute: "maxstanzas"], let count = Int(text) { selected = Array(selected.suffix(max(0, count))) }
         if let text = request?[attribute: "seconds"], let seconds = Double(text) { selected = selected.filter { now - $0.time <= seconds } }
-        if let text = request?[attribute: "since"], let since = MUCTime.parse(text) { selected = selected.filter { $0.time >= since } }
+        if let text = request?[attribute: "since"], let since = XMPPDateTime.parse(text) { selected = selected.filter { $0.time >= since } }
         if let text = request?[attribute: "maxchars"], let limit = Int(text) {
             var total = 0
             var kept: [HistoryEntry] = []
@@ -501,7 +501,7 @@ final class Room {
         for entry in selected {
             var message = entry.stanza
             message[attribute: "to"] = session.description
-            message.append(XMLElement(name: "delay", namespace: MUCNamespace.delay, attributes: ["from": jid.description, "stamp": MUCTime.stamp(entry.time)]))
+            message.append(XMLElement(name: "delay", namespace: MUCNamespace.delay, attributes: ["from": jid.description, "stamp": XMPPDateTime.string(entry.time)]))
             send(message)
         }
     }

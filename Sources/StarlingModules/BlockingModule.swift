@@ -67,6 +67,14 @@ public final class BlockingModule: ServerModule {
             if from.localpart != nil, !isUnavailable, isBlocked(recipient, by: from.bare) { return .handled }
             return .pass
         }
+        // A message from a blocked entity is refused before anything else takes it (the archive, offline
+        // storage); delivery-time screening above still covers lists loaded later.
+        registrar.hook(.messageToAccount, priority: 1000) { [self] event in
+            guard nonEmptyLists.load(ordering: .relaxed) > 0, let recipient = event.recipient,
+                  let from = event.stanza[attribute: "from"].flatMap({ JID($0) }), from.bare != recipient.bare,
+                  isBlocked(from, by: recipient.bare) else { return .pass }
+            return .reject(.serviceUnavailable, text: nil)
+        }
         registrar.hook(.sessionBound) { [self] event in
             let user = event.jid.bare
             queue.enqueue(user) { _ = try? await self.load(user) }

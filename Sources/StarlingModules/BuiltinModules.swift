@@ -1,5 +1,6 @@
 import StarlingAPI
 import StarlingLua
+import StarlingMAM
 import StarlingMUC
 
 /// Every module compiled into the server, by name.
@@ -7,7 +8,7 @@ public enum BuiltinModules {
     public static let all: [any ServerModule.Type] = [
         DiscoModule.self, PingModule.self, VersionModule.self, TimeModule.self, RosterModule.self, PresenceModule.self,
         OfflineModule.self, BlockingModule.self, PrivateXMLModule.self, VCardModule.self, LastActivityModule.self, CarbonsModule.self,
-        ClientStateModule.self, RegistrationModule.self, LuaHooks.self, MUCModule.self,
+        ClientStateModule.self, RegistrationModule.self, LuaHooks.self, MUCModule.self, MAMModule.self,
     ]
 
     public static var catalog: [String: any ServerModule.Type] {

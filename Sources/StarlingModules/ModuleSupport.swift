@@ -10,16 +10,6 @@ extension ModuleHost {
     }
 }
 
-/// XEP-0082 timestamps.
-enum XMPPDate {
-    static func string(_ date: Date) -> String {
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime]
-        formatter.timeZone = TimeZone(identifier: "UTC")
-        return formatter.string(from: date)
-    }
-}
-
 /// Parses one stored stanza back into an element.
 enum StoredXML {
     static func parse(_ text: String) -> XMLElement? {

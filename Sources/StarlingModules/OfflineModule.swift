@@ -46,7 +46,7 @@ public final class OfflineModule: ServerModule {
     private func store(_ message: XMLElement, for recipient: JID) {
         var stamped = message
         stamped.append(XMLElement(name: "delay", namespace: "urn:xmpp:delay", attributes: [
-            "from": recipient.domainpart, "stamp": XMPPDate.string(Date()),
+            "from": recipient.domainpart, "stamp": XMPPDateTime.string(Date()),
         ]))
         let text = stamped.serialized(inheritedNamespace: Namespace.client)
         let (host, store, accounts, limit) = (self.host, self.store, self.accounts, self.limit)

@@ -51,6 +51,8 @@ final class C2SHandler: ChannelInboundHandler {
     /// whitespace keepalive (RFC 6120 §4.6.1).
     private var wroteSinceKeepalive = false
     private var keepalive: RepeatedTask?
+    /// Holds modules put on reading from this client (backpressure); reading stops while any is held.
+    private var readHolds = 0
 
     init(server: ServerContext, settings: C2SSettings, directTLS: Bool) {
         self.server = server
@@ -131,6 +133,14 @@ final class C2SHandler: ChannelInboundHandler {
         }
         if let parseError, !discardRemainingEvents {
             if waiting { queuedParseError = parseError } else { perform(machine.parseFailed(parseError)) }
+        }
+    }
+
+    private func holdReads(_ held: Bool) {
+        readHolds += held ? 1 : -1
+        guard let context, readHolds == (held ? 1 : 0) else { return }
+        context.channel.setOption(ChannelOptions.autoRead, value: !held).whenSuccess {
+            if !held { context.read() }
         }
     }
 
@@ -325,7 +335,8 @@ final class C2SHandler: ChannelInboundHandler {
             let session = ClientSession(
                 jid: jid, eventLoop: loop,
                 deliver: { stanza in bound.value.deliver(stanza) },
-                close: { condition in bound.value.closeSession(condition) }
+                close: { condition in bound.value.closeSession(condition) },
+                hold: { held in bound.value.holdReads(held) }
             )
             created = session
             return session

@@ -161,6 +161,11 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
         router.run(point, event, on: domain)
     }
 
+    func holdReads(of session: JID) -> (any ReadHold)? {
+        guard case .local(let local)? = router.registry.location(of: session) else { return nil }
+        return local.holdReads()
+    }
+
     func closeSessions(of bare: JID) {
         for resource in router.registry.resources(of: bare.bare) { resource.session.close(.notAuthorized) }
     }

@@ -88,6 +88,16 @@ public final class Router: @unchecked Sendable {
             bounce(stanza, .remoteServerNotFound, to: sender)
             return
         }
+        if kind == .message && target.localpart != nil {
+            switch run(.messageToAccount, StanzaEvent(stanza: stanza, origin: sender.jid, recipient: target), on: target.domainpart) {
+            case .pass: break
+            case .modify(let modified): stanza = modified
+            case .handled: return
+            case .reject(let condition, let text):
+                bounce(stanza, condition, text: text, to: sender)
+                return
+            }
+        }
         if target.localpart == nil {
             if kind == .iq { handleServerIQ(stanza, target: target, sender: sender) }
         } else if target.resourcepart != nil {

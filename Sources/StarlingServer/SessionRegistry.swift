@@ -1,6 +1,7 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import StarlingAPI
+import Synchronization
 
 /// A bound client session as the rest of the server sees it. Deliveries may come from any thread; the
 /// session hops to its own event loop before touching its channel.
@@ -13,13 +14,35 @@ public final class ClientSession: @unchecked Sendable, Hashable {
     /// current tick, so stanzas for one session that arrive together leave in one write.
     private let deliverOnLoop: (OutgoingStanza) -> Void
     private let closeOnLoop: (StreamErrorCondition) -> Void
+    /// Called on `eventLoop` only: true adds a hold on reading from the client, false removes one.
+    private let holdOnLoop: (Bool) -> Void
 
-    init(jid: JID, eventLoop: any EventLoop, deliver: @escaping (OutgoingStanza) -> Void, close: @escaping (StreamErrorCondition) -> Void) {
+    init(jid: JID, eventLoop: any EventLoop, deliver: @escaping (OutgoingStanza) -> Void, close: @escaping (StreamErrorCondition) -> Void,
+         hold: @escaping (Bool) -> Void) {
         self.jid = jid
         escapedAddress = SharedSerialization.escaped(jid)
         self.eventLoop = eventLoop
         self.deliverOnLoop = deliver
         self.closeOnLoop = close
+        self.holdOnLoop = hold
+    }
+
+    /// Stops reading from the client until the hold (and any other) is released.
+    func holdReads() -> any ReadHold {
+        eventLoop.execute { self.holdOnLoop(true) }
+        return Hold(session: self)
+    }
+
+    private final class Hold: ReadHold {
+        let session: ClientSession
+        let released = Atomic<Bool>(false)
+
+        init(session: ClientSession) { self.session = session }
+
+        func release() {
+            guard !released.exchange(true, ordering: .relaxed) else { return }
+            session.eventLoop.execute { self.session.holdOnLoop(false) }
+        }
     }
 
     /// Writes `stanza` to this client.

@@ -45,6 +45,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
             services.register(store as any VCardStore, as: (any VCardStore).self)
             services.register(store as any LastActivityStore, as: (any LastActivityStore).self)
             services.register(store as any MUCStore, as: (any MUCStore).self)
+            services.register(store as any ArchiveStore, as: (any ArchiveStore).self)
             services.register(ServerPaths(configDirectory: URL(fileURLWithPath: configuration.sourcePath).deletingLastPathComponent().path,
                                           dataDirectory: configuration.dataDirectory), as: ServerPaths.self)
             for (name, reason) in configuration.pluginFailures {
@@ -109,11 +110,36 @@ public final class StarlingServer: Service, @unchecked Sendable {
         context.connections.shutdownAll()
         // Give clients a moment to receive the stream error and close their side.
         for _ in 0..<50 where context.connections.count > 0 { try? await Task.sleep(for: .milliseconds(20)) }
+        await drainModules(configuration.hosts, router: router)
         await store.close()
         try? FileManager.default.removeItem(atPath: configuration.admin.socketPath)
         logger.notice("stopped")
     }
 
+
+    /// Lets modules finish what they still owe storage (archive writes), for at most `limit` seconds.
+    private func drainModules(_ hosts: [String], router: Router, limit: Double = 10) async {
+        let event = ServerDrainingEvent()
+        for host in hosts { _ = router.run(.serverDraining, event, on: host) }
+        let work = event.work
+        guard !work.isEmpty else { return }
+        let finished = await withTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                await withTaskGroup(of: Void.self) { all in
+                    for item in work { all.addTask { await item() } }
+                }
+                return true
+            }
+            group.addTask {
+                try? await Task.sleep(for: .seconds(limit))
+                return false
+            }
+            let first = await group.next() ?? false
+            group.cancelAll()
+            return first
+        }
+        if !finished { logger.error("modules did not finish their storage work in time; some of it is lost", metadata: ["seconds": "\(limit)"]) }
+    }
 
     private func bind(_ listener: ListenerConfiguration, context: ServerContext) async throws -> any Channel {
         let settings = context.settings(for: listener)

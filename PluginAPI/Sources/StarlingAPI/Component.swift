@@ -1,3 +1,5 @@
+import Synchronization
+
 /// A stanza addressed to a component's domain (or a JID at it), as the router hands it over.
 public struct ComponentStanza: Sendable {
     public let stanza: XMLElement
@@ -53,6 +55,26 @@ public struct ServerStoppingEvent: Sendable {
 
 extension HookPoint where Event == ServerStoppingEvent {
     public static let serverStopping = HookPoint("server-stopping")
+}
+
+/// Every stream has closed and storage is about to close: work a module still has queued for storage
+/// (archive writes) finishes now. The server waits for what handlers hand to `finish`, up to a bound.
+public final class ServerDrainingEvent: Sendable {
+    private let collected = Mutex<[@Sendable () async -> Void]>([])
+
+    public init() {}
+
+    /// Work the server awaits before it closes storage.
+    public func finish(_ work: @escaping @Sendable () async -> Void) {
+        collected.withLock { $0.append(work) }
+    }
+
+    /// What handlers handed over (for the server).
+    public var work: [@Sendable () async -> Void] { collected.withLock { $0 } }
+}
+
+extension HookPoint where Event == ServerDrainingEvent {
+    public static let serverDraining = HookPoint("server-draining")
 }
 
 /// A value hook handlers may change, for events with parts a policy can adjust (the role a MUC

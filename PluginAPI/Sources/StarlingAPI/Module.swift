@@ -149,6 +149,16 @@ public protocol ModuleHost: Sendable {
     func closeSessions(of bare: JID)
     /// The components the modules of this host registered (what disco#items on the domain lists).
     var components: [ComponentInfo] { get }
+    /// Stops reading from a local session (full JID) until the hold is released: backpressure for a
+    /// module whose work for that session's stanzas piles up. Nil when no such session is bound here.
+    func holdReads(of session: JID) -> (any ReadHold)?
+}
+
+/// A pause in reading from one session (see `ModuleHost.holdReads`). Reading resumes once every hold
+/// on the session is released.
+public protocol ReadHold: Sendable {
+    /// Ends the hold; calling it again does nothing.
+    func release()
 }
 
 /// One bound resource as modules see it.
@@ -260,6 +270,11 @@ extension HookPoint where Event == StanzaEvent {
     public static let messageUndeliverable = HookPoint("message-undeliverable")
     /// Any stanza about to be written to a local session (`recipient` is its full JID).
     public static let stanzaToUser = HookPoint("stanza-to-user")
+    /// A message from a client for a local account (`recipient`: the bare or full JID it is addressed
+    /// to), once, before it goes to the account's resources or to offline storage: what a handler's
+    /// `.modify` makes of it is what every resource, carbon and offline copy carries (archiving stamps
+    /// its stanza-id here); `.reject` bounces it.
+    public static let messageToAccount = HookPoint("message-to-account")
 }
 
 extension HookPoint where Event == StanzaEvent {
@@ -430,6 +445,9 @@ public final class ModuleRegistrar: @unchecked Sendable {
 extension ModuleHost {
     /// None, unless the host says otherwise (the server's does).
     public var components: [ComponentInfo] { [] }
+
+    /// No backpressure, unless the host offers it (the server's does).
+    public func holdReads(of session: JID) -> (any ReadHold)? { nil }
 
     /// A copy addressed to each recipient, routed (the server's host does better).
     public func deliver(_ stanza: XMLElement, to recipients: [JID]) {

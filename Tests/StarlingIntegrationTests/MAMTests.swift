@@ -1,0 +1,216 @@
+import Foundation
+import StarlingAPI
+import StarlingTestClient
+import XCTest
+
+/// Message archives (XEP-0313) end to end: the real server on SQLite, and again on PostgreSQL when
+/// scripts/test reruns the suite.
+final class MAMTests: XCTestCase {
+    static let users = (1...5).map { ("m\($0)", "pw\($0)") }
+
+    private func login(_ server: ServerProcess, _ number: Int, resource: String = "r") async throws -> TestClient {
+        try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct,
+                                   username: "m\(number)", password: "pw\(number)", resource: resource)
+    }
+
+    private static func config(_ mam: String = "{}") -> String {
+        """
+        modules:
+          disco: {}
+          roster: {}
+          presence: {}
+          offline: {}
+          carbons: {}
+          blocking: {}
+          mam: \(mam)
+        """
+    }
+
+    /// Available presence, so messages to the bare JID are delivered rather than stored offline.
+    private func online(_ client: TestClient) {
+        client.send("<presence/>")
+    }
+
+    func testBothArchivesWithStanzaIDsCarbonsAndOfflineCopies() async throws {
+        let server = try ServerProcess(extraConfig: Self.config(), users: Self.users)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice = try await login(server, 1, resource: "phone")
+        let aliceLaptop = try await login(server, 1, resource: "laptop")
+        let bob = try await login(server, 2)
+        for client in [alice, aliceLaptop, bob] { online(client) }
+        let carbons = try await aliceLaptop.iq("<iq type='set' id='c'><enable xmlns='urn:xmpp:carbons:2'/></iq>", id: "c")
+        XCTAssertEqual(carbons[attribute: "type"], "result")
+
+        // Features on the account.
+        let info = try await alice.iq("<iq type='get' to='m1@localhost' id='d'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "d")
+        let features = Set(info.child("query")?.elements.compactMap { $0[attribute: "var"] } ?? [])
+        XCTAssertTrue(features.isSuperset(of: [MAM.ns, "urn:xmpp:mam:2#extended", MAM.sid]), "\(features)")
+
+        // A spoofed stanza-id claiming bob's archive is stripped; bob gets the archive's own.
+        MAM.chat(alice, to: "m2@localhost", "hello bob", extra: "<stanza-id xmlns='\(MAM.sid)' by='m2@localhost' id='forged'/>")
+        let live = try await MAM.received(bob, "hello bob")
+        let bobIDs = live.elements.filter { $0.name == "stanza-id" && $0[attribute: "by"] == "m2@localhost" }
+        XCTAssertEqual(bobIDs.count, 1)
+        XCTAssertNotEqual(bobIDs.first?[attribute: "id"], "forged")
+        XCTAssertNil(MAM.stanzaID(live, by: "m1@localhost"), "the sender's archive id never reaches the contact")
+        // The sender's other resource gets a carbon carrying the sender's archive id.
+        let carbon = try await aliceLaptop.expect("sent carbon") { $0.child("sent", namespace: "urn:xmpp:carbons:2") != nil }
+        let carbonCopy = carbon.child("sent")?.child("forwarded")?.child("message")
+        let aliceID = carbonCopy.flatMap { MAM.stanzaID($0, by: "m1@localhost") }
+        XCTAssertNotNil(aliceID)
+
+        MAM.chat(bob, to: "m1@localhost/phone", "hello alice")
+        let reply = try await MAM.received(alice, "hello alice")
+        XCTAssertNotNil(MAM.stanzaID(reply, by: "m1@localhost"))
+
+        // Both archives hold both messages, under the ids their owners were told.
+        let bobArchive = try await MAM.query(bob)
+        XCTAssertEqual(bobArchive.bodies, ["hello bob", "hello alice"])
+        XCTAssertEqual(bobArchive.ids.first, bobIDs.first?[attribute: "id"])
+        XCTAssertTrue(bobArchive.complete)
+        let aliceArchive = try await MAM.query(alice)
+        XCTAssertEqual(aliceArchive.bodies, ["hello bob", "hello alice"])
+        XCTAssertEqual(aliceArchive.ids, [aliceID, MAM.stanzaID(reply, by: "m1@localhost")].compactMap { $0 })
+
+        // Not archived: chat states alone, errors, headlines, no-store, no-permanent-store.
+        bob.send("<message to='m1@localhost/phone' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>")
+        bob.send("<message to='m1@localhost/phone' type='headline'><body>news</body></message>")
+        MAM.chat(bob, to: "m1@localhost/phone", "secret", extra: "<no-store xmlns='urn:xmpp:hints'/>")
+        MAM.chat(bob, to: "m1@localhost/phone", "ephemeral", extra: "<no-permanent-store xmlns='urn:xmpp:hints'/>")
+        let secret = try await MAM.received(alice, "secret")
+        XCTAssertNil(MAM.stanzaID(secret, by: "m1@localhost"))
+        _ = try await MAM.received(alice, "ephemeral")
+        // An encrypted payload without a body is archived.
+        bob.send("<message to='m1@localhost/phone' type='chat'><encrypted xmlns='eu.siacs.conversations.axolotl'><payload>AAAA</payload></encrypted></message>")
+        let encrypted = try await alice.expect("encrypted") { $0.child("encrypted") != nil }
+        XCTAssertNotNil(MAM.stanzaID(encrypted, by: "m1@localhost"))
+        MAM.chat(bob, to: "m1@localhost/phone", "marker")
+        _ = try await MAM.received(alice, "marker")
+        let after = try await MAM.query(alice, fields: ["after-id": [aliceArchive.ids[1]]])
+        XCTAssertEqual(after.messages.count, 2)
+        XCTAssertNotNil(after.messages.first?.child("encrypted"))
+        XCTAssertEqual(after.bodies, ["marker"])
+
+        // Offline: stored with the stanza-id the archive gave it.
+        let carol = "m3@localhost"
+        MAM.chat(alice, to: carol, "while you were away")
+        var carolClient: TestClient?
+        var offlineCopy: XMLElement?
+        // The archive write and the offline store are independent: wait until the offline copy exists.
+        for _ in 0..<100 where offlineCopy == nil {
+            let client = try await login(server, 3)
+            online(client)
+            offlineCopy = try? await client.expect("offline message", timeout: 0.5) { $0.child("body")?.text == "while you were away" }
+            carolClient = client
+        }
+        let carolArchive = try await MAM.query(try XCTUnwrap(carolClient))
+        XCTAssertEqual(carolArchive.bodies, ["while you were away"])
+        XCTAssertEqual(offlineCopy.flatMap { MAM.stanzaID($0, by: carol) }, carolArchive.ids.first)
+
+        // Messages to an account that does not exist are not archived anywhere (nor is there an archive to query).
+        MAM.chat(alice, to: "nobody@localhost", "into the void")
+        _ = try await alice.expect("bounce") { $0[attribute: "type"] == "error" && $0.child("body")?.text == "into the void" }
+    }
+
+    func testPagingFiltersAndErrors() async throws {
+        let server = try ServerProcess(extraConfig: Self.config("{ page_size: 10, max_page_size: 20 }"), users: Self.users)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice = try await login(server, 1)
+        let bob = try await login(server, 2, resource: "desk")
+        let carol = try await login(server, 3)
+        for client in [alice, bob, carol] { online(client) }
+        let before = Date()
+        for index in 0..<25 {
+            let (from, to) = index % 5 == 4 ? (carol, "m1@localhost") : (bob, "m1@localhost")
+            MAM.chat(from, to: to, "n\(index)")
+            _ = try await MAM.received(alice, "n\(index)")
+        }
+        let all = (0..<25).map { "n\($0)" }
+
+        // Forward to the end, pages of the default size; the last is complete.
+        var page = try await MAM.query(alice)
+        XCTAssertEqual(page.bodies, Array(all[0..<10]))
+        XCTAssertFalse(page.complete)
+        XCTAssertEqual(page.first, page.ids.first)
+        XCTAssertEqual(page.last, page.ids.last)
+        var collected = page.bodies
+        while !page.complete {
+            page = try await MAM.query(alice, rsm: "<after>\(page.last!)</after>")
+            collected += page.bodies
+        }
+        XCTAssertEqual(collected, all)
+        // The server caps what a query asks.
+        let capped = try await MAM.query(alice, rsm: "<max>100</max>")
+        XCTAssertEqual(capped.messages.count, 20)
+        // Backward: the last page, then earlier ones to the start.
+        page = try await MAM.query(alice, rsm: "<max>7</max><before/>")
+        XCTAssertEqual(page.bodies, Array(all[18...]))
+        collected = page.bodies
+        while !page.complete {
+            page = try await MAM.query(alice, rsm: "<max>7</max><before>\(page.first!)</before>")
+            collected = page.bodies + collected
+        }
+        XCTAssertEqual(collected, all)
+        let ids = try await MAM.query(alice, rsm: "<max>20</max>").ids + MAM.query(alice, rsm: "<max>20</max><before/>").ids.suffix(5)
+        XCTAssertEqual(ids.count, 25)
+        // A flipped page is the same page, newest first.
+        let flipped = try await MAM.query(alice, rsm: "<max>5</max><before/>", extra: "<flip-page/>")
+        XCTAssertEqual(flipped.bodies, Array(all[20...].reversed()))
+        // Only the count.
+        let counted = try await MAM.query(alice, fields: ["with": ["m3@localhost"]], rsm: "<max>0</max>")
+        XCTAssertEqual(counted.fin.child("set", namespace: MAM.rsm)?.child("count", namespace: MAM.rsm)?.text, "5")
+
+        // Filters: with (bare, full, unknown resource), time, ids, between ids.
+        let fromCarol = try await MAM.query(alice, fields: ["with": ["m3@localhost"]])
+        XCTAssertEqual(fromCarol.bodies, ["n4", "n9", "n14", "n19", "n24"])
+        let fromDesk = try await MAM.query(alice, fields: ["with": ["m2@localhost/desk"]], rsm: "<max>20</max>")
+        XCTAssertEqual(fromDesk.messages.count, 20)
+        let fromElsewhere = try await MAM.query(alice, fields: ["with": ["m2@localhost/tablet"]])
+        XCTAssertEqual(fromElsewhere.messages.count, 0)
+        XCTAssertTrue(fromElsewhere.complete)
+        let future = try await MAM.query(alice, fields: ["start": [XMPPDateTime.string(Date().addingTimeInterval(3600))]])
+        XCTAssertEqual(future.messages.count, 0)
+        let past = try await MAM.query(alice, fields: ["end": [XMPPDateTime.string(before.addingTimeInterval(-3600))]])
+        XCTAssertEqual(past.messages.count, 0)
+        let window = try await MAM.query(alice, fields: ["start": [XMPPDateTime.string(before.addingTimeInterval(-5))],
+                                                         "end": [XMPPDateTime.string(Date().addingTimeInterval(5))]], rsm: "<max>20</max>")
+        XCTAssertEqual(window.messages.count, 20)
+        let picked = try await MAM.query(alice, fields: ["ids": [ids[3], ids[17]]])
+        XCTAssertEqual(picked.bodies, ["n3", "n17"])
+        let between = try await MAM.query(alice, fields: ["after-id": [ids[2]], "before-id": [ids[6]]])
+        XCTAssertEqual(between.bodies, ["n3", "n4", "n5"])
+
+        // Metadata and the form.
+        let metadata = try await alice.iq("<iq type='get' id='md'><metadata xmlns='\(MAM.ns)'/></iq>", id: "md")
+        XCTAssertEqual(metadata.child("metadata")?.child("start")?[attribute: "id"], ids.first)
+        XCTAssertEqual(metadata.child("metadata")?.child("end")?[attribute: "id"], ids.last)
+        let sentOnly = try await carol.iq("<iq type='get' id='md2'><metadata xmlns='\(MAM.ns)'/></iq>", id: "md2")
+        XCTAssertEqual(sentOnly.child("metadata")?.elements.count, 2, "what carol sent is in her archive")
+        let dave = try await login(server, 4)
+        let empty = try await dave.iq("<iq type='get' id='md3'><metadata xmlns='\(MAM.ns)'/></iq>", id: "md3")
+        XCTAssertEqual(empty.child("metadata")?.elements.count, 0)
+        let form = try await alice.iq("<iq type='get' id='f'><query xmlns='\(MAM.ns)'/></iq>", id: "f")
+        let vars = Set(form.child("query")?.child("x")?.elements.compactMap { $0[attribute: "var"] } ?? [])
+        XCTAssertTrue(vars.isSuperset(of: ["FORM_TYPE", "with", "start", "end", "before-id", "after-id", "ids"]), "\(vars)")
+
+        // Errors.
+        let unknownField = try await MAM.refusal(alice, fields: ["colour": ["red"]])
+        XCTAssertEqual(unknownField, "feature-not-implemented")
+        let badDate = try await MAM.refusal(alice, fields: ["start": ["yesterday"]])
+        XCTAssertEqual(badDate, "bad-request")
+        let badJID = try await MAM.refusal(alice, fields: ["with": ["@@"]])
+        XCTAssertEqual(badJID, "bad-request")
+        let unknownAfter = try await MAM.refusal(alice, rsm: "<after>0000000000000000deadbeef</after>")
+        XCTAssertEqual(unknownAfter, "item-not-found")
+        let unknownBefore = try await MAM.refusal(alice, rsm: "<before>garbage</before>")
+        XCTAssertEqual(unknownBefore, "item-not-found")
+        let unknownIDs = try await MAM.refusal(alice, fields: ["ids": [ids[0], "0123"]])
+        XCTAssertEqual(unknownIDs, "item-not-found")
+        let otherIDs = try await MAM.refusal(carol, fields: ["after-id": [ids[0]]])
+        XCTAssertEqual(otherIDs, "item-not-found", "another archive's ids are unknown here")
+        let foreign = try await MAM.refusal(bob, archive: "m1@localhost")
+        XCTAssertEqual(foreign, "forbidden")
+        let wrongFormType = try await MAM.refusal(alice, extra: "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>urn:other</value></field></x>")
+        XCTAssertEqual(wrongFormType, "bad-request")
+    }
+}
