@@ -6,10 +6,13 @@ import StarlingStorage
 import StarlingXML
 
 /// XEP-0227 portable import/export: every account with its SCRAM keys (never a password), roster,
-/// pending subscription requests, offline messages, vCard, private XML and blocklist.
+/// pending subscription requests, offline messages, vCard, private XML, blocklist and message archive.
 public enum PortableData {
     public static let namespace = "urn:xmpp:pie:0"
     public static let scramNamespace = "urn:xmpp:pie:0#scram"
+    public static let archiveNamespace = "urn:xmpp:pie:0#mam"
+    private static let mam = "urn:xmpp:mam:2"
+    private static let forward = "urn:xmpp:forward:0"
 
     public struct Summary: Sendable, CustomStringConvertible {
         public var accounts = 0
@@ -83,7 +86,57 @@ public enum PortableData {
             for item in blocked { list.append(XMLElement(name: "item", namespace: "urn:xmpp:blocking", attributes: ["jid": item.description])) }
             element.append(list)
         }
+        if let archive = try await exportArchive(of: user, store: store) { element.append(archive) }
         return element
+    }
+
+    /// `<archive xmlns='urn:xmpp:pie:0#mam'/>`: every archived message as a MAM result, oldest first.
+    private static func exportArchive(of user: JID, store: any StarlingStore) async throws -> XMLElement? {
+        var archive = XMLElement(name: "archive", namespace: archiveNamespace)
+        var after: String?
+        while true {
+            let page = try await store.archivedMessages(in: user, matching: ArchiveFilter(after: after), limit: 1000, fromEnd: false)
+            for message in page.messages {
+                guard let stanza = XMLFragmentParser.parse(message.stanza) else { continue }
+                var forwarded = XMLElement(name: "forwarded", namespace: forward)
+                forwarded.append(XMLElement(name: "delay", namespace: "urn:xmpp:delay", attributes: ["stamp": XMPPDateTime.string(message.date)]))
+                forwarded.append(stanza)
+                var result = XMLElement(name: "result", namespace: mam, attributes: ["id": message.id])
+                result.append(forwarded)
+                archive.append(result)
+            }
+            guard !page.complete, let last = page.messages.last else { break }
+            after = last.id
+        }
+        return archive.elements.isEmpty ? nil : archive
+    }
+
+    /// Stores an imported `<archive/>`. Ids from Starling are kept; others (another server's) are made
+    /// anew from the message's time, in document order, so the archive keeps its order.
+    private static func importArchive(_ archive: XMLElement, of user: JID, store: any StarlingStore) async throws {
+        var batch: [(archive: JID, message: ArchivedMessage)] = []
+        var sequence: UInt64 = 0
+        for result in archive.elements where result.name == "result" && result.namespace == mam {
+            guard let forwarded = result.child("forwarded", namespace: forward), let message = forwarded.child("message") else { continue }
+            let id: String
+            if let given = result[attribute: "id"], StanzaID.parts(of: given) != nil {
+                id = given
+            } else {
+                let date = forwarded.child("delay", namespace: "urn:xmpp:delay")?[attribute: "stamp"].flatMap(XMPPDateTime.date) ?? Date()
+                sequence += 1
+                id = StanzaID.make(stamp: StanzaID.firstStamp(at: date) | (sequence & 0xFFFF), random: UInt32.random(in: 0...UInt32.max))
+            }
+            let from = message[attribute: "from"].flatMap { JID($0) }
+            let to = message[attribute: "to"].flatMap { JID($0) }
+            guard let with = from?.bare == user ? to : from else { continue }
+            batch.append((user, ArchivedMessage(id: id, with: with, stanza: message.serialized(inheritedNamespace: Namespace.client),
+                                                body: message.child("body")?.text)))
+            if batch.count == 1000 {
+                try await store.archive(batch)
+                batch = []
+            }
+        }
+        try await store.archive(batch)
     }
 
     public struct ImportError: Error, CustomStringConvertible {
@@ -162,6 +215,8 @@ public enum PortableData {
                 }
             case ("urn:xmpp:blocking", "blocklist"):
                 try await store.block(child.elements.compactMap { $0[attribute: "jid"].flatMap { JID($0) } }, for: user)
+            case (archiveNamespace, "archive"):
+                try await importArchive(child, of: user, store: store)
             default:
                 continue
             }

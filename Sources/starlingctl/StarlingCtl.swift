@@ -12,7 +12,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, PurgeArchives.self]
     )
 }
 
@@ -147,6 +147,32 @@ struct Import: AsyncParsableCommand {
         try await withStore(configuration, failure: "cannot import \(file)") { store in
             let summary = try await PortableData.import(text, into: store, hosts: configuration.hosts)
             print("imported \(summary)")
+        }
+    }
+}
+
+struct PurgeArchives: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "purge-archives",
+        abstract: "Delete archived messages (XEP-0313) older than a date: of one account, or of every account on the configured hosts.")
+    @OptionGroup var options: ConfigOption
+    @Option(help: "XEP-0082 date-time, e.g. 2026-01-01T00:00:00Z: messages archived before it are deleted.") var before: String
+    @Option(help: "Only this account's archive (user@host).") var user: String?
+
+    func run() async throws {
+        let configuration = try options.load()
+        guard let date = XMPPDateTime.date(before) else { throw ValidationError("--before: '\(before)' is not a XEP-0082 date-time (e.g. 2026-01-01T00:00:00Z)") }
+        var targets = configuration.hosts.map { (host: $0, user: String?.none) }
+        if let user {
+            guard let jid = JID(user), let localpart = jid.localpart, jid.resourcepart == nil, configuration.hosts.contains(jid.domainpart) else {
+                throw ValidationError("--user: '\(user)' is not an account on a configured host (hosts: \(configuration.hosts.joined(separator: ", ")))")
+            }
+            targets = [(jid.domainpart, localpart)]
+        }
+        try await withStore(configuration, failure: "cannot purge archives") { store in
+            var total = 0
+            for target in targets { total += try await store.purgeArchives(host: target.host, user: target.user, before: date) }
+            print("deleted \(total) archived message(s) from before \(XMPPDateTime.string(date))")
         }
     }
 }

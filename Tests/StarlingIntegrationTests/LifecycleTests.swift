@@ -127,7 +127,41 @@ final class PortableDataTests: XCTestCase {
         let blocklist = try await moved.waitFor("blocklist") { if case .element(let e) = $0 { return e[attribute: "id"] == "b2" }; return false }
         guard case .element(let blockIQ) = blocklist else { return XCTFail() }
         XCTAssertEqual(blockIQ.child("blocklist")?.child("item")?[attribute: "jid"], "spam@example.test")
+        // The archive came along, under the same ids.
+        let archive = try await MAM.query(moved)
+        XCTAssertEqual(archive.bodies, ["kept across servers"])
+        XCTAssertTrue(document.contains("<archive xmlns='urn:xmpp:pie:0#mam'><result xmlns='urn:xmpp:mam:2' id='\(archive.ids.first ?? "?")'>"), document)
         await moved.close()
+
+        // Another server's archive: its ids are not ours, so new ones are made from the times, in order.
+        let foreign = """
+            <server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'><user name='cid' password='cid-pw'>
+            <archive xmlns='urn:xmpp:pie:0#mam'>
+            <result xmlns='urn:xmpp:mam:2' id='b7c3-1'><forwarded xmlns='urn:xmpp:forward:0'><delay xmlns='urn:xmpp:delay' stamp='2020-05-01T10:00:00Z'/>
+            <message xmlns='jabber:client' from='cid@localhost/a' to='dee@elsewhere.example' type='chat'><body>first</body></message></forwarded></result>
+            <result xmlns='urn:xmpp:mam:2' id='a1f0-2'><forwarded xmlns='urn:xmpp:forward:0'><delay xmlns='urn:xmpp:delay' stamp='2020-05-01T10:00:00Z'/>
+            <message xmlns='jabber:client' from='dee@elsewhere.example/b' to='cid@localhost' type='chat'><body>second</body></message></forwarded></result>
+            </archive></user></host></server-data>
+            """
+        let foreignPath = target.directory.appendingPathComponent("foreign.xml").path
+        try foreign.write(toFile: foreignPath, atomically: true, encoding: .utf8)
+        let (foreignStatus, foreignOutput) = try target.ctl(["import", foreignPath])
+        XCTAssertEqual(foreignStatus, 0, foreignOutput)
+        let cid = try await TestClient.login(port: target.directTLSPort, domain: "localhost", tls: .direct, username: "cid", password: "cid-pw")
+        let cidArchive = try await MAM.query(cid, fields: ["with": ["dee@elsewhere.example"]])
+        XCTAssertEqual(cidArchive.bodies, ["first", "second"])
+        let old = try await MAM.query(cid, fields: ["end": ["2020-05-02T00:00:00Z"]])
+        XCTAssertEqual(old.messages.count, 2, "the imported times are kept")
+        // An operator purges what is older than a date: one account's, or everyone's.
+        let (purged, purgeOutput) = try target.ctl(["purge-archives", "--before", "2021-01-01T00:00:00Z", "--user", "cid@localhost"])
+        XCTAssertEqual(purged, 0, purgeOutput)
+        XCTAssertTrue(purgeOutput.contains("deleted 2 archived message(s)"), purgeOutput)
+        let (badDate, badDateOutput) = try target.ctl(["purge-archives", "--before", "last week"])
+        XCTAssertNotEqual(badDate, 0)
+        XCTAssertTrue(badDateOutput.contains("not a XEP-0082 date-time"), badDateOutput)
+        let purgedArchive = try await MAM.query(cid)
+        XCTAssertEqual(purgedArchive.messages.count, 0)
+        await cid.close()
         // ben already existed on the target and was left alone: his password there still works.
         let ben = try await TestClient.login(port: target.directTLSPort, domain: "localhost", tls: .direct, username: "ben", password: "other-pw")
         await ben.close()

@@ -180,6 +180,15 @@ final class MAMTests: XCTestCase {
         let between = try await MAM.query(alice, fields: ["after-id": [ids[2]], "before-id": [ids[6]]])
         XCTAssertEqual(between.bodies, ["n3", "n4", "n5"])
 
+        // Full-text search where the backend offers it (PostgreSQL); elsewhere the field is unknown.
+        if ServerProcess.defaultBackend == .postgresql {
+            let found = try await MAM.query(alice, fields: ["{urn:xmpp:fulltext:0}fulltext": ["n7"]])
+            XCTAssertEqual(found.bodies, ["n7"])
+        } else {
+            let unsupported = try await MAM.refusal(alice, fields: ["{urn:xmpp:fulltext:0}fulltext": ["n7"]])
+            XCTAssertEqual(unsupported, "feature-not-implemented")
+        }
+
         // Metadata and the form.
         let metadata = try await alice.iq("<iq type='get' id='md'><metadata xmlns='\(MAM.ns)'/></iq>", id: "md")
         XCTAssertEqual(metadata.child("metadata")?.child("start")?[attribute: "id"], ids.first)
@@ -212,5 +221,152 @@ final class MAMTests: XCTestCase {
         XCTAssertEqual(foreign, "forbidden")
         let wrongFormType = try await MAM.refusal(alice, extra: "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>urn:other</value></field></x>")
         XCTAssertEqual(wrongFormType, "bad-request")
+    }
+
+    private func prefs(_ client: TestClient, _ xml: String) async throws -> XMLElement {
+        let id = "p-\(UUID().uuidString.prefix(6))"
+        return try await client.iq("<iq type='set' id='\(id)'>\(xml)</iq>", id: id)
+    }
+
+    func testPreferencesDecideWhatIsArchivedAndSurviveARestart() async throws {
+        var server = try ServerProcess(extraConfig: Self.config(), users: Self.users)
+        var alice = try await login(server, 1)
+        let bob = try await login(server, 2)
+        let carol = try await login(server, 3)
+        let dave = try await login(server, 4)
+        for client in [alice, bob, carol, dave] { online(client) }
+        let initial = try await alice.iq("<iq type='get' id='g'><prefs xmlns='\(MAM.ns)'/></iq>", id: "g")
+        XCTAssertEqual(initial.child("prefs")?[attribute: "default"], "always")
+
+        // Never bob: his messages are not archived for alice (and carry no stanza-id), but still are for him.
+        let set = try await prefs(alice, "<prefs xmlns='\(MAM.ns)' default='always'><always/><never><jid>m2@localhost</jid></never></prefs>")
+        XCTAssertEqual(set.child("prefs")?.child("never")?.child("jid")?.text, "m2@localhost")
+        MAM.chat(bob, to: "m1@localhost", "not for the record")
+        let unrecorded = try await MAM.received(alice, "not for the record")
+        XCTAssertNil(MAM.stanzaID(unrecorded, by: "m1@localhost"))
+        MAM.chat(carol, to: "m1@localhost", "on the record")
+        _ = try await MAM.received(alice, "on the record")
+        var archive = try await MAM.query(alice)
+        XCTAssertEqual(archive.bodies, ["on the record"])
+        let bobs = try await MAM.query(bob)
+        XCTAssertEqual(bobs.bodies, ["not for the record"])
+
+        // Default never, but always carol (a full JID matches only that resource).
+        _ = try await prefs(alice, "<prefs xmlns='\(MAM.ns)' default='never'><always><jid>m3@localhost</jid><jid>m4@localhost/elsewhere</jid></always><never/></prefs>")
+        MAM.chat(carol, to: "m1@localhost", "carol always")
+        MAM.chat(dave, to: "m1@localhost", "dave never")
+        _ = try await MAM.received(alice, "carol always")
+        _ = try await MAM.received(alice, "dave never")
+        MAM.chat(alice, to: "m4@localhost", "to dave, unrecorded")
+        MAM.chat(alice, to: "m3@localhost", "to carol, recorded")
+        _ = try await MAM.received(carol, "to carol, recorded")
+        archive = try await MAM.query(alice)
+        XCTAssertEqual(archive.bodies, ["on the record", "carol always", "to carol, recorded"])
+
+        // Roster: dave once he is a contact.
+        _ = try await prefs(alice, "<prefs xmlns='\(MAM.ns)' default='roster'/>")
+        MAM.chat(dave, to: "m1@localhost", "dave, a stranger")
+        _ = try await MAM.received(alice, "dave, a stranger")
+        _ = try await alice.iq("<iq type='set' id='ro'><query xmlns='jabber:iq:roster'><item jid='m4@localhost'/></query></iq>", id: "ro")
+        MAM.chat(dave, to: "m1@localhost", "dave, a contact")
+        _ = try await MAM.received(alice, "dave, a contact")
+        archive = try await MAM.query(alice, fields: ["with": ["m4@localhost"]])
+        XCTAssertEqual(archive.bodies, ["dave, a contact"])
+
+        // Refused preferences change nothing.
+        let bad = try await prefs(alice, "<prefs xmlns='\(MAM.ns)' default='sometimes'/>")
+        XCTAssertEqual(MUC.errorCondition(bad), "bad-request")
+        let malformed = try await prefs(alice, "<prefs xmlns='\(MAM.ns)' default='always'><always><jid>@@</jid></always></prefs>")
+        XCTAssertEqual(MUC.errorCondition(malformed), "jid-malformed")
+
+        // After a restart the preferences still hold.
+        XCTAssertEqual(server.stop(), 0)
+        server = try ServerProcess(restarting: server)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        alice = try await login(server, 1)
+        let dave2 = try await login(server, 4)
+        let eve = try await login(server, 5)
+        for client in [alice, dave2, eve] { online(client) }
+        let kept = try await alice.iq("<iq type='get' id='g2'><prefs xmlns='\(MAM.ns)'/></iq>", id: "g2")
+        XCTAssertEqual(kept.child("prefs")?[attribute: "default"], "roster")
+        MAM.chat(eve, to: "m1@localhost", "eve, a stranger")
+        MAM.chat(dave2, to: "m1@localhost", "dave again")
+        _ = try await MAM.received(alice, "eve, a stranger")
+        _ = try await MAM.received(alice, "dave again")
+        archive = try await MAM.query(alice, rsm: "<max>2</max><before/>")
+        XCTAssertEqual(archive.bodies, ["dave, a contact", "dave again"])
+    }
+
+    func testRetentionLimitsAndAccountRemoval() async throws {
+        let server = try ServerProcess(extraConfig: Self.config("{ max_messages: 3 }"), users: Self.users)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice = try await login(server, 1)
+        let bob = try await login(server, 2)
+        for client in [alice, bob] { online(client) }
+        for index in 1...6 {
+            MAM.chat(bob, to: "m1@localhost", "r\(index)")
+            _ = try await MAM.received(alice, "r\(index)")
+        }
+        // Trimming runs after the write: wait for it rather than for a time.
+        var archive = try await MAM.query(alice)
+        for _ in 0..<200 where archive.messages.count > 3 {
+            try await Task.sleep(for: .milliseconds(20))
+            archive = try await MAM.query(alice)
+        }
+        XCTAssertEqual(archive.bodies, ["r4", "r5", "r6"], "the oldest go first")
+
+        // Deleting the account deletes its archive: a new account of the same name starts empty.
+        await alice.close()
+        let (removed, removeOutput) = try server.ctl(["unregister", "m1", "localhost"])
+        XCTAssertEqual(removed, 0, removeOutput)
+        let (registered, registerOutput) = try server.ctl(["register", "m1", "localhost", "again"])
+        XCTAssertEqual(registered, 0, registerOutput)
+        let newcomer = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "m1", password: "again")
+        archive = try await MAM.query(newcomer)
+        XCTAssertEqual(archive.messages.count, 0)
+    }
+
+    func testARestartLosesNoArchivedMessageAndOldOnesExpire() async throws {
+        var server = try ServerProcess(extraConfig: Self.config(), users: Self.users)
+        let alice = try await login(server, 1)
+        let bob = try await login(server, 2)
+        for client in [alice, bob] { online(client) }
+        // Old history, as if archived two years ago (imported), for the expiry below.
+        let old = """
+            <server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'><user name='old' password='old-pw'>
+            <archive xmlns='urn:xmpp:pie:0#mam'><result xmlns='urn:xmpp:mam:2' id='x'><forwarded xmlns='urn:xmpp:forward:0'>
+            <delay xmlns='urn:xmpp:delay' stamp='\(XMPPDateTime.string(Date().addingTimeInterval(-2 * 365 * 86_400)))'/>
+            <message xmlns='jabber:client' from='m2@localhost/r' to='old@localhost' type='chat'><body>ancient</body></message>
+            </forwarded></result></archive></user></host></server-data>
+            """
+        let oldPath = server.directory.appendingPathComponent("old.xml").path
+        try old.write(toFile: oldPath, atomically: true, encoding: .utf8)
+        XCTAssertEqual(try server.ctl(["import", oldPath]).0, 0)
+
+        // A burst, then SIGTERM as soon as the last message is delivered: what is queued is stored first.
+        let total = 300
+        for index in 0..<total { MAM.chat(bob, to: "m1@localhost", "b\(index)") }
+        _ = try await MAM.received(alice, "b\(total - 1)")
+        XCTAssertEqual(server.stop(), 0)
+
+        // Back with a retention of a year: everything from the burst is there, the ancient message is not.
+        let configuration = try String(contentsOfFile: server.configPath, encoding: .utf8)
+        try configuration.replacingOccurrences(of: "mam: {}", with: "mam: { retention_days: 365 }").write(toFile: server.configPath, atomically: true, encoding: .utf8)
+        server = try ServerProcess(restarting: server)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice2 = try await login(server, 1)
+        let counted = try await MAM.query(alice2, rsm: "<max>0</max>")
+        XCTAssertEqual(counted.fin.child("set", namespace: MAM.rsm)?.child("count", namespace: MAM.rsm)?.text, "\(total)")
+        let bob2 = try await login(server, 2)
+        let sent = try await MAM.query(bob2, rsm: "<max>0</max>")
+        XCTAssertEqual(sent.fin.child("set", namespace: MAM.rsm)?.child("count", namespace: MAM.rsm)?.text, "\(total)")
+        let oldAccount = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "old", password: "old-pw")
+        var ancient = try await MAM.query(oldAccount)
+        // The sweep runs once the module is up: wait for it rather than for a time.
+        for _ in 0..<200 where !ancient.messages.isEmpty {
+            try await Task.sleep(for: .milliseconds(20))
+            ancient = try await MAM.query(oldAccount)
+        }
+        XCTAssertEqual(ancient.messages.count, 0)
     }
 }
