@@ -1,4 +1,5 @@
 import StarlingAPI
+import StarlingMAM
 import StarlingStorage
 
 /// The `muc` module: a multi-user chat service (XEP-0045) per host at its own domain, with rooms that
@@ -6,7 +7,7 @@ import StarlingStorage
 public final class MUCModule: ServerModule, StatusReportingModule, ActivatableModule {
     public static let descriptor = ModuleDescriptor(
         name: "muc", summary: "Multi-user chat rooms at conference.<host>, with policy hooks.",
-        xeps: ["XEP-0045", "XEP-0249", "XEP-0359", "XEP-0410", "XEP-0421"],
+        xeps: ["XEP-0045", "XEP-0249", "XEP-0313", "XEP-0359", "XEP-0410", "XEP-0421"],
         options: [
             ModuleOptionSpec("domain", .string(choices: nil), default: .string("conference.@HOST@"), doc: "The service's domain; @HOST@ stands for the host."),
             ModuleOptionSpec("name", .string(choices: nil), default: .string("Chatrooms"), doc: "The service's name in service discovery."),
@@ -22,6 +23,8 @@ public final class MUCModule: ServerModule, StatusReportingModule, ActivatableMo
             ModuleOptionSpec("max_subject_length", .integer(0...65_536), default: .integer(1_024), doc: "Longest room subject, in characters."),
             ModuleOptionSpec("message_rate", .number(0.01...100_000), default: .number(5), doc: "Messages (and presence changes) per second each occupant may send, on average."),
             ModuleOptionSpec("message_burst", .integer(1...100_000), default: .integer(10), doc: "Messages an occupant may send at once before message_rate applies."),
+            ModuleOptionSpec("archiving", .boolean, default: .boolean(true),
+                             doc: "Persistent rooms whose configuration enables it (muc#roomconfig_enablearchiving) keep a message archive (XEP-0313)."),
             ModuleOptionSpec("lock_new_rooms", .boolean, default: .boolean(true),
                              doc: "A new room is locked until its owner configures it (or accepts the defaults), as XEP-0045 asks."),
             ModuleOptionSpec("default_persistent", .boolean, default: .boolean(false), doc: "New rooms are persistent."),
@@ -64,10 +67,12 @@ public final class MUCModule: ServerModule, StatusReportingModule, ActivatableMo
         settings.room.messageRate = options.number("message_rate")
         settings.room.messageBurst = Double(options.integer("message_burst"))
         settings.room.serviceAdmins = Set(try options.stringList("admins").map { try Self.jid($0, option: "admins") })
+        settings.room.archiving = options.boolean("archiving") && host.service((any ArchiveStore).self) != nil
         hooks = HostHooks(host: host)
         self.host = host
         self.settings = settings
-        service = MUCService.claim(settings: settings, host: host, hooks: hooks, store: host.service((any MUCStore).self))
+        service = MUCService.claim(settings: settings, host: host, hooks: hooks, store: host.service((any MUCStore).self),
+                                   archives: host.service((any ArchiveStore).self))
     }
 
     /// A reload with new options hands the running service, rooms and occupants included, to the new
@@ -97,7 +102,11 @@ public final class MUCModule: ServerModule, StatusReportingModule, ActivatableMo
             service.shutdown()
             return .pass
         }
+        registrar.hook(.serverDraining) { event in
+            event.finish { await service.drainArchives() }
+            return .pass
+        }
     }
 
-    public var statusCounters: [String: Int] { ["rooms": service.liveRooms] }
+    public var statusCounters: [String: Int] { service.archiveCounters.merging(["rooms": service.liveRooms]) { $1 } }
 }

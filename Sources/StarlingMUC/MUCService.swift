@@ -1,5 +1,6 @@
 import Foundation
 import StarlingAPI
+import StarlingMAM
 import StarlingStorage
 import Synchronization
 
@@ -72,10 +73,17 @@ final class MUCService: @unchecked Sendable {
     private let loaded = Atomic<Bool>(false)
     private static let maxPendingWhileLoading = 10_000
 
-    init(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner, store: (any MUCStore)?) {
+    /// Rooms' archives (XEP-0313), when storage offers them.
+    private let archive: (store: any ArchiveStore, writer: ArchiveWriter, runner: ArchiveQueryRunner)?
+
+    init(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner, store: (any MUCStore)?, archives: (any ArchiveStore)?) {
         current = Mutex((settings, host, hooks))
         self.store = store
         domain = settings.domain
+        archive = archives.map { archives in
+            (archives, ArchiveWriter(store: archives, accounts: nil, host: host, name: "muc \(settings.domain)"),
+             ArchiveQueryRunner(store: archives, pageSize: 50, maxPageSize: 250))
+        }
     }
 
     let domain: String
@@ -85,10 +93,11 @@ final class MUCService: @unchecked Sendable {
     private static let live = Mutex<[String: MUCService]>([:])
 
     /// The service at `settings.domain`: the running one, or a new one that starts when activated.
-    static func claim(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner, store: (any MUCStore)?) -> MUCService {
+    static func claim(settings: ServiceSettings, host: any ModuleHost, hooks: any HookRunner, store: (any MUCStore)?,
+                      archives: (any ArchiveStore)?) -> MUCService {
         live.withLock { live in
             if let existing = live[settings.domain] { return existing }
-            let created = MUCService(settings: settings, host: host, hooks: hooks, store: store)
+            let created = MUCService(settings: settings, host: host, hooks: hooks, store: store, archives: archives)
             live[settings.domain] = created
             return created
         }
@@ -331,6 +340,10 @@ final class MUCService: @unchecked Sendable {
                     return true
                 }
                 if removed { roomCount.subtract(1, ordering: .relaxed) }
+            case .archive(let message, let sender):
+                _ = archive?.writer.submit([ArchiveWriter.Entry(archive: handle.room.jid, message: message, origin: sender)])
+            case .archiveRequest(let input, let realJIDs):
+                answerArchiveRequest(input, realJIDs: realJIDs)
             }
         }
         let room = handle.room
@@ -350,20 +363,87 @@ final class MUCService: @unchecked Sendable {
     /// Stores a room's change, after that room's earlier changes.
     private func write(_ operation: RoomWrite, room: JID) {
         guard let store else { return }
-        let host = self.host
+        let (host, archive) = (self.host, self.archive)
         writes.enqueue(room) {
             do {
                 switch operation {
                 case .all(let stored): try await store.replaceMUCRoom(stored)
                 case .options(let stored): try await store.saveMUCRoom(stored)
                 case .affiliation(let user, let record): try await store.setMUCAffiliation(room: room, user: user, record)
-                case .delete: try await store.deleteMUCRoom(room)
+                case .delete:
+                    try await store.deleteMUCRoom(room)
+                    // A room's archive lasts as long as its stored record; what is still queued for it lands first.
+                    if let archive {
+                        await archive.writer.caughtUp()
+                        try await archive.store.deleteArchive(room)
+                    }
                 }
             } catch {
                 host.log(.error, "muc: cannot store a change to \(room) (it stays in effect until a restart): \(error)")
             }
         }
     }
+
+    // MARK: Archives
+
+    /// Runs a MAM request the room allowed: results come from the room, each message as occupants saw
+    /// it, with the sender's real JID only for those allowed to see it (XEP-0313 §7.1.2).
+    private func answerArchiveRequest(_ input: ComponentStanza, realJIDs: Bool) {
+        guard let archive, let payload = input.stanza.elements.first else { return }
+        let room = input.to.bare
+        Task {
+            do {
+                switch (payload.name, input.stanza[attribute: "type"]) {
+                case ("query", "get"):
+                    answer(input, archive.runner.form())
+                case ("metadata", _):
+                    await archive.writer.caughtUp()
+                    answer(input, try await archive.runner.metadata(of: room))
+                case ("query", "set"):
+                    let query: ArchiveQuery
+                    do throws(ArchiveQuery.Refusal) { query = try ArchiveQuery(payload, fullText: archive.store.supportsFullTextSearch) } catch {
+                        return refuse(input, error.condition, text: error.text)
+                    }
+                    if query.filter.with != nil && !realJIDs {
+                        return refuse(input, .forbidden, text: "only those who may see real JIDs may filter by sender")
+                    }
+                    await archive.writer.caughtUp()
+                    let host = self.host
+                    let response = try await archive.runner.run(query, on: room) { result in
+                        var result = result
+                        result[attribute: "from"] = room.description
+                        result[attribute: "to"] = input.from.description
+                        host.route(result)
+                    } forwarded: { stored, message in
+                        var message = message
+                        message.removeChildren("x", namespace: MUCNamespace.user)
+                        if realJIDs {
+                            var x = XMLElement(name: "x", namespace: MUCNamespace.user)
+                            x.append(XMLElement(name: "item", namespace: MUCNamespace.user, attributes: ["jid": stored.with.description]))
+                            message.append(x)
+                        }
+                        return message
+                    }
+                    switch response {
+                    case .result(let fin): answer(input, fin)
+                    case .error(let condition, let text): refuse(input, condition, text: text)
+                    }
+                default:
+                    refuse(input, .badRequest)
+                }
+            } catch {
+                host.log(.error, "muc \(domain): archive query on \(room) failed: \(error)")
+                refuse(input, .internalServerError, text: "the archive cannot be read right now")
+            }
+        }
+    }
+
+    /// Waits for what rooms still have queued for their archives (shutdown).
+    func drainArchives() async {
+        await archive?.writer.drain()
+    }
+
+    var archiveCounters: [String: Int] { archive?.writer.statusCounters ?? [:] }
 
     // MARK: Sessions and shutdown
 

@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import StarlingAPI
+import StarlingMAM
 import StarlingStorage
 
 /// Runs policy hooks: the module's host in the server, a recorder in tests.
@@ -23,6 +24,11 @@ enum RoomAction {
     case owners(Set<JID>)
     /// The room no longer exists (destroyed, or a temporary room whose last occupant left).
     case closed
+    /// A message for the room's archive, sent by `sender` (a real full JID).
+    case archive(ArchivedMessage, sender: JID)
+    /// A MAM request (query, form or metadata) the requester may make: `realJIDs` when it may see who
+    /// sent what.
+    case archiveRequest(ComponentStanza, realJIDs: Bool)
 }
 
 enum RoomWrite: Equatable {
@@ -47,6 +53,8 @@ struct RoomSettings: Sendable {
     var serviceAdmins: Set<JID> = []
     /// Pending IQs forwarded between occupants, per room.
     var maxForwardedIQs = 256
+    /// Persistent rooms whose configuration enables it keep an archive (XEP-0313).
+    var archiving = false
 }
 
 /// One occupant: a nickname held by one user, from one or more of its sessions.
@@ -703,10 +711,17 @@ final class Room {
         message[attribute: "to"] = nil
         if message[attribute: "id"] == nil { message[attribute: "id"] = StanzaID.next() }
         message.append(XMLElement(name: "occupant-id", namespace: MUCNamespace.occupantID, attributes: ["id": occupant.occupantID]))
-        message.append(XMLElement(name: "stanza-id", namespace: MUCNamespace.stanzaID, attributes: ["id": StanzaID.next(), "by": jid.description]))
-        if message.child("body") != nil, settings.historySize > 0 {
-            history.append(HistoryEntry(stanza: message, time: now))
-            if history.count > settings.historySize { history.removeFirst(history.count - settings.historySize) }
+        let stanzaID = StanzaID.next()
+        message.append(XMLElement(name: "stanza-id", namespace: MUCNamespace.stanzaID, attributes: ["id": stanzaID, "by": jid.description]))
+        if let body = message.child("body") {
+            if settings.historySize > 0 {
+                history.append(HistoryEntry(stanza: message, time: now))
+                if history.count > settings.historySize { history.removeFirst(history.count - settings.historySize) }
+            }
+            if archiving {
+                let stored = ArchivedMessage(id: stanzaID, with: input.from, stanza: message.serialized(inheritedNamespace: Namespace.client), body: body.text)
+                output.append(.archive(stored, sender: input.from))
+            }
         }
         output.append(.broadcast(message, allSessions))
     }
@@ -922,8 +937,24 @@ final class Room {
         case ("query", MUCNamespace.iqRegister, "get"): registrationGet(input)
         case ("query", MUCNamespace.iqRegister, "set"): registrationSet(input, payload: payload)
         case ("ping", Namespace.ping, "get"): send(result(input, nil))
+        case ("query", MAMNamespace.mam, _), ("metadata", MAMNamespace.mam, "get"): archiveRequest(input)
         default: refuse(input, .serviceUnavailable)
         }
+    }
+
+    /// Messages are archived: the service archives, the room is persistent and its owners want it.
+    var archiving: Bool { settings.archiving && options.persistent && options.enableArchiving }
+
+    /// XEP-0313 §7.1.2: whoever may enter may read the archive; real JIDs only for those who could see them.
+    func archiveRequest(_ input: ComponentStanza) {
+        guard !locked || affiliation(of: input.from) == .owner else { return refuse(input, .itemNotFound) }
+        guard archiving else { return refuse(input, .serviceUnavailable, text: "this room keeps no archive") }
+        let rank = affiliation(of: input.from).rank
+        guard affiliation(of: input.from) != .outcast else { return refuse(input, .forbidden, text: "you are banned from this room") }
+        guard !options.membersOnly || rank >= MUCAffiliation.member.rank else {
+            return refuse(input, .registrationRequired, text: "the archive of a members-only room is for its members")
+        }
+        output.append(.archiveRequest(input, realJIDs: options.nonAnonymous || rank >= MUCAffiliation.admin.rank))
     }
 
     func result(_ input: ComponentStanza, _ payload: XMLElement?) -> XMLElement {
@@ -995,6 +1026,7 @@ final class Room {
         features.append(options.persistent ? "muc_persistent" : "muc_temporary")
         features.append(options.nonAnonymous ? "muc_nonanonymous" : "muc_semianonymous")
         features.append(options.passwordProtected ? "muc_passwordprotected" : "muc_unsecured")
+        if archiving { features += [MAMNamespace.mam, MAMNamespace.extended, MAMNamespace.stanzaID] }
         for feature in features.sorted() {
             query.append(XMLElement(name: "feature", namespace: MUCNamespace.discoInfo, attributes: ["var": feature]))
         }

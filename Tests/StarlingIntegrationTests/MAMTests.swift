@@ -369,4 +369,89 @@ final class MAMTests: XCTestCase {
         }
         XCTAssertEqual(ancient.messages.count, 0)
     }
+
+    func testRoomArchives() async throws {
+        let config = """
+        modules:
+          disco: {}
+          roster: {}
+          presence: {}
+          muc: {}
+          mam: {}
+        """
+        let server = try ServerProcess(extraConfig: config, users: Self.users)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let owner = try await login(server, 1)
+        let guest = try await login(server, 2)
+        let stranger = try await login(server, 3)
+        let room = "hist@\(MUC.service)"
+        try await MUC.createInstantRoom(owner, "hist", nick: "Owner")
+        let persistent = try await MUC.configure(owner, "hist", ["persistentroom": ["1"]])
+        XCTAssertEqual(persistent[attribute: "type"], "result")
+        let info = try await guest.iq("<iq type='get' to='\(room)' id='i'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "i")
+        let features = Set(info.child("query")?.elements.compactMap { $0[attribute: "var"] } ?? [])
+        XCTAssertTrue(features.isSuperset(of: [MAM.ns, "urn:xmpp:mam:2#extended"]), "\(features)")
+        _ = try await MUC.join(guest, "hist", nick: "Guest")
+        var live: [String] = []
+        for (client, body) in [(owner, "one"), (guest, "two"), (owner, "three")] {
+            MUC.groupchat(client, "hist", body)
+            let echoed = try await MUC.message(guest, from: "\(room)/\(client === owner ? "Owner" : "Guest")", body: body)
+            live.append(MAM.stanzaID(echoed, by: room) ?? "?")
+        }
+        // Anyone who may enter reads it, even without being in the room; one copy per message.
+        let page = try await MAM.query(stranger, archive: room)
+        XCTAssertEqual(page.bodies, ["one", "two", "three"])
+        XCTAssertEqual(page.ids, live, "the ids occupants saw live")
+        XCTAssertEqual(page.messages.map { $0[attribute: "from"] }, ["\(room)/Owner", "\(room)/Guest", "\(room)/Owner"])
+        XCTAssertTrue(page.messages.allSatisfy { $0[attribute: "to"] == nil })
+        XCTAssertTrue(page.messages.allSatisfy { $0.child("x", namespace: MUC.user) == nil }, "a semi-anonymous room hides real JIDs")
+        let filtered = try await MAM.refusal(stranger, archive: room, fields: ["with": ["m1@localhost"]])
+        XCTAssertEqual(filtered, "forbidden")
+        // Its owner sees who sent what, and may filter by it.
+        let seen = try await MAM.query(owner, archive: room, fields: ["with": ["m2@localhost"]])
+        XCTAssertEqual(seen.bodies, ["two"])
+        XCTAssertEqual(seen.messages.first?.child("x", namespace: MUC.user)?.child("item")?[attribute: "jid"], "m2@localhost/r")
+        let last = try await MAM.query(guest, archive: room, rsm: "<max>1</max><before/>")
+        XCTAssertEqual(last.bodies, ["three"])
+        XCTAssertFalse(last.complete)
+        let metadata = try await guest.iq("<iq type='get' to='\(room)' id='md'><metadata xmlns='\(MAM.ns)'/></iq>", id: "md")
+        XCTAssertEqual(metadata.child("metadata")?.child("end")?[attribute: "id"], live.last)
+        // A user's own archive does not hold groupchat.
+        let own = try await MAM.query(guest)
+        XCTAssertEqual(own.messages.count, 0)
+
+        // Members-only: only members read; banned users never.
+        _ = try await MUC.configure(owner, "hist", ["membersonly": ["1"]])
+        let outsider = try await MAM.refusal(stranger, archive: room)
+        XCTAssertEqual(outsider, "registration-required")
+        _ = try await MUC.admin(owner, "hist", "<item affiliation='member' jid='m3@localhost'/>")
+        let member = try await MAM.query(stranger, archive: room)
+        XCTAssertEqual(member.messages.count, 3)
+        _ = try await MUC.admin(owner, "hist", "<item affiliation='outcast' jid='m3@localhost'/>")
+        let banned = try await MAM.refusal(stranger, archive: room)
+        XCTAssertEqual(banned, "forbidden")
+
+        // Archiving switched off: no feature, no archive; switched on again, the archive is still there.
+        _ = try await MUC.configure(owner, "hist", ["enablearchiving": ["0"]])
+        let off = try await MAM.refusal(owner, archive: room)
+        XCTAssertEqual(off, "service-unavailable")
+        MUC.groupchat(owner, "hist", "unrecorded")
+        _ = try await MUC.message(owner, from: "\(room)/Owner", body: "unrecorded")
+        _ = try await MUC.configure(owner, "hist", ["enablearchiving": ["1"]])
+        let back = try await MAM.query(owner, archive: room)
+        XCTAssertEqual(back.bodies, ["one", "two", "three"])
+
+        // Destroyed, the archive goes with the room: a new room of that name starts empty.
+        let destroyed = try await owner.iq("<iq type='set' to='\(room)' id='d'><query xmlns='\(MUC.owner)'><destroy/></query></iq>", id: "d")
+        XCTAssertEqual(destroyed[attribute: "type"], "result")
+        _ = try await MUC.presence(owner, from: "\(room)/Owner", type: "unavailable")
+        try await MUC.createInstantRoom(owner, "hist", nick: "Owner")
+        _ = try await MUC.configure(owner, "hist", ["persistentroom": ["1"]])
+        let fresh = try await MAM.query(owner, archive: room)
+        XCTAssertEqual(fresh.messages.count, 0)
+        // A temporary room keeps no archive.
+        try await MUC.createInstantRoom(owner, "fleeting", nick: "Owner")
+        let temporary = try await MAM.refusal(owner, archive: "fleeting@\(MUC.service)")
+        XCTAssertEqual(temporary, "service-unavailable")
+    }
 }

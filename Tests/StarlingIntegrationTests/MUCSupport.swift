@@ -83,7 +83,7 @@ enum MUC {
     @discardableResult
     static func createInstantRoom(_ client: TestClient, _ room: String, nick: String) async throws -> Joined {
         let joined = try await join(client, room, nick: nick)
-        XCTAssertTrue(statuses(joined.own).contains(201), "a new room says so")
+        XCTAssertTrue(statuses(joined.own).contains(201), "a new room says so: \(joined.own.serialized())")
         let result = try await client.iq("<iq type='set' to='\(room)@\(service)' id='create-\(room)'><query xmlns='\(owner)'><x xmlns='jabber:x:data' type='submit'/></query></iq>",
                                          id: "create-\(room)")
         XCTAssertEqual(result[attribute: "type"], "result", result.serialized())
