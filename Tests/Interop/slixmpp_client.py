@@ -10,6 +10,9 @@ Modes (each prints one result line and exits 0 on success, 1 on failure, bounded
   muc      with the xep_0045 plugin: A creates --room and configures it through the form, B joins, they
            exchange groupchat messages, A kicks B, makes the room moderated, and B comes back as a
            visitor: prints OK
+  mam      with the xep_0313 plugin: B sends A --count messages; A pages through its archive forwards
+           and backwards, filters by B, reads the metadata and finds the stanza-ids it got live; then
+           A makes --room persistent, talks in it, and B reads the room's archive: prints OK
 """
 import argparse
 import asyncio
@@ -27,6 +30,8 @@ def make_client(jid, password, args):
     client.enable_plaintext = False
     client.register_plugin("xep_0203")
     client.register_plugin("xep_0045")
+    client.register_plugin("xep_0313")
+    client.register_plugin("xep_0359")
     # The test server uses a self-signed certificate.
     client.ssl_context.check_hostname = False
     client.ssl_context.verify_mode = ssl.CERT_NONE
@@ -242,9 +247,80 @@ async def muc(args):
     return 0
 
 
+async def mam(args):
+    """Message archives as slixmpp's xep_0313 plugin reads them."""
+    a = make_client(args.jid_a, args.password_a, args)
+    b = make_client(args.jid_b, args.password_b, args)
+    live = {}
+    done = asyncio.get_running_loop().create_future()
+
+    def on_message(message):
+        if message["type"] == "chat" and message["body"]:
+            live[message["body"]] = message["stanza_id"]["id"]
+            if len(live) == args.count and not done.done():
+                done.set_result(True)
+
+    a.add_event_handler("message", on_message)
+    for client in (a, b):
+        state = await connect_and_start(client, args)
+        if state != "started":
+            print(f"LOGIN-{state.upper()} {client.boundjid}")
+            return 1
+    bodies = [f"archived {index}" for index in range(args.count)]
+    for body in bodies:
+        b.send_message(mto=a.boundjid.bare, mbody=body, mtype="chat")
+    await asyncio.wait_for(done, args.timeout)
+
+    mam_a = a.plugin["xep_0313"]
+    forward = [m async for m in mam_a.iterate(rsm={"max": 10})]
+    got = [m["mam_result"]["forwarded"]["stanza"]["body"] for m in forward]
+    ids = [m["mam_result"]["id"] for m in forward]
+    if got != bodies:
+        print(f"WRONG-FORWARD {got}")
+        return 1
+    if ids != [live[body] for body in bodies]:
+        print(f"WRONG-IDS {ids} {live}")
+        return 1
+    backward = [m["mam_result"]["forwarded"]["stanza"]["body"] async for m in mam_a.iterate(rsm={"max": 7}, reverse=True)]
+    if backward != list(reversed(bodies)):
+        print(f"WRONG-BACKWARD {backward}")
+        return 1
+    filtered = await mam_a.retrieve(with_jid=b.boundjid.bare, rsm={"max": 5})
+    if len(filtered["mam"]["results"]) != 5 or filtered["mam_fin"]["complete"] not in (False, "false", ""):
+        print(f"WRONG-FILTER {filtered}")
+        return 1
+    metadata = await mam_a.get_archive_metadata()
+    if metadata["mam_metadata"]["start"]["id"] != ids[0] or metadata["mam_metadata"]["end"]["id"] != ids[-1]:
+        print(f"WRONG-METADATA {metadata}")
+        return 1
+
+    # A room's archive: A makes the room persistent and talks; B, who never joined, reads it.
+    room = args.room
+    muc_a = a.plugin["xep_0045"]
+    await muc_a.join_muc_wait(room, "Alpha", maxstanzas=0, timeout=args.timeout)
+    form = a.plugin["xep_0004"].make_form(ftype="submit")
+    form.add_field(var="FORM_TYPE", value="http://jabber.org/protocol/muc#roomconfig")
+    form.add_field(var="muc#roomconfig_persistentroom", value=True)
+    await muc_a.set_room_config(room, form)
+    echoed = asyncio.get_running_loop().create_future()
+    a.add_event_handler("groupchat_message", lambda m: m["body"] == "room 2" and not echoed.done() and echoed.set_result(m))
+    for index in range(3):
+        a.send_message(mto=room, mbody=f"room {index}", mtype="groupchat")
+    await asyncio.wait_for(echoed, args.timeout)
+    result = await b.plugin["xep_0313"].retrieve(jid=slixmpp.JID(room), rsm={"max": 10})
+    in_room = [(str(m["mam_result"]["forwarded"]["stanza"]["from"]), m["mam_result"]["forwarded"]["stanza"]["body"]) for m in result["mam"]["results"]]
+    if in_room != [(f"{room}/Alpha", f"room {index}") for index in range(3)]:
+        print(f"WRONG-ROOM {in_room}")
+        return 1
+    for client in (a, b):
+        client.disconnect()
+    print("OK")
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["chat", "echo", "badauth", "im", "muc"])
+    parser.add_argument("mode", choices=["chat", "echo", "badauth", "im", "muc", "mam"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tls", choices=["starttls", "direct"], default="starttls")
@@ -261,7 +337,7 @@ def main():
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.CRITICAL)
-    modes = {"chat": chat, "echo": echo, "badauth": badauth, "im": im, "muc": muc}
+    modes = {"chat": chat, "echo": echo, "badauth": badauth, "im": im, "muc": muc, "mam": mam}
     try:
         code = asyncio.run(asyncio.wait_for(modes[args.mode](args), args.timeout + 5))
     except asyncio.TimeoutError:

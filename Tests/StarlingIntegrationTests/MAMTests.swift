@@ -454,4 +454,15 @@ final class MAMTests: XCTestCase {
         let temporary = try await MAM.refusal(owner, archive: "fleeting@\(MUC.service)")
         XCTAssertEqual(temporary, "service-unavailable")
     }
+
+    func testSlixmppPagesThroughBothKindsOfArchive() async throws {
+        let server = try ServerProcess(extraConfig: Self.config() + "\n  muc: {}\n", users: Self.users)
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let (status, output) = try ServerProcess.slixmpp([
+            "mam", "--port", "\(server.starttlsPort)", "--tls", "starttls", "--count", "23", "--room", "slixmpp@\(MUC.service)",
+            "--jid-a", "m1@localhost", "--password-a", "pw1", "--jid-b", "m2@localhost", "--password-b", "pw2",
+        ])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("OK"), output)
+    }
 }
