@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import NIOCore
 import NIOPosix
+import StarlingConfig
 
 /// Logs in `count` connections with at most `concurrency` logins in flight; connection `i` is account `i`.
 /// Returns the connections that made it and the reasons the others did not.
@@ -118,13 +119,21 @@ struct Chat: AsyncParsableCommand {
     @Option(help: "Messages in flight per sender when flat out.") var window = 16
     @Option(help: "Seconds of sending.") var seconds = 10.0
     @Option(help: "Seconds to wait for messages still in flight after sending stops.") var drain = 10.0
+    @Flag(help: "Archive every message (the mam module) on the starling this tool starts; without it, the default modules except mam.")
+    var archiving = false
 
     func validate() throws {
         guard pairs > 0, seconds > 0, window > 0, rate >= 0 else { throw ValidationError("pairs, seconds and window must be positive") }
     }
 
+    /// The default modules, with or without message archiving.
+    static func modules(archiving: Bool) -> String {
+        let names = StarlingConfiguration.defaultModules.filter { archiving || $0 != "mam" }
+        return "modules:\n" + names.map { "  \($0): {}\n" }.joined()
+    }
+
     func run() async throws {
-        let server = try await ServerUnderTest.prepare(options, accounts: pairs * 2)
+        let server = try await ServerUnderTest.prepare(options, accounts: pairs * 2, defaultConfig: Self.modules(archiving: archiving))
         defer { server.stop() }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: options.threads)
         defer { group.shutdownGracefully { _ in } }
@@ -161,6 +170,8 @@ struct Chat: AsyncParsableCommand {
             if totals.received + totals.errors >= totals.sent || DispatchTime.now().uptimeNanoseconds > drainDeadline { break }
             try await Task.sleep(for: .milliseconds(20))
         }
+        // Archiving is part of the cost: the figures include it once the archive queue is empty.
+        if archiving { try await server.waitForArchive() }
         let serverSeconds = server.cpuSeconds.flatMap { now in serverCPU.map { now - $0 } }
         let generatorSeconds = ProcStat.ownCPUSeconds - generatorCPU
         var latencies: [UInt64] = []
@@ -181,6 +192,10 @@ struct Chat: AsyncParsableCommand {
         if let serverSeconds {
             result["server_cpu_seconds"] = serverSeconds
             result["server_cpu_seconds_per_1000"] = serverSeconds * 1000 / Double(max(totals.received, 1))
+        }
+        if archiving {
+            result["archiving"] = true
+            for (name, value) in server.moduleCounters("mam") { result[name] = value }
         }
         try printResult(result)
         for connection in connections.values { connection.loop.execute { connection.close() } }

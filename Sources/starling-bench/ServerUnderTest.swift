@@ -4,7 +4,7 @@ import Logging
 import StarlingConfig
 import StarlingModules
 import StarlingSASL
-import StarlingSQLite
+import StarlingServer
 import StarlingTestClient
 
 /// Which server a scenario loads and how its clients log in; shared by every load scenario.
@@ -23,6 +23,9 @@ struct TargetOptions: ParsableArguments {
     var serverConfig: String?
     @Flag(help: "Create each account by in-band registration (XEP-0077) before logging in (for --target servers).") var register = false
     @Option(help: "Spread connections over source addresses 127.0.0.1 ... 127.0.0.N (each holds ~28k ports).") var sourceAddresses = 1
+    @Option(help: "Storage of the starling this tool starts: sqlite, or postgresql (with --postgres-url; the database is emptied first).")
+    var backend = "sqlite"
+    @Option(help: "PostgreSQL URL for --backend postgresql.") var postgresURL: String?
 
     func login(_ index: Int) -> LoginSpec {
         LoginSpec(domain: domain, username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls, register: register)
@@ -81,13 +84,15 @@ final class ServerUnderTest {
           required: \(options.tls != .none)
         auth:
           plain_without_tls: true
+        \(try storageSection(options))
         \(try options.serverConfig.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? defaultConfig)
         """.write(toFile: configPath, atomically: true, encoding: .utf8)
         let configuration = try StarlingConfiguration.load(path: configPath, moduleCatalog: BuiltinModules.descriptors)
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+        if configuration.storage.backend == .postgresql { try emptyDatabase(configuration.storage.url ?? "") }
 
         // One derivation shared by every bench account: registering thousands stays quick.
-        let store = try await SQLiteStore.open(path: configuration.storage.path, logger: Logger(label: "bench"))
+        let store = try await StorageBackends.open(configuration, logger: Logger(label: "bench"))
         let credentials = SCRAMHash.allCases.map { SCRAMCredentials.generate(password: options.password, hash: $0, iterations: 4096) }
         for index in 0..<accounts {
             try await store.createAccount(username: "\(options.accountPrefix)\(index)", host: options.domain, credentials: credentials)
@@ -109,6 +114,50 @@ final class ServerUnderTest {
         }
         let port = options.tls == .direct ? announcement.directTLSPort : announcement.starttlsPort
         return ServerUnderTest(name: "starling", host: "127.0.0.1", port: port, pid: process.processIdentifier, process: process, workDirectory: work)
+    }
+
+    private static func storageSection(_ options: TargetOptions) throws -> String {
+        switch options.backend {
+        case "sqlite": return ""
+        case "postgresql":
+            guard let url = options.postgresURL else { throw ValidationError("--backend postgresql needs --postgres-url") }
+            return "storage: { backend: postgresql, url: \"\(url)\", pool: 20 }"
+        default: throw ValidationError("--backend must be sqlite or postgresql")
+        }
+    }
+
+    /// A run starts from an empty database, so figures do not depend on what earlier runs left.
+    private static func emptyDatabase(_ url: String) throws {
+        let psql = Process()
+        psql.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        psql.arguments = ["psql", "-q", "-v", "ON_ERROR_STOP=1", url, "-c", "DROP SCHEMA public CASCADE; CREATE SCHEMA public;"]
+        try psql.run()
+        psql.waitUntilExit()
+        guard psql.terminationStatus == 0 else { throw ValidationError("cannot empty the database at \(url) (psql failed)") }
+    }
+
+    /// The server's `starlingctl status` counters of one module (the starling this tool started only).
+    func moduleCounters(_ module: String) -> [String: Int] {
+        guard let workDirectory else { return [:] }
+        let ctl = Process()
+        ctl.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent().appendingPathComponent("starlingctl")
+        ctl.arguments = ["status", "--config", workDirectory.appendingPathComponent("starling.yml").path]
+        let output = Pipe()
+        ctl.standardOutput = output
+        guard (try? ctl.run()) != nil else { return [:] }
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        ctl.waitUntilExit()
+        guard let status = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+              let modules = status["modules"] as? [String: [String: Int]] else { return [:] }
+        return modules.first { $0.key.hasSuffix("/\(module)") }?.value ?? [:]
+    }
+
+    /// Waits (up to a minute) until the server's archive queue is empty.
+    func waitForArchive() async throws {
+        for _ in 0..<600 {
+            if (moduleCounters("mam")["archive_queued"] ?? 0) == 0 { return }
+            try await Task.sleep(for: .milliseconds(100))
+        }
     }
 
     func stop() {
