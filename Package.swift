@@ -170,6 +170,7 @@ let package = Package(
             name: "starling-bench",
             dependencies: [
                 "StarlingTestClient", "StarlingSQLite", "StarlingPostgres", "StarlingServer", "StarlingConfig", "StarlingSASL", "StarlingModules", "StarlingLua",
+                "StarlingStorage", .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

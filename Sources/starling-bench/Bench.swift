@@ -13,7 +13,7 @@ struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starling-bench",
         abstract: "Load scenarios against a starling it starts (release build) or any XMPP server given with --target. Prints one JSON line per run.",
-        subcommands: [Idle.self, Chat.self, Storm.self, MUCLoad.self, Flood.self, OfflineStoreThroughput.self, HookCost.self]
+        subcommands: [Idle.self, Chat.self, Storm.self, MUCLoad.self, Flood.self, ArchiveQueries.self, OfflineStoreThroughput.self, HookCost.self]
     )
 }
 

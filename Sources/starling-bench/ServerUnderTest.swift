@@ -5,6 +5,7 @@ import StarlingConfig
 import StarlingModules
 import StarlingSASL
 import StarlingServer
+import StarlingStorage
 import StarlingTestClient
 
 /// Which server a scenario loads and how its clients log in; shared by every load scenario.
@@ -57,7 +58,9 @@ final class ServerUnderTest {
 
     /// The `--target` server, or a fresh starling with `accounts` accounts (and `defaultConfig` appended to
     /// its config when no `--server-config` is given).
-    static func prepare(_ options: TargetOptions, accounts: Int, defaultConfig: String = "") async throws -> ServerUnderTest {
+    /// - Parameter seed: fills the fresh starling's storage before it starts.
+    static func prepare(_ options: TargetOptions, accounts: Int, defaultConfig: String = "",
+                        seed: (any StarlingStore) async throws -> Void = { _ in }) async throws -> ServerUnderTest {
         raiseFileLimit()
         if let target = options.target {
             guard let colon = target.lastIndex(of: ":"), let port = Int(target[target.index(after: colon)...]) else {
@@ -65,10 +68,11 @@ final class ServerUnderTest {
             }
             return ServerUnderTest(name: "target", host: String(target[..<colon]), port: port, pid: options.serverPid, process: nil, workDirectory: nil)
         }
-        return try await startStarling(options, accounts: accounts, defaultConfig: defaultConfig)
+        return try await startStarling(options, accounts: accounts, defaultConfig: defaultConfig, seed: seed)
     }
 
-    private static func startStarling(_ options: TargetOptions, accounts: Int, defaultConfig: String) async throws -> ServerUnderTest {
+    private static func startStarling(_ options: TargetOptions, accounts: Int, defaultConfig: String,
+                                      seed: (any StarlingStore) async throws -> Void) async throws -> ServerUnderTest {
         let work = FileManager.default.temporaryDirectory.appendingPathComponent("starling-bench-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
         let configPath = work.appendingPathComponent("starling.yml").path
@@ -96,6 +100,10 @@ final class ServerUnderTest {
         let credentials = SCRAMHash.allCases.map { SCRAMCredentials.generate(password: options.password, hash: $0, iterations: 4096) }
         for index in 0..<accounts {
             try await store.createAccount(username: "\(options.accountPrefix)\(index)", host: options.domain, credentials: credentials)
+        }
+        do { try await seed(store) } catch {
+            await store.close()
+            throw error
         }
         await store.close()
 
