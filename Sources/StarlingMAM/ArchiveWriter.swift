@@ -3,12 +3,14 @@ import StarlingAPI
 import StarlingStorage
 import Synchronization
 
-/// Writes archived messages off the stanza path: callers queue entries and go on delivering; one task
-/// stores them in batches. The queue is bounded, and fair:
-/// - a session whose messages pile up faster than storage takes them stops being read (backpressure
-///   through `ModuleHost.holdReads`) until its backlog shrinks, so one flooding client slows only itself;
-/// - when storage fails or falls behind everyone, the queue fills and new messages are delivered
-///   without being archived (no stanza-id), counted in `dropped` and logged, instead of growing memory.
+/// Writes archived messages off the stanza path: callers queue entries and go on delivering; a few
+/// tasks store them in batches. The queue is bounded, and fair:
+/// - a session whose entries pile up stops being read (backpressure through `ModuleHost.holdReads`)
+///   until its backlog shrinks: past `perSessionHigh` entries always, and past `perSessionBusy` once
+///   the queue is half full, so heavy senders slow down to what storage takes and light ones never wait;
+/// - when storage fails, holds are released (nobody waits on an outage), the queue fills, and new
+///   messages are delivered without being archived (no stanza-id), counted in `dropped` and logged,
+///   instead of growing memory.
 public final class ArchiveWriter: Sendable {
     public struct Entry: Sendable {
         public var archive: JID
@@ -28,40 +30,55 @@ public final class ArchiveWriter: Sendable {
     }
 
     public struct Limits: Sendable {
-        /// Entries queued at most; beyond, messages go unarchived.
+        /// Entries queued (or being written) at most; beyond, messages go unarchived.
         public var queued: Int
-        /// Entries one session may have queued before its reads are held, and where they resume.
+        /// Entries one session may have queued before its reads are held; `perSessionBusy` once the
+        /// queue is half full; reading resumes at `perSessionLow`.
         public var perSessionHigh: Int
+        public var perSessionBusy: Int
         public var perSessionLow: Int
         public var batch: Int
 
-        public init(queued: Int = 10_000, perSessionHigh: Int = 256, perSessionLow: Int = 64, batch: Int = 500) {
+        public init(queued: Int = 10_000, perSessionHigh: Int = 256, perSessionBusy: Int = 32, perSessionLow: Int = 8, batch: Int = 500) {
             self.queued = queued
             self.perSessionHigh = perSessionHigh
+            self.perSessionBusy = perSessionBusy
             self.perSessionLow = perSessionLow
             self.batch = batch
         }
     }
 
+    private struct Queued {
+        var entry: Entry
+        /// Position in submission order.
+        var sequence: Int
+    }
+
     private struct State {
-        var queue: [Entry] = []
-        /// Entries taken for the batch being written (still counted against the bound).
-        var writing = 0
-        var running = false
+        /// Pending entries from `head` on (the consumed front is dropped now and then).
+        var queue: [Queued] = []
+        var head = 0
+        var pending: Int { queue.count - head }
+        /// Batches being written: first sequence → size.
+        var writing: [Int: Int] = [:]
+        var writingCount = 0
+        var workers = 0
+        var nextSequence = 0
         /// Storage failed on the last attempt: nobody is held while it is down.
         var failing = false
         var perSession: [JID: Int] = [:]
         var holds: [JID: any ReadHold] = [:]
-        /// Waiting for the queue to empty (shutdown).
-        var drained: [CheckedContinuation<Void, Never>] = []
-        /// Entries accepted, and entries done with (written, or found to have no account), in order:
-        /// whoever waits for `completed` to reach a value has seen everything queued before it.
-        var submitted = 0
-        var completed = 0
-        var caughtUp: [(waiter: Int, target: Int, continuation: CheckedContinuation<Void, Never>)] = []
+        /// Waiting for every entry before `target` to be done with.
+        var waiters: [(id: Int, target: Int, continuation: CheckedContinuation<Void, Never>)] = []
         var nextWaiter = 0
         var lastDropLog = 0.0
         var droppedSinceLog = 0
+
+        /// Every entry before this sequence is stored (or was found to have no account).
+        var doneBefore: Int {
+            let queuedFront = head < queue.count ? queue[head].sequence : nextSequence
+            return min(queuedFront, writing.keys.min() ?? nextSequence)
+        }
     }
 
     private let store: any ArchiveStore
@@ -69,6 +86,7 @@ public final class ArchiveWriter: Sendable {
     private let host: any ModuleHost
     private let name: String
     private let limits: Limits
+    private let concurrency: Int
     /// Called after each batch with the archives it wrote to (retention by count hooks in here).
     private let written: @Sendable ([JID]) async -> Void
     private let state = Mutex(State())
@@ -88,6 +106,7 @@ public final class ArchiveWriter: Sendable {
         self.host = host
         self.name = name
         self.limits = limits
+        concurrency = max(1, store.concurrentArchiveWrites)
         self.written = written
     }
 
@@ -98,20 +117,23 @@ public final class ArchiveWriter: Sendable {
         var hold: JID?
         var start = false
         let accepted = state.withLock { state -> Bool in
-            guard state.queue.count + state.writing + entries.count <= limits.queued else {
+            guard state.pending + state.writingCount + entries.count <= limits.queued else {
                 state.droppedSinceLog += entries.count
                 return false
             }
-            state.queue.append(contentsOf: entries)
-            state.submitted += entries.count
+            for entry in entries {
+                state.queue.append(Queued(entry: entry, sequence: state.nextSequence))
+                state.nextSequence += 1
+            }
+            let busy = (state.pending + state.writingCount) * 2 >= limits.queued
             for entry in entries {
                 guard let origin = entry.origin else { continue }
                 let count = (state.perSession[origin] ?? 0) + 1
                 state.perSession[origin] = count
-                if count >= limits.perSessionHigh, !state.failing, state.holds[origin] == nil { hold = origin }
+                if count >= (busy ? limits.perSessionBusy : limits.perSessionHigh), !state.failing, state.holds[origin] == nil { hold = origin }
             }
-            if !state.running {
-                state.running = true
+            if state.workers < concurrency {
+                state.workers += 1
                 start = true
             }
             return true
@@ -122,68 +144,49 @@ public final class ArchiveWriter: Sendable {
         }
         if let hold, let taken = host.holdReads(of: hold) {
             counters.holds.add(1, ordering: .relaxed)
-            let duplicate = state.withLock { state -> Bool in
-                guard state.holds[hold] == nil else { return true }
+            let keep = state.withLock { state -> Bool in
+                guard state.holds[hold] == nil, (state.perSession[hold] ?? 0) > limits.perSessionLow else { return false }
                 state.holds[hold] = taken
-                return false
+                return true
             }
-            if duplicate { taken.release() }
+            if !keep { taken.release() }
         }
-        if start { Task { await self.run() } }
+        if start { Task { await self.work() } }
         return accepted
-    }
-
-    /// Waits until everything queued is written (or the task is cancelled).
-    public func drain() async {
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { continuation in
-                let done = state.withLock { state -> Bool in
-                    guard state.running || !state.queue.isEmpty else { return true }
-                    state.drained.append(continuation)
-                    return false
-                }
-                if done { continuation.resume() }
-            }
-        } onCancel: {
-            let waiting = state.withLock { state -> [CheckedContinuation<Void, Never>] in
-                defer { state.drained = [] }
-                return state.drained
-            }
-            for continuation in waiting { continuation.resume() }
-        }
-        let left = state.withLock { $0.queue.count + $0.writing }
-        if left > 0 { host.log(.error, "\(name): \(left) message(s) were not archived before shutdown") }
     }
 
     /// Waits until everything queued so far is stored, for at most `timeout` seconds: a query right
     /// after a message sees it (read your writes), and a query while storage is down still answers.
-    public func caughtUp(timeout: Double = 2) async {
+    public func caughtUp(timeout: Double? = 2) async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let waiter = state.withLock { state -> Int? in
-                guard state.completed < state.submitted else { return nil }
+                guard state.doneBefore < state.nextSequence else { return nil }
                 state.nextWaiter += 1
-                state.caughtUp.append((state.nextWaiter, state.submitted, continuation))
+                state.waiters.append((state.nextWaiter, state.nextSequence, continuation))
                 return state.nextWaiter
             }
             guard let waiter else { return continuation.resume() }
+            guard let timeout else { return }
             Task {
                 try? await Task.sleep(for: .seconds(timeout))
-                self.resumeCaughtUp { $0.waiter == waiter }
+                self.resumeWaiters { $0.id == waiter }
             }
         }
     }
 
-    private func resumeCaughtUp(_ which: ((waiter: Int, target: Int, continuation: CheckedContinuation<Void, Never>)) -> Bool) {
-        let ready = state.withLock { state -> [CheckedContinuation<Void, Never>] in
-            let ready = state.caughtUp.filter(which).map(\.continuation)
-            state.caughtUp.removeAll(where: which)
-            return ready
+    /// Waits until the queue is empty and written, or the task is cancelled (shutdown gives up).
+    public func drain() async {
+        await withTaskCancellationHandler {
+            await caughtUp(timeout: nil)
+        } onCancel: {
+            resumeWaiters { _ in true }
         }
-        for continuation in ready { continuation.resume() }
+        let left = state.withLock { $0.pending + $0.writingCount }
+        if left > 0 { host.log(.error, "\(name): \(left) message(s) were not archived before shutdown") }
     }
 
     public var statusCounters: [String: Int] {
-        let queued = state.withLock { $0.queue.count + $0.writing }
+        let queued = state.withLock { $0.pending + $0.writingCount }
         return [
             "archive_queued": queued, "archive_written": counters.written.load(ordering: .relaxed),
             "archive_dropped": counters.dropped.load(ordering: .relaxed), "archive_write_failures": counters.failures.load(ordering: .relaxed),
@@ -191,36 +194,49 @@ public final class ArchiveWriter: Sendable {
         ]
     }
 
-    private func run() async {
+    private func resumeWaiters(_ which: ((id: Int, target: Int, continuation: CheckedContinuation<Void, Never>)) -> Bool) {
+        let ready = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            let ready = state.waiters.filter(which).map(\.continuation)
+            state.waiters.removeAll(where: which)
+            return ready
+        }
+        for continuation in ready { continuation.resume() }
+    }
+
+    /// One writer: takes batches until the queue is empty. Up to `concurrency` run at once; ids order
+    /// an archive, so batches may land in any order.
+    private func work() async {
         var delay = 0.5
         while true {
-            let batch = state.withLock { state -> [Entry] in
-                let taken = Array(state.queue.prefix(limits.batch))
-                state.queue.removeFirst(taken.count)
-                state.writing = taken.count
-                if taken.isEmpty { state.running = false }
+            let batch = state.withLock { state -> [Queued] in
+                let taken = Array(state.queue[state.head..<min(state.queue.count, state.head + limits.batch)])
+                state.head += taken.count
+                if state.head > 4096 && state.head * 2 > state.queue.count {
+                    state.queue.removeFirst(state.head)
+                    state.head = 0
+                }
+                if let first = taken.first {
+                    state.writing[first.sequence] = taken.count
+                    state.writingCount += taken.count
+                } else {
+                    state.workers -= 1
+                }
                 return taken
             }
-            if batch.isEmpty {
-                let waiting = state.withLock { state -> [CheckedContinuation<Void, Never>] in
-                    defer { state.drained = [] }
-                    return state.drained
-                }
-                for continuation in waiting { continuation.resume() }
-                return
-            }
+            guard let first = batch.first else { return }
+            let entries = batch.map(\.entry)
             while true {
                 do {
-                    let kept = try await verified(batch)
+                    let kept = try await verified(entries)
                     try await store.archive(kept.map { ($0.archive, $0.message) })
                     counters.written.add(kept.count, ordering: .relaxed)
-                    finished(batch)
+                    finished(entries, first: first.sequence)
                     await written(Array(Set(kept.map(\.archive))))
                     delay = 0.5
                     break
                 } catch {
                     counters.failures.add(1, ordering: .relaxed)
-                    host.log(.error, "\(name): cannot store \(batch.count) archived message(s), retrying in \(delay) s: \(error)")
+                    host.log(.error, "\(name): cannot store \(entries.count) archived message(s), retrying in \(delay) s: \(error)")
                     failing()
                     try? await Task.sleep(for: .seconds(delay))
                     delay = min(delay * 2, 30)
@@ -249,24 +265,21 @@ public final class ArchiveWriter: Sendable {
         for hold in released { hold.release() }
     }
 
-    private func finished(_ batch: [Entry]) {
-        let completed = state.withLock { $0.completed } + batch.count
-        defer { resumeCaughtUp { $0.target <= completed } }
-        let released = state.withLock { state -> [any ReadHold] in
-            state.writing = 0
-            state.completed += batch.count
+    private func finished(_ batch: [Entry], first: Int) {
+        let (released, doneBefore) = state.withLock { state -> ([any ReadHold], Int) in
+            state.writing[first] = nil
+            state.writingCount -= batch.count
             state.failing = false
             var released: [any ReadHold] = []
             for entry in batch {
                 guard let origin = entry.origin, let count = state.perSession[origin] else { continue }
-                if count <= 1 { state.perSession[origin] = nil } else { state.perSession[origin] = count - 1 }
-                if (state.perSession[origin] ?? 0) <= limits.perSessionLow, let hold = state.holds.removeValue(forKey: origin) {
-                    released.append(hold)
-                }
+                state.perSession[origin] = count <= 1 ? nil : count - 1
+                if count - 1 <= limits.perSessionLow, let hold = state.holds.removeValue(forKey: origin) { released.append(hold) }
             }
-            return released
+            return (released, state.doneBefore)
         }
         for hold in released { hold.release() }
+        resumeWaiters { $0.target <= doneBefore }
     }
 
     /// At most one log line per ten seconds about unarchived messages.

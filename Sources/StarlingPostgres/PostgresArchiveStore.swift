@@ -5,6 +5,8 @@ import StarlingStorage
 
 extension PostgresStore: ArchiveStore {
     public var supportsFullTextSearch: Bool { true }
+    /// Several pooled connections take batches side by side; the rest of the pool stays for everything else.
+    public var concurrentArchiveWrites: Int { max(1, poolSize / 3) }
 
     private static func statement(_ sql: String = "") -> ArchiveSQL { ArchiveSQL(sql) { "$\($0)" } }
 

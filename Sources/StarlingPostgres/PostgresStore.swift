@@ -24,6 +24,8 @@ public final class PostgresStore: Sendable {
     let client: PostgresClient
     let logger: Logger
     let timeout: Double
+    /// Connections in the pool.
+    let poolSize: Int
     private let runner: Task<Void, Never>
     /// Operations running, and when the last one started: `close` waits for a quiet moment.
     private let activity = Mutex<(running: Int, lastStart: ContinuousClock.Instant)>((0, .now))
@@ -104,10 +106,11 @@ public final class PostgresStore: Sendable {
         ],
     ]
 
-    private init(client: PostgresClient, logger: Logger, timeout: Double) {
+    private init(client: PostgresClient, logger: Logger, timeout: Double, poolSize: Int) {
         self.client = client
         self.logger = logger
         self.timeout = timeout
+        self.poolSize = poolSize
         // Detached: a task would inherit the service group's graceful-shutdown signal, and the pool would
         // shut down on SIGTERM before the sessions' last writes; `close` ends it instead.
         runner = Task.detached { await client.run() }
@@ -117,7 +120,7 @@ public final class PostgresStore: Sendable {
     /// clear error here, at start.
     public static func open(_ options: Options, logger: Logger) async throws(StorageError) -> PostgresStore {
         let configuration = try configuration(from: options)
-        let store = PostgresStore(client: PostgresClient(configuration: configuration, backgroundLogger: logger), logger: logger, timeout: options.timeout)
+        let store = PostgresStore(client: PostgresClient(configuration: configuration, backgroundLogger: logger), logger: logger, timeout: options.timeout, poolSize: options.poolSize)
         do {
             try await store.run { try await store.migrate() }
         } catch {

@@ -5,6 +5,8 @@ import StarlingStorage
 
 extension SQLiteStore: ArchiveStore {
     public var supportsFullTextSearch: Bool { false }
+    /// One connection: batches queue behind each other anyway.
+    public var concurrentArchiveWrites: Int { 1 }
 
     private static func statement(_ sql: String = "") -> ArchiveSQL { ArchiveSQL(sql) { _ in "?" } }
 

@@ -104,6 +104,8 @@ public protocol ArchiveStore: Sendable {
     func deleteArchive(_ archive: JID) async throws(StorageError)
     /// True when `ArchiveFilter.text` works.
     var supportsFullTextSearch: Bool { get }
+    /// How many `archive` calls are worth running at once (one connection or several).
+    var concurrentArchiveWrites: Int { get }
 
     /// The preferences of every account at `host` that set any.
     func archivePreferences(host: String) async throws(StorageError) -> [JID: ArchivePreferences]

@@ -49,6 +49,7 @@ final class ArchiveWriterTests: XCTestCase {
         }
 
         var supportsFullTextSearch: Bool { inner.supportsFullTextSearch }
+        var concurrentArchiveWrites: Int { inner.concurrentArchiveWrites }
         func archivedMessages(in archive: JID, matching filter: ArchiveFilter, limit: Int, fromEnd: Bool) async throws(StorageError) -> ArchivePage {
             try await inner.archivedMessages(in: archive, matching: filter, limit: limit, fromEnd: fromEnd)
         }
@@ -125,6 +126,7 @@ final class ArchiveWriterTests: XCTestCase {
         for index in 0..<300 where writer.submit([entry(index, from: quiet)]) { accepted += 1 }
         XCTAssertEqual(accepted, 400)
         XCTAssertEqual(writer.statusCounters["archive_dropped"], 55)
+        XCTAssertEqual(Set(host.heldNow()), [flooder, quiet], "once the queue is half full, a lower backlog is enough to be held")
 
         // Storage down: holds go (nobody waits on an outage), the batch is retried, nothing is lost.
         store.fail(times: 1)
