@@ -38,13 +38,17 @@ public final class ArchiveWriter: Sendable {
         public var perSessionBusy: Int
         public var perSessionLow: Int
         public var batch: Int
+        /// Milliseconds a writer waits for more entries when less than a batch is queued.
+        public var linger: Int
 
-        public init(queued: Int = 10_000, perSessionHigh: Int = 256, perSessionBusy: Int = 32, perSessionLow: Int = 8, batch: Int = 500) {
+        public init(queued: Int = 10_000, perSessionHigh: Int = 256, perSessionBusy: Int = 32, perSessionLow: Int = 8, batch: Int = 500,
+                    linger: Int = 10) {
             self.queued = queued
             self.perSessionHigh = perSessionHigh
             self.perSessionBusy = perSessionBusy
             self.perSessionLow = perSessionLow
             self.batch = batch
+            self.linger = linger
         }
     }
 
@@ -132,7 +136,8 @@ public final class ArchiveWriter: Sendable {
                 state.perSession[origin] = count
                 if count >= (busy ? limits.perSessionBusy : limits.perSessionHigh), !state.failing, state.holds[origin] == nil { hold = origin }
             }
-            if state.workers < concurrency {
+            // One writer while a batch's worth is not waiting; more (up to `concurrency`) when it is.
+            if state.workers == 0 || (state.workers < concurrency && state.pending >= limits.batch) {
                 state.workers += 1
                 start = true
             }
@@ -208,6 +213,9 @@ public final class ArchiveWriter: Sendable {
     private func work() async {
         var delay = 0.5
         while true {
+            // A short wait gathers a trickle of messages into one batch: one statement and one commit
+            // for many, instead of one each (the delay is the archive's, never delivery's).
+            if state.withLock({ $0.pending < limits.batch }) { try? await Task.sleep(for: .milliseconds(limits.linger)) }
             let batch = state.withLock { state -> [Queued] in
                 let taken = Array(state.queue[state.head..<min(state.queue.count, state.head + limits.batch)])
                 state.head += taken.count

@@ -51,8 +51,12 @@ final class C2SHandler: ChannelInboundHandler {
     /// whitespace keepalive (RFC 6120 §4.6.1).
     private var wroteSinceKeepalive = false
     private var keepalive: RepeatedTask?
-    /// Holds modules put on reading from this client (backpressure); reading stops while any is held.
+    /// Holds on reading from this client (module backpressure, the read rate); reading stops while any is held.
     private var readHolds = 0
+    /// `limits.read_rate` as a token bucket, in bytes; a negative balance pauses reading until it is repaid.
+    private var readTokens = 0.0
+    private var readRefilled = NIODeadline.now()
+    private var rateHeld = false
 
     init(server: ServerContext, settings: C2SSettings, directTLS: Bool) {
         self.server = server
@@ -62,6 +66,7 @@ final class C2SHandler: ChannelInboundHandler {
             maxStanzaBytes: server.configuration.limits.maxStanzaSize,
             maxDepth: server.configuration.limits.maxDepth
         ))
+        readTokens = Double(server.configuration.limits.readBurst)
     }
 
     // MARK: Channel events
@@ -109,6 +114,7 @@ final class C2SHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         if machine.isClosed || refusedByPolicy { return }
+        chargeRead(buffer.readableBytes)
         pingOutstanding = false
         inReadBurst = true
         var parseError: XMLStreamError?
@@ -133,6 +139,26 @@ final class C2SHandler: ChannelInboundHandler {
         }
         if let parseError, !discardRemainingEvents {
             if waiting { queuedParseError = parseError } else { perform(machine.parseFailed(parseError)) }
+        }
+    }
+
+    /// Takes `bytes` from the read-rate bucket; when it runs dry, reading pauses for as long as the
+    /// debt takes to repay at the configured rate.
+    private func chargeRead(_ bytes: Int) {
+        let limits = server.configuration.limits
+        guard limits.readRate > 0, let context else { return }
+        let now = NIODeadline.now()
+        let elapsed = Double((now - readRefilled).nanoseconds) / 1e9
+        readRefilled = now
+        readTokens = min(Double(limits.readBurst), readTokens + elapsed * Double(limits.readRate)) - Double(bytes)
+        guard readTokens < 0, !rateHeld else { return }
+        rateHeld = true
+        holdReads(true)
+        let wait = TimeAmount.nanoseconds(Int64(-readTokens / Double(limits.readRate) * 1e9))
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: wait) {
+            bound.value.rateHeld = false
+            bound.value.holdReads(false)
         }
     }
 

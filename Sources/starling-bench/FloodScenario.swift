@@ -20,7 +20,7 @@ struct Flood: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let server = try await ServerUnderTest.prepare(options, accounts: pairs * 2 + 2, defaultConfig: Chat.modules(archiving: true))
+        let server = try await ServerUnderTest.prepare(options, accounts: pairs * 2 + 2, defaultConfig: Chat.modules(archiving: true), serverReadRate: true)
         defer { server.stop() }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, options.threads))
         defer { group.shutdownGracefully { _ in } }
@@ -81,7 +81,7 @@ struct Flood: AsyncParsableCommand {
             latencies.isEmpty ? 0 : Double(latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))]) / 1e6
         }
         var result: [String: Any] = [
-            "scenario": "flood", "server": server.name, "tls": options.tls.rawValue, "backend": options.backend, "pairs": pairs, "rate": rate,
+            "scenario": "flood", "server": server.name, "read_rate": options.readRate.map { "\($0)" } ?? "server default", "tls": options.tls.rawValue, "backend": options.backend, "pairs": pairs, "rate": rate,
             "seconds": seconds, "flood_sent": flooded.sent, "flood_delivered": flooded.received,
             "flood_delivered_per_second": Double(flooded.received) / seconds,
             "pairs_sent": totals.sent, "pairs_delivered": totals.received, "lost": totals.sent - totals.received + flooded.sent - flooded.received,

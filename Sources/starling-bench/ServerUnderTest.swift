@@ -27,6 +27,8 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "Storage of the starling this tool starts: sqlite, or postgresql (with --postgres-url; the database is emptied first).")
     var backend = "sqlite"
     @Option(help: "PostgreSQL URL for --backend postgresql.") var postgresURL: String?
+    @Option(help: "limits.read_rate of the starling this tool starts, in bytes/s per client (default: 0, no limit, for load runs; flood: the server's default).")
+    var readRate: Int?
 
     func login(_ index: Int) -> LoginSpec {
         LoginSpec(domain: domain, username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls, register: register)
@@ -59,7 +61,9 @@ final class ServerUnderTest {
     /// The `--target` server, or a fresh starling with `accounts` accounts (and `defaultConfig` appended to
     /// its config when no `--server-config` is given).
     /// - Parameter seed: fills the fresh starling's storage before it starts.
-    static func prepare(_ options: TargetOptions, accounts: Int, defaultConfig: String = "",
+    /// - Parameter serverReadRate: keep the server's default `limits.read_rate` unless `--read-rate` says
+    ///   otherwise (load runs lift it).
+    static func prepare(_ options: TargetOptions, accounts: Int, defaultConfig: String = "", serverReadRate: Bool = false,
                         seed: (any StarlingStore) async throws -> Void = { _ in }) async throws -> ServerUnderTest {
         raiseFileLimit()
         if let target = options.target {
@@ -68,10 +72,11 @@ final class ServerUnderTest {
             }
             return ServerUnderTest(name: "target", host: String(target[..<colon]), port: port, pid: options.serverPid, process: nil, workDirectory: nil)
         }
-        return try await startStarling(options, accounts: accounts, defaultConfig: defaultConfig, seed: seed)
+        return try await startStarling(options, accounts: accounts, defaultConfig: defaultConfig,
+                                       readRate: options.readRate ?? (serverReadRate ? nil : 0), seed: seed)
     }
 
-    private static func startStarling(_ options: TargetOptions, accounts: Int, defaultConfig: String,
+    private static func startStarling(_ options: TargetOptions, accounts: Int, defaultConfig: String, readRate: Int?,
                                       seed: (any StarlingStore) async throws -> Void) async throws -> ServerUnderTest {
         let work = FileManager.default.temporaryDirectory.appendingPathComponent("starling-bench-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
@@ -88,6 +93,7 @@ final class ServerUnderTest {
           required: \(options.tls != .none)
         auth:
           plain_without_tls: true
+        \(readRate.map { "limits: { read_rate: \($0) }" } ?? "")
         \(try storageSection(options))
         \(try options.serverConfig.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? defaultConfig)
         """.write(toFile: configPath, atomically: true, encoding: .utf8)

@@ -261,6 +261,29 @@ final class C2SIntegrationTests: XCTestCase {
         await bob.close()
     }
 
+    func testAClientOverTheReadRateIsReadMoreSlowlyAndLosesNothing() async throws {
+        let limited = try ServerProcess(extraConfig: "limits: { read_rate: 8192, read_burst: 2048 }", users: Self.users)
+        defer { XCTAssertEqual(limited.stop(), 0) }
+        func login(_ user: String) async throws -> TestClient {
+            try await TestClient.login(port: limited.directTLSPort, domain: "localhost", tls: .direct, username: user,
+                                       password: Self.users.first { $0.0 == user }!.1)
+        }
+        let alice = try await login("alice"), bob = try await login("bob"), carol = try await login("carol"), dave = try await login("dave")
+        // About 24 KB at once: far over the burst, so the server pauses reading alice several times.
+        let padding = String(repeating: "x", count: 300)
+        for index in 0..<60 { send(alice, to: "bob@localhost", "\(index) \(padding)") }
+        // Others are not held up meanwhile.
+        send(carol, to: "dave@localhost", "meanwhile")
+        _ = try await dave.expect("carol's message") { $0.child("body")?.text == "meanwhile" }
+        for index in 0..<60 {
+            let message = try await bob.expect("message \(index)", timeout: 30) { $0.name == "message" && $0.child("body") != nil }
+            XCTAssertEqual(message.child("body")?.text, "\(index) \(padding)", "in order, nothing lost")
+        }
+        // What alice sends after her debt is read once it is repaid.
+        let pong = try await alice.iq("<iq type='get' id='after-debt' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", id: "after-debt", timeout: 30)
+        XCTAssertEqual(pong[attribute: "type"], "result")
+    }
+
     func testSpoofedFromGetsInvalidFrom() async throws {
         let alice = try await login("alice", resource: "spoof")
         alice.send("<message from='bob@localhost/x' to='carol@localhost'><body>I am bob</body></message>")
