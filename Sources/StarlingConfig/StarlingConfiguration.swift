@@ -141,7 +141,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let idleTimeout = ConfigOption<Double>("idle_timeout", default: 600, range: 5...86400, doc: "Seconds without any data from a client before its session is closed; after half of it the server pings the client (XEP-0199).")
     static let keepaliveInterval = ConfigOption<Double>("keepalive_interval", default: 90, range: 1...86400, doc: "Seconds of silence towards a client after which a whitespace keepalive is sent.")
     static let readRate = ConfigOption<Int>("read_rate", default: 131_072, range: 0...1_073_741_824, doc: "Bytes per second read from one client at most; a client that sends faster is read more slowly (TCP pushes back), so one flooding client cannot starve the others. 0: no limit.")
-    static let readBurst = ConfigOption<Int>("read_burst", default: 1_048_576, range: 1024...1_073_741_824, doc: "Bytes a client may send at once above read_rate (a reconnecting client's backlog, say).")
+    static let readBurst = ConfigOption<Int>("read_burst", default: 65_536, range: 1024...1_073_741_824, doc: "Bytes a client may send at once above read_rate (a reconnecting client's backlog, say).")
 
     static let storageBackend = ConfigOption<String>("backend", default: "sqlite", oneOf: ["sqlite", "postgresql"], doc: "Storage backend: the embedded SQLite file, or PostgreSQL.")
     static let storagePath = ConfigOption<String>("path", default: "starling.sqlite", doc: "SQLite database file, relative to data_dir.")
