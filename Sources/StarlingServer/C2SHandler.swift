@@ -41,14 +41,6 @@ final class C2SHandler: ChannelInboundHandler {
     /// Set when the parser was reset: events still in hand belong to the old document.
     private var discardRemainingEvents = false
 
-    /// A bound client's stanzas waiting for the loop's next turn (see `scheduleBacklog`), from `backlogHead` on.
-    private var backlog: [XMLStreamEvent] = []
-    private var backlogHead = 0
-    private var backlogParseError: XMLStreamError?
-    private var backlogScheduled = false
-    private var backlogHeld = false
-    private static let stanzasPerTurn = 64
-
     private var inReadBurst = false
     private var flushPending = false
     private var flushScheduled = false
@@ -131,7 +123,6 @@ final class C2SHandler: ChannelInboundHandler {
             do throws(XMLStreamError) { try parser.feed(bytes, into: &events) } catch { parseError = error }
         }
         discardRemainingEvents = false
-        var handledNow = 0
         for event in events {
             if discardRemainingEvents { break }
             if waiting {
@@ -142,62 +133,13 @@ final class C2SHandler: ChannelInboundHandler {
                     return
                 }
                 queued.append(event)
-            } else if session != nil && (backlogHead < backlog.count || handledNow >= Self.stanzasPerTurn) {
-                backlog.append(event)
             } else {
                 handle(event)
-                handledNow += 1
             }
-        }
-        if backlogHead < backlog.count {
-            if let parseError, !discardRemainingEvents { backlogParseError = parseError }
-            scheduleBacklog()
-            return
         }
         if let parseError, !discardRemainingEvents {
             if waiting { queuedParseError = parseError } else { perform(machine.parseFailed(parseError)) }
         }
-    }
-
-    /// A bound client's stanzas beyond `stanzasPerTurn` in one read wait for the event loop's next turn,
-    /// so other clients' reads on this loop are handled in between; reading from this client stops
-    /// until they are done.
-    private func scheduleBacklog() {
-        guard !backlogScheduled, let context else { return }
-        backlogScheduled = true
-        if !backlogHeld {
-            backlogHeld = true
-            holdReads(true)
-        }
-        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
-        context.eventLoop.execute { bound.value.drainBacklog() }
-    }
-
-    private func drainBacklog() {
-        backlogScheduled = false
-        var handled = 0
-        while handled < Self.stanzasPerTurn, backlogHead < backlog.count, !machine.isClosed, !waiting, !discardRemainingEvents {
-            handle(backlog[backlogHead])
-            backlogHead += 1
-            handled += 1
-        }
-        if backlogHead < backlog.count && !machine.isClosed && !discardRemainingEvents {
-            flushSoon()
-            if !waiting { scheduleBacklog() }
-            return
-        }
-        backlog = []
-        backlogHead = 0
-        if let error = backlogParseError, !machine.isClosed {
-            backlogParseError = nil
-            perform(machine.parseFailed(error))
-        }
-        backlogParseError = nil
-        if backlogHeld {
-            backlogHeld = false
-            holdReads(false)
-        }
-        flushSoon()
     }
 
     /// Takes `bytes` from the read-rate bucket; when it runs dry, reading pauses for as long as the

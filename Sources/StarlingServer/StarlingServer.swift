@@ -149,7 +149,12 @@ public final class StarlingServer: Service, @unchecked Sendable {
             .serverChannelOption(ChannelOptions.backlog, value: Int32(listener.backlog))
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 16)
+            // One socket read of at most 8 KiB per client per loop turn: a client with a deep backlog is
+            // read in small steps with everyone else's reads in between (a few hundred stanzas at most, a
+            // couple of milliseconds of work), and a read hold (read rate, backpressure) takes effect
+            // after one such step.
+            .childChannelOption(ChannelOptions.maxMessagesPerRead, value: 1)
+            .childChannelOption(ChannelOptions.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 256, initial: 2048, maximum: 8192))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
