@@ -78,8 +78,7 @@ extension PostgresStore: ArchiveStore {
         let order = fromEnd ? "DESC" : "ASC"
         statement.append(" ORDER BY stamp \(order), random \(order) LIMIT ?", .integer(Int64(limit + 1)))
         let found = try await messages(statement)
-        let page = Array(found.prefix(limit))
-        return ArchivePage(messages: fromEnd ? page.reversed() : page, complete: found.count <= limit)
+        return ArchivePage(rows: found, limit: limit, fromEnd: fromEnd)
     }
 
     public func archivedCount(in archive: JID, matching filter: ArchiveFilter) async throws(StorageError) -> Int {
@@ -92,13 +91,6 @@ extension PostgresStore: ArchiveStore {
         var statement = Self.statement("SELECT \(ArchiveSQL.columns) FROM archive_messages")
         statement.condition(archive: archive, filter: ArchiveFilter(ids: ids))
         return Set(try await messages(statement).map(\.id))
-    }
-
-    public func archiveBounds(of archive: JID) async throws(StorageError) -> (first: ArchivedMessage, last: ArchivedMessage)? {
-        let first = try await archivedMessages(in: archive, matching: ArchiveFilter(), limit: 1, fromEnd: false).messages.first
-        let last = try await archivedMessages(in: archive, matching: ArchiveFilter(), limit: 1, fromEnd: true).messages.first
-        guard let first, let last else { return nil }
-        return (first, last)
     }
 
     public func trimArchive(_ archive: JID, keep: Int) async throws(StorageError) -> Int {

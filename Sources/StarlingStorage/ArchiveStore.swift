@@ -93,8 +93,6 @@ public protocol ArchiveStore: Sendable {
     func archivedCount(in archive: JID, matching filter: ArchiveFilter) async throws(StorageError) -> Int
     /// Which of `ids` the archive holds.
     func archivedIDs(in archive: JID, among ids: [String]) async throws(StorageError) -> Set<String>
-    /// The archive's oldest and newest message; nil when it is empty.
-    func archiveBounds(of archive: JID) async throws(StorageError) -> (first: ArchivedMessage, last: ArchivedMessage)?
     /// Deletes the oldest messages beyond the newest `keep`; returns how many went.
     func trimArchive(_ archive: JID, keep: Int) async throws(StorageError) -> Int
     /// Deletes messages archived before `date`: in one archive (`user` set) or in every archive at
@@ -111,6 +109,25 @@ public protocol ArchiveStore: Sendable {
     func archivePreferences(host: String) async throws(StorageError) -> [JID: ArchivePreferences]
     /// Sets an account's preferences; nil removes them (the server's default applies).
     func setArchivePreferences(_ preferences: ArchivePreferences?, of user: JID) async throws(StorageError)
+}
+
+extension ArchiveStore {
+    /// The archive's oldest and newest message; nil when it is empty.
+    public func archiveBounds(of archive: JID) async throws(StorageError) -> (first: ArchivedMessage, last: ArchivedMessage)? {
+        let first = try await archivedMessages(in: archive, matching: ArchiveFilter(), limit: 1, fromEnd: false).messages.first
+        let last = try await archivedMessages(in: archive, matching: ArchiveFilter(), limit: 1, fromEnd: true).messages.first
+        guard let first, let last else { return nil }
+        return (first, last)
+    }
+}
+
+extension ArchivePage {
+    /// The page from up to `limit + 1` rows read in the page's direction (newest first when `fromEnd`):
+    /// the extra row only says whether more match.
+    public init(rows: [ArchivedMessage], limit: Int, fromEnd: Bool) {
+        let page = Array(rows.prefix(limit))
+        self.init(messages: fromEnd ? page.reversed() : page, complete: rows.count <= limit)
+    }
 }
 
 /// What both backends share about archive rows.

@@ -31,7 +31,7 @@ struct Flood: AsyncParsableCommand {
         }
         guard errors.isEmpty else { throw LoadError(reason: "\(errors.count) logins failed; first: \(errors[0])") }
 
-        let drivers = loops.dropFirst().map { ChatDriver(loop: $0, perSenderRate: rate / Double(pairs * 2), window: 1) }
+        let drivers = loops.dropFirst().map { TrafficDriver(.chat, loop: $0, perSenderRate: rate / Double(pairs * 2), window: 1) }
         for pair in 0..<pairs {
             let a = connections[pair * 2]!, b = connections[pair * 2 + 1]!
             a.partnerAddress = "\(b.spec.username)@\(options.domain)"
@@ -61,12 +61,12 @@ struct Flood: AsyncParsableCommand {
         for driver in drivers { driver.loop.execute { driver.stopSending() } }
         flood.loop.execute { flood.stop() }
         let counters = server.moduleCounters("mam")
-        var totals = ChatDriver.Totals()
+        var totals = TrafficDriver.Totals()
         var flooded = (sent: 0, received: 0)
         let drainDeadline = Date().addingTimeInterval(drain)
         while true {
             rssPeak = max(rssPeak, server.rss ?? 0)
-            totals = ChatDriver.Totals()
+            totals = TrafficDriver.Totals()
             for driver in drivers { totals.add(try await driver.loop.submit { driver.totals() }.get()) }
             flooded = try await flood.loop.submit { (flooder.sent, sink.received) }.get()
             if (totals.received + totals.errors >= totals.sent && flooded.received >= flooded.sent) || Date() > drainDeadline { break }

@@ -142,7 +142,7 @@ struct Chat: AsyncParsableCommand {
         let (connections, errors) = await logIn(count: pairs * 2, concurrency: 100, options: options, server: server) { loops[($0 / 2) % loops.count] }
         guard errors.isEmpty else { throw LoadError(reason: "\(errors.count) logins failed; first: \(errors[0])") }
 
-        let drivers = loops.map { ChatDriver(loop: $0, perSenderRate: rate / Double(pairs * 2), window: window) }
+        let drivers = loops.map { TrafficDriver(.chat, loop: $0, perSenderRate: rate / Double(pairs * 2), window: window) }
         for pair in 0..<pairs {
             let a = connections[pair * 2]!, b = connections[pair * 2 + 1]!
             a.partnerAddress = "\(b.spec.username)@\(options.domain)"
@@ -162,10 +162,10 @@ struct Chat: AsyncParsableCommand {
         for driver in drivers { driver.loop.execute { driver.begin(at: start) } }
         try await Task.sleep(for: .seconds(seconds))
         for driver in drivers { driver.loop.execute { driver.stopSending() } }
-        var totals = ChatDriver.Totals()
+        var totals = TrafficDriver.Totals()
         let drainDeadline = DispatchTime.now().uptimeNanoseconds + UInt64(drain * 1e9)
         while true {
-            totals = ChatDriver.Totals()
+            totals = TrafficDriver.Totals()
             for driver in drivers { totals.add(try await driver.loop.submit { driver.totals() }.get()) }
             if totals.received + totals.errors >= totals.sent || DispatchTime.now().uptimeNanoseconds > drainDeadline { break }
             try await Task.sleep(for: .milliseconds(20))
@@ -203,8 +203,13 @@ struct Chat: AsyncParsableCommand {
     }
 }
 
-/// Drives the chat traffic of the pairs on one event loop; only touched on that loop.
-final class ChatDriver: @unchecked Sendable {
+/// Drives the senders on one event loop; only touched on that loop. Chat senders write to their partner
+/// and count what it received; groupchat senders write to their room and count what it reflected.
+final class TrafficDriver: @unchecked Sendable {
+    enum Kind {
+        case chat, groupchat
+    }
+
     struct Totals {
         var sent = 0, received = 0, errors = 0
         var lastReceipt: UInt64 = 0
@@ -219,6 +224,7 @@ final class ChatDriver: @unchecked Sendable {
     let loop: any EventLoop
     var connections: [LoadConnection] = []
     private(set) var latencies: [UInt64] = []
+    private let kind: Kind
     private let perSenderRate: Double
     private let window: Int
     private var sending = false
@@ -226,7 +232,8 @@ final class ChatDriver: @unchecked Sendable {
     private var lastReceipt: UInt64 = 0
     private var timer: RepeatedTask?
 
-    init(loop: any EventLoop, perSenderRate: Double, window: Int) {
+    init(_ kind: Kind, loop: any EventLoop, perSenderRate: Double, window: Int) {
+        self.kind = kind
         self.loop = loop
         self.perSenderRate = perSenderRate
         self.window = window
@@ -246,11 +253,12 @@ final class ChatDriver: @unchecked Sendable {
         if perSenderRate > 0 {
             timer = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(1)) { [unowned self] _ in tick() }
         } else {
-            // Flat out: whenever a session has read, its partner tops its window up again.
+            // Flat out: whenever a session has read, the sender whose messages it counts tops its window up.
             for connection in connections {
-                connection.onReadComplete = { [unowned self, unowned connection] in refill(from: connection.partner!, to: connection) }
+                let sender = kind == .chat ? connection.partner! : connection
+                connection.onReadComplete = { [unowned self, unowned sender] in refill(sender) }
             }
-            for connection in connections { refill(from: connection, to: connection.partner!) }
+            for connection in connections { refill(connection) }
         }
     }
 
@@ -269,9 +277,24 @@ final class ChatDriver: @unchecked Sendable {
         return totals
     }
 
-    private func refill(from sender: LoadConnection, to receiver: LoadConnection) {
-        guard sending, sender.sent - receiver.received < window else { return }
-        while sender.sent - receiver.received < window { sender.sendChat() }
+    private func send(_ connection: LoadConnection) {
+        switch kind {
+        case .chat: connection.sendChat()
+        case .groupchat: connection.sendGroupchat()
+        }
+    }
+
+    /// The sender's messages not yet received by its partner, or not yet reflected by its room.
+    private func unanswered(_ sender: LoadConnection) -> Int {
+        switch kind {
+        case .chat: return sender.sent - sender.partner!.received
+        case .groupchat: return sender.sent - sender.echoed
+        }
+    }
+
+    private func refill(_ sender: LoadConnection) {
+        guard sending, unanswered(sender) < window else { return }
+        while unanswered(sender) < window { send(sender) }
         sender.flush()
     }
 
@@ -281,7 +304,7 @@ final class ChatDriver: @unchecked Sendable {
         for connection in connections {
             let due = Int(intervals + 1 - connection.sendPhase)
             guard connection.sent < due else { continue }
-            while connection.sent < due { connection.sendChat() }
+            while connection.sent < due { send(connection) }
             connection.flush()
         }
     }

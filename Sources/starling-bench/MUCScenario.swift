@@ -72,7 +72,7 @@ struct MUCLoad: AsyncParsableCommand {
         // Presence from the joins settles before the clock starts.
         try await Task.sleep(for: .milliseconds(500))
 
-        let drivers = loops.map { MUCDriver(loop: $0, perSenderRate: rate / Double(total), window: window) }
+        let drivers = loops.map { TrafficDriver(.groupchat, loop: $0, perSenderRate: rate / Double(total), window: window) }
         for index in 0..<total { drivers[index % loops.count].connections.append(connections[index]!) }
         for (offset, driver) in drivers.enumerated() {
             for (position, connection) in driver.connections.enumerated() {
@@ -85,10 +85,10 @@ struct MUCLoad: AsyncParsableCommand {
         for driver in drivers { driver.loop.execute { driver.begin(at: start) } }
         try await Task.sleep(for: .seconds(seconds))
         for driver in drivers { driver.loop.execute { driver.stopSending() } }
-        var totals = ChatDriver.Totals()
+        var totals = TrafficDriver.Totals()
         let drainDeadline = DispatchTime.now().uptimeNanoseconds + UInt64(drain * 1e9)
         while true {
-            totals = ChatDriver.Totals()
+            totals = TrafficDriver.Totals()
             for driver in drivers { totals.add(try await driver.loop.submit { driver.totals() }.get()) }
             if totals.received + totals.errors * occupants >= totals.sent * occupants || DispatchTime.now().uptimeNanoseconds > drainDeadline { break }
             try await Task.sleep(for: .milliseconds(20))
@@ -120,78 +120,5 @@ struct MUCLoad: AsyncParsableCommand {
         try printResult(result)
         for connection in connections.values { connection.loop.execute { connection.close() } }
         if totals.received != expected { throw LoadError(reason: "\(expected - totals.received) of \(expected) deliveries did not arrive") }
-    }
-}
-
-/// Drives the groupchat traffic of the occupants on one event loop; only touched on that loop.
-final class MUCDriver: @unchecked Sendable {
-    let loop: any EventLoop
-    var connections: [LoadConnection] = []
-    private(set) var latencies: [UInt64] = []
-    private let perSenderRate: Double
-    private let window: Int
-    private var sending = false
-    private var start: UInt64 = 0
-    private var lastReceipt: UInt64 = 0
-    private var timer: RepeatedTask?
-
-    init(loop: any EventLoop, perSenderRate: Double, window: Int) {
-        self.loop = loop
-        self.perSenderRate = perSenderRate
-        self.window = window
-    }
-
-    func begin(at start: UInt64) {
-        self.start = start
-        sending = true
-        latencies.reserveCapacity(1 << 20)
-        for connection in connections {
-            connection.onMessage = { [unowned self] stamp, _ in
-                let now = DispatchTime.now().uptimeNanoseconds
-                lastReceipt = now
-                latencies.append(now &- stamp)
-            }
-        }
-        if perSenderRate > 0 {
-            timer = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(1)) { [unowned self] _ in tick() }
-        } else {
-            // Flat out: an occupant sends again once the room has reflected enough of its messages to it.
-            for connection in connections {
-                connection.onReadComplete = { [unowned self, unowned connection] in refill(connection) }
-            }
-            for connection in connections { refill(connection) }
-        }
-    }
-
-    func stopSending() {
-        sending = false
-        timer?.cancel()
-    }
-
-    func totals() -> ChatDriver.Totals {
-        var totals = ChatDriver.Totals(lastReceipt: lastReceipt)
-        for connection in connections {
-            totals.sent += connection.sent
-            totals.received += connection.received
-            totals.errors += connection.receivedErrors
-        }
-        return totals
-    }
-
-    private func refill(_ connection: LoadConnection) {
-        guard sending, connection.sent - connection.echoed < window else { return }
-        while connection.sent - connection.echoed < window { connection.sendGroupchat() }
-        connection.flush()
-    }
-
-    private func tick() {
-        guard sending else { return }
-        let intervals = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 * perSenderRate
-        for connection in connections {
-            let due = Int(intervals + 1 - connection.sendPhase)
-            guard connection.sent < due else { continue }
-            while connection.sent < due { connection.sendGroupchat() }
-            connection.flush()
-        }
     }
 }

@@ -57,7 +57,6 @@ final class ArchiveWriterTests: XCTestCase {
             try await inner.archivedCount(in: archive, matching: filter)
         }
         func archivedIDs(in archive: JID, among ids: [String]) async throws(StorageError) -> Set<String> { try await inner.archivedIDs(in: archive, among: ids) }
-        func archiveBounds(of archive: JID) async throws(StorageError) -> (first: ArchivedMessage, last: ArchivedMessage)? { try await inner.archiveBounds(of: archive) }
         func trimArchive(_ archive: JID, keep: Int) async throws(StorageError) -> Int { try await inner.trimArchive(archive, keep: keep) }
         func purgeArchives(host: String, user: String?, before date: Date) async throws(StorageError) -> Int {
             try await inner.purgeArchives(host: host, user: user, before: date)
