@@ -63,12 +63,7 @@ public final class Router: @unchecked Sendable {
     /// Routes a stanza whose `from` the c2s layer has stamped with `sender`'s full JID.
     public func route(_ stanza: XMLElement, from sender: ClientSession) {
         var stanza = stanza
-        switch run(.stanzaFromClient, StanzaEvent(stanza: stanza, origin: sender.jid), on: sender.jid.domainpart) {
-        case .pass: break
-        case .modify(let modified): stanza = modified
-        case .handled: return
-        case .reject(let condition, let text):
-            bounce(stanza, condition, text: text, to: sender)
+        guard proceeds(run(.stanzaFromClient, StanzaEvent(stanza: stanza, origin: sender.jid), on: sender.jid.domainpart), &stanza, sender: sender) else {
             return
         }
         let kind = StanzaKind(rawValue: stanza.name)!
@@ -88,15 +83,9 @@ public final class Router: @unchecked Sendable {
             bounce(stanza, .remoteServerNotFound, to: sender)
             return
         }
-        if kind == .message && target.localpart != nil {
-            switch run(.messageToAccount, StanzaEvent(stanza: stanza, origin: sender.jid, recipient: target), on: target.domainpart) {
-            case .pass: break
-            case .modify(let modified): stanza = modified
-            case .handled: return
-            case .reject(let condition, let text):
-                bounce(stanza, condition, text: text, to: sender)
-                return
-            }
+        if kind == .message && target.localpart != nil,
+           !proceeds(run(.messageToAccount, StanzaEvent(stanza: stanza, origin: sender.jid, recipient: target), on: target.domainpart), &stanza, sender: sender) {
+            return
         }
         if target.localpart == nil {
             if kind == .iq { handleServerIQ(stanza, target: target, sender: sender) }
@@ -104,6 +93,23 @@ public final class Router: @unchecked Sendable {
             toFullJID(stanza, kind: kind, target: target, sender: sender)
         } else {
             toBareJID(stanza, kind: kind, target: target, sender: sender)
+        }
+    }
+
+    /// Carries out a stanza hook's verdict; false when the stanza goes no further (taken, or refused and
+    /// bounced to the sender).
+    private func proceeds(_ result: HookResult, _ stanza: inout XMLElement, sender: ClientSession) -> Bool {
+        switch result {
+        case .pass:
+            return true
+        case .modify(let modified):
+            stanza = modified
+            return true
+        case .handled:
+            return false
+        case .reject(let condition, let text):
+            bounce(stanza, condition, text: text, to: sender)
+            return false
         }
     }
 
