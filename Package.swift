@@ -92,6 +92,23 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Clustering: node links (framing, handshake, pings), membership through the shared database, and
+        // the replicated session table's wire form. The server supplies the table and routing.
+        .target(
+            name: "StarlingCluster",
+            dependencies: [
+                "StarlingStorage",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Built-in modules: written against the plugin API only, like any plugin.
         .target(
             name: "StarlingModules",
@@ -133,7 +150,7 @@ let package = Package(
         .target(
             name: "StarlingServer",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua",
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingCluster",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -73,6 +73,29 @@ public struct StorageConfiguration: Sendable, Equatable {
     public var timeout: Double
 }
 
+/// How a node finds the other nodes of its cluster.
+public enum ClusterDiscovery: String, Sendable { case postgresql, `static` }
+
+/// This node's place in a cluster (`cluster:`); absent means a single node.
+public struct ClusterConfiguration: Sendable, Equatable {
+    /// Nodes with the same name on the same database form one cluster.
+    public var name: String
+    /// This node's name, unique in the cluster.
+    public var node: String
+    /// Where this node's link listens and where the others reach it.
+    public var linkHost: String
+    public var linkPort: Int
+    /// The file holding the secret every node of the cluster shares (never logged).
+    public var secretFile: String
+    public var discovery: ClusterDiscovery
+    /// `HOST:PORT` of other nodes' links, for static discovery (also dialled with postgresql discovery).
+    public var peers: [String]
+    /// Seconds between link pings and database heartbeats.
+    public var heartbeat: Double
+    /// Seconds a node may stay unreachable (link down or silent) before the others drop its sessions.
+    public var deadAfter: Double
+}
+
 public struct AdminConfiguration: Sendable, Equatable {
     /// Unix socket `starlingctl` talks to.
     public var socketPath: String
@@ -89,6 +112,8 @@ public struct StarlingConfiguration: Sendable, Equatable {
     public var limits: LimitsConfiguration
     public var storage: StorageConfiguration
     public var admin: AdminConfiguration
+    /// Nil when this node runs alone.
+    public var cluster: ClusterConfiguration? = nil
     /// Modules enabled on every host, in config order.
     public var modules: [ModuleConfiguration]
     /// Hosts with a module set of their own (`host_modules:`).
@@ -148,6 +173,15 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let storageURL = ConfigOption<String?>("url", default: nil, doc: "PostgreSQL URL: postgresql://user:password@host:5432/database (or ?host=/socket/dir).")
     static let storagePool = ConfigOption<Int>("pool", default: 10, range: 1...1000, doc: "PostgreSQL connections per node.")
     static let storageTimeout = ConfigOption<Double>("timeout", default: 5, range: 0.1...300, doc: "Seconds a storage operation may take before the request fails with an error (the server itself carries on).")
+
+    static let clusterName = ConfigOption<String>("name", default: "starling", doc: "Cluster name: nodes with the same name on the same PostgreSQL database form one cluster.")
+    static let clusterNode = ConfigOption<String?>("node", default: nil, doc: "This node's name, unique in the cluster. Setting it turns clustering on.")
+    static let clusterLink = ConfigOption<String?>("link", default: nil, doc: "HOST:PORT this node's link listens on and the other nodes dial (TLS, authenticated with the shared secret).")
+    static let clusterSecret = ConfigOption<String?>("secret_file", default: nil, doc: "File with the secret all nodes share (at least 16 characters), relative to the config file.")
+    static let clusterDiscovery = ConfigOption<String>("discovery", default: "postgresql", oneOf: ["postgresql", "static"], doc: "postgresql: nodes register in the shared database and find each other there; static: only `peers`.")
+    static let clusterPeers = ConfigOption<[String]>("peers", default: [], doc: "Other nodes' links as HOST:PORT (static discovery; with postgresql discovery they are dialled too).")
+    static let clusterHeartbeat = ConfigOption<Double>("heartbeat", default: 1, range: 0.1...60, doc: "Seconds between link pings and database heartbeats.")
+    static let clusterDeadAfter = ConfigOption<Double>("dead_after", default: 5, range: 0.5...600, doc: "Seconds a node may stay unreachable before the others drop its sessions (its users' messages then go to offline storage).")
 
     static let adminSocket = ConfigOption<String>("socket", default: "starling.sock", doc: "Unix socket for starlingctl, relative to data_dir (mode 0600).")
 
@@ -274,6 +308,8 @@ public struct StarlingConfiguration: Sendable, Equatable {
         }
         try storageSection.rejectUnknownKeys()
 
+        let cluster = try readCluster(top, storage: storage, baseDirectory: baseDirectory)
+
         let adminSection = try top.section("admin", doc: "The local admin interface used by starlingctl.")
         let admin = AdminConfiguration(socketPath: resolve(try adminSection.read(adminSocket), against: dataDirectory))
         try adminSection.rejectUnknownKeys()
@@ -321,7 +357,53 @@ public struct StarlingConfiguration: Sendable, Equatable {
         )
         configuration.plugins = plugins
         configuration.pluginFailures = pluginFailures
+        configuration.cluster = cluster
         return configuration
+    }
+
+    private static func readCluster(_ top: ConfigSection, storage: StorageConfiguration, baseDirectory: String) throws(ConfigError) -> ClusterConfiguration? {
+        let section = try top.section("cluster", doc: "Clustering: several nodes on one PostgreSQL database serve one service.")
+        let name = try section.read(clusterName)
+        let node = try section.read(clusterNode)
+        let link = try section.read(clusterLink)
+        let secret = try section.read(clusterSecret)
+        let discovery = ClusterDiscovery(rawValue: try section.read(clusterDiscovery))!
+        let peers = try section.read(clusterPeers)
+        let heartbeat = try section.read(clusterHeartbeat)
+        let deadAfter = try section.read(clusterDeadAfter)
+        try section.rejectUnknownKeys()
+        guard section.node != nil else { return nil }
+        guard let node, !node.isEmpty else { throw section.error("node", "a cluster node needs a name") }
+        guard storage.backend == .postgresql else {
+            throw section.error(nil, "clustering needs the postgresql storage backend (storage.backend is \(storage.backend.rawValue)): the nodes share its database")
+        }
+        guard let link, let (linkHost, linkPort) = hostAndPort(link, allowingPortZero: true) else {
+            throw section.error("link", "expected HOST:PORT for this node's link (port 0 picks a free one, for postgresql discovery)", at: section.valueNode("link"))
+        }
+        for peer in peers where hostAndPort(peer) == nil {
+            throw section.error("peers", "'\(peer)' is not HOST:PORT", at: section.valueNode("peers"))
+        }
+        if discovery == .static && peers.isEmpty { throw section.error("peers", "static discovery needs peers") }
+        if discovery == .static && linkPort == 0 { throw section.error("link", "static discovery needs a fixed port: the peers dial it") }
+        guard let secret else { throw section.error("secret_file", "a cluster needs a shared secret file") }
+        let secretPath = resolve(secret, against: baseDirectory)
+        guard let contents = FileManager.default.contents(atPath: secretPath) else {
+            throw section.error("secret_file", "cannot read \(secretPath)", at: section.valueNode("secret_file"))
+        }
+        guard String(decoding: contents, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines).count >= 16 else {
+            throw section.error("secret_file", "\(secretPath) holds fewer than 16 characters", at: section.valueNode("secret_file"))
+        }
+        if deadAfter < 2 * heartbeat { throw section.error("dead_after", "must be at least twice heartbeat (\(heartbeat))") }
+        return ClusterConfiguration(name: name, node: node, linkHost: linkHost, linkPort: linkPort, secretFile: secretPath,
+                                    discovery: discovery, peers: peers, heartbeat: heartbeat, deadAfter: deadAfter)
+    }
+
+    /// Splits `HOST:PORT` (a port of 1...65535, or 0 when allowed).
+    public static func hostAndPort(_ text: String, allowingPortZero: Bool = false) -> (String, Int)? {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+              (allowingPortZero ? 0 : 1)...65535 ~= port else { return nil }
+        let host = String(text[..<colon])
+        return host.isEmpty ? nil : (host, port)
     }
 
     /// The documentation of every option, generated from the declarations.

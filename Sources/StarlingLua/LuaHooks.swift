@@ -153,7 +153,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             return .pass
         }
         registrar.hook(.sessionClosed, priority: priority - 1) { [self] event in
-            if host.resources(of: event.jid.bare).isEmpty { services.rosters.removeValue(forKey: event.jid.bare) }
+            if !host.resources(of: event.jid.bare).contains(where: \.isLocal) { services.rosters.removeValue(forKey: event.jid.bare) }
             return .pass
         }
         registrar.hook(.sessionBound, priority: priority) { [self] event in

@@ -19,8 +19,8 @@ public final class BlockingModule: ServerModule {
     private let lists = ShardedDictionary<JID, Set<JID>>()
     /// How many of `lists` are non-empty: while none is, stanzas pass without their addresses parsed.
     private let nonEmptyLists = Atomic<Int>(0)
-    /// Resources that fetched their blocklist (and so get pushes), by account.
-    private let interested = ShardedDictionary<JID, Set<JID>>()
+    /// The session flag of resources that fetched their blocklist and so get pushes, on any node.
+    static let flag = "blocklist"
     private let queue = KeyedSerialQueue()
 
     public init(host: any ModuleHost) throws {
@@ -33,7 +33,7 @@ public final class BlockingModule: ServerModule {
         registrar.feature(Self.namespace, for: .both)
         registrar.iq(.get, "blocklist", Self.namespace, target: .account) { [self] request in
             guard request.from.bare == request.to else { return .error(.forbidden) }
-            interested.withValue(for: request.to) { resources in resources = (resources ?? []).union([request.from]) }
+            host.setFlag(Self.flag, true, for: request.from)
             let items = try await load(request.to)
             var list = XMLElement(name: "blocklist", namespace: Self.namespace)
             for item in items.sorted(by: { $0.description < $1.description }) {
@@ -58,6 +58,7 @@ public final class BlockingModule: ServerModule {
         // Inbound: nothing from a blocked entity reaches the account; and what the server sends on an
         // account's behalf (presence broadcasts, probes answers) never reaches whom it blocked.
         registrar.hook(.stanzaToUser, priority: 1000) { [self] event in
+            if event.stanza.name == "iq" { followPush(event) }
             guard nonEmptyLists.load(ordering: .relaxed) > 0,
                   let recipient = event.recipient, let from = event.stanza[attribute: "from"].flatMap({ JID($0) }),
                   from.bare != recipient.bare else { return .pass }
@@ -81,12 +82,22 @@ public final class BlockingModule: ServerModule {
             return .pass
         }
         registrar.hook(.sessionClosed) { [self] event in
-            interested.withValue(for: event.jid.bare) { resources in
-                resources?.remove(event.jid)
-                if resources?.isEmpty == true { resources = nil }
-            }
-            if host.resources(of: event.jid.bare).isEmpty { update(event.jid.bare) { $0 = nil } }
+            // The cached list is this node's, kept while the account has a session here.
+            if !host.resources(of: event.jid.bare).contains(where: \.isLocal) { update(event.jid.bare) { $0 = nil } }
             return .pass
+        }
+    }
+
+    /// A blocklist push to one of the account's resources here: when the list changed on another node of
+    /// a cluster, this node's cached copy follows it.
+    private func followPush(_ event: StanzaEvent) {
+        guard let recipient = event.recipient, event.stanza[attribute: "type"] == "set",
+              event.stanza[attribute: "from"].flatMap({ JID($0) }).map({ $0 == recipient.bare }) ?? true,
+              let change = event.stanza.elements.first, change.namespace == Self.namespace, change.name == "block" || change.name == "unblock",
+              lists[recipient.bare] != nil else { return }
+        let items = change.elements.compactMap { $0[attribute: "jid"].flatMap { JID($0) } }
+        update(recipient.bare) { list in
+            if change.name == "block" { list = (list ?? []).union(items) } else if items.isEmpty { list = [] } else { list?.subtract(items) }
         }
     }
 
@@ -144,7 +155,7 @@ public final class BlockingModule: ServerModule {
             }
         }
         // Push the change to every resource that fetched the blocklist.
-        let targets = interested[user] ?? []
+        let targets = host.resources(of: user).filter { $0.flags.contains(Self.flag) }.map(\.jid)
         for target in targets {
             var payload = XMLElement(name: block ? "block" : "unblock", namespace: Self.namespace)
             for item in items { payload.append(XMLElement(name: "item", namespace: Self.namespace, attributes: ["jid": item.description])) }

@@ -8,8 +8,8 @@ public final class CarbonsModule: ServerModule {
     public static let descriptor = ModuleDescriptor(name: "carbons", summary: "Message carbons.", xeps: ["XEP-0280"])
 
     private let host: any ModuleHost
-    /// Resources that enabled carbons, by account.
-    private let enabled = ShardedDictionary<JID, Set<JID>>()
+    /// The session flag of resources that enabled carbons (on whichever node of a cluster they are).
+    static let flag = "carbons"
 
     public init(host: any ModuleHost) {
         self.host = host
@@ -18,50 +18,41 @@ public final class CarbonsModule: ServerModule {
     public func register(_ registrar: ModuleRegistrar) {
         registrar.feature(Self.namespace)
         registrar.iq(.set, "enable", Self.namespace, target: .both) { [self] request in
-            enabled.withValue(for: request.from.bare) { resources in resources = (resources ?? []).union([request.from]) }
+            host.setFlag(Self.flag, true, for: request.from)
             return .result()
         }
         registrar.iq(.set, "disable", Self.namespace, target: .both) { [self] request in
-            disable(request.from)
+            host.setFlag(Self.flag, false, for: request.from)
             return .result()
-        }
-        registrar.hook(.sessionClosed) { [self] event in
-            disable(event.jid)
-            return .pass
         }
         // Sent carbons: low priority, so blocking and other policies have had their say.
         registrar.hook(.stanzaFromClient, priority: -100) { [self] event in
-            guard let origin = event.origin, let enabledHere = enabled[origin.bare], Self.isCarbonEligible(event.stanza) else { return .pass }
-            for resource in enabledHere where resource != origin {
-                copy(event.stanza, as: "sent", to: resource)
+            guard let origin = event.origin, Self.isCarbonEligible(event.stanza) else { return .pass }
+            for resource in host.resources(of: origin.bare) where resource.jid != origin && resource.flags.contains(Self.flag) {
+                copy(event.stanza, as: "sent", to: resource.jid)
             }
             return .pass
         }
         // Received carbons, sent once per message: when it reaches its first (or only) recipient resource.
         registrar.hook(.stanzaToUser, priority: -100) { [self] event in
             // Most accounts have no carbons-enabled resource: that answer comes before any other work.
-            guard let recipient = event.recipient, let enabledHere = enabled[recipient.bare], Self.isCarbonEligible(event.stanza),
-                  let to = event.stanza[attribute: "to"].flatMap({ JID($0) }) else { return .pass }
+            guard let recipient = event.recipient, Self.isCarbonEligible(event.stanza), let to = event.stanza[attribute: "to"].flatMap({ JID($0) }) else { return .pass }
+            let resources = host.resources(of: recipient.bare)
+            let enabled = resources.filter { $0.flags.contains(Self.flag) }.map(\.jid)
+            guard !enabled.isEmpty else { return .pass }
             let receivers: Set<JID>
             if to.resourcepart != nil {
                 receivers = [recipient]
             } else {
-                let available = host.resources(of: recipient.bare).filter { $0.available && $0.priority >= 0 }
+                let available = resources.filter { $0.available && $0.priority >= 0 }
                 let top = available.map(\.priority).max()
                 receivers = Set(available.filter { $0.priority == top }.map(\.jid))
                 guard recipient == receivers.min(by: { $0.description < $1.description }) else { return .pass }
             }
-            for resource in enabledHere where !receivers.contains(resource) {
+            for resource in enabled where !receivers.contains(resource) {
                 copy(event.stanza, as: "received", to: resource)
             }
             return .pass
-        }
-    }
-
-    private func disable(_ resource: JID) {
-        enabled.withValue(for: resource.bare) { resources in
-            resources?.remove(resource)
-            if resources?.isEmpty == true { resources = nil }
         }
     }
 

@@ -53,5 +53,9 @@ public final class PresenceModule: ServerModule {
             engine.sessionClosed(event.jid)
             return .pass
         }
+        registrar.hook(.clusterSessionsChanged) { event in
+            engine.clusterSessionsChanged(event)
+            return .pass
+        }
     }
 }

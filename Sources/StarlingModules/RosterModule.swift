@@ -38,10 +38,6 @@ public final class RosterModule: ServerModule {
             guard request.from.bare == request.to else { return .error(.forbidden) }
             return try await set(request)
         }
-        registrar.hook(.sessionClosed) { [engine] event in
-            engine.forgetInterest(event.jid)
-            return .pass
-        }
     }
 
     private func get(_ request: IQRequest) async throws -> IQResponse {

@@ -19,10 +19,12 @@ final class SubscriptionEngine: Sendable {
         }
     }
 
+    /// The session flag of resources that fetched the roster and so get pushes (RFC 6121 §2.1.6), on
+    /// whichever node they are bound.
+    static let rosterFlag = "roster"
+
     private struct State {
-        /// Resources that fetched the roster and so get pushes (RFC 6121 §2.1.6).
-        var interested: Set<JID> = []
-        /// The last available presence of each available resource.
+        /// The last available presence of each available resource of this node.
         var presence: [JID: XMLElement] = [:]
         /// Where each resource sent directed presence, to tell them when it goes away (§4.6.3).
         var directed: [JID: Set<JID>] = [:]
@@ -59,17 +61,11 @@ final class SubscriptionEngine: Sendable {
 
     // MARK: Roster pushes
 
-    func markInterested(_ resource: JID) { _ = state.withLock { $0.interested.insert(resource) } }
-
-    func forgetInterest(_ resource: JID) {
-        _ = state.withLock { state in
-            state.interested.remove(resource)
-        }
-    }
+    func markInterested(_ resource: JID) { host.setFlag(Self.rosterFlag, true, for: resource) }
 
     func push(_ item: RosterItem, version: Int, to user: JID, removed: Bool = false) {
         _ = host.run(.rosterChanged, RosterChangeEvent(user: user.bare, contact: item.jid, subscription: removed ? "remove" : item.subscription.rawValue))
-        let targets = state.withLock { state in state.interested.filter { $0.bare == user.bare } }
+        let targets = host.resources(of: user.bare).filter { $0.flags.contains(Self.rosterFlag) }.map(\.jid)
         for resource in targets {
             var query = XMLElement(name: "query", namespace: RosterModule.namespace, attributes: ["ver": String(version)])
             query.append(RosterModule.element(for: item, removed: removed))
@@ -294,9 +290,6 @@ final class SubscriptionEngine: Sendable {
     /// The resource went away without saying so: broadcast unavailable for it.
     func sessionClosed(_ resource: JID) {
         let wasAvailable = state.withLock { $0.presence[resource] != nil }
-        _ = state.withLock { state in
-            state.interested.remove(resource)
-        }
         guard wasAvailable else {
             _ = state.withLock { $0.directed.removeValue(forKey: resource) }
             return
@@ -304,8 +297,32 @@ final class SubscriptionEngine: Sendable {
         broadcast(XMLElement(name: "presence", namespace: Namespace.client, attributes: ["type": "unavailable"]), from: resource)
     }
 
+    /// The available resources of `user` on every node, with their presence (the session table's).
     private func currentPresence(of user: JID) -> [(JID, XMLElement)] {
-        state.withLock { state in state.presence.filter { $0.key.bare == user.bare }.map { ($0.key, $0.value) } }
+        host.resources(of: user.bare).compactMap { resource in resource.available ? resource.presence.map { (resource.jid, $0) } : nil }
+    }
+
+    /// Another node's sessions were lost or came back (`ClusterSessionsEvent`): this node's own resources
+    /// among their contacts (and of their own accounts) hear of it as they would have from the sessions.
+    func clusterSessionsChanged(_ event: ClusterSessionsEvent) {
+        let unavailable = XMLElement(name: "presence", namespace: Namespace.client, attributes: ["type": "unavailable"])
+        var changes = event.lost.filter(\.available).map { ($0.jid, unavailable) }
+        changes += event.restored.compactMap { resource in resource.available ? resource.presence.map { (resource.jid, $0) } : nil }
+        for (resource, presence) in changes {
+            enqueue(for: resource.bare, "presence of another node's session") { [self] in
+                let items = try await store.roster(of: resource.bare).items
+                var recipients = items.filter { $0.subscription.contactReceivesPresence }.map(\.jid)
+                recipients.append(resource.bare)
+                for recipient in recipients {
+                    for target in host.resources(of: recipient) where target.isLocal && target.available && target.jid != resource {
+                        var copy = presence
+                        copy[attribute: "from"] = resource.description
+                        copy[attribute: "to"] = target.jid.description
+                        host.route(copy)
+                    }
+                }
+            }
+        }
     }
 
     private func sendCurrentPresence(of user: JID, to contact: JID) {

@@ -53,7 +53,7 @@ public final class VCardModule: ServerModule {
             return .pass
         }
         registrar.hook(.sessionClosed) { [self] event in
-            if host.resources(of: event.jid.bare).isEmpty { hashes.withLock { _ = $0.removeValue(forKey: event.jid.bare) } }
+            if !host.resources(of: event.jid.bare).contains(where: \.isLocal) { hashes.withLock { _ = $0.removeValue(forKey: event.jid.bare) } }
             return .pass
         }
         // Runs before the presence module broadcasts (priority 100).

@@ -104,6 +104,15 @@ public final class PostgresStore: Sendable {
             )
             """,
         ],
+        [
+            """
+            CREATE TABLE cluster_nodes (
+                cluster TEXT NOT NULL, node TEXT NOT NULL, link TEXT NOT NULL, started_at BIGINT NOT NULL,
+                heartbeat TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (cluster, node)
+            )
+            """,
+        ],
     ]
 
     private init(client: PostgresClient, logger: Logger, timeout: Double, poolSize: Int) {

@@ -24,6 +24,25 @@ enum AdminProtocol {
         var modules: [String: [String: Int]]
     }
 
+    struct ClusterStatusReply: Codable {
+        var ok: Bool
+        var cluster: String
+        var node: String
+        var link: String
+        /// Every node: this one first, then its peers as it sees them.
+        var nodes: [NodeStatus]
+    }
+
+    struct NodeStatus: Codable {
+        var node: String
+        var link: String?
+        /// self, up, down (unreachable, within its grace period) or lost.
+        var state: String
+        var roundTripMilliseconds: Double?
+        var heartbeatAge: Double?
+        var sessions: Int
+    }
+
     struct UsersReply: Codable {
         var ok: Bool
         var users: [String]
@@ -125,7 +144,21 @@ final class AdminHandler: ChannelInboundHandler {
                 }
                 return
             case "connected-users":
-                reply = try encoder.encode(AdminProtocol.UsersReply(ok: true, users: server.registry.allSessions.map(\.jid.description).sorted()))
+                // Every node's sessions: the table is replicated.
+                reply = try encoder.encode(AdminProtocol.UsersReply(ok: true, users: server.registry.allResources.map(\.jid.description).sorted()))
+            case "cluster-status":
+                guard let cluster = server.router.cluster, let settings = server.configuration.cluster else {
+                    reply = try encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "this node is not clustered (no cluster: section)"))
+                    break
+                }
+                var perNode: [String: Int] = [:]
+                for resource in server.registry.allResources { perNode[resource.node ?? settings.node, default: 0] += 1 }
+                var nodes = [AdminProtocol.NodeStatus(node: settings.node, link: cluster.linkAddress, state: "self", sessions: perNode[settings.node] ?? 0)]
+                for peer in cluster.status() {
+                    nodes.append(AdminProtocol.NodeStatus(node: peer.node, link: peer.link, state: peer.state, roundTripMilliseconds: peer.roundTripMilliseconds,
+                                                          heartbeatAge: peer.heartbeatAge, sessions: perNode[peer.node] ?? 0))
+                }
+                reply = try encoder.encode(AdminProtocol.ClusterStatusReply(ok: true, cluster: settings.name, node: settings.node, link: cluster.linkAddress, nodes: nodes))
             default:
                 reply = try encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "unknown command '\(request.command)'"))
             }

@@ -370,7 +370,8 @@ final class C2SHandler: ChannelInboundHandler {
         switch outcome {
         case .bound(let jid, let replaced):
             session = created
-            replaced?.close(.conflict)
+            // A session on another node hears of this binding through the session table and closes itself.
+            if case .local(let old)? = replaced { old.close(.conflict) }
             authTimeout?.cancel()
             let interval = TimeAmount.milliseconds(Int64(server.configuration.limits.keepaliveInterval * 1000))
             keepalive = loop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in bound.value.keepaliveTick() }

@@ -147,12 +147,18 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     func deliver(_ stanza: XMLElement, to recipients: [JID]) { router.deliver(stanza, to: recipients) }
 
     func resources(of bare: JID) -> [ResourceInfo] {
-        router.registry.resources(of: bare).map { ResourceInfo(jid: $0.session.jid, available: $0.available, priority: $0.priority) }
+        router.registry.resources(of: bare).map {
+            ResourceInfo(jid: $0.jid, available: $0.available, priority: $0.priority, isLocal: $0.session != nil,
+                         presence: $0.available ? $0.presence : nil, flags: $0.flags)
+        }
     }
 
     func setAvailability(of full: JID, available: Bool, priority: Int) {
-        guard case .local(let session)? = router.registry.location(of: full) else { return }
-        router.registry.setPresence(of: session, available: available, priority: priority)
+        router.registry.setAvailability(of: full, available: available, priority: priority)
+    }
+
+    func setFlag(_ flag: String, _ on: Bool, for full: JID) {
+        router.registry.setFlag(flag, on, for: full)
     }
 
     func isLocal(_ domain: String) -> Bool { router.hosts.contains(domain) }
@@ -162,12 +168,11 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     }
 
     func holdReads(of session: JID) -> (any ReadHold)? {
-        guard case .local(let local)? = router.registry.location(of: session) else { return nil }
-        return local.holdReads()
+        router.registry.localSession(session)?.holdReads()
     }
 
     func closeSessions(of bare: JID) {
-        for resource in router.registry.resources(of: bare.bare) { resource.session.close(.notAuthorized) }
+        for resource in router.registry.resources(of: bare.bare) { resource.session?.close(.notAuthorized) }
     }
 
     func service<Service>(_ type: Service.Type) -> Service? { services.lookup(type) }

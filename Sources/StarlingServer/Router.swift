@@ -1,5 +1,6 @@
 import Logging
 import StarlingAPI
+import StarlingCluster
 
 /// Every host's module tables, one immutable value.
 final class ModuleTables: Sendable {
@@ -29,21 +30,39 @@ final class ModuleTables: Sendable {
     static let empty = try! ModuleTables([:])
 }
 
-/// Local stanza routing (RFC 6120 §10, RFC 6121 §8) between bound sessions. Runs on the sending
-/// session's event loop; deliveries hop to the recipient's loop.
+/// Who a stanza being routed came from: a session on this node, or (for a stanza another node forwarded
+/// here) an address that errors are routed back to.
+enum Origin {
+    case session(ClientSession)
+    case address(JID)
+
+    var jid: JID {
+        switch self {
+        case .session(let session): return session.jid
+        case .address(let jid): return jid
+        }
+    }
+}
+
+/// Stanza routing (RFC 6120 §10, RFC 6121 §8) between bound sessions, on this node and, in a cluster,
+/// through the node links to sessions on other nodes (the replicated session table says where each is
+/// bound). Runs on the sending session's event loop; deliveries hop to the recipient's loop.
 public final class Router: @unchecked Sendable {
     let registry: SessionRegistry
     let hosts: Set<String>
     let logger: Logger
+    /// This node's cluster membership, if it is clustered.
+    let cluster: ClusterNode?
     /// Per host. Replaced as a whole when a module is reloaded; reads take no lock (see `Swappable`).
     private let tables = Swappable(ModuleTables.empty)
     var modules: [String: HostModules] { tables.current.hosts }
     var components: [String: ComponentRegistration] { tables.current.components }
 
-    public init(registry: SessionRegistry, hosts: Set<String>, logger: Logger) {
+    public init(registry: SessionRegistry, hosts: Set<String>, logger: Logger, cluster: ClusterNode? = nil) {
         self.registry = registry
         self.hosts = hosts
         self.logger = logger
+        self.cluster = cluster
     }
 
     func install(modules: [String: HostModules]) throws {
@@ -63,15 +82,13 @@ public final class Router: @unchecked Sendable {
     /// Routes a stanza whose `from` the c2s layer has stamped with `sender`'s full JID.
     public func route(_ stanza: XMLElement, from sender: ClientSession) {
         var stanza = stanza
+        if stanza.name == "presence" && stanza[attribute: "to"] == nil { recordOwnPresence(stanza, sender: sender) }
         guard proceeds(run(.stanzaFromClient, StanzaEvent(stanza: stanza, origin: sender.jid), on: sender.jid.domainpart), &stanza, sender: sender) else {
             return
         }
         let kind = StanzaKind(rawValue: stanza.name)!
         let to = stanza[attribute: "to"].flatMap { JID($0) }
-        if kind == .presence && to == nil {
-            updateOwnPresence(stanza, sender: sender)
-            return
-        }
+        if kind == .presence && to == nil { return }
         // No `to` means the sender's own account (RFC 6120 §10.3).
         let target = to ?? sender.jid.bare
         guard hosts.contains(target.domainpart) else {
@@ -80,7 +97,7 @@ public final class Router: @unchecked Sendable {
                 return
             }
             // No server-to-server yet: every other domain is unreachable.
-            bounce(stanza, .remoteServerNotFound, to: sender)
+            bounce(stanza, .remoteServerNotFound, to: .session(sender))
             return
         }
         if kind == .message && target.localpart != nil,
@@ -90,9 +107,9 @@ public final class Router: @unchecked Sendable {
         if target.localpart == nil {
             if kind == .iq { handleServerIQ(stanza, target: target, sender: sender) }
         } else if target.resourcepart != nil {
-            toFullJID(stanza, kind: kind, target: target, sender: sender)
+            toFullJID(stanza, kind: kind, target: target, origin: .session(sender))
         } else {
-            toBareJID(stanza, kind: kind, target: target, sender: sender)
+            toBareJID(stanza, kind: kind, target: target, origin: .session(sender))
         }
     }
 
@@ -108,18 +125,20 @@ public final class Router: @unchecked Sendable {
         case .handled:
             return false
         case .reject(let condition, let text):
-            bounce(stanza, condition, text: text, to: sender)
+            bounce(stanza, condition, text: text, to: .session(sender))
             return false
         }
     }
 
-    private func updateOwnPresence(_ stanza: XMLElement, sender: ClientSession) {
+    /// A session's own presence goes into the session table before any module sees it, so that every
+    /// node knows it (probes are answered from it) before contacts anywhere receive it.
+    private func recordOwnPresence(_ stanza: XMLElement, sender: ClientSession) {
         switch stanza[attribute: "type"] {
         case nil:
             let priority = stanza.child("priority").flatMap { Int($0.text.trimmingCharacters(in: .whitespaces)) } ?? 0
-            registry.setPresence(of: sender, available: true, priority: max(-128, min(127, priority)))
+            registry.setPresence(of: sender, stanza, priority: max(-128, min(127, priority)))
         case "unavailable":
-            registry.setPresence(of: sender, available: false, priority: 0)
+            registry.setPresence(of: sender, nil, priority: 0)
         default:
             break
         }
@@ -134,7 +153,7 @@ public final class Router: @unchecked Sendable {
         guard let entry = modules[target.domainpart]?.iqHandlers[key],
               entry.target == .both || entry.target == (target.localpart == nil ? IQTarget.server : IQTarget.account)
         else {
-            bounce(iq, .serviceUnavailable, to: sender)
+            bounce(iq, .serviceUnavailable, to: .session(sender))
             return
         }
         let request = IQRequest(stanza: iq, from: sender.jid, to: target)
@@ -173,75 +192,124 @@ public final class Router: @unchecked Sendable {
             return
         }
         if to.resourcepart != nil {
-            if case .local(let session)? = registry.location(of: to) { deliverLocal(stanza, to: session) }
+            if let resource = registry.resources(of: to.bare).first(where: { $0.jid == to }) { _ = deliver(stanza, to: [resource]) }
             return
         }
         let available = registry.resources(of: to).filter(\.available)
         if stanza.name == "message" {
             let top = available.filter { $0.priority >= 0 }.map(\.priority).max()
-            for resource in available where resource.priority == top { deliverLocal(stanza, to: resource.session) }
+            _ = deliver(stanza, to: available.filter { $0.priority == top })
         } else {
-            for resource in available { deliverLocal(stanza, to: resource.session) }
+            _ = deliver(stanza, to: available)
         }
     }
 
-    private func toFullJID(_ stanza: XMLElement, kind: StanzaKind, target: JID, sender: ClientSession) {
-        switch registry.location(of: target) {
-        case .local(let session)?:
-            deliverLocal(stanza, to: session)
-        case .remote?:
-            bounce(stanza, .remoteServerTimeout, to: sender)
-        case nil:
-            // RFC 6121 §8.5.3.2: no such resource.
+    /// Delivers `stanza` as it is to each resource, wherever it is bound: local ones directly, remote
+    /// ones with one frame per node. Returns how many could be reached (a node whose link is down cannot).
+    private func deliver(_ stanza: XMLElement, to resources: [ResourceState]) -> Int {
+        var reached = 0
+        var remote: [String: [JID]] = [:]
+        for resource in resources {
+            switch resource.location {
+            case .local(let session):
+                deliverLocal(stanza, to: session)
+                reached += 1
+            case .remote(let node):
+                remote[node, default: []].append(resource.jid)
+            }
+        }
+        for (node, recipients) in remote where cluster?.send(.deliver(stanza, recipients: recipients, addressed: false), to: node) == true {
+            reached += recipients.count
+        }
+        return reached
+    }
+
+    /// A stanza another node routed to sessions here. A recipient that is no longer bound here is routed
+    /// as a full JID without a session (RFC 6121 §8.5.3.2), among this node's own sessions only: one hop
+    /// per stanza, so nodes whose tables disagree for a moment cannot pass it back and forth.
+    func deliverForwarded(_ stanza: XMLElement, to recipients: [JID], addressed: Bool) {
+        if addressed {
+            deliver(stanza, to: recipients, forwarded: true)
+            return
+        }
+        for recipient in recipients {
+            if let session = registry.localSession(recipient) {
+                deliverLocal(stanza, to: session)
+                continue
+            }
+            guard let kind = StanzaKind(rawValue: stanza.name) else { continue }
+            let origin = stanza[attribute: "from"].flatMap { JID($0) }.map(Origin.address)
             switch kind {
             case .message:
                 let type = stanza[attribute: "type"] ?? "normal"
-                if type == "groupchat" { bounce(stanza, .serviceUnavailable, to: sender) }
-                else if type != "error" { toBareJID(stanza, kind: kind, target: target.bare, sender: sender) }
+                guard type == "chat" || type == "normal" else { continue }
+                if let origin { toBareJID(stanza, kind: .message, target: recipient.bare, origin: origin, localOnly: true) }
             case .iq:
-                bounce(stanza, .serviceUnavailable, to: sender)
+                if let origin { bounce(stanza, .serviceUnavailable, to: origin) }
             case .presence:
-                break
+                continue
             }
         }
     }
 
-    private func toBareJID(_ stanza: XMLElement, kind: StanzaKind, target: JID, sender: ClientSession) {
+    private func toFullJID(_ stanza: XMLElement, kind: StanzaKind, target: JID, origin: Origin) {
+        switch registry.location(of: target) {
+        case .local(let session)?:
+            deliverLocal(stanza, to: session)
+            return
+        case .remote(let node)?:
+            // A node that cannot be reached is treated like a resource that is not bound: the message goes
+            // to the account's other resources or to offline storage, never guessed onto the wrong node.
+            if cluster?.send(.deliver(stanza, recipients: [target], addressed: false), to: node) == true { return }
+        case nil:
+            break
+        }
+        // RFC 6121 §8.5.3.2: no such resource.
+        switch kind {
+        case .message:
+            let type = stanza[attribute: "type"] ?? "normal"
+            if type == "groupchat" { bounce(stanza, .serviceUnavailable, to: origin) }
+            else if type != "error" { toBareJID(stanza, kind: kind, target: target.bare, origin: origin) }
+        case .iq:
+            bounce(stanza, .serviceUnavailable, to: origin)
+        case .presence:
+            break
+        }
+    }
+
+    /// - Parameter localOnly: only this node's sessions take it (a stanza another node forwarded).
+    private func toBareJID(_ stanza: XMLElement, kind: StanzaKind, target: JID, origin: Origin, localOnly: Bool = false) {
+        let resources = registry.resources(of: target).filter { !localOnly || $0.session != nil }
         switch kind {
         case .iq:
             // An IQ to a bare JID is answered by the server on the account's behalf (RFC 6121 §8.5.1).
+            guard case .session(let sender) = origin else { return bounce(stanza, .serviceUnavailable, to: origin) }
             handleServerIQ(stanza, target: target, sender: sender)
         case .presence:
-            for resource in registry.resources(of: target) where resource.available {
-                deliverLocal(stanza, to: resource.session)
-            }
+            _ = deliver(stanza, to: resources.filter(\.available))
         case .message:
             let type = stanza[attribute: "type"] ?? "normal"
-            let candidates = registry.resources(of: target).filter { $0.available && $0.priority >= 0 }
-            guard let top = candidates.map(\.priority).max() else {
-                if type == "chat" || type == "normal" {
-                    // Offline storage, if enabled, takes it here.
-                    switch run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: sender.jid, recipient: target), on: target.domainpart) {
-                    case .handled, .modify: return
-                    case .reject(let condition, let text):
-                        bounce(stanza, condition, text: text, to: sender)
-                        return
-                    case .pass: break
-                    }
-                }
-                // RFC 6121 §8.5.2.2.1 allows service-unavailable when nothing stores it.
-                if type == "chat" || type == "normal" || type == "groupchat" { bounce(stanza, .serviceUnavailable, to: sender) }
-                return
-            }
-            if type == "groupchat" {
-                bounce(stanza, .serviceUnavailable, to: sender)
+            let candidates = resources.filter { $0.available && $0.priority >= 0 }
+            if type == "groupchat" && !candidates.isEmpty {
+                bounce(stanza, .serviceUnavailable, to: origin)
                 return
             }
             // RFC 6121 §8.5.2.1.1: headlines go to every non-negative resource, chat and normal to the
             // highest-priority ones.
-            for resource in candidates where type == "headline" || resource.priority == top {
-                deliverLocal(stanza, to: resource.session)
+            let top = candidates.map(\.priority).max()
+            if deliver(stanza, to: candidates.filter { type == "headline" || $0.priority == top }) > 0 { return }
+            if type == "chat" || type == "normal" {
+                // Offline storage, if enabled, takes it here.
+                switch run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: origin.jid, recipient: target), on: target.domainpart) {
+                case .handled, .modify: return
+                case .reject(let condition, let text):
+                    bounce(stanza, condition, text: text, to: origin)
+                    return
+                case .pass: break
+                }
             }
+            // RFC 6121 §8.5.2.2.1 allows service-unavailable when nothing stores it.
+            if type == "chat" || type == "normal" || type == "groupchat" { bounce(stanza, .serviceUnavailable, to: origin) }
         }
     }
 
@@ -286,18 +354,31 @@ public final class Router: @unchecked Sendable {
 
     /// One stanza to many full JIDs (a room's occupants): each recipient's modules screen it as for any
     /// delivery, and what passes unchanged is serialized once for all of them, with one hop per event loop.
-    func deliver(_ stanza: XMLElement, to recipients: [JID]) {
+    /// Occupants on other nodes get it through one frame per node. `forwarded`: another node sent it, for
+    /// sessions here only.
+    func deliver(_ stanza: XMLElement, to recipients: [JID], forwarded: Bool = false) {
         var shared: SharedSerialization?
         var batch: [(session: ClientSession, stanza: OutgoingStanza)] = []
         batch.reserveCapacity(recipients.count)
+        var remote: [String: [JID]] = [:]
         for recipient in recipients {
             guard recipient.resourcepart != nil, hosts.contains(recipient.domainpart) else {
+                if forwarded { continue }
                 var copy = stanza
                 copy[attribute: "to"] = recipient.description
                 routeFromServer(copy)
                 continue
             }
-            guard case .local(let session)? = registry.location(of: recipient) else { continue }
+            let session: ClientSession
+            switch registry.location(of: recipient) {
+            case .local(let local)?:
+                session = local
+            case .remote(let node)?:
+                if !forwarded { remote[node, default: []].append(recipient) }
+                continue
+            case nil:
+                continue
+            }
             switch screen(stanza, for: session) {
             case .unchanged:
                 if shared == nil { shared = SharedSerialization(stanza) }
@@ -310,6 +391,7 @@ public final class Router: @unchecked Sendable {
             }
         }
         ClientSession.deliver(batch)
+        for (node, recipients) in remote { cluster?.send(.deliver(stanza, recipients: recipients, addressed: true), to: node) }
     }
 
     /// A reply addressed to the sending session, from the entity it addressed (its own account when the
@@ -322,8 +404,16 @@ public final class Router: @unchecked Sendable {
     }
 
     /// Sends an error reply for `stanza` back to its sender; errors are never answered with errors.
-    private func bounce(_ stanza: XMLElement, _ condition: StanzaErrorCondition, text: String? = nil, to sender: ClientSession) {
+    private func bounce(_ stanza: XMLElement, _ condition: StanzaErrorCondition, text: String? = nil, to origin: Origin) {
         guard stanza[attribute: "type"] != "error", stanza[attribute: "type"] != "result" else { return }
-        sender.deliver(addressedReply(stanza.errorReply(condition, text: text), to: sender))
+        switch origin {
+        case .session(let sender):
+            sender.deliver(addressedReply(stanza.errorReply(condition, text: text), to: sender))
+        case .address(let sender):
+            var reply = stanza.errorReply(condition, text: text)
+            reply[attribute: "to"] = sender.description
+            reply[attribute: "from"] = stanza[attribute: "to"]
+            routeFromServer(reply)
+        }
     }
 }

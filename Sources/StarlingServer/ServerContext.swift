@@ -3,6 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import StarlingAPI
+import StarlingCluster
 import StarlingConfig
 import StarlingStorage
 
@@ -19,14 +20,21 @@ public final class ServerContext: Sendable {
     public let threadPool: NIOThreadPool
     public let logger: Logger
 
-    public init(configuration: StarlingConfiguration, accounts: any AccountStore, tls: TLSIdentity, threadPool: NIOThreadPool, logger: Logger) {
+    /// - Parameter cluster: this node's cluster membership (not started yet), if clustered.
+    public init(configuration: StarlingConfiguration, accounts: any AccountStore, tls: TLSIdentity, threadPool: NIOThreadPool, logger: Logger,
+                cluster: ClusterNode? = nil) {
         self.configuration = configuration
         self.accounts = accounts
         self.tls = tls
         self.threadPool = threadPool
         self.logger = logger
-        registry = SessionRegistry()
-        router = Router(registry: registry, hosts: Set(configuration.hosts), logger: logger)
+        registry = SessionRegistry { change in
+            switch change {
+            case .updated(let session): cluster?.broadcast(.session(session))
+            case .unbound(let jid, let boundAt): cluster?.broadcast(.unbound(jid, boundAt: boundAt))
+            }
+        }
+        router = Router(registry: registry, hosts: Set(configuration.hosts), logger: logger, cluster: cluster)
         failures = AuthFailureTracker(
             baseDelay: configuration.auth.failureDelay,
             threshold: configuration.auth.failuresBeforeSlowdown,

@@ -1,6 +1,8 @@
+import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import StarlingAPI
+import StarlingCluster
 import Synchronization
 
 /// A bound client session as the rest of the server sees it. Deliveries may come from any thread; the
@@ -89,29 +91,64 @@ public final class ClientSession: @unchecked Sendable, Hashable {
     public func hash(into hasher: inout Hasher) { hasher.combine(ObjectIdentifier(self)) }
 }
 
-/// Where a stanza for a full JID goes. `remote` is the seam clustering fills in: the registry of a
-/// clustered node will answer with the node that holds the session.
+/// Where a stanza for a full JID goes: a session on this node, or one that another node of the cluster
+/// holds (the router forwards it over that node's link).
 public enum SessionLocation: Sendable {
     case local(ClientSession)
     case remote(node: String)
 }
 
-/// The presence-relevant state of one resource, as routing needs it.
+/// The routing state of one bound resource, on this node or another.
 public struct ResourceState: Sendable {
-    public var session: ClientSession
+    public var jid: JID
+    public var location: SessionLocation
     /// Sent available presence (RFC 6121 §4.2) and not since unavailable.
     public var available: Bool
     public var priority: Int
+    /// The last available presence as the client sent it (probes are answered with it).
+    public var presence: XMLElement?
+    public var flags: Set<String>
+    /// When it was bound (µs since the epoch): of two bindings of one full JID, the later wins.
+    public var boundAt: UInt64
+
+    /// The local session, if it is bound on this node.
+    public var session: ClientSession? {
+        if case .local(let session) = location { return session }
+        return nil
+    }
+
+    /// The node holding it, for a remote resource.
+    public var node: String? {
+        if case .remote(let node) = location { return node }
+        return nil
+    }
+
+    var clusterEntry: ClusterSession {
+        ClusterSession(jid: jid, boundAt: boundAt, priority: priority, presence: available ? (presence ?? Self.bareAvailability) : nil, flags: flags)
+    }
+
+    /// Stands in for a presence nobody recorded (a module marked the resource available itself).
+    static let bareAvailability = XMLElement(name: "presence", namespace: Namespace.client)
 }
 
-/// Every bound resource on this node, sharded by bare JID so sessions on different event loops rarely
-/// meet on the same lock, and never hold it longer than a dictionary operation.
+/// A change to this node's own sessions, for the other nodes of a cluster.
+public enum LocalSessionChange: Sendable {
+    case updated(ClusterSession)
+    case unbound(JID, boundAt: UInt64)
+}
+
+/// Every bound resource: this node's, and in a cluster the other nodes' (replicated from their
+/// announcements). Sharded by bare JID so sessions on different event loops rarely meet on the same lock,
+/// and never hold it longer than a dictionary operation.
 public final class SessionRegistry: Sendable {
     private static let shardCount = 64
     private let shards: [NIOLockedValueBox<[JID: [String: ResourceState]]>]
+    /// Hears of every change to local sessions (the cluster broadcasts them); called outside the locks.
+    private let onLocalChange: @Sendable (LocalSessionChange) -> Void
 
-    public init() {
+    public init(onLocalChange: @escaping @Sendable (LocalSessionChange) -> Void = { _ in }) {
         shards = (0..<Self.shardCount).map { _ in NIOLockedValueBox([:]) }
+        self.onLocalChange = onLocalChange
     }
 
     private func shard(_ bare: JID) -> NIOLockedValueBox<[JID: [String: ResourceState]]> {
@@ -119,12 +156,15 @@ public final class SessionRegistry: Sendable {
     }
 
     public enum BindOutcome {
-        case bound(JID, replaced: ClientSession?)
+        case bound(JID, replaced: SessionLocation?)
         case failed(StanzaErrorCondition)
     }
 
-    /// Binds `resource` (or a generated one) for `user`. A resource already bound is taken over and the
-    /// old session returned so the caller can close it with `<conflict/>` (RFC 6120 §7.7.2.2).
+    static func now() -> UInt64 { UInt64(max(0, Date().timeIntervalSince1970 * 1_000_000)) }
+
+    /// Binds `resource` (or a generated one) for `user`. A resource already bound (here or on another
+    /// node) is taken over and its location returned so the caller can close it with `<conflict/>`
+    /// (RFC 6120 §7.7.2.2). `maxSessions` counts the account's resources on every node.
     public func bind(user: JID, resource requested: String?, maxSessions: Int, makeSession: (JID) -> ClientSession) -> BindOutcome {
         let bare = user.bare
         let resource: String
@@ -135,51 +175,173 @@ public final class SessionRegistry: Sendable {
             resource = Self.generatedResource()
         }
         let full = try! bare.with(resource: resource)
-        return shard(bare).withLockedValue { table in
+        let outcome: (BindOutcome, ResourceState?) = shard(bare).withLockedValue { table in
             var resources = table[bare] ?? [:]
-            let replaced = resources[resource]?.session
-            if replaced == nil && resources.count >= maxSessions { return .failed(.resourceConstraint) }
-            resources[resource] = ResourceState(session: makeSession(full), available: false, priority: 0)
+            let replaced = resources[resource]?.location
+            if replaced == nil && resources.count >= maxSessions { return (.failed(.resourceConstraint), nil) }
+            let state = ResourceState(jid: full, location: .local(makeSession(full)), available: false, priority: 0, presence: nil, flags: [],
+                                      boundAt: Self.now())
+            resources[resource] = state
             table[bare] = resources
-            return .bound(full, replaced: replaced)
+            return (.bound(full, replaced: replaced), state)
         }
+        if let state = outcome.1 { onLocalChange(.updated(state.clusterEntry)) }
+        return outcome.0
     }
 
     /// Removes the binding if `session` still holds it (a replaced session must not unbind its successor).
     public func unbind(_ session: ClientSession) {
         let bare = session.jid.bare
+        let removed: ResourceState? = shard(bare).withLockedValue { table in
+            guard let resource = session.jid.resourcepart, let state = table[bare]?[resource], state.session === session else { return nil }
+            table[bare]![resource] = nil
+            if table[bare]!.isEmpty { table[bare] = nil }
+            return state
+        }
+        if let removed { onLocalChange(.unbound(removed.jid, boundAt: removed.boundAt)) }
+    }
+
+    /// Records a local session's own presence (nil: unavailable).
+    public func setPresence(of session: ClientSession, _ presence: XMLElement?, priority: Int) {
+        updateLocal(session.jid) { state in
+            state.available = presence != nil
+            state.presence = presence
+            state.priority = presence == nil ? 0 : priority
+        }
+    }
+
+    /// Marks a local resource available or not, keeping the presence last recorded.
+    public func setAvailability(of full: JID, available: Bool, priority: Int) {
+        updateLocal(full) { state in
+            state.available = available
+            state.priority = priority
+            if !available { state.presence = nil }
+        }
+    }
+
+    public func setFlag(_ flag: String, _ on: Bool, for full: JID) {
+        updateLocal(full) { state in
+            if on { state.flags.insert(flag) } else { state.flags.remove(flag) }
+        }
+    }
+
+    /// Changes a local resource's state and announces it if anything changed.
+    private func updateLocal(_ full: JID, _ change: (inout ResourceState) -> Void) {
+        guard let resource = full.resourcepart else { return }
+        let bare = full.bare
+        let changed: ClusterSession? = shard(bare).withLockedValue { table in
+            guard var state = table[bare]?[resource], state.session != nil else { return nil }
+            let before = state.clusterEntry
+            change(&state)
+            table[bare]![resource] = state
+            let after = state.clusterEntry
+            return after == before ? nil : after
+        }
+        if let changed { onLocalChange(.updated(changed)) }
+    }
+
+    public func location(of full: JID) -> SessionLocation? {
+        guard let resource = full.resourcepart else { return nil }
+        return shard(full.bare).withLockedValue { $0[full.bare]?[resource]?.location }
+    }
+
+    /// The local session bound to `full`, if any.
+    public func localSession(_ full: JID) -> ClientSession? {
+        guard case .local(let session)? = location(of: full) else { return nil }
+        return session
+    }
+
+    /// All resources of an account, on every node.
+    public func resources(of bare: JID) -> [ResourceState] {
+        shard(bare).withLockedValue { table in table[bare].map { Array($0.values) } ?? [] }
+    }
+
+    /// Sessions bound on this node.
+    public var sessionCount: Int {
+        shards.reduce(0) { sum, shard in sum + shard.withLockedValue { $0.values.reduce(0) { $0 + $1.values.count { $0.session != nil } } } }
+    }
+
+    /// Sessions bound on this node.
+    public var allSessions: [ClientSession] {
+        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap { $0.values.compactMap(\.session) } } }
+    }
+
+    /// Every resource on every node.
+    public var allResources: [ResourceState] {
+        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap { Array($0.values) } } }
+    }
+
+    /// This node's sessions as the cluster sees them (a snapshot for a peer).
+    public var localEntries: [ClusterSession] {
+        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap { $0.values.filter { $0.session != nil }.map(\.clusterEntry) } } }
+    }
+
+    // MARK: Other nodes' sessions
+
+    /// Applies another node's announcement. A local session with the same full JID that was bound earlier
+    /// is returned for closing with `<conflict/>`: the later binding wins on every node.
+    public func applyRemote(_ entry: ClusterSession, from node: String) -> ClientSession? {
+        guard let resource = entry.jid.resourcepart else { return nil }
+        let bare = entry.jid.bare
+        return shard(bare).withLockedValue { table -> ClientSession? in
+            var resources = table[bare] ?? [:]
+            var displaced: ClientSession?
+            if let existing = resources[resource] {
+                if existing.boundAt > entry.boundAt { return nil }
+                displaced = existing.session
+            }
+            resources[resource] = ResourceState(jid: entry.jid, location: .remote(node: node), available: entry.available, priority: entry.priority,
+                                                presence: entry.presence, flags: entry.flags, boundAt: entry.boundAt)
+            table[bare] = resources
+            return displaced
+        }
+    }
+
+    /// Another node's session went away (only if that node still holds it).
+    public func removeRemote(_ full: JID, boundAt: UInt64, from node: String) {
+        guard let resource = full.resourcepart else { return }
+        let bare = full.bare
         shard(bare).withLockedValue { table in
-            guard let resource = session.jid.resourcepart, table[bare]?[resource]?.session === session else { return }
+            guard let state = table[bare]?[resource], state.node == node, state.boundAt == boundAt else { return }
             table[bare]![resource] = nil
             if table[bare]!.isEmpty { table[bare] = nil }
         }
     }
 
-    public func setPresence(of session: ClientSession, available: Bool, priority: Int) {
-        let bare = session.jid.bare
-        shard(bare).withLockedValue { table in
-            guard let resource = session.jid.resourcepart, table[bare]?[resource]?.session === session else { return }
-            table[bare]![resource]!.available = available
-            table[bare]![resource]!.priority = priority
+    /// Drops every session of `node` and returns them.
+    @discardableResult
+    public func removeNode(_ node: String) -> [ResourceState] {
+        var removed: [ResourceState] = []
+        for shard in shards {
+            shard.withLockedValue { table in
+                for (bare, resources) in table {
+                    let theirs = resources.filter { $0.value.node == node }
+                    guard !theirs.isEmpty else { continue }
+                    removed.append(contentsOf: theirs.values)
+                    let rest = resources.filter { entry in !theirs.keys.contains(entry.key) }
+                    table[bare] = rest.isEmpty ? nil : rest
+                }
+            }
         }
+        return removed
     }
 
-    public func location(of full: JID) -> SessionLocation? {
-        guard let resource = full.resourcepart else { return nil }
-        return shard(full.bare).withLockedValue { $0[full.bare]?[resource].map { .local($0.session) } }
-    }
-
-    /// All resources of an account.
-    public func resources(of bare: JID) -> [ResourceState] {
-        shard(bare).withLockedValue { table in table[bare].map { Array($0.values) } ?? [] }
-    }
-
-    public var sessionCount: Int {
-        shards.reduce(0) { sum, shard in sum + shard.withLockedValue { $0.values.reduce(0) { $0 + $1.count } } }
-    }
-
-    public var allSessions: [ClientSession] {
-        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap { $0.values.map(\.session) } } }
+    /// Replaces what this node held for `node` with its snapshot. Returns local sessions that lost to a
+    /// later binding there (to close with `<conflict/>`), the snapshot's sessions that were not known
+    /// before, and those known before that the snapshot no longer has.
+    public func replaceNode(_ node: String, with entries: [ClusterSession]) -> (displaced: [ClientSession], added: [ResourceState], removed: [ResourceState]) {
+        let previous = removeNode(node)
+        let previousJIDs = Set(previous.map(\.jid))
+        let current = Set(entries.map(\.jid))
+        var displaced: [ClientSession] = []
+        var added: [ResourceState] = []
+        for entry in entries {
+            if let local = applyRemote(entry, from: node) { displaced.append(local) }
+            if !previousJIDs.contains(entry.jid), let state = resources(of: entry.jid.bare).first(where: { $0.jid == entry.jid }), state.node == node {
+                added.append(state)
+            }
+        }
+        return (displaced, added, previous.filter { !current.contains($0.jid) })
     }
 
     private static func generatedResource() -> String {

@@ -5,6 +5,7 @@ import NIOPosix
 import NIOSSL
 import ServiceLifecycle
 import StarlingAPI
+import StarlingCluster
 import StarlingConfig
 import StarlingModules
 import StarlingSQLite
@@ -33,7 +34,12 @@ public final class StarlingServer: Service, @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         let store = try await StorageBackends.open(configuration, logger: logger)
         let tls = try TLSIdentity.load(configuration, logger: logger)
-        let context = ServerContext(configuration: configuration, accounts: store, tls: tls, threadPool: threadPool, logger: logger)
+        let cluster: ClusterNode?
+        do { cluster = try makeClusterNode(tls: tls, store: store) } catch {
+            await store.close()
+            throw error
+        }
+        let context = ServerContext(configuration: configuration, accounts: store, tls: tls, threadPool: threadPool, logger: logger, cluster: cluster)
         let router = context.router
         let services = ServiceDirectory()
         do {
@@ -69,6 +75,8 @@ public final class StarlingServer: Service, @unchecked Sendable {
 
         var channels: [any Channel] = []
         do {
+            // Linked before clients come, so the first sessions see the whole cluster.
+            try await cluster?.start(delegate: ClusterBridge(registry: context.registry, router: router))
             for listener in configuration.listeners {
                 let channel = try await bind(listener, context: context)
                 channels.append(channel)
@@ -82,6 +90,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
             fflush(stdout)
         } catch {
             for channel in channels { try? await channel.close() }
+            await cluster?.stop()
             await store.close()
             throw error
         }
@@ -110,6 +119,8 @@ public final class StarlingServer: Service, @unchecked Sendable {
         context.connections.shutdownAll()
         // Give clients a moment to receive the stream error and close their side.
         for _ in 0..<50 where context.connections.count > 0 { try? await Task.sleep(for: .milliseconds(20)) }
+        // The sessions' goodbyes have gone over the links; now the other nodes may forget this one.
+        await cluster?.stop()
         await drainModules(configuration.hosts, router: router)
         await store.close()
         try? FileManager.default.removeItem(atPath: configuration.admin.socketPath)
@@ -139,6 +150,22 @@ public final class StarlingServer: Service, @unchecked Sendable {
             return first
         }
         if !finished { logger.error("modules did not finish their storage work in time; some of it is lost", metadata: ["seconds": "\(limit)"]) }
+    }
+
+    private func makeClusterNode(tls: TLSIdentity, store: any StarlingStore) throws -> ClusterNode? {
+        guard let settings = configuration.cluster else { return nil }
+        guard let secret = FileManager.default.contents(atPath: settings.secretFile) else {
+            throw TLSSetupError("cannot read the cluster secret file \(settings.secretFile)")
+        }
+        let trimmed = String(decoding: secret, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return try ClusterNode(
+            settings: .init(cluster: settings.name, node: settings.node, linkHost: settings.linkHost, linkPort: settings.linkPort,
+                            secret: Array(trimmed.utf8), discoverThroughDatabase: settings.discovery == .postgresql, peers: settings.peers,
+                            heartbeat: settings.heartbeat, deadAfter: settings.deadAfter),
+            group: group, serverTLS: tls.context, ownCertificateDigest: tls.channelBinding.data,
+            digestOfPeerCertificate: { TLSIdentity.serverEndPointHash(der: $0) },
+            membership: store as? any ClusterMembershipStore, logger: logger
+        )
     }
 
     private func bind(_ listener: ListenerConfiguration, context: ServerContext) async throws -> any Channel {

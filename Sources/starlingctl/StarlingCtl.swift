@@ -12,7 +12,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, PurgeArchives.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ClusterStatus.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, PurgeArchives.self]
     )
 }
 
@@ -196,6 +196,35 @@ struct ConnectedUsers: ParsableCommand {
               let users = object["users"] as? [String]
         else { throw ValidationError("unexpected reply: \(reply)") }
         for user in users { print(user) }
+    }
+}
+
+struct ClusterStatus: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cluster-status",
+        abstract: "Show the cluster as this node sees it: every node, its link's state and round trip, and its sessions."
+    )
+    @OptionGroup var options: ConfigOption
+    @Flag(help: "Print the server's JSON reply.") var json = false
+
+    func run() throws {
+        let reply = try AdminClient(path: options.load().admin.socketPath).request("cluster-status")
+        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else { throw ValidationError("unexpected reply: \(reply)") }
+        guard object["ok"] as? Bool == true else { throw ValidationError(object["error"] as? String ?? reply) }
+        if json {
+            print(reply)
+            return
+        }
+        let nodes = object["nodes"] as? [[String: Any]] ?? []
+        print("cluster \(object["cluster"] ?? "?"): \(nodes.count) node(s), seen from \(object["node"] ?? "?")")
+        print("node".padding(toLength: 16, withPad: " ", startingAt: 0) + "state".padding(toLength: 7, withPad: " ", startingAt: 0)
+              + "link".padding(toLength: 24, withPad: " ", startingAt: 0) + "rtt ms".padding(toLength: 9, withPad: " ", startingAt: 0) + "sessions")
+        for node in nodes {
+            let rtt = (node["roundTripMilliseconds"] as? Double).map { String(format: "%.2f", $0) } ?? "-"
+            print("\(node["node"] ?? "?")".padding(toLength: 16, withPad: " ", startingAt: 0) + "\(node["state"] ?? "?")".padding(toLength: 7, withPad: " ", startingAt: 0)
+                  + "\(node["link"] ?? "-")".padding(toLength: 24, withPad: " ", startingAt: 0) + rtt.padding(toLength: 9, withPad: " ", startingAt: 0)
+                  + "\(node["sessions"] ?? 0)")
+        }
     }
 }
 

@@ -40,14 +40,17 @@ final class ServerProcess {
     }
 
     /// `files` are written into the server's directory (next to its config) before it starts.
+    /// `database`: a PostgreSQL URL to use instead of a fresh database (nodes of one cluster share one).
     init(extraConfig: String = "", users: [(String, String)], backend: Backend = ServerProcess.defaultBackend, storageTimeout: Double = 5,
-         files: [String: String] = [:]) throws {
+         files: [String: String] = [:], database: String? = nil) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         for (path, contents) in files { try Self.write(contents, to: directory.appendingPathComponent(path)) }
         configPath = directory.appendingPathComponent("starling.yml").path
         var storage = ""
-        if backend == .postgresql {
+        if let database {
+            storage = "storage: { backend: postgresql, url: \"\(database)\", timeout: \(storageTimeout) }"
+        } else if backend == .postgresql {
             guard let base = Self.postgresURL else { throw XCTSkip("no PostgreSQL: run scripts/test") }
             storage = "storage: { backend: postgresql, url: \"\(try Self.freshDatabase(base))\", timeout: \(storageTimeout) }"
         }

@@ -135,8 +135,12 @@ public protocol ModuleHost: Sendable {
     /// The disco features every enabled module on this host declared (sorted, deduplicated), for
     /// entities answered `for` the server or for accounts.
     func features(for target: IQTarget) -> [String]
-    /// The bound resources of an account (on any host this server serves).
+    /// The bound resources of an account (on any host this server serves), on every node of a cluster.
     func resources(of bare: JID) -> [ResourceInfo]
+    /// Marks a resource (bound on this node) with a flag other nodes see too in `ResourceInfo.flags`:
+    /// per-session state a module needs wherever the account's stanzas are routed (carbons enabled, roster
+    /// requested). Flags go when the session goes.
+    func setFlag(_ flag: String, _ on: Bool, for full: JID)
     /// Tells core routing whether a resource takes messages sent to the bare JID, and at which priority.
     func setAvailability(of full: JID, available: Bool, priority: Int)
     /// True for every domain this server serves (not only this module's host).
@@ -166,11 +170,20 @@ public struct ResourceInfo: Sendable {
     public let jid: JID
     public let available: Bool
     public let priority: Int
+    /// False for a resource bound on another node of the cluster.
+    public let isLocal: Bool
+    /// The resource's last available presence (what probes are answered with); nil while unavailable.
+    public let presence: XMLElement?
+    /// Flags modules set with `ModuleHost.setFlag`.
+    public let flags: Set<String>
 
-    public init(jid: JID, available: Bool, priority: Int) {
+    public init(jid: JID, available: Bool, priority: Int, isLocal: Bool = true, presence: XMLElement? = nil, flags: Set<String> = []) {
         self.jid = jid
         self.available = available
         self.priority = priority
+        self.isLocal = isLocal
+        self.presence = presence
+        self.flags = flags
     }
 }
 
@@ -311,6 +324,27 @@ extension HookPoint where Event == SessionEvent {
     public static let sessionClosed = HookPoint("session-closed")
     /// A resource sent its first available presence (offline messages are delivered then).
     public static let initialPresence = HookPoint("initial-presence")
+}
+
+/// Sessions on another node of the cluster that this node lost sight of (the node died, or the link to
+/// it stayed down past its grace period) or saw again (the link came back). Every node hears of it for
+/// itself, so a handler acts for this node's own sessions only (tells local contacts that `lost` went
+/// away), and together the nodes cover everyone exactly once.
+public struct ClusterSessionsEvent: Sendable {
+    /// The node they are bound on.
+    public let node: String
+    public let lost: [ResourceInfo]
+    public let restored: [ResourceInfo]
+
+    public init(node: String, lost: [ResourceInfo], restored: [ResourceInfo]) {
+        self.node = node
+        self.lost = lost
+        self.restored = restored
+    }
+}
+
+extension HookPoint where Event == ClusterSessionsEvent {
+    public static let clusterSessionsChanged = HookPoint("cluster-sessions-changed")
 }
 
 /// A new client connection, before any byte is read. Connection hooks run on the first configured
@@ -471,7 +505,7 @@ public enum StarlingAPIVersion {
     public static var api: Int { compiledAPI }
     /// The API version compiled into the caller. It is emitted into each plugin's own binary, so it
     /// records what the plugin was built against, not what happens to be loaded.
-    @_alwaysEmitIntoClient public static var compiledAPI: Int { 2 }
+    @_alwaysEmitIntoClient public static var compiledAPI: Int { 3 }
     public static let serverVersion = "0.1.0"
 }
 

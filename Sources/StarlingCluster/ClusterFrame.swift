@@ -1,0 +1,299 @@
+import NIOCore
+import StarlingAPI
+
+/// One bound resource in the replicated session table, as its node announces it.
+public struct ClusterSession: Sendable, Equatable {
+    public var jid: JID
+    /// Microseconds since the epoch when it was bound: when two nodes bind the same full JID, the later
+    /// binding wins on every node alike.
+    public var boundAt: UInt64
+    public var priority: Int
+    /// The last available presence; nil while unavailable.
+    public var presence: XMLElement?
+    public var flags: Set<String>
+
+    public init(jid: JID, boundAt: UInt64, priority: Int, presence: XMLElement?, flags: Set<String>) {
+        self.jid = jid
+        self.boundAt = boundAt
+        self.priority = priority
+        self.presence = presence
+        self.flags = flags
+    }
+
+    public var available: Bool { presence != nil }
+}
+
+/// What crosses a node link. Stanzas travel as trees in a binary form, so the receiving node does not
+/// parse XML again.
+public enum ClusterFrame: Sendable, Equatable {
+    /// First frame each way: versions must match, and the nonce is what the other side's proof covers.
+    case hello(version: Int, cluster: String, node: String, nonce: [UInt8])
+    /// HMAC-SHA-256 over both nonces, both names and the link's TLS certificate, keyed with the secret.
+    case proof([UInt8])
+    /// The sender's whole table of local sessions follows (it replaces what the receiver held for it).
+    case snapshotBegin
+    case sessions([ClusterSession])
+    case snapshotEnd
+    /// A session bound, or its presence or flags changed.
+    case session(ClusterSession)
+    case unbound(JID, boundAt: UInt64)
+    /// A stanza for sessions bound on the receiving node. `addressed`: each copy gets the recipient's
+    /// full JID as `to` (a room's fan-out); otherwise the stanza goes as it is.
+    case deliver(XMLElement, recipients: [JID], addressed: Bool)
+    case ping(UInt64)
+    case pong(UInt64)
+}
+
+public struct ClusterWireError: Error, CustomStringConvertible {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
+
+extension ClusterFrame {
+    /// The version of this wire format; nodes of another version refuse to link.
+    public static let wireVersion = 1
+    /// Frames larger than this end the link: a stanza is at most 16 MiB (`limits.max_stanza_size`), and a
+    /// snapshot is sent in chunks.
+    public static let maxFrameSize = 32 << 20
+
+    private enum Tag: UInt8 {
+        case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong
+    }
+
+    /// Appends the frame, with its 4-byte length prefix, to `buffer`.
+    public func encode(into buffer: inout ByteBuffer) {
+        let lengthIndex = buffer.writerIndex
+        buffer.writeInteger(UInt32(0))
+        switch self {
+        case .hello(let version, let cluster, let node, let nonce):
+            buffer.writeInteger(Tag.hello.rawValue)
+            buffer.writeInteger(UInt16(version))
+            buffer.writeWireString(cluster)
+            buffer.writeWireString(node)
+            buffer.writeWireBytes(nonce)
+        case .proof(let mac):
+            buffer.writeInteger(Tag.proof.rawValue)
+            buffer.writeWireBytes(mac)
+        case .snapshotBegin:
+            buffer.writeInteger(Tag.snapshotBegin.rawValue)
+        case .sessions(let sessions):
+            buffer.writeInteger(Tag.sessions.rawValue)
+            buffer.writeInteger(UInt32(sessions.count))
+            for session in sessions { buffer.writeSession(session) }
+        case .snapshotEnd:
+            buffer.writeInteger(Tag.snapshotEnd.rawValue)
+        case .session(let session):
+            buffer.writeInteger(Tag.session.rawValue)
+            buffer.writeSession(session)
+        case .unbound(let jid, let boundAt):
+            buffer.writeInteger(Tag.unbound.rawValue)
+            buffer.writeWireString(jid.description)
+            buffer.writeInteger(boundAt)
+        case .deliver(let stanza, let recipients, let addressed):
+            buffer.writeInteger(Tag.deliver.rawValue)
+            buffer.writeInteger(UInt8(addressed ? 1 : 0))
+            buffer.writeInteger(UInt32(recipients.count))
+            for recipient in recipients { buffer.writeWireString(recipient.description) }
+            buffer.writeElement(stanza)
+        case .ping(let value):
+            buffer.writeInteger(Tag.ping.rawValue)
+            buffer.writeInteger(value)
+        case .pong(let value):
+            buffer.writeInteger(Tag.pong.rawValue)
+            buffer.writeInteger(value)
+        }
+        buffer.setInteger(UInt32(buffer.writerIndex - lengthIndex - 4), at: lengthIndex)
+    }
+
+    /// Reads one frame's body (without its length prefix). Anything malformed is an error: the link ends.
+    public static func decode(_ body: inout ByteBuffer) throws -> ClusterFrame {
+        guard let raw: UInt8 = body.readInteger(), let tag = Tag(rawValue: raw) else { throw ClusterWireError("unknown frame type") }
+        let frame: ClusterFrame
+        switch tag {
+        case .hello:
+            guard let version: UInt16 = body.readInteger() else { throw ClusterWireError("short hello") }
+            frame = .hello(version: Int(version), cluster: try body.readWireString(), node: try body.readWireString(), nonce: try body.readWireBytes())
+        case .proof:
+            frame = .proof(try body.readWireBytes())
+        case .snapshotBegin:
+            frame = .snapshotBegin
+        case .sessions:
+            let count = try body.readCount()
+            var sessions: [ClusterSession] = []
+            sessions.reserveCapacity(count)
+            for _ in 0..<count { sessions.append(try body.readSession()) }
+            frame = .sessions(sessions)
+        case .snapshotEnd:
+            frame = .snapshotEnd
+        case .session:
+            frame = .session(try body.readSession())
+        case .unbound:
+            let jid = try body.readJID()
+            guard let boundAt: UInt64 = body.readInteger() else { throw ClusterWireError("short unbound") }
+            frame = .unbound(jid, boundAt: boundAt)
+        case .deliver:
+            guard let addressed: UInt8 = body.readInteger() else { throw ClusterWireError("short deliver") }
+            let count = try body.readCount()
+            var recipients: [JID] = []
+            recipients.reserveCapacity(count)
+            for _ in 0..<count { recipients.append(try body.readJID()) }
+            frame = .deliver(try body.readElement(depth: 0), recipients: recipients, addressed: addressed == 1)
+        case .ping, .pong:
+            guard let value: UInt64 = body.readInteger() else { throw ClusterWireError("short ping") }
+            frame = tag == .ping ? .ping(value) : .pong(value)
+        }
+        guard body.readableBytes == 0 else { throw ClusterWireError("trailing bytes in a frame") }
+        return frame
+    }
+}
+
+extension ByteBuffer {
+    mutating func writeWireString(_ string: String) {
+        let lengthIndex = writerIndex
+        writeInteger(UInt32(0))
+        let written = writeString(string)
+        setInteger(UInt32(written), at: lengthIndex)
+    }
+
+    mutating func writeWireBytes(_ bytes: [UInt8]) {
+        writeInteger(UInt32(bytes.count))
+        writeBytes(bytes)
+    }
+
+    mutating func writeOptionalWireString(_ string: String?) {
+        if let string {
+            writeInteger(UInt8(1))
+            writeWireString(string)
+        } else {
+            writeInteger(UInt8(0))
+        }
+    }
+
+    mutating func readCount() throws -> Int {
+        guard let count: UInt32 = readInteger(), Int(count) <= readableBytes else { throw ClusterWireError("bad count") }
+        return Int(count)
+    }
+
+    mutating func readWireString() throws -> String {
+        let length = try readCount()
+        guard let string = readString(length: length) else { throw ClusterWireError("short string") }
+        return string
+    }
+
+    mutating func readWireBytes() throws -> [UInt8] {
+        let length = try readCount()
+        guard let bytes = readBytes(length: length) else { throw ClusterWireError("short bytes") }
+        return bytes
+    }
+
+    mutating func readOptionalWireString() throws -> String? {
+        guard let present: UInt8 = readInteger() else { throw ClusterWireError("short optional") }
+        return present == 1 ? try readWireString() : nil
+    }
+
+    mutating func readJID() throws -> JID {
+        let text = try readWireString()
+        guard let jid = JID(text) else { throw ClusterWireError("invalid JID '\(text)'") }
+        return jid
+    }
+
+    mutating func writeSession(_ session: ClusterSession) {
+        writeWireString(session.jid.description)
+        writeInteger(session.boundAt)
+        writeInteger(Int16(session.priority))
+        writeInteger(UInt16(session.flags.count))
+        for flag in session.flags.sorted() { writeWireString(flag) }
+        if let presence = session.presence {
+            writeInteger(UInt8(1))
+            writeElement(presence)
+        } else {
+            writeInteger(UInt8(0))
+        }
+    }
+
+    mutating func readSession() throws -> ClusterSession {
+        let jid = try readJID()
+        guard jid.resourcepart != nil, let boundAt: UInt64 = readInteger(), let priority: Int16 = readInteger(),
+              let flagCount: UInt16 = readInteger() else { throw ClusterWireError("short session") }
+        var flags = Set<String>()
+        for _ in 0..<flagCount { flags.insert(try readWireString()) }
+        guard let hasPresence: UInt8 = readInteger() else { throw ClusterWireError("short session") }
+        let presence = hasPresence == 1 ? try readElement(depth: 0) : nil
+        return ClusterSession(jid: jid, boundAt: boundAt, priority: Int(priority), presence: presence, flags: flags)
+    }
+
+    /// The tree as it is: name, namespace, prefix, attributes, then children (text or elements).
+    mutating func writeElement(_ element: XMLElement) {
+        writeWireString(element.name)
+        writeWireString(element.namespace)
+        writeOptionalWireString(element.prefix)
+        writeInteger(UInt32(element.attributes.count))
+        for attribute in element.attributes {
+            writeWireString(attribute.name)
+            writeOptionalWireString(attribute.prefix)
+            writeOptionalWireString(attribute.namespace)
+            writeWireString(attribute.value)
+        }
+        writeInteger(UInt32(element.children.count))
+        for child in element.children {
+            switch child {
+            case .element(let nested):
+                writeInteger(UInt8(0))
+                writeElement(nested)
+            case .text(let text):
+                writeInteger(UInt8(1))
+                writeWireString(text)
+            }
+        }
+    }
+
+    /// Nesting is bounded like a client's stanza (a peer is trusted, a corrupted frame is not).
+    mutating func readElement(depth: Int) throws -> XMLElement {
+        guard depth < 256 else { throw ClusterWireError("element nested too deeply") }
+        let name = try readWireString()
+        let namespace = try readWireString()
+        let prefix = try readOptionalWireString()
+        let attributeCount = try readCount()
+        var attributes: [XMLAttribute] = []
+        attributes.reserveCapacity(attributeCount)
+        for _ in 0..<attributeCount {
+            let attributeName = try readWireString()
+            let attributePrefix = try readOptionalWireString()
+            let attributeNamespace = try readOptionalWireString()
+            attributes.append(XMLAttribute(name: attributeName, value: try readWireString(), prefix: attributePrefix, namespace: attributeNamespace))
+        }
+        let childCount = try readCount()
+        var children: [XMLNode] = []
+        children.reserveCapacity(childCount)
+        for _ in 0..<childCount {
+            guard let kind: UInt8 = readInteger() else { throw ClusterWireError("short element") }
+            switch kind {
+            case 0: children.append(.element(try readElement(depth: depth + 1)))
+            case 1: children.append(.text(try readWireString()))
+            default: throw ClusterWireError("unknown node kind \(kind)")
+            }
+        }
+        return XMLElement(name: name, namespace: namespace, prefix: prefix, attributes: attributes, children: children)
+    }
+}
+
+/// Splits the link's byte stream into frame bodies.
+public struct ClusterFrameDecoder: ByteToMessageDecoder {
+    public typealias InboundOut = ClusterFrame
+
+    public init() {}
+
+    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let length: UInt32 = buffer.getInteger(at: buffer.readerIndex) else { return .needMoreData }
+        guard Int(length) <= ClusterFrame.maxFrameSize, length > 0 else { throw ClusterWireError("frame of \(length) bytes") }
+        guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
+        buffer.moveReaderIndex(forwardBy: 4)
+        var body = buffer.readSlice(length: Int(length))!
+        context.fireChannelRead(Self.wrapInboundOut(try ClusterFrame.decode(&body)))
+        return .continue
+    }
+
+    public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
+        try decode(context: context, buffer: &buffer)
+    }
+}

@@ -1,0 +1,52 @@
+import StarlingAPI
+import StarlingCluster
+
+/// Connects this node's cluster membership to its session table and router: applies what peers announce,
+/// delivers what they forward, and tells modules when a node's sessions are lost or come back.
+final class ClusterBridge: ClusterDelegate {
+    private let registry: SessionRegistry
+    private let router: Router
+
+    init(registry: SessionRegistry, router: Router) {
+        self.registry = registry
+        self.router = router
+    }
+
+    func localSessions() -> [ClusterSession] { registry.localEntries }
+
+    func received(_ frame: ClusterFrame, from node: String) {
+        switch frame {
+        case .session(let entry):
+            registry.applyRemote(entry, from: node)?.close(.conflict)
+        case .unbound(let jid, let boundAt):
+            registry.removeRemote(jid, boundAt: boundAt, from: node)
+        case .deliver(let stanza, let recipients, let addressed):
+            router.deliverForwarded(stanza, to: recipients, addressed: addressed)
+        case .hello, .proof, .snapshotBegin, .sessions, .snapshotEnd, .ping, .pong:
+            break
+        }
+    }
+
+    func snapshot(_ sessions: [ClusterSession], from node: String) {
+        let (displaced, added, removed) = registry.replaceNode(node, with: sessions)
+        for session in displaced { session.close(.conflict) }
+        announce(node: node, lost: removed, restored: added)
+    }
+
+    func lost(_ node: String) {
+        announce(node: node, lost: registry.removeNode(node), restored: [])
+    }
+
+    /// Each host's modules hear of their own accounts' sessions.
+    private func announce(node: String, lost: [ResourceState], restored: [ResourceState]) {
+        guard !lost.isEmpty || !restored.isEmpty else { return }
+        let info: (ResourceState) -> ResourceInfo = {
+            ResourceInfo(jid: $0.jid, available: $0.available, priority: $0.priority, isLocal: false, presence: $0.presence, flags: $0.flags)
+        }
+        for host in router.hosts {
+            let event = ClusterSessionsEvent(node: node, lost: lost.filter { $0.jid.domainpart == host }.map(info),
+                                             restored: restored.filter { $0.jid.domainpart == host }.map(info))
+            if !event.lost.isEmpty || !event.restored.isEmpty { _ = router.run(.clusterSessionsChanged, event, on: host) }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+import Foundation
+import StarlingAPI
+import StarlingTestClient
+import XCTest
+
+/// Nodes of one cluster: real `starling` processes on loopback sharing one real PostgreSQL database.
+final class TestCluster {
+    static let secret = "a-test-cluster-secret-0123456789"
+    let database: String
+    private(set) var nodes: [String: ServerProcess] = [:]
+    let deadAfter: Double
+
+    init(nodes names: [String], users: [(String, String)], deadAfter: Double = 2, extraConfig: String = "") throws {
+        guard ProcessInfo.processInfo.environment["STARLING_TEST_BACKEND"] != "postgresql" else {
+            throw XCTSkip("cluster tests always run on PostgreSQL; they ran in the first pass")
+        }
+        guard let base = ServerProcess.postgresURL else { throw XCTSkip("no PostgreSQL: run scripts/test") }
+        database = try ServerProcess.freshDatabase(base)
+        self.deadAfter = deadAfter
+        for (index, name) in names.enumerated() {
+            nodes[name] = try ServerProcess(
+                extraConfig: """
+                cluster: { name: test, node: \(name), link: "127.0.0.1:0", secret_file: secret.txt, heartbeat: 0.2, dead_after: \(deadAfter) }
+                \(extraConfig)
+                """,
+                users: index == 0 ? users : [], files: ["secret.txt": Self.secret], database: database)
+        }
+    }
+
+    subscript(name: String) -> ServerProcess { nodes[name]! }
+
+    func restart(_ name: String) throws {
+        nodes[name] = try ServerProcess(restarting: nodes[name]!)
+    }
+
+    /// `starlingctl cluster-status --json` on `node`, as the peers' states by name.
+    func peerStates(on node: String) throws -> [String: String] {
+        let (status, output) = try self[node].ctl(["cluster-status", "--json"])
+        guard status == 0, let object = try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any],
+              let nodes = object["nodes"] as? [[String: Any]] else { throw TestClientError.unexpected("cluster-status: \(output)") }
+        var states: [String: String] = [:]
+        for entry in nodes { states[entry["node"] as? String ?? "?"] = entry["state"] as? String }
+        return states
+    }
+
+    /// Waits until `node` sees each of `peers` in `state` (links come up within a few heartbeats; a lost
+    /// node is noticed after `dead_after`).
+    func waitUntil(_ node: String, sees peers: [String], as state: String, timeout: Double = 20) async throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        var last: [String: String] = [:]
+        while Date() < deadline {
+            last = try peerStates(on: node)
+            if peers.allSatisfy({ last[$0] == state }) { return }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw TestClientError.unexpected("\(node) never saw \(peers) \(state): \(last)")
+    }
+
+    func stopAll() {
+        for (_, node) in nodes where node.process.isRunning { XCTAssertEqual(node.stop(), 0, node.log) }
+    }
+}
+
+final class ClusterTests: XCTestCase {
+    static let users = [("alice", "alice-pw"), ("bob", "bob-pw"), ("carol", "carol-pw")]
+
+    private func login(_ cluster: TestCluster, _ node: String, _ user: String, resource: String? = nil, presence: Bool = true) async throws -> TestClient {
+        try await TestClient.login(port: cluster[node].directTLSPort, domain: "localhost", tls: .direct, username: user, password: "\(user)-pw",
+                                   resource: resource, presence: presence)
+    }
+
+    private func available(_ client: TestClient, from: String) async throws -> XMLElement {
+        try await client.expect("presence from \(from)") { $0.name == "presence" && $0[attribute: "type"] == nil && ($0[attribute: "from"] ?? "").hasPrefix(from) }
+    }
+
+    private func unavailable(_ client: TestClient, from: String) async throws -> XMLElement {
+        try await client.expect("unavailable from \(from)") { $0.name == "presence" && $0[attribute: "type"] == "unavailable" && ($0[attribute: "from"] ?? "").hasPrefix(from) }
+    }
+
+    private func message(_ client: TestClient, _ body: String) async throws -> XMLElement {
+        try await client.expect("message '\(body)'") { $0.name == "message" && $0.child("body")?.text == body }
+    }
+
+    /// Subscribes `a` and `b` to each other (they may be on different nodes) and waits until each sees
+    /// the other online.
+    private func befriend(_ a: TestClient, _ aJID: String, _ b: TestClient, _ bJID: String) async throws {
+        a.send("<presence to='\(bJID)' type='subscribe'/>")
+        _ = try await b.expect("subscribe") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
+        b.send("<presence to='\(aJID)' type='subscribed'/><presence to='\(aJID)' type='subscribe'/>")
+        _ = try await a.expect("subscribe back") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
+        a.send("<presence to='\(bJID)' type='subscribed'/>")
+        _ = try await available(b, from: aJID)
+        _ = try await available(a, from: bJID)
+    }
+
+    func testThreeNodesServeOneService() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b", "c"], users: Self.users)
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b", "c"], as: "up")
+        try await cluster.waitUntil("c", sees: ["a", "b"], as: "up")
+
+        let alice = try await login(cluster, "a", "alice", resource: "desk")
+        let bob = try await login(cluster, "b", "bob", resource: "phone")
+        try await befriend(alice, "alice@localhost", bob, "bob@localhost")
+
+        // Messages both ways, to the bare and the full JID; an IQ to a resource and its answer.
+        send(alice, to: "bob@localhost", "hello from node a")
+        let hello = try await message(bob, "hello from node a")
+        XCTAssertEqual(hello[attribute: "from"], "alice@localhost/desk")
+        send(bob, to: "alice@localhost/desk", "hello from node b")
+        let reply = try await message(alice, "hello from node b")
+        XCTAssertEqual(reply[attribute: "from"], "bob@localhost/phone")
+        alice.send("<iq type='get' id='v1' to='bob@localhost/phone'><query xmlns='jabber:iq:version'/></iq>")
+        let request = try await bob.expect("alice's iq") { $0.name == "iq" && $0[attribute: "id"] == "v1" }
+        XCTAssertEqual(request[attribute: "from"], "alice@localhost/desk")
+        bob.send("<iq type='result' id='v1' to='alice@localhost/desk'><query xmlns='jabber:iq:version'><name>bob's client</name></query></iq>")
+        let answer = try await alice.expect("bob's answer") { $0.name == "iq" && $0[attribute: "id"] == "v1" }
+        XCTAssertEqual(answer[attribute: "type"], "result")
+        XCTAssertEqual(answer[attribute: "from"], "bob@localhost/phone")
+
+        // A resource on a third node: alice's second resource on c sees bob at once (the probe is answered
+        // from the replicated table) and gets carbons of what alice sends from a.
+        let aliceOnC = try await login(cluster, "c", "alice", resource: "laptop", presence: false)
+        aliceOnC.send("<iq type='set' id='carbons'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
+        _ = try await aliceOnC.expect("carbons on") { $0[attribute: "id"] == "carbons" && $0[attribute: "type"] == "result" }
+        aliceOnC.send("<presence/>")
+        _ = try await available(aliceOnC, from: "bob@localhost/phone")
+        send(alice, to: "bob@localhost", "with a carbon")
+        _ = try await message(bob, "with a carbon")
+        let carbon = try await aliceOnC.expect("sent carbon") { $0.child("sent", namespace: "urn:xmpp:carbons:2") != nil }
+        XCTAssertEqual(carbon.child("sent")?.child("forwarded")?.child("message")?.child("body")?.text, "with a carbon")
+
+        // Every node lists every session.
+        let (status, users) = try cluster["b"].ctl(["connected-users"])
+        XCTAssertEqual(status, 0, users)
+        XCTAssertEqual(users.split(separator: "\n").sorted(), ["alice@localhost/desk", "alice@localhost/laptop", "bob@localhost/phone"])
+        let (_, table) = try cluster["a"].ctl(["cluster-status"])
+        XCTAssertTrue(table.contains("3 node(s)"), table)
+
+        // The same resource bound on another node replaces the first binding, wherever it was.
+        let first = try await login(cluster, "a", "carol", resource: "same")
+        _ = try await login(cluster, "c", "carol", resource: "same")
+        let condition = try await first.expectStreamError()
+        XCTAssertEqual(condition, "conflict")
+
+        // The archive is the cluster's: bob reads on node c what alice sent him through a and b.
+        let bobOnC = try await login(cluster, "c", "bob", resource: "tablet", presence: false)
+        var bodies: [String] = []
+        for _ in 0..<50 {
+            bodies = try await MAM.query(bobOnC, fields: ["with": ["alice@localhost"]]).bodies
+            if bodies.contains("with a carbon") { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        XCTAssertEqual(bodies, ["hello from node a", "hello from node b", "with a carbon"])
+    }
+
+    func testAKilledNodeIsDroppedAndItsUsersGetOfflineMessagesAfterItRejoins() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b"], as: "up")
+        let alice = try await login(cluster, "a", "alice")
+        let bob = try await login(cluster, "b", "bob")
+        try await befriend(alice, "alice@localhost", bob, "bob@localhost")
+
+        kill(cluster["b"].process.processIdentifier, SIGKILL)
+        cluster["b"].process.waitUntilExit()
+        // Within dead_after (2 s here) node a drops b's sessions and tells bob's contacts he is gone.
+        _ = try await unavailable(alice, from: "bob@localhost")
+        try await cluster.waitUntil("a", sees: ["b"], as: "lost")
+        send(alice, to: "bob@localhost", "while your node was down")
+        let (_, users) = try cluster["a"].ctl(["connected-users"])
+        XCTAssertFalse(users.contains("bob@"), users)
+
+        try cluster.restart("b")
+        try await cluster.waitUntil("a", sees: ["b"], as: "up")
+        let bobAgain = try await login(cluster, "b", "bob")
+        let stored = try await message(bobAgain, "while your node was down")
+        XCTAssertNotNil(stored.child("delay", namespace: "urn:xmpp:delay"))
+        _ = try await available(alice, from: "bob@localhost")
+    }
+
+    func testALinkCutIsDetectedAndHealedWithoutARestart() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
+        defer {
+            kill(cluster["b"].process.processIdentifier, SIGCONT)
+            cluster.stopAll()
+        }
+        try await cluster.waitUntil("a", sees: ["b"], as: "up")
+        let alice = try await login(cluster, "a", "alice")
+        let bob = try await login(cluster, "b", "bob")
+        try await befriend(alice, "alice@localhost", bob, "bob@localhost")
+
+        // Node b freezes: its link stays open but silent. Node a gives up on it after dead_after.
+        kill(cluster["b"].process.processIdentifier, SIGSTOP)
+        _ = try await unavailable(alice, from: "bob@localhost")
+        try await cluster.waitUntil("a", sees: ["b"], as: "lost")
+        send(alice, to: "bob@localhost", "stored while the link was cut")
+
+        // It wakes up: the link comes back, bob's session (which never ended) is known again and his
+        // presence reaches alice; new messages reach him live.
+        kill(cluster["b"].process.processIdentifier, SIGCONT)
+        try await cluster.waitUntil("a", sees: ["b"], as: "up")
+        _ = try await available(alice, from: "bob@localhost")
+        send(alice, to: "bob@localhost", "after the heal")
+        _ = try await message(bob, "after the heal")
+    }
+
+    func testClusterConfigurationIsCheckedAtLoad() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-cluster-config-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let config = directory.appendingPathComponent("starling.yml").path
+        try "hosts: [localhost]\ncluster:\n  node: a\n  link: 127.0.0.1:7000\n  secret_file: secret.txt\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let (status, output) = try ServerProcess.run(ServerProcess.executable("starling"), ["--config", config, "--check"])
+        XCTAssertNotEqual(status, 0)
+        XCTAssertTrue(output.contains("starling.yml:") && output.contains("clustering needs the postgresql storage backend"), output)
+    }
+}
