@@ -384,7 +384,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
             throw section.error("peers", "'\(peer)' is not HOST:PORT", at: section.valueNode("peers"))
         }
         if discovery == .static && peers.isEmpty { throw section.error("peers", "static discovery needs peers") }
-        if discovery == .static && linkPort == 0 { throw section.error("link", "static discovery needs a fixed port: the peers dial it") }
+        if discovery == .static && linkPort == 0 { throw section.error("link", "static discovery needs a fixed port: the peers dial it", at: section.valueNode("link")) }
         guard let secret else { throw section.error("secret_file", "a cluster needs a shared secret file") }
         let secretPath = resolve(secret, against: baseDirectory)
         guard let contents = FileManager.default.contents(atPath: secretPath) else {
@@ -393,7 +393,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         guard String(decoding: contents, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines).count >= 16 else {
             throw section.error("secret_file", "\(secretPath) holds fewer than 16 characters", at: section.valueNode("secret_file"))
         }
-        if deadAfter < 2 * heartbeat { throw section.error("dead_after", "must be at least twice heartbeat (\(heartbeat))") }
+        if deadAfter < 2 * heartbeat { throw section.error("dead_after", "must be at least twice heartbeat (\(heartbeat))", at: section.valueNode("dead_after")) }
         return ClusterConfiguration(name: name, node: node, linkHost: linkHost, linkPort: linkPort, secretFile: secretPath,
                                     discovery: discovery, peers: peers, heartbeat: heartbeat, deadAfter: deadAfter)
     }

@@ -1,3 +1,4 @@
+import Foundation
 @testable import StarlingConfig
 import StarlingModules
 import XCTest
@@ -61,6 +62,23 @@ final class ConfigurationTests: XCTestCase {
         expectError("hosts: [a\nlimits: {", line: 2, key: nil, contains: "YAML syntax error")
         expectError("frobnicate: true\n", line: 1, key: "frobnicate", contains: "unknown option")
         expectError("- just\n- a list\n", line: 1, key: nil, contains: "must be a mapping")
+    }
+
+    func testClusterSettingsAreCheckedWhereTheyAreWritten() throws {
+        let secret = FileManager.default.temporaryDirectory.appendingPathComponent("cluster-secret-\(UUID().uuidString)").path
+        try "0123456789abcdef0123".write(toFile: secret, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: secret) }
+        let postgres = "storage: { backend: postgresql, url: \"postgresql://u@db/x\" }\n"
+        let configuration = try parse(postgres + "cluster:\n  node: n1\n  link: 10.0.0.1:7070\n  secret_file: \(secret)\n  peers: [10.0.0.2:7070]\n")
+        XCTAssertEqual(configuration.cluster, ClusterConfiguration(name: "starling", node: "n1", linkHost: "10.0.0.1", linkPort: 7070, secretFile: secret,
+                                                                 discovery: .postgresql, peers: ["10.0.0.2:7070"], heartbeat: 1, deadAfter: 5))
+        XCTAssertNil(try parse(postgres).cluster)
+        expectError("cluster:\n  node: n1\n  link: 10.0.0.1:7070\n  secret_file: \(secret)\n", line: 2, key: "cluster", contains: "needs the postgresql storage backend")
+        expectError(postgres + "cluster:\n  node: n1\n  link: nowhere\n  secret_file: \(secret)\n", line: 4, key: "cluster.link", contains: "HOST:PORT")
+        expectError(postgres + "cluster:\n  node: n1\n  link: h:1\n  secret_file: /nonexistent/secret\n", line: 5, key: "cluster.secret_file", contains: "cannot read")
+        expectError(postgres + "cluster:\n  node: n1\n  link: h:1\n  secret_file: \(secret)\n  peers: [h]\n", line: 6, key: "cluster.peers", contains: "not HOST:PORT")
+        expectError(postgres + "cluster:\n  node: n1\n  link: h:0\n  secret_file: \(secret)\n  discovery: static\n  peers: [h:2]\n", line: 4, key: "cluster.link", contains: "fixed port")
+        expectError(postgres + "cluster:\n  node: n1\n  link: h:1\n  secret_file: \(secret)\n  heartbeat: 2\n  dead_after: 3\n", line: 7, key: "cluster.dead_after", contains: "twice heartbeat")
     }
 
     func testReferenceDocumentsEveryOption() {

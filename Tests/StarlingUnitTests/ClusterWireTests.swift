@@ -1,0 +1,158 @@
+import NIOCore
+import NIOEmbedded
+import StarlingAPI
+import StarlingCluster
+import XCTest
+
+/// The node link's wire form and handshake, without sockets.
+final class ClusterWireTests: XCTestCase {
+    private static let presence: XMLElement = {
+        var presence = XMLElement(name: "presence", namespace: Namespace.client, attributes: ["from": "a@localhost/r"])
+        presence.append(XMLElement(name: "priority", namespace: Namespace.client).with(text: "5"))
+        var caps = XMLElement(name: "c", namespace: "http://jabber.org/protocol/caps", attributes: ["hash": "sha-1", "node": "n", "ver": "v="])
+        caps.prefix = nil
+        presence.append(caps)
+        presence[attribute: "xml:lang"] = "en"
+        return presence
+    }()
+
+    private static let frames: [ClusterFrame] = [
+        .hello(version: ClusterFrame.wireVersion, cluster: "c", node: "nöde-1", nonce: Array(repeating: 7, count: 32)),
+        .proof(Array(0..<32)),
+        .snapshotBegin,
+        .sessions([
+            ClusterSession(jid: JID("a@localhost/r")!, boundAt: 42, priority: -5, presence: presence, flags: ["carbons", "roster"]),
+            ClusterSession(jid: JID("b@localhost/ü")!, boundAt: UInt64.max, priority: 127, presence: nil, flags: []),
+        ]),
+        .snapshotEnd,
+        .session(ClusterSession(jid: JID("a@localhost/r")!, boundAt: 1, priority: 0, presence: presence, flags: [])),
+        .unbound(JID("a@localhost/r")!, boundAt: 99),
+        .deliver(message, recipients: [JID("b@localhost/x")!, JID("b@localhost/y")!], addressed: true),
+        .ping(123),
+        .pong(UInt64.max),
+    ]
+
+    private static var message: XMLElement {
+        var message = XMLElement(name: "message", namespace: Namespace.client, attributes: ["to": "b@localhost", "type": "chat"])
+        message.append(XMLElement(name: "body", namespace: Namespace.client).with(text: "<&> \"quoted\" and ünïcode 🐦"))
+        var nested = XMLElement(name: "x", namespace: "urn:example", prefix: "ex", attributes: [XMLAttribute(name: "a", value: "1")], children: [])
+        nested.children = [.text("before"), .element(XMLElement(name: "empty", namespace: "urn:example")), .text("after")]
+        message.append(nested)
+        return message
+    }
+
+    private func encoded(_ frames: [ClusterFrame]) -> ByteBuffer {
+        var buffer = ByteBufferAllocator().buffer(capacity: 1024)
+        for frame in frames { frame.encode(into: &buffer) }
+        return buffer
+    }
+
+    /// Feeds `bytes` to a decoder in slices of `step` bytes and returns what came out.
+    private func decode(_ bytes: ByteBuffer, step: Int) throws -> [ClusterFrame] {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(ClusterFrameDecoder()))
+        var remaining = bytes
+        var frames: [ClusterFrame] = []
+        while remaining.readableBytes > 0 {
+            let slice = remaining.readSlice(length: min(step, remaining.readableBytes))!
+            try channel.writeInbound(slice)
+            while let frame = try channel.readInbound(as: ClusterFrame.self) { frames.append(frame) }
+        }
+        XCTAssertTrue(try channel.finish().isClean)
+        return frames
+    }
+
+    func testEveryFrameSurvivesTheWireByteByByteAndAllAtOnce() throws {
+        let bytes = encoded(Self.frames)
+        XCTAssertEqual(try decode(bytes, step: 1), Self.frames)
+        XCTAssertEqual(try decode(bytes, step: 7), Self.frames)
+        XCTAssertEqual(try decode(bytes, step: bytes.readableBytes), Self.frames)
+    }
+
+    func testMalformedFramesEndTheLinkWithAReason() {
+        func body(_ bytes: [UInt8]) -> ByteBuffer { ByteBuffer(bytes: bytes) }
+        var unknown = body([200])
+        XCTAssertThrowsError(try ClusterFrame.decode(&unknown)) { XCTAssertTrue("\($0)".contains("unknown frame type")) }
+        // A count larger than what follows is refused before anything is allocated for it.
+        var lying = body([4, 0xFF, 0xFF, 0xFF, 0xFF])
+        XCTAssertThrowsError(try ClusterFrame.decode(&lying)) { XCTAssertTrue("\($0)".contains("bad count")) }
+        var trailing = encoded([.ping(1)])
+        trailing.moveReaderIndex(forwardBy: 4)
+        trailing.writeInteger(UInt8(0))
+        XCTAssertThrowsError(try ClusterFrame.decode(&trailing)) { XCTAssertTrue("\($0)".contains("trailing")) }
+        var badJID = ByteBufferAllocator().buffer(capacity: 16)
+        badJID.writeInteger(UInt8(7))
+        badJID.writeInteger(UInt32(3))
+        badJID.writeString("@@@")
+        badJID.writeInteger(UInt64(1))
+        XCTAssertThrowsError(try ClusterFrame.decode(&badJID)) { XCTAssertTrue("\($0)".contains("invalid JID")) }
+
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(ClusterFrameDecoder()))
+        var huge = ByteBufferAllocator().buffer(capacity: 8)
+        huge.writeInteger(UInt32(ClusterFrame.maxFrameSize + 1))
+        XCTAssertThrowsError(try channel.writeInbound(huge))
+        _ = try? channel.finish()
+    }
+
+    func testElementsTooDeepAreRefused() {
+        var element = XMLElement(name: "leaf")
+        for _ in 0..<300 { element = XMLElement(name: "n", children: [.element(element)]) }
+        var buffer = encoded([.deliver(element, recipients: [JID("a@b/c")!], addressed: false)])
+        buffer.moveReaderIndex(forwardBy: 4)
+        XCTAssertThrowsError(try ClusterFrame.decode(&buffer)) { XCTAssertTrue("\($0)".contains("too deeply")) }
+    }
+
+    // MARK: Handshake
+
+    private func handshake(_ a: inout LinkHandshake, _ b: inout LinkHandshake) -> (LinkHandshake.Action, LinkHandshake.Action) {
+        let helloA = a.hello, helloB = b.hello
+        let replyA = a.received(helloB), replyB = b.received(helloA)
+        guard case .send(let proofA) = replyA, case .send(let proofB) = replyB else { return (replyA, replyB) }
+        return (a.received(proofB), b.received(proofA))
+    }
+
+    private let secret = Array("the cluster secret".utf8)
+    private let digest: [UInt8] = Array(repeating: 1, count: 32)
+
+    func testNodesThatShareTheSecretAndSeeTheSameCertificateLink() {
+        var a = LinkHandshake(cluster: "c", node: "a", secret: secret, certificateDigest: digest)
+        var b = LinkHandshake(cluster: "c", node: "b", secret: secret, certificateDigest: digest)
+        let (outcomeA, outcomeB) = handshake(&a, &b)
+        XCTAssertEqual(outcomeA, .established(peer: "b"))
+        XCTAssertEqual(outcomeB, .established(peer: "a"))
+        XCTAssertEqual(a.peer, "b")
+        // Once up, handshake frames are refused.
+        guard case .fail = a.received(b.hello) else { return XCTFail("a second hello was accepted") }
+    }
+
+    func testAWrongSecretAnotherCertificateAnotherClusterOrVersionIsRefused() {
+        var a = LinkHandshake(cluster: "c", node: "a", secret: secret, certificateDigest: digest)
+        var intruder = LinkHandshake(cluster: "c", node: "b", secret: Array("guess".utf8), certificateDigest: digest)
+        var (outcomeA, outcomeB) = handshake(&a, &intruder)
+        guard case .fail(let reason) = outcomeA else { return XCTFail("\(outcomeA)") }
+        XCTAssertTrue(reason.contains("secret"), reason)
+        guard case .fail = outcomeB else { return XCTFail("\(outcomeB)") }
+
+        // A relay terminating TLS with a certificate of its own: each end hashes a different certificate.
+        a = LinkHandshake(cluster: "c", node: "a", secret: secret, certificateDigest: digest)
+        var relayed = LinkHandshake(cluster: "c", node: "b", secret: secret, certificateDigest: Array(repeating: 2, count: 32))
+        (outcomeA, outcomeB) = handshake(&a, &relayed)
+        guard case .fail = outcomeA, case .fail = outcomeB else { return XCTFail("a relayed link was accepted") }
+
+        a = LinkHandshake(cluster: "c", node: "a", secret: secret, certificateDigest: digest)
+        guard case .fail(let cluster) = a.received(.hello(version: ClusterFrame.wireVersion, cluster: "other", node: "b", nonce: Array(repeating: 0, count: 32))) else {
+            return XCTFail("another cluster was accepted")
+        }
+        XCTAssertTrue(cluster.contains("other"), cluster)
+        a = LinkHandshake(cluster: "c", node: "a", secret: secret, certificateDigest: digest)
+        guard case .fail(let version) = a.received(.hello(version: ClusterFrame.wireVersion + 1, cluster: "c", node: "b", nonce: Array(repeating: 0, count: 32))) else {
+            return XCTFail("another version was accepted")
+        }
+        XCTAssertTrue(version.contains("mixed versions"), version)
+        a = LinkHandshake(cluster: "c", node: "a", secret: secret, certificateDigest: digest)
+        guard case .fail = a.received(.hello(version: ClusterFrame.wireVersion, cluster: "c", node: "a", nonce: Array(repeating: 0, count: 32))) else {
+            return XCTFail("a peer with this node's name was accepted")
+        }
+        a = LinkHandshake(cluster: "c", node: "a", secret: secret, certificateDigest: digest)
+        guard case .fail = a.received(.ping(1)) else { return XCTFail("a frame before hello was accepted") }
+    }
+}
