@@ -40,6 +40,11 @@ public enum ClusterFrame: Sendable, Equatable {
     /// A stanza for sessions bound on the receiving node. `addressed`: each copy gets the recipient's
     /// full JID as `to` (a room's fan-out); otherwise the stanza goes as it is.
     case deliver(XMLElement, recipients: [JID], addressed: Bool)
+    /// The sender serves this component domain from now on (`claimedAt`: µs since the epoch; of two
+    /// claims the earlier wins, then the smaller node name).
+    case claim(String, claimedAt: UInt64)
+    /// A stanza for a component domain the receiving node serves.
+    case component(XMLElement, from: JID, to: JID)
     case ping(UInt64)
     case pong(UInt64)
 }
@@ -57,7 +62,7 @@ extension ClusterFrame {
     public static let maxFrameSize = 32 << 20
 
     private enum Tag: UInt8 {
-        case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong
+        case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong, claim, component
     }
 
     /// Appends the frame, with its 4-byte length prefix, to `buffer`.
@@ -94,6 +99,15 @@ extension ClusterFrame {
             buffer.writeInteger(UInt8(addressed ? 1 : 0))
             buffer.writeInteger(UInt32(recipients.count))
             for recipient in recipients { buffer.writeWireString(recipient.description) }
+            buffer.writeElement(stanza)
+        case .claim(let domain, let claimedAt):
+            buffer.writeInteger(Tag.claim.rawValue)
+            buffer.writeWireString(domain)
+            buffer.writeInteger(claimedAt)
+        case .component(let stanza, let from, let to):
+            buffer.writeInteger(Tag.component.rawValue)
+            buffer.writeWireString(from.description)
+            buffer.writeWireString(to.description)
             buffer.writeElement(stanza)
         case .ping(let value):
             buffer.writeInteger(Tag.ping.rawValue)
@@ -138,6 +152,14 @@ extension ClusterFrame {
             recipients.reserveCapacity(count)
             for _ in 0..<count { recipients.append(try body.readJID()) }
             frame = .deliver(try body.readElement(depth: 0), recipients: recipients, addressed: addressed == 1)
+        case .claim:
+            let domain = try body.readWireString()
+            guard let claimedAt: UInt64 = body.readInteger() else { throw ClusterWireError("short claim") }
+            frame = .claim(domain, claimedAt: claimedAt)
+        case .component:
+            let from = try body.readJID()
+            let to = try body.readJID()
+            frame = .component(try body.readElement(depth: 0), from: from, to: to)
         case .ping, .pong:
             guard let value: UInt64 = body.readInteger() else { throw ClusterWireError("short ping") }
             frame = tag == .ping ? .ping(value) : .pong(value)

@@ -12,10 +12,13 @@ import Synchronization
 public protocol ClusterDelegate: AnyObject, Sendable {
     /// This node's sessions, for a peer that just linked.
     func localSessions() -> [ClusterSession]
-    /// A `session`, `unbound` or `deliver` frame from an established peer (on its link's event loop).
+    /// The component domains this node serves, for a peer that just linked.
+    func localClaims() -> [(domain: String, claimedAt: UInt64)]
+    /// A `session`, `unbound`, `deliver`, `claim` or `component` frame from an established peer (on its
+    /// link's event loop).
     func received(_ frame: ClusterFrame, from node: String)
-    /// A peer's whole table, after it (re)linked: it replaces what this node held for that peer.
-    func snapshot(_ sessions: [ClusterSession], from node: String)
+    /// A peer's whole table and claims, after it (re)linked: they replace what this node held for it.
+    func snapshot(_ sessions: [ClusterSession], claims: [(domain: String, claimedAt: UInt64)], from node: String)
     /// A peer stayed unreachable past `deadAfter`: its sessions are gone.
     func lost(_ node: String)
 }
@@ -257,6 +260,7 @@ public final class ClusterNode: @unchecked Sendable {
             link.send(.sessions(Array(sessions[start..<end])))
             start = end
         }
+        for claim in delegate?.localClaims() ?? [] { link.send(.claim(claim.domain, claimedAt: claim.claimedAt)) }
         link.send(.snapshotEnd)
         return true
     }

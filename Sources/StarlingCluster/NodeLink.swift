@@ -67,6 +67,7 @@ final class NodeLinkHandler: ChannelInboundHandler {
     private var peer: String?
     /// A peer's snapshot while it arrives.
     private var snapshot: [ClusterSession]?
+    private var snapshotClaims: [(domain: String, claimedAt: UInt64)] = []
     /// The digest of the certificate the dialling side was shown (set by TLS verification).
     private let peerCertificateDigest: NIOLockedValueBox<[UInt8]?>?
 
@@ -131,12 +132,16 @@ final class NodeLinkHandler: ChannelInboundHandler {
             if now > sent { link.roundTrip.store((now - sent) / 1000, ordering: .relaxed) }
         case .snapshotBegin:
             snapshot = []
+            snapshotClaims = []
         case .sessions(let sessions):
             snapshot?.append(contentsOf: sessions)
+        case .claim(let domain, let claimedAt) where snapshot != nil:
+            snapshotClaims.append((domain, claimedAt))
         case .snapshotEnd:
-            node.delegate?.snapshot(snapshot ?? [], from: peer)
+            node.delegate?.snapshot(snapshot ?? [], claims: snapshotClaims, from: peer)
             snapshot = nil
-        case .session, .unbound, .deliver:
+            snapshotClaims = []
+        case .session, .unbound, .deliver, .claim, .component:
             node.delegate?.received(frame, from: peer)
         case .hello, .proof:
             fail(context, "handshake frame on an established link from \(peer)")

@@ -102,6 +102,21 @@ public final class MUCModule: ServerModule, StatusReportingModule, ActivatableMo
             service.shutdown()
             return .pass
         }
+        // In a cluster one node at a time serves the service (see `ComponentEvent`).
+        let domain = settings.domain
+        registrar.hook(.componentClaimed) { event in
+            if event.domain == domain { service.servingAgain() }
+            return .pass
+        }
+        registrar.hook(.componentReleased) { event in
+            if event.domain == domain { service.shutdown() }
+            return .pass
+        }
+        // Occupants whose node was lost leave, as if their sessions had closed.
+        registrar.hook(.clusterSessionsChanged) { event in
+            for resource in event.lost { service.sessionClosed(resource.jid) }
+            return .pass
+        }
         registrar.hook(.serverDraining) { event in
             event.finish { await service.drainArchives() }
             return .pass

@@ -156,6 +156,23 @@ final class MUCService: @unchecked Sendable {
         }
     }
 
+    /// This node (again) serves the domain for its cluster: another node may have served it since the
+    /// rooms were loaded, so they are loaded afresh (stanzas wait meanwhile, as at start).
+    func servingAgain() {
+        loading.withLock { state in
+            state.done = false
+            loaded.store(false, ordering: .releasing)
+        }
+        for (name, handle) in rooms.snapshot() {
+            rooms.removeValue(forKey: name)
+            handle.mailbox.submit { handle.closed = true }
+        }
+        roomCount.store(0, ordering: .relaxed)
+        for (owner, _) in ownerCounts.snapshot() { ownerCounts.removeValue(forKey: owner) }
+        for (session, _) in sessionRooms.snapshot() { sessionRooms.removeValue(forKey: session) }
+        start()
+    }
+
     private func finishLoading(_ stored: [StoredMUCRoom]) {
         for entry in stored {
             let room = Room(stored: entry, settings: settings.room, hooks: hooks)

@@ -14,6 +14,8 @@ final class ClusterBridge: ClusterDelegate {
 
     func localSessions() -> [ClusterSession] { registry.localEntries }
 
+    func localClaims() -> [(domain: String, claimedAt: UInt64)] { router.localClaims }
+
     func received(_ frame: ClusterFrame, from node: String) {
         switch frame {
         case .session(let entry):
@@ -22,18 +24,25 @@ final class ClusterBridge: ClusterDelegate {
             registry.removeRemote(jid, boundAt: boundAt, from: node)
         case .deliver(let stanza, let recipients, let addressed):
             router.deliverForwarded(stanza, to: recipients, addressed: addressed)
+        case .claim(let domain, let claimedAt):
+            router.applyClaim(domain, node: node, claimedAt: claimedAt)
+        case .component(let stanza, let from, let to):
+            router.deliverToComponent(stanza, from: from, to: to)
         case .hello, .proof, .snapshotBegin, .sessions, .snapshotEnd, .ping, .pong:
             break
         }
     }
 
-    func snapshot(_ sessions: [ClusterSession], from node: String) {
+    func snapshot(_ sessions: [ClusterSession], claims: [(domain: String, claimedAt: UInt64)], from node: String) {
+        router.dropClaims(of: node)
+        for claim in claims { router.applyClaim(claim.domain, node: node, claimedAt: claim.claimedAt) }
         let (displaced, added, removed) = registry.replaceNode(node, with: sessions)
         for session in displaced { session.close(.conflict) }
         announce(node: node, lost: removed, restored: added)
     }
 
     func lost(_ node: String) {
+        router.dropClaims(of: node)
         announce(node: node, lost: registry.removeNode(node), restored: [])
     }
 

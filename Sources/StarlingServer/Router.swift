@@ -1,4 +1,5 @@
 import Logging
+import NIOConcurrencyHelpers
 import StarlingAPI
 import StarlingCluster
 
@@ -7,6 +8,8 @@ final class ModuleTables: Sendable {
     let hosts: [String: HostModules]
     /// Component domains (a MUC service's, say) → the handler the module registered.
     let components: [String: ComponentRegistration]
+    /// Component domains → the host whose module registered them.
+    let componentHosts: [String: String]
 
     /// Fails when two modules claim one component domain, or a component claims a served host.
     init(_ hosts: [String: HostModules]) throws {
@@ -25,9 +28,23 @@ final class ModuleTables: Sendable {
         }
         self.hosts = hosts
         self.components = components.mapValues(\.registration)
+        componentHosts = components.mapValues(\.host)
     }
 
     static let empty = try! ModuleTables([:])
+}
+
+/// The node serving a component domain, and since when.
+struct ComponentOwner: Sendable, Equatable {
+    var node: String
+    var claimedAt: UInt64
+
+    func precedes(_ other: ComponentOwner) -> Bool { (claimedAt, node) < (other.claimedAt, other.node) }
+}
+
+final class ComponentOwners: Sendable {
+    let table: [String: ComponentOwner]
+    init(_ table: [String: ComponentOwner]) { self.table = table }
 }
 
 /// Who a stanza being routed came from: a session on this node, or (for a stanza another node forwarded
@@ -57,6 +74,10 @@ public final class Router: @unchecked Sendable {
     private let tables = Swappable(ModuleTables.empty)
     var modules: [String: HostModules] { tables.current.hosts }
     var components: [String: ComponentRegistration] { tables.current.components }
+    /// Which node serves each component domain, in a cluster. Read lock-free on every stanza to a
+    /// component; changed (under `claims`) only when a node claims a domain or is lost.
+    private let owners = Swappable(ComponentOwners([:]))
+    private let claims = NIOLockedValueBox<[String: ComponentOwner]>([:])
 
     public init(registry: SessionRegistry, hosts: Set<String>, logger: Logger, cluster: ClusterNode? = nil) {
         self.registry = registry
@@ -93,7 +114,7 @@ public final class Router: @unchecked Sendable {
         let target = to ?? sender.jid.bare
         guard hosts.contains(target.domainpart) else {
             if let component = components[target.domainpart] {
-                component.handler(ComponentStanza(stanza: stanza, from: sender.jid, to: target))
+                toComponent(ComponentStanza(stanza: stanza, from: sender.jid, to: target), component)
                 return
             }
             // No server-to-server yet: every other domain is unreachable.
@@ -184,7 +205,7 @@ public final class Router: @unchecked Sendable {
         }
         if let component = components[to.domainpart] {
             let from = stanza[attribute: "from"].flatMap { JID($0) } ?? to.domain
-            component.handler(ComponentStanza(stanza: stanza, from: from, to: to))
+            toComponent(ComponentStanza(stanza: stanza, from: from, to: to), component)
             return
         }
         guard hosts.contains(to.domainpart), to.localpart != nil else {
@@ -202,6 +223,87 @@ public final class Router: @unchecked Sendable {
         } else {
             _ = deliver(stanza, to: available)
         }
+    }
+
+    // MARK: Components in a cluster
+
+    /// Hands a stanza to the component, on the node that serves its domain (this one, without a cluster).
+    private func toComponent(_ input: ComponentStanza, _ registration: ComponentRegistration) {
+        guard let cluster else { return registration.handler(input) }
+        let domain = registration.info.domain
+        let owner = owners.current.table[domain] ?? claim(domain)
+        if owner.node == cluster.name { return registration.handler(input) }
+        if cluster.send(.component(input.stanza, from: input.from, to: input.to), to: owner.node) { return }
+        // Its node is unreachable; once it counts as lost, another node claims the domain.
+        let type = input.stanza[attribute: "type"]
+        guard type != "error", type != "result" else { return }
+        var reply = input.stanza.errorReply(.remoteServerTimeout, text: "the node serving \(domain) cannot be reached")
+        reply[attribute: "from"] = input.to.description
+        reply[attribute: "to"] = input.from.description
+        routeFromServer(reply)
+    }
+
+    /// This node starts serving `domain` unless another node claimed it meanwhile.
+    private func claim(_ domain: String) -> ComponentOwner {
+        let name = cluster?.name ?? ""
+        let (owner, claimed) = claims.withLockedValue { table -> (ComponentOwner, Bool) in
+            if let existing = table[domain] { return (existing, false) }
+            let owner = ComponentOwner(node: name, claimedAt: SessionRegistry.now())
+            table[domain] = owner
+            owners.replace(ComponentOwners(table))
+            return (owner, true)
+        }
+        if claimed {
+            logger.notice("serving a component for the cluster", metadata: ["component": "\(domain)"])
+            cluster?.broadcast(.claim(domain, claimedAt: owner.claimedAt))
+            announceComponent(.componentClaimed, domain)
+        }
+        return owner
+    }
+
+    /// Another node claims `domain`: of two claims the earlier wins (then the smaller name). This node
+    /// lets go if it loses, and repeats its own claim to the claimant if it wins.
+    func applyClaim(_ domain: String, node: String, claimedAt: UInt64) {
+        let incoming = ComponentOwner(node: node, claimedAt: claimedAt)
+        let name = cluster?.name ?? ""
+        let (released, insist) = claims.withLockedValue { table -> (Bool, ComponentOwner?) in
+            if let current = table[domain], current.node != node, !incoming.precedes(current) {
+                return (false, current.node == name ? current : nil)
+            }
+            let released = table[domain].map { $0.node == name } ?? false
+            table[domain] = incoming
+            owners.replace(ComponentOwners(table))
+            return (released, nil)
+        }
+        if let insist { cluster?.send(.claim(domain, claimedAt: insist.claimedAt), to: node) }
+        if released {
+            logger.warning("another node claimed a component first; letting go", metadata: ["component": "\(domain)", "peer": "\(node)"])
+            announceComponent(.componentReleased, domain)
+        }
+    }
+
+    /// Forgets what `node` served (it was lost, or its snapshot follows).
+    func dropClaims(of node: String) {
+        claims.withLockedValue { table in
+            table = table.filter { $0.value.node != node }
+            owners.replace(ComponentOwners(table))
+        }
+    }
+
+    /// The component domains this node serves, with when it claimed them.
+    var localClaims: [(domain: String, claimedAt: UInt64)] {
+        let name = cluster?.name ?? ""
+        return claims.withLockedValue { table in table.filter { $0.value.node == name }.map { ($0.key, $0.value.claimedAt) } }
+    }
+
+    /// A stanza another node forwarded to a component this node serves.
+    func deliverToComponent(_ stanza: XMLElement, from: JID, to: JID) {
+        components[to.domainpart]?.handler(ComponentStanza(stanza: stanza, from: from, to: to))
+    }
+
+    private func announceComponent(_ point: HookPoint<ComponentEvent>, _ domain: String) {
+        guard let host = tables.current.componentHosts[domain] else { return }
+        _ = run(point, ComponentEvent(domain: domain), on: host)
     }
 
     /// Delivers `stanza` as it is to each resource, wherever it is bound: local ones directly, remote

@@ -205,6 +205,42 @@ final class ClusterTests: XCTestCase {
         _ = try await message(bob, "after the heal")
     }
 
+    func testRoomsHaveOccupantsOnEveryNodeAndAPersistentRoomOutlivesItsNode() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b", "c"], users: Self.users)
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b", "c"], as: "up")
+        try await cluster.waitUntil("b", sees: ["a", "c"], as: "up")
+        let alice = try await login(cluster, "a", "alice")
+        let bob = try await login(cluster, "b", "bob")
+        let carol = try await login(cluster, "c", "carol")
+
+        // The service is served by the node that first had a stanza for it (a); the others forward.
+        try await MUC.createInstantRoom(alice, "lobby", nick: "alice")
+        let configured = try await MUC.configure(alice, "lobby", ["persistentroom": ["1"]])
+        XCTAssertEqual(configured[attribute: "type"], "result", configured.serialized())
+        let bobJoined = try await MUC.join(bob, "lobby", nick: "bob")
+        XCTAssertEqual(bobJoined.roster.compactMap { $0[attribute: "from"] }, ["lobby@conference.localhost/alice"])
+        _ = try await MUC.presence(alice, from: "lobby@conference.localhost/bob")
+        _ = try await MUC.join(carol, "lobby", nick: "carol")
+        _ = try await MUC.presence(bob, from: "lobby@conference.localhost/carol")
+        MUC.groupchat(bob, "lobby", "one room, three nodes")
+        for client in [alice, bob, carol] { _ = try await MUC.message(client, from: "lobby@conference.localhost/bob", body: "one room, three nodes") }
+
+        // Node a dies with the room's live state; the stored room comes back on the node that next has a
+        // stanza for it, with its configuration.
+        kill(cluster["a"].process.processIdentifier, SIGKILL)
+        cluster["a"].process.waitUntilExit()
+        try await cluster.waitUntil("b", sees: ["a"], as: "lost")
+        try await cluster.waitUntil("c", sees: ["a"], as: "lost")
+        let rejoined = try await MUC.join(bob, "lobby", nick: "bob")
+        XCTAssertFalse(MUC.statuses(rejoined.own).contains(201), "the stored room, not a new one: \(rejoined.own.serialized())")
+        _ = try await MUC.join(carol, "lobby", nick: "carol")
+        MUC.groupchat(carol, "lobby", "still here")
+        _ = try await MUC.message(bob, from: "lobby@conference.localhost/carol", body: "still here")
+        let info = try await bob.iq("<iq type='get' to='lobby@conference.localhost' id='info'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "info")
+        XCTAssertNotNil(info.child("query")?.elements.first { $0.name == "feature" && $0[attribute: "var"] == "muc_persistent" }, info.serialized())
+    }
+
     func testClusterConfigurationIsCheckedAtLoad() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-cluster-config-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)

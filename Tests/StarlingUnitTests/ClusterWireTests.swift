@@ -28,6 +28,8 @@ final class ClusterWireTests: XCTestCase {
         .session(ClusterSession(jid: JID("a@localhost/r")!, boundAt: 1, priority: 0, presence: presence, flags: [])),
         .unbound(JID("a@localhost/r")!, boundAt: 99),
         .deliver(message, recipients: [JID("b@localhost/x")!, JID("b@localhost/y")!], addressed: true),
+        .claim("conference.localhost", claimedAt: 17),
+        .component(message, from: JID("a@localhost/r")!, to: JID("room@conference.localhost/nick")!),
         .ping(123),
         .pong(UInt64.max),
     ]

@@ -47,6 +47,22 @@ public struct ComponentRegistration: Sendable {
     public let handler: ComponentHandler
 }
 
+/// In a cluster, each component domain is served by one node at a time: the first node a stanza for it
+/// reaches claims it, the others forward to that node, and when it is lost another claims it. A
+/// component's module hears when this node starts serving the domain (a later claim, after another
+/// node served it, should reload what that node may have changed in storage) and when it stops (two
+/// nodes claimed it at once and the other won: drop what this node holds, its occupants rejoin there).
+/// Without a cluster neither event fires: the one node serves every component.
+public struct ComponentEvent: Sendable {
+    public let domain: String
+    public init(domain: String) { self.domain = domain }
+}
+
+extension HookPoint where Event == ComponentEvent {
+    public static let componentClaimed = HookPoint("component-claimed")
+    public static let componentReleased = HookPoint("component-released")
+}
+
 /// The server is about to stop (SIGTERM): the last moment to tell clients anything, before their
 /// streams close with `<system-shutdown/>`. The result is ignored.
 public struct ServerStoppingEvent: Sendable {
