@@ -16,6 +16,8 @@ public struct ListenerConfiguration: Sendable, Equatable {
     public var port: Int
     public var tls: ListenerTLS
     public var backlog: Int
+    /// Connections start with a PROXY protocol header (v1 or v2) from a load balancer.
+    public var proxyProtocol = false
 }
 
 public struct TLSConfiguration: Sendable, Equatable {
@@ -140,6 +142,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let listenerPort = ConfigOption<Int>("port", default: 5222, range: 0...65535, doc: "TCP port (0 picks a free one, reported on standard output).")
     static let listenerTLS = ConfigOption<String>("tls", default: "starttls", oneOf: ["starttls", "direct"], doc: "starttls (RFC 6120) or direct TLS (XEP-0368).")
     static let listenerBacklog = ConfigOption<Int>("backlog", default: 1024, range: 1...65535, doc: "Listen backlog.")
+    static let listenerProxyProtocol = ConfigOption<Bool>("proxy_protocol", default: false, doc: "Every connection starts with a PROXY protocol header (v1 or v2, HAProxy's send-proxy/send-proxy-v2) naming the client: logs, limits and connection hooks see the client's address. Only for listeners that nothing but the load balancer can reach.")
     static let listenerType = ConfigOption<String>("type", default: "c2s", oneOf: ["c2s"], doc: "Listener kind.")
 
     static let tlsCertificate = ConfigOption<String?>("certificate", default: nil, doc: "PEM certificate chain. When unset, a self-signed certificate is generated in data_dir (development only).")
@@ -235,7 +238,8 @@ public struct StarlingConfiguration: Sendable, Equatable {
                 address: try section.read(listenerAddress),
                 port: try section.read(listenerPort),
                 tls: ListenerTLS(rawValue: try section.read(listenerTLS))!,
-                backlog: try section.read(listenerBacklog)
+                backlog: try section.read(listenerBacklog),
+                proxyProtocol: try section.read(listenerProxyProtocol)
             ))
             try section.rejectUnknownKeys()
         }

@@ -19,6 +19,7 @@ final class C2SHandler: ChannelInboundHandler {
     private var context: ChannelHandlerContext?
     private var session: ClientSession?
     private var remoteAddress = "unknown"
+    private var proxiedSource: ProxyHeader.Source?
     private var remotePort = 0
     private var authenticatedUser: JID?
     /// The login being checked, for the login-failed hook.
@@ -76,8 +77,8 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        remoteAddress = context.remoteAddress?.ipAddress ?? "unknown"
-        remotePort = context.remoteAddress?.port ?? 0
+        remoteAddress = proxiedSource?.address ?? context.remoteAddress?.ipAddress ?? "unknown"
+        remotePort = proxiedSource?.port ?? context.remoteAddress?.port ?? 0
         // Connection policies (rate limits per address): refused before any byte is read.
         if case .reject = server.router.run(.connectionOpened, ConnectionEvent(address: remoteAddress), on: server.configuration.hosts[0]) {
             logger.info("connection refused by policy")
@@ -182,6 +183,11 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // A load balancer's PROXY header named the client (this comes before `channelActive`).
+        if let proxied = event as? ProxiedSource {
+            proxiedSource = proxied.source
+            return
+        }
         if let tlsEvent = event as? TLSUserEvent, case .handshakeCompleted = tlsEvent {
             if !machine.tlsActive { perform(machine.tlsEstablished(channelBinding: server.tls.channelBinding)) }
             return

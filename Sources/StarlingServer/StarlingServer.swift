@@ -170,6 +170,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
 
     private func bind(_ listener: ListenerConfiguration, context: ServerContext) async throws -> any Channel {
         let settings = context.settings(for: listener)
+        let logger = self.logger
         let limits = configuration.limits
         let tls = context.tls
         let bootstrap = ServerBootstrap(group: group)
@@ -185,6 +186,9 @@ public final class StarlingServer: Service, @unchecked Sendable {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
+                    if listener.proxyProtocol {
+                        try sync.addHandler(ProxyProtocolHandler(timeout: .milliseconds(Int64(limits.authTimeout * 1000)), logger: logger))
+                    }
                     if listener.tls == .direct {
                         try sync.addHandler(NIOSSLServerHandler(context: tls.context))
                     }

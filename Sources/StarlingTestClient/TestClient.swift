@@ -53,11 +53,14 @@ public final class TestClient: @unchecked Sendable {
     }
 
     /// Opens a TCP connection (with TLS from the first byte for `.direct`).
-    public static func connect(host: String = "127.0.0.1", port: Int, domain: String, tls: TLSMode,
+    /// - Parameter source: the local address to connect from (any 127.0.0.0/8 address on loopback).
+    public static func connect(host: String = "127.0.0.1", port: Int, domain: String, tls: TLSMode, source: String? = nil,
                                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> TestClient {
         let events = EventQueue()
         let handler = ClientHandler(events: events)
-        let channel = try await ClientBootstrap(group: group)
+        var bootstrap = ClientBootstrap(group: group)
+        if let source { bootstrap = bootstrap.bind(to: try SocketAddress(ipAddress: source, port: 0)) }
+        let channel = try await bootstrap
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -249,8 +252,8 @@ public final class TestClient: @unchecked Sendable {
 
     /// STARTTLS (unless direct), SASL, bind, initial presence.
     public static func login(port: Int, domain: String, tls: TLSMode, username: String, password: String,
-                             mechanism: String = "SCRAM-SHA-256", resource: String? = nil, presence: Bool = true) async throws -> TestClient {
-        let client = try await connect(port: port, domain: domain, tls: tls)
+                             mechanism: String = "SCRAM-SHA-256", resource: String? = nil, presence: Bool = true, source: String? = nil) async throws -> TestClient {
+        let client = try await connect(port: port, domain: domain, tls: tls, source: source)
         try await client.openStream()
         if tls == .starttls { try await client.startTLS() }
         try await client.authenticate(username: username, password: password, mechanism: mechanism)

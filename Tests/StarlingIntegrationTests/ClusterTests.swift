@@ -10,7 +10,8 @@ final class TestCluster {
     private(set) var nodes: [String: ServerProcess] = [:]
     let deadAfter: Double
 
-    init(nodes names: [String], users: [(String, String)], deadAfter: Double = 2, extraConfig: String = "") throws {
+    init(nodes names: [String], users: [(String, String)], deadAfter: Double = 2, extraConfig: String = "", files: [String: String] = [:],
+         listenerOptions: String = "") throws {
         guard ProcessInfo.processInfo.environment["STARLING_TEST_BACKEND"] != "postgresql" else {
             throw XCTSkip("cluster tests always run on PostgreSQL; they ran in the first pass")
         }
@@ -23,7 +24,8 @@ final class TestCluster {
                 cluster: { name: test, node: \(name), link: "127.0.0.1:0", secret_file: secret.txt, heartbeat: 0.2, dead_after: \(deadAfter) }
                 \(extraConfig)
                 """,
-                users: index == 0 ? users : [], files: ["secret.txt": Self.secret], database: database)
+                users: index == 0 ? users : [], files: files.merging(["secret.txt": Self.secret]) { $1 }, database: database,
+                listenerOptions: listenerOptions)
         }
     }
 
@@ -58,6 +60,26 @@ final class TestCluster {
 
     func stopAll() {
         for (_, node) in nodes where node.process.isRunning { XCTAssertEqual(node.stop(), 0, node.log) }
+    }
+}
+
+/// A port nothing listens on right now (bound, read, released).
+struct ServerSocketProbe {
+    let port: Int
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        guard bound else { throw TestClientError.unexpected("cannot find a free port") }
+        port = Int(UInt16(bigEndian: address.sin_port))
     }
 }
 
@@ -239,6 +261,82 @@ final class ClusterTests: XCTestCase {
         _ = try await MUC.message(bob, from: "lobby@conference.localhost/carol", body: "still here")
         let info = try await bob.iq("<iq type='get' to='lobby@conference.localhost' id='info'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "info")
         XCTAssertNotNil(info.child("query")?.elements.first { $0.name == "feature" && $0[attribute: "var"] == "muc_persistent" }, info.serialized())
+    }
+
+    /// `examples/haproxy/haproxy.cfg` in front of three nodes (its ports swapped for the test's), HAProxy
+    /// connecting from another loopback address than the clients': the nodes see the clients' addresses.
+    func testThroughHAProxyTheNodesSeeTheClientsAddresses() async throws {
+        let haproxy = "/usr/sbin/haproxy"
+        guard FileManager.default.isExecutableFile(atPath: haproxy) else { throw XCTSkip("no HAProxy: run scripts/bootstrap") }
+        let hook = """
+        starling.hook("connect", 100, function(connection)
+          starling.log("info", "connection from " .. connection.attr.address)
+          if connection.attr.address == "127.0.0.9" then return "error" end
+          return "pass"
+        end)
+        """
+        let cluster = try TestCluster(nodes: ["a", "b", "c"], users: Self.users,
+                                      extraConfig: "modules:\n  roster: {}\n  presence: {}\n  lua:\n    scripts: [addresses.lua]",
+                                      files: ["addresses.lua": hook], listenerOptions: ", proxy_protocol: true")
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b", "c"], as: "up")
+
+        let example = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("examples/haproxy/haproxy.cfg")
+        var config = try String(contentsOf: example, encoding: .utf8)
+        let front = (starttls: try Self.freePort(), direct: try Self.freePort())
+        config = config.replacingOccurrences(of: "bind 127.0.0.1:5222", with: "bind 127.0.0.1:\(front.starttls)")
+            .replacingOccurrences(of: "bind 127.0.0.1:5223", with: "bind 127.0.0.1:\(front.direct)")
+        for (index, name) in ["a", "b", "c"].enumerated() {
+            config = config.replacingOccurrences(of: "127.0.0.1:\(index + 1)5222", with: "127.0.0.1:\(cluster[name].starttlsPort)")
+                .replacingOccurrences(of: "127.0.0.1:\(index + 1)5223", with: "127.0.0.1:\(cluster[name].directTLSPort)")
+        }
+        // The balancer's own connections come from 127.0.0.3, so the nodes' sockets see that address.
+        config = config.replacingOccurrences(of: "    maxconn 100000", with: "    maxconn 1000\n    stats socket \(cluster["a"].directory.path)/haproxy.sock")
+            .replacingOccurrences(of: "timeout server 11m", with: "timeout server 11m\n    source 127.0.0.3")
+        let configPath = cluster["a"].directory.appendingPathComponent("haproxy.cfg").path
+        try config.write(toFile: configPath, atomically: true, encoding: .utf8)
+        let balancer = Process()
+        balancer.executableURL = URL(fileURLWithPath: haproxy)
+        balancer.arguments = ["-db", "-f", configPath]
+        let output = Pipe()
+        balancer.standardOutput = output
+        balancer.standardError = output
+        try balancer.run()
+        defer {
+            balancer.terminate()
+            balancer.waitUntilExit()
+        }
+
+        // Logins through the balancer from two client addresses, over both kinds of TLS.
+        var clients: [TestClient] = []
+        for attempt in 0..<100 {
+            do {
+                clients.append(try await TestClient.login(port: front.direct, domain: "localhost", tls: .direct, username: "alice", password: "alice-pw",
+                                                          resource: "via-balancer", source: "127.0.0.2"))
+                break
+            } catch where attempt < 99 {
+                try await Task.sleep(for: .milliseconds(100))
+            }
+        }
+        clients.append(try await TestClient.login(port: front.starttls, domain: "localhost", tls: .starttls, username: "bob", password: "bob-pw",
+                                                  source: "127.0.0.4"))
+        XCTAssertEqual(clients.count, 2)
+        // The hook refuses 127.0.0.9 by its real address (the nodes' sockets only ever see 127.0.0.3).
+        do {
+            _ = try await TestClient.login(port: front.direct, domain: "localhost", tls: .direct, username: "carol", password: "carol-pw", source: "127.0.0.9")
+            XCTFail("a refused address got in")
+        } catch {}
+        let logs = ["a", "b", "c"].map { cluster[$0].log }.joined()
+        XCTAssertTrue(logs.contains("connection from 127.0.0.2"), logs)
+        XCTAssertTrue(logs.contains("connection from 127.0.0.4"), logs)
+        XCTAssertTrue(logs.contains("connection from 127.0.0.9"), logs)
+        for client in clients { await client.close() }
+    }
+
+    private static func freePort() throws -> Int {
+        let socket = try ServerSocketProbe()
+        return socket.port
     }
 
     func testClusterConfigurationIsCheckedAtLoad() throws {

@@ -42,7 +42,7 @@ final class ServerProcess {
     /// `files` are written into the server's directory (next to its config) before it starts.
     /// `database`: a PostgreSQL URL to use instead of a fresh database (nodes of one cluster share one).
     init(extraConfig: String = "", users: [(String, String)], backend: Backend = ServerProcess.defaultBackend, storageTimeout: Double = 5,
-         files: [String: String] = [:], database: String? = nil) throws {
+         files: [String: String] = [:], database: String? = nil, listenerOptions: String = "") throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         for (path, contents) in files { try Self.write(contents, to: directory.appendingPathComponent(path)) }
@@ -59,8 +59,8 @@ final class ServerProcess {
         data_dir: data
         log_level: info
         listeners:
-          - { address: 127.0.0.1, port: 0, tls: starttls }
-          - { address: 127.0.0.1, port: 0, tls: direct }
+          - { address: 127.0.0.1, port: 0, tls: starttls\(listenerOptions) }
+          - { address: 127.0.0.1, port: 0, tls: direct\(listenerOptions) }
         \(extraConfig.hasPrefix("auth:") ? "" : "auth:\n  failure_delay: 0.2")
         \(storage)
         \(extraConfig)
