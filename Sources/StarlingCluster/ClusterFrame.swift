@@ -47,6 +47,8 @@ public enum ClusterFrame: Sendable, Equatable {
     case component(XMLElement, from: JID, to: JID)
     case ping(UInt64)
     case pong(UInt64)
+    /// The sender is leaving (graceful shutdown): drop its sessions and claims now, not after `deadAfter`.
+    case goodbye
 }
 
 public struct ClusterWireError: Error, CustomStringConvertible {
@@ -62,7 +64,7 @@ extension ClusterFrame {
     public static let maxFrameSize = 32 << 20
 
     private enum Tag: UInt8 {
-        case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong, claim, component
+        case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong, claim, component, goodbye
     }
 
     /// Appends the frame, with its 4-byte length prefix, to `buffer`.
@@ -109,6 +111,8 @@ extension ClusterFrame {
             buffer.writeWireString(from.description)
             buffer.writeWireString(to.description)
             buffer.writeElement(stanza)
+        case .goodbye:
+            buffer.writeInteger(Tag.goodbye.rawValue)
         case .ping(let value):
             buffer.writeInteger(Tag.ping.rawValue)
             buffer.writeInteger(value)
@@ -160,6 +164,8 @@ extension ClusterFrame {
             let from = try body.readJID()
             let to = try body.readJID()
             frame = .component(try body.readElement(depth: 0), from: from, to: to)
+        case .goodbye:
+            frame = .goodbye
         case .ping, .pong:
             guard let value: UInt64 = body.readInteger() else { throw ClusterWireError("short ping") }
             frame = tag == .ping ? .ping(value) : .pong(value)

@@ -86,6 +86,8 @@ public final class ClusterNode: @unchecked Sendable {
         var listener: (any Channel)?
         var advertised: String = ""
         var stopped = false
+        /// Peers added at run time (`join-cluster`).
+        var extraPeers: [String] = []
     }
 
     let settings: Settings
@@ -177,7 +179,7 @@ public final class ClusterNode: @unchecked Sendable {
     private func expectedPeersLinked() -> Bool {
         state.withLockedValue { state in
             let liveMembers = state.members.filter { $0.node != settings.node && $0.silence < settings.deadAfter }.map(\.node)
-            let staticNodes = settings.peers.map { state.nodeAt[$0] }
+            let staticNodes = (settings.peers + state.extraPeers).map { state.nodeAt[$0] }
             return liveMembers.allSatisfy { state.peers[$0]?.link != nil } && staticNodes.allSatisfy { $0.map { state.peers[$0]?.link != nil } ?? false }
         }
     }
@@ -194,7 +196,7 @@ public final class ClusterNode: @unchecked Sendable {
             try? await membership.deregisterNode(cluster: settings.cluster, node: settings.node)
         }
         try? await listener?.close()
-        for link in links { link.close() }
+        for link in links { link.leave() }
     }
 
     // MARK: Sending
@@ -265,6 +267,28 @@ public final class ClusterNode: @unchecked Sendable {
         return true
     }
 
+    /// Dials `address` from now on, as if it were in `peers` (`starlingctl join-cluster`).
+    public func addPeer(_ address: String) {
+        state.withLockedValue { state in
+            if !state.extraPeers.contains(address) { state.extraPeers.append(address) }
+        }
+    }
+
+    /// A peer said goodbye: it is gone now, not after `deadAfter`.
+    func left(_ peer: String) {
+        let first: Bool = state.withLockedValue { state in
+            guard var entry = state.peers[peer], !entry.lost else { return false }
+            entry.lost = true
+            entry.downSince = .now()
+            state.peers[peer] = entry
+            return true
+        }
+        guard first else { return }
+        liveLinks[peer] = nil
+        logger.notice("node left the cluster", metadata: ["peer": "\(peer)"])
+        delegate?.lost(peer)
+    }
+
     func closed(_ link: NodeLink, peer: String) {
         let wasCurrent: Bool = state.withLockedValue { state in
             guard var entry = state.peers[peer], entry.link === link else { return false }
@@ -318,7 +342,7 @@ public final class ClusterNode: @unchecked Sendable {
                     state.peers[member.node, default: Peer()].address = member.link
                 }
             }
-            for peer in settings.peers where peer != state.advertised {
+            for peer in settings.peers + state.extraPeers where peer != state.advertised {
                 if let known = state.nodeAt[peer], state.peers[known]?.link != nil { continue }
                 addresses.append(peer)
             }

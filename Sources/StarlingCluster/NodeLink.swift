@@ -52,6 +52,15 @@ public final class NodeLink: @unchecked Sendable {
     }
 
     func close() { channel.close(promise: nil) }
+
+    /// Sends `goodbye` after everything queued before it, then closes.
+    func leave() {
+        var buffer = channel.allocator.buffer(capacity: 8)
+        ClusterFrame.goodbye.encode(into: &buffer)
+        channel.eventLoop.execute {
+            self.channel.writeAndFlush(buffer).whenComplete { _ in self.channel.close(promise: nil) }
+        }
+    }
 }
 
 /// Carries out the handshake, then hands frames to the cluster node.
@@ -143,6 +152,8 @@ final class NodeLinkHandler: ChannelInboundHandler {
             snapshotClaims = []
         case .session, .unbound, .deliver, .claim, .component:
             node.delegate?.received(frame, from: peer)
+        case .goodbye:
+            node.left(peer)
         case .hello, .proof:
             fail(context, "handshake frame on an established link from \(peer)")
         }

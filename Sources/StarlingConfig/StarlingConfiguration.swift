@@ -75,6 +75,12 @@ public struct StorageConfiguration: Sendable, Equatable {
     public var timeout: Double
 }
 
+/// Checks shared by the configuration and the admin commands.
+public enum ClusterConfigurationCheck {
+    /// `HOST:PORT` with a port of 1...65535.
+    public static func isHostAndPort(_ text: String) -> Bool { StarlingConfiguration.hostAndPort(text) != nil }
+}
+
 /// How a node finds the other nodes of its cluster.
 public enum ClusterDiscovery: String, Sendable { case postgresql, `static` }
 

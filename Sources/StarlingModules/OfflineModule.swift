@@ -45,12 +45,17 @@ public final class OfflineModule: ServerModule {
 
     private func store(_ message: XMLElement, for recipient: JID) {
         var stamped = message
-        stamped.append(XMLElement(name: "delay", namespace: "urn:xmpp:delay", attributes: [
-            "from": recipient.domainpart, "stamp": XMPPDateTime.string(Date()),
-        ]))
+        // A stored message that could not be handed over after all comes back with its first stamp, and
+        // waits for the next initial presence (no second attempt now, which could go round in circles).
+        let returning = message.child("delay", namespace: "urn:xmpp:delay")?[attribute: "from"] == recipient.domainpart
+        if !returning {
+            stamped.append(XMLElement(name: "delay", namespace: "urn:xmpp:delay", attributes: [
+                "from": recipient.domainpart, "stamp": XMPPDateTime.string(Date()),
+            ]))
+        }
         let text = stamped.serialized(inheritedNamespace: Namespace.client)
         let (host, store, accounts, limit) = (self.host, self.store, self.accounts, self.limit)
-        queue.enqueue(recipient) {
+        queue.enqueue(recipient) { [self] in
             let accepted: Bool
             do {
                 // RFC 6121 §8.5.1: no such account, no storage.
@@ -64,22 +69,32 @@ public final class OfflineModule: ServerModule {
                 Self.bounce(message, .internalServerError, text: "the message could not be stored", host: host)
                 return
             }
-            if !accepted { Self.bounce(message, .resourceConstraint, text: "the recipient's offline storage is full", host: host) }
+            if !accepted {
+                Self.bounce(message, .resourceConstraint, text: "the recipient's offline storage is full", host: host)
+                return
+            }
+            // In a cluster a resource may have come online on another node while this one still thought
+            // the account offline (its presence was on the way): it gets what was just stored.
+            if !returning, let online = host.resources(of: recipient).first(where: { $0.available && $0.priority >= 0 }) {
+                try? await self.deliverNow(to: online.jid)
+            }
         }
     }
 
     private func deliver(to resource: JID) {
-        let (host, store) = (self.host, self.store)
-        queue.enqueue(resource.bare) {
-            do {
-                for text in try await store.takeOffline(for: resource.bare) {
-                    guard var message = StoredXML.parse(text) else { continue }
-                    message[attribute: "to"] = resource.description
-                    host.route(message)
-                }
-            } catch {
+        queue.enqueue(resource.bare) { [self] in
+            do { try await deliverNow(to: resource) } catch {
                 host.log(.error, "cannot read offline messages of \(resource.bare): \(error)")
             }
+        }
+    }
+
+    /// Hands every stored message to `resource` (run on the account's queue).
+    private func deliverNow(to resource: JID) async throws {
+        for text in try await store.takeOffline(for: resource.bare) {
+            guard var message = StoredXML.parse(text) else { continue }
+            message[attribute: "to"] = resource.description
+            host.route(message)
         }
     }
 

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOPosix
+import StarlingConfig
 
 /// The local admin interface `starlingctl` talks to: a Unix socket (mode 0600, so only the server's
 /// user) carrying one JSON request per line and one JSON reply per line.
@@ -118,7 +119,7 @@ final class AdminHandler: ChannelInboundHandler {
                     let reply: Data
                     switch result {
                     case .success(let summary):
-                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: summary))) ?? Data()
+                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: summary + server.scopeNote))) ?? Data()
                     case .failure(let error):
                         reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "\(error)\nnothing was changed"))) ?? Data()
                     }
@@ -134,7 +135,7 @@ final class AdminHandler: ChannelInboundHandler {
                     let reply: Data
                     switch result {
                     case .success(let outcome) where outcome.errors.isEmpty:
-                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: outcome.summaries))) ?? Data()
+                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: outcome.summaries + server.scopeNote))) ?? Data()
                     case .success(let outcome):
                         reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: outcome.errors.joined(separator: "\n") + "\nthe previous hooks keep running"))) ?? Data()
                     case .failure(let error):
@@ -146,6 +147,28 @@ final class AdminHandler: ChannelInboundHandler {
             case "connected-users":
                 // Every node's sessions: the table is replicated.
                 reply = try encoder.encode(AdminProtocol.UsersReply(ok: true, users: server.registry.allResources.map(\.jid.description).sorted()))
+            case "join-cluster":
+                guard let cluster = server.router.cluster else {
+                    reply = try encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "this node is not clustered (no cluster: section)"))
+                    break
+                }
+                guard let peer = request.argument, ClusterConfigurationCheck.isHostAndPort(peer) else {
+                    reply = try encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "expected the peer's link as HOST:PORT"))
+                    break
+                }
+                cluster.addPeer(peer)
+                reply = try encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: ["\(cluster.name) dials \(peer) (until it restarts: add it to cluster.peers to keep it)"]))
+            case "leave-cluster":
+                guard let settings = server.configuration.cluster else {
+                    reply = try encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "this node is not clustered (no cluster: section)"))
+                    break
+                }
+                // Leaving is the graceful shutdown: stop accepting, <system-shutdown/> to every client (they
+                // come back through the balancer to the other nodes), goodbye to the peers, deregister.
+                reply = try encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: ["\(settings.node) is leaving the cluster \(settings.name) and stopping"]))
+                Self.write(reply, to: context)
+                context.eventLoop.scheduleTask(in: .milliseconds(50)) { kill(getpid(), SIGTERM) }
+                return
             case "cluster-status":
                 guard let cluster = server.router.cluster, let settings = server.configuration.cluster else {
                     reply = try encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "this node is not clustered (no cluster: section)"))

@@ -28,7 +28,7 @@ final class ClusterBridge: ClusterDelegate {
             router.applyClaim(domain, node: node, claimedAt: claimedAt)
         case .component(let stanza, let from, let to):
             router.deliverToComponent(stanza, from: from, to: to)
-        case .hello, .proof, .snapshotBegin, .sessions, .snapshotEnd, .ping, .pong:
+        case .hello, .proof, .snapshotBegin, .sessions, .snapshotEnd, .ping, .pong, .goodbye:
             break
         }
     }

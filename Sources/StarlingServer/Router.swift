@@ -213,7 +213,15 @@ public final class Router: @unchecked Sendable {
             return
         }
         if to.resourcepart != nil {
-            if let resource = registry.resources(of: to.bare).first(where: { $0.jid == to }) { _ = deliver(stanza, to: [resource]) }
+            let resource = registry.resources(of: to.bare).first { $0.jid == to }
+            if let resource, deliver(stanza, to: [resource]) > 0 { return }
+            // A message whose resource is gone, or on a node that cannot be reached, is kept for the
+            // account like any other it could not take (offline storage, if enabled).
+            let type = stanza[attribute: "type"] ?? "normal"
+            if resource?.session == nil, stanza.name == "message", type == "chat" || type == "normal", stanza.child("body") != nil {
+                _ = run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: stanza[attribute: "from"].flatMap { JID($0) }, recipient: to.bare),
+                        on: to.domainpart)
+            }
             return
         }
         let available = registry.resources(of: to).filter(\.available)

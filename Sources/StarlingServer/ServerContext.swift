@@ -62,6 +62,12 @@ public final class ServerContext: Sendable {
         return (summaries, errors)
     }
 
+    /// Said after a reload in a cluster: it changed this node only.
+    var scopeNote: [String] {
+        guard let cluster = configuration.cluster else { return [] }
+        return ["(node \(cluster.node) only: run it on every node of the cluster)"]
+    }
+
     /// The counters of every module that keeps them, by "host/module".
     func moduleCounters() -> [String: [String: Int]] {
         var counters: [String: [String: Int]] = [:]

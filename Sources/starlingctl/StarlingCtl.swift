@@ -12,7 +12,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ClusterStatus.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, PurgeArchives.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ClusterStatus.self, JoinCluster.self, LeaveCluster.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, PurgeArchives.self]
     )
 }
 
@@ -228,6 +228,31 @@ struct ClusterStatus: ParsableCommand {
     }
 }
 
+struct JoinCluster: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "join-cluster",
+        abstract: "Link this node to another node's link address (static discovery), until it restarts."
+    )
+    @OptionGroup var options: ConfigOption
+    @Argument(help: "The other node's link, HOST:PORT.") var peer: String
+
+    func run() throws {
+        print(try reload(options, "join-cluster", argument: peer).joined(separator: "\n"))
+    }
+}
+
+struct LeaveCluster: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "leave-cluster",
+        abstract: "Drain this node and stop it: no new clients, <system-shutdown/> to its sessions (they reconnect through the balancer), goodbye to the other nodes."
+    )
+    @OptionGroup var options: ConfigOption
+
+    func run() throws {
+        print(try reload(options, "leave-cluster").joined(separator: "\n"))
+    }
+}
+
 struct ReloadHooks: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "reload-hooks",
@@ -273,7 +298,7 @@ func reload(_ options: ConfigOption, _ command: String, argument: String? = nil)
     guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
         throw ValidationError("unexpected reply: \(reply)")
     }
-    guard object["ok"] as? Bool == true else { throw ValidationError("reload failed:\n\(object["error"] as? String ?? reply)") }
+    guard object["ok"] as? Bool == true else { throw ValidationError("\(command) failed:\n\(object["error"] as? String ?? reply)") }
     return object["reloaded"] as? [String] ?? []
 }
 

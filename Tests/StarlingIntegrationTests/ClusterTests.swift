@@ -263,6 +263,89 @@ final class ClusterTests: XCTestCase {
         XCTAssertNotNil(info.child("query")?.elements.first { $0.name == "feature" && $0[attribute: "var"] == "muc_persistent" }, info.serialized())
     }
 
+    /// A rolling restart: each node in turn leaves (its clients are told to reconnect, the others forget it
+    /// at once) and comes back; messages sent meanwhile are stored, none is lost.
+    func testDrainingNodesOneByOneLosesNoMessage() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b", "c"], users: Self.users, deadAfter: 30)
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b", "c"], as: "up")
+        try await cluster.waitUntil("b", sees: ["a", "c"], as: "up")
+        let carol = try await login(cluster, "c", "carol")
+        for node in ["a", "b"] {
+            let bob = try await login(cluster, node, "bob", resource: "r-\(node)")
+            // Sent once carol's node knows bob is online (until then it would rightly store the message).
+            if node == "a" {
+                try await befriend(carol, "carol@localhost", bob, "bob@localhost")
+            } else {
+                _ = try await available(carol, from: "bob@localhost/r-b")
+                // What was stored while a was away reaches bob's next session, here on b.
+                _ = try await message(bob, "while a is away")
+            }
+            send(carol, to: "bob@localhost", "before \(node) leaves")
+            _ = try await message(bob, "before \(node) leaves")
+            let (status, output) = try cluster[node].ctl(["leave-cluster"])
+            XCTAssertEqual(status, 0, output)
+            XCTAssertTrue(output.contains("leaving the cluster"), output)
+            let condition = try await bob.expectStreamError()
+            XCTAssertEqual(condition, "system-shutdown")
+            // Told, not timed out: dead_after is 30 s here.
+            try await cluster.waitUntil("c", sees: [node], as: "lost", timeout: 10)
+            send(carol, to: "bob@localhost", "while \(node) is away")
+            cluster[node].process.waitUntilExit()
+            XCTAssertEqual(cluster[node].process.terminationStatus, 0, cluster[node].log)
+            try cluster.restart(node)
+            try await cluster.waitUntil("c", sees: [node], as: "up")
+        }
+        let bob = try await login(cluster, "c", "bob")
+        _ = try await message(bob, "while b is away")
+    }
+
+    func testStaticPeersAndJoiningAtRunTime() async throws {
+        guard ProcessInfo.processInfo.environment["STARLING_TEST_BACKEND"] != "postgresql" else { throw XCTSkip("ran in the first pass") }
+        guard let base = ServerProcess.postgresURL else { throw XCTSkip("no PostgreSQL: run scripts/test") }
+        let database = try ServerProcess.freshDatabase(base)
+        let ports = try (0..<3).map { _ in try ServerSocketProbe().port }
+        func node(_ name: String, _ index: Int, peers: [Int]) throws -> ServerProcess {
+            let peerList = peers.map { "\"127.0.0.1:\(ports[$0])\"" }.joined(separator: ", ")
+            return try ServerProcess(
+                extraConfig: "cluster: { name: static, node: \(name), link: \"127.0.0.1:\(ports[index])\", secret_file: secret.txt, discovery: static, "
+                    + "peers: [\(peerList)], heartbeat: 0.2, dead_after: 2 }",
+                users: index == 0 ? Self.users : [], files: ["secret.txt": TestCluster.secret], database: database)
+        }
+        let a = try node("a", 0, peers: [1])
+        let b = try node("b", 1, peers: [0])
+        // c knows only a; b learns of c at run time.
+        let c = try node("c", 2, peers: [0])
+        defer { for server in [a, b, c] { XCTAssertEqual(server.stop(), 0) } }
+        func states(_ server: ServerProcess) throws -> [String: String] {
+            let (_, output) = try server.ctl(["cluster-status", "--json"])
+            let object = try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any]
+            return Dictionary(uniqueKeysWithValues: (object?["nodes"] as? [[String: Any]] ?? []).map { ($0["node"] as? String ?? "", $0["state"] as? String ?? "") })
+        }
+        func wait(_ server: ServerProcess, _ node: String, _ state: String) async throws {
+            for _ in 0..<200 {
+                if try states(server)[node] == state { return }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            XCTFail("\(node) never \(state): \(try states(server))")
+        }
+        try await wait(a, "b", "up")
+        try await wait(a, "c", "up")
+        XCTAssertNil(try states(b)["c"], "b was never told of c")
+        let (status, output) = try b.ctl(["join-cluster", "127.0.0.1:\(ports[2])"])
+        XCTAssertEqual(status, 0, output)
+        try await wait(b, "c", "up")
+        let (refused, why) = try b.ctl(["join-cluster", "nowhere"])
+        XCTAssertNotEqual(refused, 0)
+        XCTAssertTrue(why.contains("HOST:PORT"), why)
+
+        let alice = try await TestClient.login(port: b.directTLSPort, domain: "localhost", tls: .direct, username: "alice", password: "alice-pw")
+        let carol = try await TestClient.login(port: c.directTLSPort, domain: "localhost", tls: .direct, username: "carol", password: "carol-pw")
+        try await befriend(alice, "alice@localhost", carol, "carol@localhost")
+        send(alice, to: "carol@localhost", "over a joined link")
+        _ = try await message(carol, "over a joined link")
+    }
+
     /// `examples/haproxy/haproxy.cfg` in front of three nodes (its ports swapped for the test's), HAProxy
     /// connecting from another loopback address than the clients': the nodes see the clients' addresses.
     func testThroughHAProxyTheNodesSeeTheClientsAddresses() async throws {
