@@ -15,7 +15,7 @@ func logIn(count: Int, concurrency: Int, options: TargetOptions, server: ServerU
         func launch(_ index: Int) {
             let spec = options.login(index)
             let source = options.sourceAddress(for: index)
-            let host = server.host, port = server.port
+            let host = server.host, port = server.port(for: index)
             group.addTask {
                 do {
                     return (index, .success(try await LoadConnection.login(spec, host: host, port: port, sourceAddress: source, on: loop(index)).get()))

@@ -27,6 +27,8 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "Storage of the starling this tool starts: sqlite, or postgresql (with --postgres-url; the database is emptied first).")
     var backend = "sqlite"
     @Option(help: "PostgreSQL URL for --backend postgresql.") var postgresURL: String?
+    @Option(help: "Start a cluster of this many starling nodes on the PostgreSQL database (--backend postgresql): connection i goes to node i % N, so the two ends of a chat pair are on different nodes. CPU and memory figures are the nodes' sums.")
+    var clusterNodes = 1
     @Option(help: "limits.read_rate of the starling this tool starts, in bytes/s per client (default: 0, no limit, for load runs; flood: the server's default).")
     var readRate: Int?
 
@@ -44,19 +46,30 @@ struct TargetOptions: ParsableArguments {
 final class ServerUnderTest {
     let name: String
     let host: String
-    let port: Int
-    let pid: Int32?
-    private let process: Process?
+    /// The port of each node (one unless a cluster was started).
+    let ports: [Int]
+    let pids: [Int32]
+    private let processes: [Process]
     private let workDirectory: URL?
+    /// The first node's configuration.
+    private let configPath: String?
 
-    private init(name: String, host: String, port: Int, pid: Int32?, process: Process?, workDirectory: URL?) {
+    private init(name: String, host: String, ports: [Int], pids: [Int32], processes: [Process], workDirectory: URL?, configPath: String?) {
         self.name = name
         self.host = host
-        self.port = port
-        self.pid = pid
-        self.process = process
+        self.ports = ports
+        self.pids = pids
+        self.processes = processes
         self.workDirectory = workDirectory
+        self.configPath = configPath
     }
+
+    /// The first node's port.
+    var port: Int { ports[0] }
+    var pid: Int32? { pids.first }
+
+    /// Where connection `index` logs in.
+    func port(for index: Int) -> Int { ports[index % ports.count] }
 
     /// The `--target` server, or a fresh starling with `accounts` accounts (and `defaultConfig` appended to
     /// its config when no `--server-config` is given).
@@ -70,7 +83,8 @@ final class ServerUnderTest {
             guard let colon = target.lastIndex(of: ":"), let port = Int(target[target.index(after: colon)...]) else {
                 throw ValidationError("--target must be host:port")
             }
-            return ServerUnderTest(name: "target", host: String(target[..<colon]), port: port, pid: options.serverPid, process: nil, workDirectory: nil)
+            return ServerUnderTest(name: "target", host: String(target[..<colon]), ports: [port], pids: options.serverPid.map { [$0] } ?? [], processes: [],
+                                   workDirectory: nil, configPath: nil)
         }
         return try await startStarling(options, accounts: accounts, defaultConfig: defaultConfig,
                                        readRate: options.readRate ?? (serverReadRate ? nil : 0), seed: seed)
@@ -80,24 +94,35 @@ final class ServerUnderTest {
                                       seed: (any StarlingStore) async throws -> Void) async throws -> ServerUnderTest {
         let work = FileManager.default.temporaryDirectory.appendingPathComponent("starling-bench-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
-        let configPath = work.appendingPathComponent("starling.yml").path
-        // Plaintext PLAIN is allowed only because this server listens on loopback for a load run.
-        try """
-        hosts: [\(options.domain)]
-        data_dir: data
-        log_level: warning
-        listeners:
-          - { address: 127.0.0.1, port: 0, tls: starttls, backlog: 65535 }
-          - { address: 127.0.0.1, port: 0, tls: direct, backlog: 65535 }
-        tls:
-          required: \(options.tls != .none)
-        auth:
-          plain_without_tls: true
-        \(readRate.map { "limits: { read_rate: \($0) }" } ?? "")
-        \(try storageSection(options))
-        \(try options.serverConfig.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? defaultConfig)
-        """.write(toFile: configPath, atomically: true, encoding: .utf8)
-        let configuration = try StarlingConfiguration.load(path: configPath, moduleCatalog: BuiltinModules.descriptors)
+        let nodes = max(1, options.clusterNodes)
+        if nodes > 1 && options.backend != "postgresql" { throw ValidationError("--cluster-nodes needs --backend postgresql") }
+        try "bench-cluster-secret-0123456789".write(to: work.appendingPathComponent("cluster.secret"), atomically: true, encoding: .utf8)
+        var configPaths: [String] = []
+        for node in 0..<nodes {
+            let directory = nodes == 1 ? work : work.appendingPathComponent("node\(node)")
+            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+            let configPath = directory.appendingPathComponent("starling.yml").path
+            let cluster = nodes == 1 ? "" : "cluster: { name: bench, node: n\(node), link: \"127.0.0.1:0\", secret_file: \(work.path)/cluster.secret }"
+            // Plaintext PLAIN is allowed only because this server listens on loopback for a load run.
+            try """
+            hosts: [\(options.domain)]
+            data_dir: data
+            log_level: warning
+            listeners:
+              - { address: 127.0.0.1, port: 0, tls: starttls, backlog: 65535 }
+              - { address: 127.0.0.1, port: 0, tls: direct, backlog: 65535 }
+            tls:
+              required: \(options.tls != .none)
+            auth:
+              plain_without_tls: true
+            \(readRate.map { "limits: { read_rate: \($0) }" } ?? "")
+            \(try storageSection(options))
+            \(cluster)
+            \(try options.serverConfig.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? defaultConfig)
+            """.write(toFile: configPath, atomically: true, encoding: .utf8)
+            configPaths.append(configPath)
+        }
+        let configuration = try StarlingConfiguration.load(path: configPaths[0], moduleCatalog: BuiltinModules.descriptors)
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         if configuration.storage.backend == .postgresql { try emptyDatabase(configuration.storage.url ?? "") }
 
@@ -115,19 +140,26 @@ final class ServerUnderTest {
 
         let executable = options.server ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
             .deletingLastPathComponent().appendingPathComponent("starling").path
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = ["--config", configPath]
-        let output = Pipe()
-        process.standardOutput = output
-        try process.run()
-        let announcement: ServerAnnouncement
-        do { announcement = try readAnnouncement(output) } catch {
-            process.terminate()
-            throw error
+        var processes: [Process] = []
+        var ports: [Int] = []
+        for configPath in configPaths {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: executable)
+            process.arguments = ["--config", configPath]
+            let output = Pipe()
+            process.standardOutput = output
+            try process.run()
+            processes.append(process)
+            let announcement: ServerAnnouncement
+            do { announcement = try readAnnouncement(output) } catch {
+                for process in processes { process.terminate() }
+                throw error
+            }
+            // Each node is ready once it has linked to the nodes already running.
+            ports.append(options.tls == .direct ? announcement.directTLSPort : announcement.starttlsPort)
         }
-        let port = options.tls == .direct ? announcement.directTLSPort : announcement.starttlsPort
-        return ServerUnderTest(name: "starling", host: "127.0.0.1", port: port, pid: process.processIdentifier, process: process, workDirectory: work)
+        return ServerUnderTest(name: nodes == 1 ? "starling" : "starling x\(nodes)", host: "127.0.0.1", ports: ports,
+                               pids: processes.map(\.processIdentifier), processes: processes, workDirectory: work, configPath: configPaths[0])
     }
 
     private static func storageSection(_ options: TargetOptions) throws -> String {
@@ -152,10 +184,10 @@ final class ServerUnderTest {
 
     /// The server's `starlingctl status` counters of one module (the starling this tool started only).
     func moduleCounters(_ module: String) -> [String: Int] {
-        guard let workDirectory else { return [:] }
+        guard let configPath else { return [:] }
         let ctl = Process()
         ctl.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent().appendingPathComponent("starlingctl")
-        ctl.arguments = ["status", "--config", workDirectory.appendingPathComponent("starling.yml").path]
+        ctl.arguments = ["status", "--config", configPath]
         let output = Pipe()
         ctl.standardOutput = output
         guard (try? ctl.run()) != nil else { return [:] }
@@ -175,15 +207,16 @@ final class ServerUnderTest {
     }
 
     func stop() {
-        if let process, process.isRunning {
+        for process in processes where process.isRunning {
             process.terminate()
             process.waitUntilExit()
         }
         if let workDirectory { try? FileManager.default.removeItem(at: workDirectory) }
     }
 
-    var rss: Int? { pid.map(ProcStat.rss) }
-    var cpuSeconds: Double? { pid.map(ProcStat.cpuSeconds) }
+    /// Summed over the nodes.
+    var rss: Int? { pids.isEmpty ? nil : pids.map(ProcStat.rss).reduce(0, +) }
+    var cpuSeconds: Double? { pids.isEmpty ? nil : pids.map(ProcStat.cpuSeconds).reduce(0, +) }
 
     private static func readAnnouncement(_ pipe: Pipe) throws -> ServerAnnouncement {
         var text = ""
