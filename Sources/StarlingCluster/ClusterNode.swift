@@ -143,6 +143,7 @@ public final class ClusterNode: @unchecked Sendable {
         let listener = try await ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: NodeLink.highWaterMark / 4, high: NodeLink.highWaterMark))
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
@@ -376,6 +377,7 @@ public final class ClusterNode: @unchecked Sendable {
         let digestOf = digestOfPeerCertificate
         let bootstrap = ClientBootstrap(group: group)
             .channelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: NodeLink.highWaterMark / 4, high: NodeLink.highWaterMark))
             .connectTimeout(.milliseconds(Int64(max(500, settings.deadAfter * 500))))
             .channelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {

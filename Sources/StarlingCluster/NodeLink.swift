@@ -20,11 +20,17 @@ public final class NodeLink: @unchecked Sendable {
     let roundTrip = Atomic<UInt64>(0)
     /// Touched on the link's event loop only.
     private var flushScheduled = false
+    private var backloggedSince: NIODeadline?
+    private let giveUpAfter: TimeAmount
 
-    init(channel: any Channel, dialedBy: String, dialedAddress: String?) {
+    /// Unflushed bytes above which the link counts as backlogged.
+    static let highWaterMark = 16 << 20
+
+    init(channel: any Channel, dialedBy: String, dialedAddress: String?, giveUpAfter: TimeAmount) {
         self.channel = channel
         self.dialedBy = dialedBy
         self.dialedAddress = dialedAddress
+        self.giveUpAfter = giveUpAfter
     }
 
     /// Encodes and sends `frame`; false when the link is closed.
@@ -42,6 +48,22 @@ public final class NodeLink: @unchecked Sendable {
     }
 
     private func write(_ buffer: ByteBuffer) {
+        // A peer that cannot keep up (its link stays over the high water mark) for as long as a dead node
+        // may stay silent counts as unreachable: the link closes rather than queueing without bound, and
+        // what is meant for its sessions goes to offline storage until it is back.
+        if !channel.isWritable {
+            let now = NIODeadline.now()
+            if let since = backloggedSince {
+                if now - since > giveUpAfter {
+                    channel.close(promise: nil)
+                    return
+                }
+            } else {
+                backloggedSince = now
+            }
+        } else {
+            backloggedSince = nil
+        }
         channel.write(buffer, promise: nil)
         guard !flushScheduled else { return }
         flushScheduled = true
@@ -119,7 +141,8 @@ final class NodeLinkHandler: ChannelInboundHandler {
             reply.encode(into: &buffer)
             context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
         case .established(let peer):
-            let link = NodeLink(channel: context.channel, dialedBy: dialer ? node.name : peer, dialedAddress: dialedAddress)
+            let link = NodeLink(channel: context.channel, dialedBy: dialer ? node.name : peer, dialedAddress: dialedAddress,
+                                giveUpAfter: .milliseconds(Int64(node.settings.deadAfter * 1000)))
             guard node.established(link, peer: peer) else {
                 context.close(promise: nil)
                 return

@@ -300,6 +300,66 @@ final class ClusterTests: XCTestCase {
         _ = try await message(bob, "while b is away")
     }
 
+    /// Two nodes that still reach the database but not each other (each link runs through a relay the
+    /// test cuts): each drops the other's sessions, stores what it cannot deliver, and both heal on their
+    /// own once the relays let links through again.
+    func testAPartitionWhileBothNodesKeepTheirDatabase() async throws {
+        guard ProcessInfo.processInfo.environment["STARLING_TEST_BACKEND"] != "postgresql" else { throw XCTSkip("ran in the first pass") }
+        guard let base = ServerProcess.postgresURL else { throw XCTSkip("no PostgreSQL: run scripts/test") }
+        let database = try ServerProcess.freshDatabase(base)
+        let ports = try (0..<4).map { _ in try ServerSocketProbe().port }
+        let (linkA, linkB, toB, toA) = (ports[0], ports[1], ports[2], ports[3])
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Interop/tcp_relay.py").path
+        var relays: [Process] = []
+        for (listen, target) in [(toB, linkB), (toA, linkA)] {
+            let relay = Process()
+            relay.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            relay.arguments = ["python3", script, String(listen), String(target)]
+            let output = Pipe()
+            relay.standardOutput = output
+            try relay.run()
+            _ = output.fileHandleForReading.availableData  // "ready"
+            relays.append(relay)
+        }
+        defer {
+            for relay in relays {
+                kill(relay.processIdentifier, SIGKILL)
+                relay.waitUntilExit()
+            }
+        }
+        func node(_ name: String, link: Int, peer: Int, users: [(String, String)]) throws -> ServerProcess {
+            try ServerProcess(
+                extraConfig: "cluster: { name: split, node: \(name), link: \"127.0.0.1:\(link)\", secret_file: secret.txt, discovery: static, "
+                    + "peers: [\"127.0.0.1:\(peer)\"], heartbeat: 0.2, dead_after: 2 }",
+                users: users, files: ["secret.txt": TestCluster.secret], database: database)
+        }
+        let a = try node("a", link: linkA, peer: toB, users: Self.users)
+        let b = try node("b", link: linkB, peer: toA, users: [])
+        defer { for server in [a, b] { XCTAssertEqual(server.stop(), 0) } }
+        let alice = try await TestClient.login(port: a.directTLSPort, domain: "localhost", tls: .direct, username: "alice", password: "alice-pw")
+        let bob = try await TestClient.login(port: b.directTLSPort, domain: "localhost", tls: .direct, username: "bob", password: "bob-pw")
+        try await befriend(alice, "alice@localhost", bob, "bob@localhost")
+
+        for relay in relays { kill(relay.processIdentifier, SIGUSR1) }
+        _ = try await unavailable(alice, from: "bob@localhost")
+        _ = try await unavailable(bob, from: "alice@localhost")
+        // Neither guesses: what cannot reach its owner is stored.
+        send(alice, to: "bob@localhost", "during the split")
+        let (_, users) = try a.ctl(["connected-users"])
+        XCTAssertEqual(users.split(separator: "\n"), ["alice@localhost/" + (alice.boundJID?.resourcepart ?? "?")], users)
+
+        for relay in relays { kill(relay.processIdentifier, SIGUSR2) }
+        _ = try await available(alice, from: "bob@localhost")
+        _ = try await available(bob, from: "alice@localhost")
+        send(alice, to: "bob@localhost", "after the split")
+        _ = try await message(bob, "after the split")
+        // The stored message waits for bob's next initial presence.
+        bob.send("<presence type='unavailable'/>")
+        bob.send("<presence/>")
+        let stored = try await message(bob, "during the split")
+        XCTAssertNotNil(stored.child("delay", namespace: "urn:xmpp:delay"))
+    }
+
     func testStaticPeersAndJoiningAtRunTime() async throws {
         guard ProcessInfo.processInfo.environment["STARLING_TEST_BACKEND"] != "postgresql" else { throw XCTSkip("ran in the first pass") }
         guard let base = ServerProcess.postgresURL else { throw XCTSkip("no PostgreSQL: run scripts/test") }
