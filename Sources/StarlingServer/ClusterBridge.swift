@@ -48,6 +48,8 @@ final class ClusterBridge: ClusterDelegate {
 
     /// Each host's modules hear of their own accounts' sessions.
     private func announce(node: String, lost: [ResourceState], restored: [ResourceState]) {
+        // Before this node has sessions of its own (linking at start) nobody here needs telling.
+        let restored = registry.sessionCount > 0 ? restored : []
         guard !lost.isEmpty || !restored.isEmpty else { return }
         let info: (ResourceState) -> ResourceInfo = {
             ResourceInfo(jid: $0.jid, available: $0.available, priority: $0.priority, isLocal: false, presence: $0.presence, flags: $0.flags)

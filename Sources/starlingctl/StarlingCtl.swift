@@ -237,7 +237,7 @@ struct JoinCluster: ParsableCommand {
     @Argument(help: "The other node's link, HOST:PORT.") var peer: String
 
     func run() throws {
-        print(try reload(options, "join-cluster", argument: peer).joined(separator: "\n"))
+        print(try adminRequest(options, "join-cluster", argument: peer).joined(separator: "\n"))
     }
 }
 
@@ -249,7 +249,7 @@ struct LeaveCluster: ParsableCommand {
     @OptionGroup var options: ConfigOption
 
     func run() throws {
-        print(try reload(options, "leave-cluster").joined(separator: "\n"))
+        print(try adminRequest(options, "leave-cluster").joined(separator: "\n"))
     }
 }
 
@@ -261,7 +261,7 @@ struct ReloadHooks: ParsableCommand {
     @OptionGroup var options: ConfigOption
 
     func run() throws {
-        let reloaded = try reload(options, "reload-hooks")
+        let reloaded = try adminRequest(options, "reload-hooks")
         print(reloaded.isEmpty ? "no host has Lua hooks enabled" : reloaded.joined(separator: "\n"))
     }
 }
@@ -275,7 +275,7 @@ struct ReloadModule: ParsableCommand {
     @Argument(help: "The module's name, as under plugins: in the config.") var name: String
 
     func run() throws {
-        print(try reload(options, "reload-module", argument: name).joined(separator: "\n"))
+        print(try adminRequest(options, "reload-module", argument: name).joined(separator: "\n"))
     }
 }
 
@@ -288,12 +288,12 @@ struct ReloadConfig: ParsableCommand {
     @Flag(help: "Validate and show what would change, without changing anything.") var dryRun = false
 
     func run() throws {
-        print(try reload(options, "reload-config", argument: dryRun ? "dry-run" : nil).joined(separator: "\n"))
+        print(try adminRequest(options, "reload-config", argument: dryRun ? "dry-run" : nil).joined(separator: "\n"))
     }
 }
 
 /// Sends one of the reload commands and returns what the server reports, or throws its error.
-func reload(_ options: ConfigOption, _ command: String, argument: String? = nil) throws -> [String] {
+func adminRequest(_ options: ConfigOption, _ command: String, argument: String? = nil) throws -> [String] {
     let reply = try AdminClient(path: options.load().admin.socketPath).request(command, argument: argument)
     guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
         throw ValidationError("unexpected reply: \(reply)")
