@@ -47,6 +47,8 @@ public enum ClusterFrame: Sendable, Equatable {
     case component(XMLElement, from: JID, to: JID)
     case ping(UInt64)
     case pong(UInt64)
+    /// A module's message to the same host's modules on the receiving node.
+    case module(host: String, XMLElement)
     /// The sender is leaving (graceful shutdown): drop its sessions and claims now, not after `deadAfter`.
     case goodbye
 }
@@ -64,7 +66,7 @@ extension ClusterFrame {
     public static let maxFrameSize = 32 << 20
 
     private enum Tag: UInt8 {
-        case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong, claim, component, goodbye
+        case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong, claim, component, goodbye, module
     }
 
     /// Appends the frame, with its 4-byte length prefix, to `buffer`.
@@ -113,6 +115,10 @@ extension ClusterFrame {
             buffer.writeElement(stanza)
         case .goodbye:
             buffer.writeInteger(Tag.goodbye.rawValue)
+        case .module(let host, let message):
+            buffer.writeInteger(Tag.module.rawValue)
+            buffer.writeWireString(host)
+            buffer.writeElement(message)
         case .ping(let value):
             buffer.writeInteger(Tag.ping.rawValue)
             buffer.writeInteger(value)
@@ -166,6 +172,9 @@ extension ClusterFrame {
             frame = .component(try body.readElement(depth: 0), from: from, to: to)
         case .goodbye:
             frame = .goodbye
+        case .module:
+            let host = try body.readWireString()
+            frame = .module(host: host, try body.readElement(depth: 0))
         case .ping, .pong:
             guard let value: UInt64 = body.readInteger() else { throw ClusterWireError("short ping") }
             frame = tag == .ping ? .ping(value) : .pong(value)

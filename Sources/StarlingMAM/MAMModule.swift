@@ -107,7 +107,19 @@ public final class MAMModule: ServerModule, StatusReportingModule, ActivatableMo
             do throws(ArchiveQuery.Refusal) { preferences = try Self.preferences(request.payload) } catch { return .error(error.condition, text: error.text) }
             try await store.setArchivePreferences(preferences, of: request.to)
             try await policy.set(preferences, of: request.to, rosterStore: rosterStore)
+            // Every node decides what to archive from its own copy of the preferences.
+            var changed = XMLElement(name: "preferences", namespace: Self.clusterNamespace, attributes: ["jid": request.to.description])
+            changed.append(Self.element(preferences))
+            host.broadcastToCluster(changed)
             return .result(Self.element(preferences))
+        }
+        registrar.hook(.clusterMessage) { [self] event in
+            guard event.message.name == "preferences", event.message.namespace == Self.clusterNamespace,
+                  let owner = event.message[attribute: "jid"].flatMap({ JID($0) }), let payload = event.message.elements.first,
+                  let preferences = try? Self.preferences(payload) else { return .pass }
+            let (policy, rosterStore) = (self.policy, self.rosterStore)
+            Task { try? await policy.set(preferences, of: owner, rosterStore: rosterStore) }
+            return .handled
         }
 
         // Sent messages: into the sender's archive, after policies (blocking, spam rules) have had their
@@ -161,6 +173,9 @@ public final class MAMModule: ServerModule, StatusReportingModule, ActivatableMo
             return .pass
         }
     }
+
+    /// What this module tells its peers on other nodes.
+    static let clusterNamespace = "urn:starling:cluster:mam"
 
     /// Loads preferences, and starts the retention sweep.
     public func activated() {

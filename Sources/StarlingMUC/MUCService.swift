@@ -71,6 +71,8 @@ final class MUCService: @unchecked Sendable {
     private let loading = Mutex<(done: Bool, pending: [ComponentStanza])>((false, []))
     /// Set once loading is done: afterwards no stanza takes `loading`'s lock.
     private let loaded = Atomic<Bool>(false)
+    /// Counts loads of the stored rooms (see `start`).
+    private let loadGeneration = Atomic<Int>(0)
     private static let maxPendingWhileLoading = 10_000
 
     /// Rooms' archives (XEP-0313), when storage offers them.
@@ -135,8 +137,10 @@ final class MUCService: @unchecked Sendable {
 
     /// Loads the persistent rooms, retrying while the store fails (stanzas wait meanwhile, up to a bound).
     func start() {
+        // A cluster claim reloads while the load from activation may still run: only the latest counts.
+        let generation = loadGeneration.add(1, ordering: .relaxed).newValue
         guard let store else {
-            finishLoading([])
+            finishLoading([], generation: generation)
             return
         }
         Task {
@@ -144,7 +148,7 @@ final class MUCService: @unchecked Sendable {
             while true {
                 do {
                     let stored = try await store.mucRooms(service: settings.domain)
-                    finishLoading(stored)
+                    guard finishLoading(stored, generation: generation) else { return }
                     host.log(.info, "muc \(settings.domain): \(stored.count) persistent room(s) loaded")
                     return
                 } catch {
@@ -173,7 +177,10 @@ final class MUCService: @unchecked Sendable {
         start()
     }
 
-    private func finishLoading(_ stored: [StoredMUCRoom]) {
+    /// False (and nothing changed) when a later load has started meanwhile.
+    @discardableResult
+    private func finishLoading(_ stored: [StoredMUCRoom], generation: Int) -> Bool {
+        guard generation == loadGeneration.load(ordering: .relaxed) else { return false }
         for entry in stored {
             let room = Room(stored: entry, settings: settings.room, hooks: hooks)
             rooms[entry.jid.localpart ?? ""] = RoomHandle(room: room)
@@ -187,6 +194,7 @@ final class MUCService: @unchecked Sendable {
             return state.pending
         }
         for input in pending { receive(input) }
+        return true
     }
 
     // MARK: Stanzas in

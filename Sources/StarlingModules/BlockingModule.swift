@@ -21,6 +21,8 @@ public final class BlockingModule: ServerModule {
     private let nonEmptyLists = Atomic<Int>(0)
     /// The session flag of resources that fetched their blocklist and so get pushes, on any node.
     static let flag = "blocklist"
+    /// What this module tells its peers on other nodes.
+    static let clusterNamespace = "urn:starling:cluster:blocking"
     private let queue = KeyedSerialQueue()
 
     public init(host: any ModuleHost) throws {
@@ -58,7 +60,6 @@ public final class BlockingModule: ServerModule {
         // Inbound: nothing from a blocked entity reaches the account; and what the server sends on an
         // account's behalf (presence broadcasts, probes answers) never reaches whom it blocked.
         registrar.hook(.stanzaToUser, priority: 1000) { [self] event in
-            if event.stanza.name == "iq" { followPush(event) }
             guard nonEmptyLists.load(ordering: .relaxed) > 0,
                   let recipient = event.recipient, let from = event.stanza[attribute: "from"].flatMap({ JID($0) }),
                   from.bare != recipient.bare else { return .pass }
@@ -76,6 +77,16 @@ public final class BlockingModule: ServerModule {
                   isBlocked(from, by: recipient.bare) else { return .pass }
             return .reject(.serviceUnavailable, text: nil)
         }
+        // A list changed on another node: this node's copy, if it keeps one, is read again.
+        registrar.hook(.clusterMessage) { [self] event in
+            guard event.message.name == "changed", event.message.namespace == Self.clusterNamespace,
+                  let user = event.message[attribute: "jid"].flatMap({ JID($0) }), lists[user] != nil else { return .pass }
+            queue.enqueue(user) { [self] in
+                guard let items = try? await store.blocklist(of: user) else { return }
+                update(user) { $0 = Set(items) }
+            }
+            return .handled
+        }
         registrar.hook(.sessionBound) { [self] event in
             let user = event.jid.bare
             queue.enqueue(user) { _ = try? await self.load(user) }
@@ -85,19 +96,6 @@ public final class BlockingModule: ServerModule {
             // The cached list is this node's, kept while the account has a session here.
             if !host.resources(of: event.jid.bare).contains(where: \.isLocal) { update(event.jid.bare) { $0 = nil } }
             return .pass
-        }
-    }
-
-    /// A blocklist push to one of the account's resources here: when the list changed on another node of
-    /// a cluster, this node's cached copy follows it.
-    private func followPush(_ event: StanzaEvent) {
-        guard let recipient = event.recipient, event.stanza[attribute: "type"] == "set",
-              event.stanza[attribute: "from"].flatMap({ JID($0) }).map({ $0 == recipient.bare }) ?? true,
-              let change = event.stanza.elements.first, change.namespace == Self.namespace, change.name == "block" || change.name == "unblock",
-              lists[recipient.bare] != nil else { return }
-        let items = change.elements.compactMap { $0[attribute: "jid"].flatMap { JID($0) } }
-        update(recipient.bare) { list in
-            if change.name == "block" { list = (list ?? []).union(items) } else if items.isEmpty { list = [] } else { list?.subtract(items) }
         }
     }
 
@@ -144,6 +142,7 @@ public final class BlockingModule: ServerModule {
         update(user) { list in
             if block { list = (list ?? []).union(items) } else if items.isEmpty { list = [] } else { list?.subtract(items) }
         }
+        host.broadcastToCluster(XMLElement(name: "changed", namespace: Self.clusterNamespace, attributes: ["jid": user.description]))
         if block {
             // The blocked stop seeing us at once (XEP-0191 §3.3.4).
             for resource in host.resources(of: user) where resource.available {

@@ -161,6 +161,10 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
         router.registry.setFlag(flag, on, for: full)
     }
 
+    func broadcastToCluster(_ message: XMLElement) {
+        router.cluster?.broadcast(.module(host: domain, message))
+    }
+
     func isLocal(_ domain: String) -> Bool { router.hosts.contains(domain) }
 
     func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult {

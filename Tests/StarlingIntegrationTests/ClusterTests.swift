@@ -360,6 +360,46 @@ final class ClusterTests: XCTestCase {
         XCTAssertNotNil(stored.child("delay", namespace: "urn:xmpp:delay"))
     }
 
+    /// Settings an account changes on one node hold on the others: archiving preferences (consulted on the
+    /// sender's node) and blocklists (cached where the account has sessions).
+    func testPreferencesAndBlocklistsChangedOnOneNodeHoldOnTheOthers() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b"], as: "up")
+        let alice = try await login(cluster, "a", "alice")
+        let aliceOnB = try await login(cluster, "b", "alice", resource: "second")
+        let bob = try await login(cluster, "b", "bob")
+        try await befriend(alice, "alice@localhost", bob, "bob@localhost")
+
+        let prefs = try await alice.iq("<iq type='set' id='prefs'><prefs xmlns='urn:xmpp:mam:2' default='never'/></iq>", id: "prefs")
+        XCTAssertEqual(prefs[attribute: "type"], "result")
+        // Node b archives bob's messages to alice (the sender's node decides) until it has heard of them.
+        var archived = true
+        for attempt in 0..<50 where archived {
+            send(bob, to: "alice@localhost", "probe \(attempt)")
+            _ = try await message(alice, "probe \(attempt)")
+            archived = try await MAM.query(alice, fields: ["with": ["bob@localhost"]]).bodies.contains("probe \(attempt)")
+        }
+        XCTAssertFalse(archived, "node b never heard of alice's preferences")
+
+        // alice blocks carol on node a; node b, where alice also has a session, refuses carol from then on.
+        let carol = try await login(cluster, "b", "carol")
+        let blocked = try await alice.iq("<iq type='set' id='block'><block xmlns='urn:xmpp:blocking'><item jid='carol@localhost'/></block></iq>", id: "block")
+        XCTAssertEqual(blocked[attribute: "type"], "result")
+        var refused = false
+        for attempt in 0..<50 where !refused {
+            carol.send("<message to='alice@localhost/second' type='chat' id='c\(attempt)'><body>hello \(attempt)</body></message>")
+            do {
+                _ = try await carol.expect("refusal", timeout: 1) { $0.name == "message" && $0[attribute: "type"] == "error" && $0[attribute: "id"] == "c\(attempt)" }
+                refused = true
+            } catch {
+                // Not yet: node b still had the old list, and alice's session there got it.
+                _ = try await message(aliceOnB, "hello \(attempt)")
+            }
+        }
+        XCTAssertTrue(refused, "node b never heard of alice's new blocklist")
+    }
+
     func testStaticPeersAndJoiningAtRunTime() async throws {
         guard ProcessInfo.processInfo.environment["STARLING_TEST_BACKEND"] != "postgresql" else { throw XCTSkip("ran in the first pass") }
         guard let base = ServerProcess.postgresURL else { throw XCTSkip("no PostgreSQL: run scripts/test") }

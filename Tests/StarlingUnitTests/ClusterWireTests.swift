@@ -30,6 +30,8 @@ final class ClusterWireTests: XCTestCase {
         .deliver(message, recipients: [JID("b@localhost/x")!, JID("b@localhost/y")!], addressed: true),
         .claim("conference.localhost", claimedAt: 17),
         .component(message, from: JID("a@localhost/r")!, to: JID("room@conference.localhost/nick")!),
+        .module(host: "localhost", XMLElement(name: "changed", namespace: "urn:example", attributes: ["jid": "a@localhost"])),
+        .goodbye,
         .ping(123),
         .pong(UInt64.max),
     ]

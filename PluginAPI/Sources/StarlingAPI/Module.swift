@@ -141,6 +141,10 @@ public protocol ModuleHost: Sendable {
     /// per-session state a module needs wherever the account's stanzas are routed (carbons enabled, roster
     /// requested). Flags go when the session goes.
     func setFlag(_ flag: String, _ on: Bool, for full: JID)
+    /// Sends `message` to this host's modules on every other node of the cluster (they hear it as a
+    /// `clusterMessage` event): for state a module caches per node, such as settings an account changed
+    /// here. Nothing happens on a node that runs alone. Name the element in a namespace of the module's own.
+    func broadcastToCluster(_ message: XMLElement)
     /// Tells core routing whether a resource takes messages sent to the bare JID, and at which priority.
     func setAvailability(of full: JID, available: Bool, priority: Int)
     /// True for every domain this server serves (not only this module's host).
@@ -341,6 +345,22 @@ public struct ClusterSessionsEvent: Sendable {
         self.lost = lost
         self.restored = restored
     }
+}
+
+/// What a module on another node of the cluster sent with `ModuleHost.broadcastToCluster`.
+public struct ClusterMessageEvent: Sendable {
+    /// The sending node.
+    public let node: String
+    public let message: XMLElement
+
+    public init(node: String, message: XMLElement) {
+        self.node = node
+        self.message = message
+    }
+}
+
+extension HookPoint where Event == ClusterMessageEvent {
+    public static let clusterMessage = HookPoint("cluster-message")
 }
 
 extension HookPoint where Event == ClusterSessionsEvent {
