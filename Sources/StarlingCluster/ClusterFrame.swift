@@ -47,6 +47,9 @@ public enum ClusterFrame: Sendable, Equatable {
     case component(XMLElement, from: JID, to: JID)
     case ping(UInt64)
     case pong(UInt64)
+    /// Close a session bound on the receiving node with this stream error condition (its account was
+    /// deleted on the sending node, say).
+    case closeSession(JID, condition: String)
     /// A module's message to the same host's modules on the receiving node.
     case module(host: String, XMLElement)
     /// The sender is leaving (graceful shutdown): drop its sessions and claims now, not after `deadAfter`.
@@ -66,7 +69,7 @@ extension ClusterFrame {
     public static let maxFrameSize = 32 << 20
 
     private enum Tag: UInt8 {
-        case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong, claim, component, goodbye, module
+        case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong, claim, component, goodbye, module, closeSession
     }
 
     /// Appends the frame, with its 4-byte length prefix, to `buffer`.
@@ -115,6 +118,10 @@ extension ClusterFrame {
             buffer.writeElement(stanza)
         case .goodbye:
             buffer.writeInteger(Tag.goodbye.rawValue)
+        case .closeSession(let jid, let condition):
+            buffer.writeInteger(Tag.closeSession.rawValue)
+            buffer.writeWireString(jid.description)
+            buffer.writeWireString(condition)
         case .module(let host, let message):
             buffer.writeInteger(Tag.module.rawValue)
             buffer.writeWireString(host)
@@ -172,6 +179,9 @@ extension ClusterFrame {
             frame = .component(try body.readElement(depth: 0), from: from, to: to)
         case .goodbye:
             frame = .goodbye
+        case .closeSession:
+            let jid = try body.readJID()
+            frame = .closeSession(jid, condition: try body.readWireString())
         case .module:
             let host = try body.readWireString()
             frame = .module(host: host, try body.readElement(depth: 0))

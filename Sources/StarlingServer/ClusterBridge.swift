@@ -28,6 +28,8 @@ final class ClusterBridge: ClusterDelegate {
             router.applyClaim(domain, node: node, claimedAt: claimedAt)
         case .component(let stanza, let from, let to):
             router.deliverToComponent(stanza, from: from, to: to)
+        case .closeSession(let jid, let condition):
+            registry.localSession(jid)?.close(StreamErrorCondition(rawValue: condition) ?? .notAuthorized)
         case .module(let host, let message):
             _ = router.run(.clusterMessage, ClusterMessageEvent(node: node, message: message), on: host)
         case .hello, .proof, .snapshotBegin, .sessions, .snapshotEnd, .ping, .pong, .goodbye:

@@ -176,7 +176,12 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     }
 
     func closeSessions(of bare: JID) {
-        for resource in router.registry.resources(of: bare.bare) { resource.session?.close(.notAuthorized) }
+        for resource in router.registry.resources(of: bare.bare) {
+            switch resource.location {
+            case .local(let session): session.close(.notAuthorized)
+            case .remote(let node): router.cluster?.send(.closeSession(resource.jid, condition: StreamErrorCondition.notAuthorized.rawValue), to: node)
+            }
+        }
     }
 
     func service<Service>(_ type: Service.Type) -> Service? { services.lookup(type) }

@@ -165,6 +165,14 @@ final class ClusterTests: XCTestCase {
         let condition = try await first.expectStreamError()
         XCTAssertEqual(condition, "conflict")
 
+        // carol deletes her account (in-band, XEP-0077) through node c: her session on node a ends too.
+        let second = try await login(cluster, "a", "carol", resource: "other")
+        let carolOnC = try await login(cluster, "c", "carol", resource: "leaving")
+        let removed = try await carolOnC.iq("<iq type='set' id='remove'><query xmlns='jabber:iq:register'><remove/></query></iq>", id: "remove")
+        XCTAssertEqual(removed[attribute: "type"], "result", removed.serialized())
+        let ended = try await second.expectStreamError()
+        XCTAssertEqual(ended, "not-authorized")
+
         // The archive is the cluster's: bob reads on node c what alice sent him through a and b.
         let bobOnC = try await login(cluster, "c", "bob", resource: "tablet", presence: false)
         var bodies: [String] = []

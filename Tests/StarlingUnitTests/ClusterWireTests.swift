@@ -32,6 +32,7 @@ final class ClusterWireTests: XCTestCase {
         .component(message, from: JID("a@localhost/r")!, to: JID("room@conference.localhost/nick")!),
         .module(host: "localhost", XMLElement(name: "changed", namespace: "urn:example", attributes: ["jid": "a@localhost"])),
         .goodbye,
+        .closeSession(JID("a@localhost/r")!, condition: "not-authorized"),
         .ping(123),
         .pong(UInt64.max),
     ]
