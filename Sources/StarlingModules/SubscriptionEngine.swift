@@ -230,7 +230,8 @@ final class SubscriptionEngine: Sendable {
             if available { state.presence[resource] = stanza } else { state.presence[resource] = nil }
             return was
         }
-        host.setAvailability(of: resource, available: available, priority: priority)
+        // Into the session table (every node's) before any contact hears it: probes are answered from it.
+        host.setPresence(available ? stanza : nil, of: resource)
         if !available && !wasAvailable { return }
         let user = resource.bare
         let directedTargets: Set<JID> = available ? [] : state.withLock { $0.directed.removeValue(forKey: resource) ?? [] }

@@ -157,6 +157,10 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
         router.registry.setAvailability(of: full, available: available, priority: priority)
     }
 
+    func setPresence(_ presence: XMLElement?, of full: JID) {
+        router.registry.setPresence(of: full, presence, priority: presence.map(Router.priority) ?? 0)
+    }
+
     func setFlag(_ flag: String, _ on: Bool, for full: JID) {
         router.registry.setFlag(flag, on, for: full)
     }

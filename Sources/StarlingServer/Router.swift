@@ -103,13 +103,16 @@ public final class Router: @unchecked Sendable {
     /// Routes a stanza whose `from` the c2s layer has stamped with `sender`'s full JID.
     public func route(_ stanza: XMLElement, from sender: ClientSession) {
         var stanza = stanza
-        if stanza.name == "presence" && stanza[attribute: "to"] == nil { recordOwnPresence(stanza, sender: sender) }
         guard proceeds(run(.stanzaFromClient, StanzaEvent(stanza: stanza, origin: sender.jid), on: sender.jid.domainpart), &stanza, sender: sender) else {
             return
         }
         let kind = StanzaKind(rawValue: stanza.name)!
         let to = stanza[attribute: "to"].flatMap { JID($0) }
-        if kind == .presence && to == nil { return }
+        if kind == .presence && to == nil {
+            // Reached without a presence module to take it (which records it itself, as broadcast).
+            recordOwnPresence(stanza, sender: sender)
+            return
+        }
         // No `to` means the sender's own account (RFC 6120 §10.3).
         let target = to ?? sender.jid.bare
         guard hosts.contains(target.domainpart) else {
@@ -151,18 +154,18 @@ public final class Router: @unchecked Sendable {
         }
     }
 
-    /// A session's own presence goes into the session table before any module sees it, so that every
-    /// node knows it (probes are answered from it) before contacts anywhere receive it.
     private func recordOwnPresence(_ stanza: XMLElement, sender: ClientSession) {
         switch stanza[attribute: "type"] {
-        case nil:
-            let priority = stanza.child("priority").flatMap { Int($0.text.trimmingCharacters(in: .whitespaces)) } ?? 0
-            registry.setPresence(of: sender, stanza, priority: max(-128, min(127, priority)))
-        case "unavailable":
-            registry.setPresence(of: sender, nil, priority: 0)
-        default:
-            break
+        case nil: registry.setPresence(of: sender.jid, stanza, priority: Self.priority(stanza))
+        case "unavailable": registry.setPresence(of: sender.jid, nil, priority: 0)
+        default: break
         }
+    }
+
+    /// A presence's `<priority/>`, clamped to RFC 6121's range.
+    static func priority(_ presence: XMLElement) -> Int {
+        let priority = presence.child("priority").flatMap { Int($0.text.trimmingCharacters(in: .whitespaces)) } ?? 0
+        return max(-128, min(127, priority))
     }
 
     /// IQs the server answers itself, for its domain or on behalf of an account's bare JID, through

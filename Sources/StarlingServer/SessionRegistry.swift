@@ -202,8 +202,8 @@ public final class SessionRegistry: Sendable {
     }
 
     /// Records a local session's own presence (nil: unavailable).
-    public func setPresence(of session: ClientSession, _ presence: XMLElement?, priority: Int) {
-        updateLocal(session.jid) { state in
+    public func setPresence(of full: JID, _ presence: XMLElement?, priority: Int) {
+        updateLocal(full) { state in
             state.available = presence != nil
             state.presence = presence
             state.priority = presence == nil ? 0 : priority

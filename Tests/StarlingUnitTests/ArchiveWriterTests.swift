@@ -88,6 +88,7 @@ final class ArchiveWriterTests: XCTestCase {
         func setAvailability(of full: JID, available: Bool, priority: Int) {}
         func setFlag(_ flag: String, _ on: Bool, for full: JID) {}
         func broadcastToCluster(_ message: XMLElement) {}
+        func setPresence(_ presence: XMLElement?, of full: JID) {}
         func isLocal(_ domain: String) -> Bool { domain == self.domain }
         func service<Service>(_ type: Service.Type) -> Service? { nil }
         func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult { .pass }

@@ -33,7 +33,7 @@ final class ClusterSessionTableTests: XCTestCase {
         let registry = makeRegistry()
         let (_, session) = bind(registry, "a@localhost", "r")
         let presence = XMLElement(name: "presence", namespace: Namespace.client)
-        registry.setPresence(of: session!, presence, priority: 3)
+        registry.setPresence(of: session!.jid, presence, priority: 3)
         registry.setAvailability(of: session!.jid, available: true, priority: 3)
         registry.setFlag("roster", true, for: session!.jid)
         registry.unbind(session!)

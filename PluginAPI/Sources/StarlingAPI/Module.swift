@@ -147,6 +147,10 @@ public protocol ModuleHost: Sendable {
     func broadcastToCluster(_ message: XMLElement)
     /// Tells core routing whether a resource takes messages sent to the bare JID, and at which priority.
     func setAvailability(of full: JID, available: Bool, priority: Int)
+    /// Records a resource's presence as it was broadcast (nil: unavailable), its priority taken from it:
+    /// routing uses it as `setAvailability` does, and probes (on every node of a cluster) are answered
+    /// with it.
+    func setPresence(_ presence: XMLElement?, of full: JID)
     /// True for every domain this server serves (not only this module's host).
     func isLocal(_ domain: String) -> Bool
     /// A server-provided service, such as a storage protocol: `host.service((any RosterStore).self)`.
