@@ -50,7 +50,8 @@ public final class NodeLink: @unchecked Sendable {
     private func write(_ buffer: ByteBuffer) {
         // A peer that cannot keep up (its link stays over the high water mark) for as long as a dead node
         // may stay silent counts as unreachable: the link closes rather than queueing without bound, and
-        // what is meant for its sessions goes to offline storage until it is back.
+        // what is meant for its sessions from then on goes to offline storage until it is back (frames
+        // already queued go with the link: links have no acknowledgements).
         if !channel.isWritable {
             let now = NIODeadline.now()
             if let since = backloggedSince {

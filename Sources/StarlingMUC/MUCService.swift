@@ -417,6 +417,9 @@ final class MUCService: @unchecked Sendable {
         guard let archive, let payload = input.stanza.elements.first else { return }
         let room = input.to.bare
         Task {
+            // After the room's stored changes that are still queued (a destroyed room's archive goes
+            // with it before a room of the same name is asked for its history).
+            await withCheckedContinuation { continuation in writes.enqueue(room) { continuation.resume() } }
             do {
                 switch (payload.name, input.stanza[attribute: "type"]) {
                 case ("query", "get"):
