@@ -34,17 +34,10 @@ final class ModuleTables: Sendable {
     static let empty = try! ModuleTables([:])
 }
 
-/// The node serving a component domain, and since when.
-struct ComponentOwner: Sendable, Equatable {
-    var node: String
-    var claimedAt: UInt64
-
-    func precedes(_ other: ComponentOwner) -> Bool { (claimedAt, node) < (other.claimedAt, other.node) }
-}
-
+/// The claims table as routing reads it: an immutable copy per change.
 final class ComponentOwners: Sendable {
-    let table: [String: ComponentOwner]
-    init(_ table: [String: ComponentOwner]) { self.table = table }
+    let table: [String: ComponentClaims.Claim]
+    init(_ table: [String: ComponentClaims.Claim]) { self.table = table }
 }
 
 /// Who a stanza being routed came from: a session on this node, or (for a stanza another node forwarded
@@ -77,13 +70,14 @@ public final class Router: @unchecked Sendable {
     /// Which node serves each component domain, in a cluster. Read lock-free on every stanza to a
     /// component; changed (under `claims`) only when a node claims a domain or is lost.
     private let owners = Swappable(ComponentOwners([:]))
-    private let claims = NIOLockedValueBox<[String: ComponentOwner]>([:])
+    private let claims: NIOLockedValueBox<ComponentClaims>
 
     public init(registry: SessionRegistry, hosts: Set<String>, logger: Logger, cluster: ClusterNode? = nil) {
         self.registry = registry
         self.hosts = hosts
         self.logger = logger
         self.cluster = cluster
+        claims = NIOLockedValueBox(ComponentClaims(node: cluster?.name ?? ""))
     }
 
     func install(modules: [String: HostModules]) throws {
@@ -255,16 +249,13 @@ public final class Router: @unchecked Sendable {
     }
 
     /// This node starts serving `domain` unless another node claimed it meanwhile.
-    private func claim(_ domain: String) -> ComponentOwner {
-        let name = cluster?.name ?? ""
-        let (owner, claimed) = claims.withLockedValue { table -> (ComponentOwner, Bool) in
-            if let existing = table[domain] { return (existing, false) }
-            let owner = ComponentOwner(node: name, claimedAt: SessionRegistry.now())
-            table[domain] = owner
-            owners.replace(ComponentOwners(table))
-            return (owner, true)
+    private func claim(_ domain: String) -> ComponentClaims.Claim {
+        let (owner, new) = claims.withLockedValue { claims in
+            let outcome = claims.claim(domain, at: SessionRegistry.now())
+            if outcome.new { owners.replace(ComponentOwners(claims.table)) }
+            return outcome
         }
-        if claimed {
+        if new {
             logger.notice("serving a component for the cluster", metadata: ["component": "\(domain)"])
             cluster?.broadcast(.claim(domain, claimedAt: owner.claimedAt))
             announceComponent(.componentClaimed, domain)
@@ -272,40 +263,34 @@ public final class Router: @unchecked Sendable {
         return owner
     }
 
-    /// Another node claims `domain`: of two claims the earlier wins (then the smaller name). This node
-    /// lets go if it loses, and repeats its own claim to the claimant if it wins.
+    /// Another node claims `domain` (see `ComponentClaims` for who wins).
     func applyClaim(_ domain: String, node: String, claimedAt: UInt64) {
-        let incoming = ComponentOwner(node: node, claimedAt: claimedAt)
-        let name = cluster?.name ?? ""
-        let (released, insist) = claims.withLockedValue { table -> (Bool, ComponentOwner?) in
-            if let current = table[domain], current.node != node, !incoming.precedes(current) {
-                return (false, current.node == name ? current : nil)
-            }
-            let released = table[domain].map { $0.node == name } ?? false
-            table[domain] = incoming
-            owners.replace(ComponentOwners(table))
-            return (released, nil)
+        let outcome = claims.withLockedValue { claims in
+            let outcome = claims.apply(domain, ComponentClaims.Claim(node: node, claimedAt: claimedAt))
+            if case .accepted = outcome { owners.replace(ComponentOwners(claims.table)) }
+            return outcome
         }
-        if let insist { cluster?.send(.claim(domain, claimedAt: insist.claimedAt), to: node) }
-        if released {
+        switch outcome {
+        case .accepted(releasedHere: true):
             logger.warning("another node claimed a component first; letting go", metadata: ["component": "\(domain)", "peer": "\(node)"])
             announceComponent(.componentReleased, domain)
+        case .refused(let insist?):
+            cluster?.send(.claim(domain, claimedAt: insist.claimedAt), to: node)
+        case .accepted(releasedHere: false), .refused(insist: nil):
+            break
         }
     }
 
     /// Forgets what `node` served (it was lost, or its snapshot follows).
     func dropClaims(of node: String) {
-        claims.withLockedValue { table in
-            table = table.filter { $0.value.node != node }
-            owners.replace(ComponentOwners(table))
+        claims.withLockedValue { claims in
+            claims.drop(node: node)
+            owners.replace(ComponentOwners(claims.table))
         }
     }
 
     /// The component domains this node serves, with when it claimed them.
-    var localClaims: [(domain: String, claimedAt: UInt64)] {
-        let name = cluster?.name ?? ""
-        return claims.withLockedValue { table in table.filter { $0.value.node == name }.map { ($0.key, $0.value.claimedAt) } }
-    }
+    var localClaims: [(domain: String, claimedAt: UInt64)] { claims.withLockedValue { $0.local } }
 
     /// A stanza another node forwarded to a component this node serves.
     func deliverToComponent(_ stanza: XMLElement, from: JID, to: JID) {

@@ -161,3 +161,28 @@ final class ClusterWireTests: XCTestCase {
         guard case .fail = a.received(.ping(1)) else { return XCTFail("a frame before hello was accepted") }
     }
 }
+
+/// Who serves a component domain when nodes claim it.
+final class ComponentClaimsTests: XCTestCase {
+    func testTheEarlierClaimWinsAndTheLoserLetsGo() {
+        var a = ComponentClaims(node: "a")
+        let first = a.claim("conference.localhost", at: 100)
+        XCTAssertTrue(first.new)
+        XCTAssertFalse(a.claim("conference.localhost", at: 200).new, "claimed once")
+        // A later claim from b is refused, and a repeats its own so b learns it lost.
+        XCTAssertEqual(a.apply("conference.localhost", .init(node: "b", claimedAt: 150)), .refused(insist: first.claim))
+        // An earlier one wins: a lets go.
+        XCTAssertEqual(a.apply("conference.localhost", .init(node: "b", claimedAt: 50)), .accepted(releasedHere: true))
+        XCTAssertEqual(a.table["conference.localhost"]?.node, "b")
+        // Same time: the smaller name wins; a third node's later claim changes nothing and is not a's to answer.
+        var c = ComponentClaims(node: "c")
+        XCTAssertEqual(c.apply("muc.example", .init(node: "b", claimedAt: 7)), .accepted(releasedHere: false))
+        XCTAssertEqual(c.apply("muc.example", .init(node: "a", claimedAt: 7)), .accepted(releasedHere: false))
+        XCTAssertEqual(c.apply("muc.example", .init(node: "d", claimedAt: 9)), .refused(insist: nil))
+        // A lost node's claims go; the next claimant is this node.
+        c.drop(node: "a")
+        XCTAssertNil(c.table["muc.example"])
+        XCTAssertTrue(c.claim("muc.example", at: 20).new)
+        XCTAssertEqual(c.local.map(\.domain), ["muc.example"])
+    }
+}
