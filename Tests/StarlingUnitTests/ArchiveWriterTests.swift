@@ -69,7 +69,7 @@ final class ArchiveWriterTests: XCTestCase {
     }
 
     /// Records the holds the writer takes and releases.
-    final class HoldingHost: ModuleHost, Sendable {
+    final class HoldingHost: QuietModuleHost, Sendable {
         final class Hold: ReadHold {
             let session: JID
             let released = Atomic<Bool>(false)
@@ -81,18 +81,7 @@ final class ArchiveWriterTests: XCTestCase {
         let options = ModuleOptions([:])
         let holds = Mutex<[Hold]>([])
         let logged = Mutex<[String]>([])
-        func route(_ stanza: XMLElement) {}
         func log(_ level: ModuleLogLevel, _ message: String) { logged.withLock { $0.append(message) } }
-        func features(for target: IQTarget) -> [String] { [] }
-        func resources(of bare: JID) -> [ResourceInfo] { [] }
-        func setAvailability(of full: JID, available: Bool, priority: Int) {}
-        func setFlag(_ flag: String, _ on: Bool, for full: JID) {}
-        func broadcastToCluster(_ message: XMLElement) {}
-        func setPresence(_ presence: XMLElement?, of full: JID) {}
-        func isLocal(_ domain: String) -> Bool { domain == self.domain }
-        func service<Service>(_ type: Service.Type) -> Service? { nil }
-        func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult { .pass }
-        func closeSessions(of bare: JID) {}
         func holdReads(of session: JID) -> (any ReadHold)? {
             let hold = Hold(session: session)
             holds.withLock { $0.append(hold) }

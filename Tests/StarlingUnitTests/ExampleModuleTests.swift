@@ -8,23 +8,12 @@ import XCTest
 /// The worked example of examples/README.md does what the README says.
 final class ExampleModuleTests: XCTestCase {
     /// Records what the module routes; everything else a host does is irrelevant to this module.
-    final class RecordingHost: ModuleHost, Sendable {
+    final class RecordingHost: QuietModuleHost, Sendable {
         let domain = "example.org"
         let options: ModuleOptions
         let routed = Mutex<[XMLElement]>([])
         init(options: ModuleOptions) { self.options = options }
         func route(_ stanza: XMLElement) { routed.withLock { $0.append(stanza) } }
-        func log(_ level: ModuleLogLevel, _ message: String) {}
-        func features(for target: IQTarget) -> [String] { [] }
-        func resources(of bare: JID) -> [ResourceInfo] { [] }
-        func setAvailability(of full: JID, available: Bool, priority: Int) {}
-        func setFlag(_ flag: String, _ on: Bool, for full: JID) {}
-        func broadcastToCluster(_ message: XMLElement) {}
-        func setPresence(_ presence: XMLElement?, of full: JID) {}
-        func isLocal(_ domain: String) -> Bool { domain == self.domain }
-        func service<Service>(_ type: Service.Type) -> Service? { nil }
-        func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult { .pass }
-        func closeSessions(of bare: JID) {}
     }
 
     func testOptionsAreValidatedAndTheModuleRegistersWhatItDeclares() async throws {
