@@ -259,6 +259,7 @@ final class MUCService: @unchecked Sendable {
         case .pass, .modify: break
         case .handled: return refuse(input, .notAllowed, text: "refused by the service's policy")
         case .reject(let condition, let text): return refuse(input, condition, text: text)
+        case .refuse(let error): return refuse(input, error)
         }
         let room = Room.created(jid: jid, creator: creator, options: settings.defaults, settings: settings.room, hooks: hooks,
                                 locked: settings.lockNewRooms)
@@ -455,6 +456,7 @@ final class MUCService: @unchecked Sendable {
                     switch response {
                     case .result(let fin): answer(input, fin)
                     case .error(let condition, let text): refuse(input, condition, text: text)
+                    case .failure(let error): refuse(input, error)
                     }
                 default:
                     refuse(input, .badRequest)
@@ -507,8 +509,12 @@ final class MUCService: @unchecked Sendable {
     }
 
     private func refuse(_ input: ComponentStanza, _ condition: StanzaErrorCondition, text: String? = nil, type: String? = nil) {
+        refuse(input, StanzaError(condition, text: text, type: type))
+    }
+
+    private func refuse(_ input: ComponentStanza, _ error: StanzaError) {
         guard input.stanza[attribute: "type"] != "error", input.stanza[attribute: "type"] != "result" else { return }
-        var reply = input.stanza.errorReply(condition, text: text, type: type)
+        var reply = input.stanza.errorReply(error)
         reply[attribute: "from"] = input.to.description
         reply[attribute: "to"] = input.from.description
         host.route(reply)

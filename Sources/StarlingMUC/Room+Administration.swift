@@ -120,6 +120,7 @@ extension Room {
             case .pass, .modify: continue
             case .handled: return refuse(input, .notAllowed, text: "refused by the room's policy")
             case .reject(let condition, let text): return refuse(input, condition, text: text)
+            case .refuse(let error): return refuse(input, error)
             }
         }
         let actor = requester?.nick
@@ -181,6 +182,7 @@ extension Room {
         case .pass, .modify: break
         case .handled: return refuse(input, .notAllowed, text: "refused by the room's policy")
         case .reject(let condition, let text): return refuse(input, condition, text: text)
+        case .refuse(let error): return refuse(input, error)
         }
         if let owners = submission.owners, owners.isEmpty { return refuse(input, .notAcceptable, text: "a room needs at least one owner") }
         var new = adjusted.value
@@ -241,6 +243,7 @@ extension Room {
         case .pass, .modify: break
         case .handled: return refuse(input, .notAllowed, text: "refused by the room's policy")
         case .reject(let condition, let text): return refuse(input, condition, text: text)
+        case .refuse(let error): return refuse(input, error)
         }
         var announcement = XMLElement(name: "destroy", namespace: MUCNamespace.user)
         if let alternate = destroy[attribute: "jid"] { announcement[attribute: "jid"] = alternate }

@@ -317,9 +317,13 @@ final class Room {
 
     /// The error answer to `stanza`, from the entity it was addressed to (`by` the room).
     func refuse(_ input: ComponentStanza, _ condition: StanzaErrorCondition, text: String? = nil, type: String? = nil) {
+        refuse(input, StanzaError(condition, text: text, type: type))
+    }
+
+    func refuse(_ input: ComponentStanza, _ error: StanzaError) {
         let stanza = input.stanza
         guard stanza[attribute: "type"] != "error", stanza[attribute: "type"] != "result" else { return }
-        var reply = stanza.errorReply(condition, text: text, type: type)
+        var reply = stanza.errorReply(error)
         reply[attribute: "from"] = input.to.description
         reply[attribute: "to"] = input.from.description
         if let index = reply.children.lastIndex(where: { if case .element(let e) = $0 { return e.name == "error" } else { return false } }),
@@ -435,6 +439,9 @@ final class Room {
         case .handled: return
         case .reject(let condition, let text):
             refuse(input, condition, text: text)
+            return
+        case .refuse(let error):
+            refuse(input, error)
             return
         }
         if grant.value.affiliation != affiliation, !settings.serviceAdmins.contains(user) {
@@ -568,6 +575,9 @@ final class Room {
         case .handled: return
         case .reject(let condition, let text):
             refuse(input, condition, text: text)
+            return
+        case .refuse(let error):
+            refuse(input, error)
             return
         }
         // Everyone sees the old nickname leave with 303 and the new one arrive (§7.6).
@@ -752,6 +762,9 @@ final class Room {
         case .handled: return nil
         case .reject(let condition, let text):
             refuse(input, condition, text: text)
+            return nil
+        case .refuse(let error):
+            refuse(input, error)
             return nil
         }
     }

@@ -29,30 +29,44 @@ public final class DiscoModule: ServerModule {
             // Only the root node exists for now; entity-caps nodes are answered by clients themselves.
             if request.payload[attribute: "node"] != nil { return .error(.itemNotFound) }
             var query = XMLElement(name: "query", namespace: Self.infoNamespace)
+            let identities: [DiscoIdentity]
+            let features: [String]
             if request.to.localpart == nil {
-                query.append(XMLElement(name: "identity", namespace: Self.infoNamespace, attributes: ["category": "server", "type": "im", "name": serverName]))
-                for feature in host.serverFeatures {
-                    query.append(XMLElement(name: "feature", namespace: Self.infoNamespace, attributes: ["var": feature]))
-                }
+                identities = [DiscoIdentity(category: "server", type: "im", name: serverName)] + host.identities(for: .server)
+                features = host.serverFeatures
+            } else if request.from.bare == request.to.bare {
+                identities = [DiscoIdentity(category: "account", type: "registered")] + host.identities(for: .account)
+                features = host.accountFeatures
             } else {
-                // An account's own disco: only its owner learns what the server does on its behalf.
-                guard request.from.bare == request.to.bare else { return .error(.serviceUnavailable) }
-                query.append(XMLElement(name: "identity", namespace: Self.infoNamespace, attributes: ["category": "account", "type": "registered"]))
-                for feature in host.accountFeatures {
-                    query.append(XMLElement(name: "feature", namespace: Self.infoNamespace, attributes: ["var": feature]))
-                }
+                // Others learn what modules publish on every account's behalf (a PEP service), answered
+                // alike whether or not the account exists, so the answer reveals no account.
+                identities = host.identities(for: .account)
+                guard !identities.isEmpty else { return .error(.serviceUnavailable) }
+                features = host.accountFeatures
+            }
+            for identity in identities {
+                var attributes = ["category": identity.category, "type": identity.type]
+                attributes["name"] = identity.name
+                query.append(XMLElement(name: "identity", namespace: Self.infoNamespace, attributes: attributes))
+            }
+            for feature in features {
+                query.append(XMLElement(name: "feature", namespace: Self.infoNamespace, attributes: ["var": feature]))
             }
             return .result(query)
         }
         registrar.iq(.get, "query", Self.itemsNamespace, target: .both) { request in
-            if request.payload[attribute: "node"] != nil { return .error(.itemNotFound) }
+            let node = request.payload[attribute: "node"]
             var query = XMLElement(name: "query", namespace: Self.itemsNamespace)
+            query[attribute: "node"] = node
             // The server's services at their own domains (a MUC service, say).
-            if request.to.localpart == nil {
+            if request.to.localpart == nil, node == nil {
                 for component in host.components {
                     query.append(XMLElement(name: "item", namespace: Self.itemsNamespace, attributes: ["jid": component.domain, "name": component.name]))
                 }
             }
+            // What modules list there (an account's PEP nodes, say).
+            guard let items = await host.discoItems(request) else { return .error(.itemNotFound) }
+            for item in items { query.append(item) }
             return .result(query)
         }
     }

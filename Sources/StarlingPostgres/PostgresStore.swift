@@ -113,6 +113,25 @@ public final class PostgresStore: Sendable {
             )
             """,
         ],
+        [
+            // A PubSub service is named by (host, username): an account's PEP service, or a service's
+            // domain with an empty username. `seq` orders a node's items by publication.
+            """
+            CREATE TABLE pubsub_nodes (
+                host TEXT NOT NULL, username TEXT NOT NULL, node TEXT NOT NULL, config TEXT NOT NULL,
+                PRIMARY KEY (host, username, node)
+            )
+            """,
+            """
+            CREATE TABLE pubsub_items (
+                seq BIGSERIAL PRIMARY KEY,
+                host TEXT NOT NULL, username TEXT NOT NULL, node TEXT NOT NULL, item_id TEXT NOT NULL,
+                publisher TEXT NOT NULL, payload TEXT NOT NULL, published BIGINT NOT NULL,
+                UNIQUE (host, username, node, item_id)
+            )
+            """,
+            "CREATE INDEX pubsub_items_order ON pubsub_items (host, username, node, seq)",
+        ],
     ]
 
     private init(client: PostgresClient, logger: Logger, timeout: Double, poolSize: Int) {

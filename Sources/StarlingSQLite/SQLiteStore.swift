@@ -125,6 +125,25 @@ public final class SQLiteStore: Sendable {
             )
             """,
         ],
+        [
+            // A PubSub service is named by (host, username): an account's PEP service, or a service's
+            // domain with an empty username. `seq` orders a node's items by publication.
+            """
+            CREATE TABLE pubsub_nodes (
+                host TEXT NOT NULL, username TEXT NOT NULL, node TEXT NOT NULL, config TEXT NOT NULL,
+                PRIMARY KEY (host, username, node)
+            )
+            """,
+            """
+            CREATE TABLE pubsub_items (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                host TEXT NOT NULL, username TEXT NOT NULL, node TEXT NOT NULL, item_id TEXT NOT NULL,
+                publisher TEXT NOT NULL, payload TEXT NOT NULL, published INTEGER NOT NULL,
+                UNIQUE (host, username, node, item_id)
+            )
+            """,
+            "CREATE INDEX pubsub_items_order ON pubsub_items (host, username, node, seq)",
+        ],
     ]
 
     private init(connection: SQLiteConnection) {

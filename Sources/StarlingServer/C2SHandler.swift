@@ -321,7 +321,7 @@ final class C2SHandler: ChannelInboundHandler {
                 switch server.router.run(.nonzaFromClient, StanzaEvent(stanza: element, origin: session.jid), on: session.jid.domainpart) {
                 case .handled, .modify:
                     break
-                case .pass, .reject:
+                case .pass, .reject, .refuse:
                     perform(machine.fail(.unsupportedStanzaType, "<\(element.name) xmlns='\(element.namespace)'/> is not supported"))
                     return
                 }

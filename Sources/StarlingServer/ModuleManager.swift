@@ -19,6 +19,10 @@ final class HostModules: Sendable {
     let adapters: [String: ModuleHostAdapter]
     let serverFeatures: [String]
     let accountFeatures: [String]
+    let serverIdentities: [DiscoIdentity]
+    let accountIdentities: [DiscoIdentity]
+    /// disco#items contributions, in configuration order.
+    let discoItemProviders: [(provider: DiscoItemsProvider, target: IQTarget)]
     let preAuthStreamFeatures: [XMLElement]
     let boundStreamFeatures: [XMLElement]
     let iqHandlers: [ModuleRegistrar.IQKey: IQEntry]
@@ -49,6 +53,8 @@ final class HostModules: Sendable {
         self.registrars = registrars
         self.adapters = adapters
         var server = Set<String>(), account = Set<String>()
+        var serverIdentities = Set<DiscoIdentity>(), accountIdentities = Set<DiscoIdentity>()
+        var discoItemProviders: [(provider: DiscoItemsProvider, target: IQTarget)] = []
         var iqHandlers: [ModuleRegistrar.IQKey: IQEntry] = [:]
         var hooks: [String: [ModuleRegistrar.HookRegistration]] = [:]
         var preAuth: [XMLElement] = [], bound: [XMLElement] = []
@@ -65,6 +71,11 @@ final class HostModules: Sendable {
                 if target != .account { server.insert(namespace) }
                 if target != .server { account.insert(namespace) }
             }
+            for (identity, target) in registrar.identities {
+                if target != .account { serverIdentities.insert(identity) }
+                if target != .server { accountIdentities.insert(identity) }
+            }
+            discoItemProviders += registrar.discoItemProviders
             for registration in registrar.iqHandlers {
                 if let existing = iqHandlers[registration.key] {
                     throw ModuleError("modules '\(existing.module)' and '\(registrar.module)' both handle <\(registration.key.name) xmlns='\(registration.key.namespace)'/> \(registration.key.type.rawValue)")
@@ -81,6 +92,9 @@ final class HostModules: Sendable {
         self.boundStreamFeatures = bound
         self.serverFeatures = server.sorted()
         self.accountFeatures = account.sorted()
+        self.serverIdentities = serverIdentities.sorted()
+        self.accountIdentities = accountIdentities.sorted()
+        self.discoItemProviders = discoItemProviders
         self.iqHandlers = iqHandlers
         self.components = components
         screensDeliveries = self.hooks[HookPoint<StanzaEvent>.stanzaToUser.name] != nil
@@ -206,6 +220,30 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
         case .server, .both: return tables?.serverFeatures ?? []
         case .account: return tables?.accountFeatures ?? []
         }
+    }
+
+    func identities(for target: IQTarget) -> [DiscoIdentity] {
+        switch target {
+        case .server, .both: return tables?.serverIdentities ?? []
+        case .account: return tables?.accountIdentities ?? []
+        }
+    }
+
+    func discoItems(_ request: IQRequest) async -> [XMLElement]? {
+        let target: IQTarget = request.to.localpart == nil ? .server : .account
+        let node = request.payload[attribute: "node"]
+        var items: [XMLElement] = []
+        var known = node == nil
+        for (provider, providerTarget) in tables?.discoItemProviders ?? [] where providerTarget == .both || providerTarget == target {
+            do {
+                guard let answer = try await provider(request) else { continue }
+                items += answer
+                known = true
+            } catch {
+                logger.error("disco#items provider failed", metadata: ["error": "\(error)"])
+            }
+        }
+        return known ? items : nil
     }
 }
 

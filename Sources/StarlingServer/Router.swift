@@ -145,6 +145,9 @@ public final class Router: @unchecked Sendable {
         case .reject(let condition, let text):
             bounce(stanza, condition, text: text, to: .session(sender))
             return false
+        case .refuse(let error):
+            bounce(stanza, error, to: .session(sender))
+            return false
         }
     }
 
@@ -184,6 +187,8 @@ public final class Router: @unchecked Sendable {
                     reply = iq.iqResult(payload: payload)
                 case .error(let condition, let text):
                     reply = iq.errorReply(condition, text: text)
+                case .failure(let error):
+                    reply = iq.errorReply(error)
                 }
             } catch {
                 logger.error("IQ handler failed", metadata: ["module": "\(entry.module)", "error": "\(error)"])
@@ -403,6 +408,9 @@ public final class Router: @unchecked Sendable {
                 case .reject(let condition, let text):
                     bounce(stanza, condition, text: text, to: origin)
                     return
+                case .refuse(let error):
+                    bounce(stanza, error, to: origin)
+                    return
                 case .pass: break
                 }
             }
@@ -440,14 +448,21 @@ public final class Router: @unchecked Sendable {
         case .handled:
             return .stopped
         case .reject(let condition, let text):
-            let type = stanza[attribute: "type"]
-            guard type != "error", type != "result", stanza.name != "presence", let from = stanza[attribute: "from"].flatMap({ JID($0) }) else { return .stopped }
-            var reply = stanza.errorReply(condition, text: text)
-            reply[attribute: "from"] = session.jid.bare.description
-            reply[attribute: "to"] = from.description
-            if case .local(let origin)? = registry.location(of: from) { origin.deliver(reply) } else { routeFromServer(reply) }
-            return .stopped
+            return refuseDelivery(stanza, StanzaError(condition, text: text), to: session)
+        case .refuse(let error):
+            return refuseDelivery(stanza, error, to: session)
         }
+    }
+
+    /// Tells the sender of a stanza a delivery hook refused why (errors, results and presence go unanswered).
+    private func refuseDelivery(_ stanza: XMLElement, _ error: StanzaError, to session: ClientSession) -> Screening {
+        let type = stanza[attribute: "type"]
+        guard type != "error", type != "result", stanza.name != "presence", let from = stanza[attribute: "from"].flatMap({ JID($0) }) else { return .stopped }
+        var reply = stanza.errorReply(error)
+        reply[attribute: "from"] = session.jid.bare.description
+        reply[attribute: "to"] = from.description
+        if case .local(let origin)? = registry.location(of: from) { origin.deliver(reply) } else { routeFromServer(reply) }
+        return .stopped
     }
 
     /// One stanza to many full JIDs (a room's occupants): each recipient's modules screen it as for any
@@ -503,12 +518,16 @@ public final class Router: @unchecked Sendable {
 
     /// Sends an error reply for `stanza` back to its sender; errors are never answered with errors.
     private func bounce(_ stanza: XMLElement, _ condition: StanzaErrorCondition, text: String? = nil, to origin: Origin) {
+        bounce(stanza, StanzaError(condition, text: text), to: origin)
+    }
+
+    private func bounce(_ stanza: XMLElement, _ error: StanzaError, to origin: Origin) {
         guard stanza[attribute: "type"] != "error", stanza[attribute: "type"] != "result" else { return }
         switch origin {
         case .session(let sender):
-            sender.deliver(addressedReply(stanza.errorReply(condition, text: text), to: sender))
+            sender.deliver(addressedReply(stanza.errorReply(error), to: sender))
         case .address(let sender):
-            var reply = stanza.errorReply(condition, text: text)
+            var reply = stanza.errorReply(error)
             reply[attribute: "to"] = sender.description
             reply[attribute: "from"] = stanza[attribute: "to"]
             routeFromServer(reply)

@@ -52,6 +52,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
             services.register(store as any LastActivityStore, as: (any LastActivityStore).self)
             services.register(store as any MUCStore, as: (any MUCStore).self)
             services.register(store as any ArchiveStore, as: (any ArchiveStore).self)
+            services.register(store as any PubSubStore, as: (any PubSubStore).self)
             services.register(ServerPaths(configDirectory: URL(fileURLWithPath: configuration.sourcePath).deletingLastPathComponent().path,
                                           dataDirectory: configuration.dataDirectory), as: ServerPaths.self)
             for (name, reason) in configuration.pluginFailures {

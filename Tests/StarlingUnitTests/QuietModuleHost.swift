@@ -8,6 +8,8 @@ extension QuietModuleHost {
     func route(_ stanza: XMLElement) {}
     func log(_ level: ModuleLogLevel, _ message: String) {}
     func features(for target: IQTarget) -> [String] { [] }
+    func identities(for target: IQTarget) -> [DiscoIdentity] { [] }
+    func discoItems(_ request: IQRequest) async -> [XMLElement]? { [] }
     func resources(of bare: JID) -> [ResourceInfo] { [] }
     func setAvailability(of full: JID, available: Bool, priority: Int) {}
     func setFlag(_ flag: String, _ on: Bool, for full: JID) {}

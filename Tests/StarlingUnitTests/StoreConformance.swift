@@ -247,6 +247,67 @@ struct StoreContract {
         XCTAssertEqual(loaded.first { $0.jid == room }?.affiliations, [:], "no affiliation outlives its room")
     }
 
+    func pubsub() async throws {
+        let owner = jid("publisher")
+        var config = PubSubNodeConfig()
+        config.accessModel = "whitelist"
+        config.maxItems = 3
+        config.affiliations = [jid("friend").description: "member"]
+        try await store.savePubSubNode(StoredPubSubNode(service: owner, name: "urn:xmpp:bookmarks:1", config: config))
+        try await store.savePubSubNode(StoredPubSubNode(service: owner, name: "http://jabber.org/protocol/nick", config: PubSubNodeConfig()))
+        let service = JID("pubsub." + host)!
+        try await store.savePubSubNode(StoredPubSubNode(service: service, name: "news", config: PubSubNodeConfig()))
+        var nodes = try await store.pubsubNodes(of: owner)
+        XCTAssertEqual(nodes.map(\.name), ["http://jabber.org/protocol/nick", "urn:xmpp:bookmarks:1"])
+        XCTAssertEqual(nodes.last?.config, config)
+        let serviceNodes = try await store.pubsubNodes(of: service)
+        XCTAssertEqual(serviceNodes.map(\.name), ["news"], "a service's nodes are its own")
+
+        let node = "urn:xmpp:bookmarks:1"
+        for (index, id) in ["a", "b", "c", "d"].enumerated() {
+            try await store.publishPubSubItem(StoredPubSubItem(id: id, publisher: owner.description, payload: "<conference xmlns='urn:xmpp:bookmarks:1' n='\(index)'/>",
+                                                               published: 1_700_000_000 + index), to: node, service: owner, keep: 3)
+        }
+        var items = try await store.pubsubItems(of: node, service: owner, ids: nil, limit: nil)
+        XCTAssertEqual(items.map(\.id), ["d", "c", "b"], "newest first, only the newest three kept")
+        XCTAssertEqual(items.first?.published, 1_700_000_003)
+        // Publishing an id again replaces it and makes it the newest.
+        try await store.publishPubSubItem(StoredPubSubItem(id: "b", publisher: owner.description, payload: "<x xmlns='urn:x'/>", published: 1_800_000_000),
+                                          to: node, service: owner, keep: 3)
+        items = try await store.pubsubItems(of: node, service: owner, ids: nil, limit: 2)
+        XCTAssertEqual(items.map(\.id), ["b", "d"])
+        XCTAssertEqual(items.first?.payload, "<x xmlns='urn:x'/>")
+        items = try await store.pubsubItems(of: node, service: owner, ids: ["c", "missing", "b"], limit: nil)
+        XCTAssertEqual(Set(items.map(\.id)), ["b", "c"])
+        let none = try await store.pubsubItems(of: node, service: owner, ids: [], limit: nil)
+        XCTAssertEqual(none, [])
+
+        let retracted = try await store.retractPubSubItem("c", from: node, service: owner)
+        XCTAssertTrue(retracted)
+        let again = try await store.retractPubSubItem("c", from: node, service: owner)
+        XCTAssertFalse(again)
+        try await store.purgePubSubNode(node, of: owner)
+        items = try await store.pubsubItems(of: node, service: owner, ids: nil, limit: nil)
+        XCTAssertEqual(items, [])
+
+        try await store.publishPubSubItem(StoredPubSubItem(id: "n", publisher: owner.description, payload: "<nick xmlns='http://jabber.org/protocol/nick'>P</nick>",
+                                                           published: 1), to: "http://jabber.org/protocol/nick", service: owner, keep: 1)
+        try await store.deletePubSubNode("http://jabber.org/protocol/nick", of: owner)
+        nodes = try await store.pubsubNodes(of: owner)
+        XCTAssertEqual(nodes.map(\.name), [node])
+        let orphaned = try await store.pubsubItems(of: "http://jabber.org/protocol/nick", service: owner, ids: nil, limit: nil)
+        XCTAssertEqual(orphaned, [], "no item outlives its node")
+
+        // Deleting the account takes its PEP nodes with it.
+        try await store.register(username: "publisher", host: host, password: "p", iterations: 4096)
+        try await store.publishPubSubItem(StoredPubSubItem(id: "z", publisher: owner.description, payload: "", published: 1), to: node, service: owner, keep: 3)
+        try await store.deleteAccount(username: "publisher", host: host)
+        let afterDeletion = try await store.pubsubNodes(of: owner)
+        XCTAssertEqual(afterDeletion, [])
+        let itemsAfterDeletion = try await store.pubsubItems(of: node, service: owner, ids: nil, limit: nil)
+        XCTAssertEqual(itemsAfterDeletion, [])
+    }
+
     /// Options stored by an older version (fewer fields) load with defaults for the rest.
     func mucOptionsFromAnOlderVersion() throws {
         let options = try MUCOptionsCoding.decode(#"{"name":"Old","persistent":true}"#, room: "old@conference.example")
@@ -286,6 +347,7 @@ final class SQLiteStoreConformanceTests: XCTestCase {
     func testDocuments() async throws { try await contract { try await $0.documents() } }
     func testDeletionRemovesEverything() async throws { try await contract { try await $0.deletionRemovesEverything() } }
     func testMUCRooms() async throws { try await contract { try await $0.mucRooms() } }
+    func testPubSub() async throws { try await contract { try await $0.pubsub() } }
     func testMUCOptionsFromAnOlderVersion() async throws { try await contract { try $0.mucOptionsFromAnOlderVersion() } }
 
     func testReopeningKeepsDataAndMigratesOnce() async throws {
@@ -337,6 +399,7 @@ final class PostgresStoreConformanceTests: XCTestCase {
     func testDocuments() async throws { try await contract { try await $0.documents() } }
     func testDeletionRemovesEverything() async throws { try await contract { try await $0.deletionRemovesEverything() } }
     func testMUCRooms() async throws { try await contract { try await $0.mucRooms() } }
+    func testPubSub() async throws { try await contract { try await $0.pubsub() } }
 
     func testTwoNodesMigratingAtOnceBothSucceed() async throws {
         let url = try Self.requireURL()

@@ -161,6 +161,12 @@ public protocol ModuleHost: Sendable {
     func closeSessions(of bare: JID)
     /// The components the modules of this host registered (what disco#items on the domain lists).
     var components: [ComponentInfo] { get }
+    /// The disco#info identities modules declared for the server's domain or for accounts (sorted,
+    /// deduplicated).
+    func identities(for target: IQTarget) -> [DiscoIdentity]
+    /// What every module's disco#items provider for the request's target returns, in module order; nil
+    /// when the request names a node no provider knows.
+    func discoItems(_ request: IQRequest) async -> [XMLElement]?
     /// Stops reading from a local session (full JID) until the hold is released: backpressure for a
     /// module whose work for that session's stanzas piles up. Nil when no such session is bound here.
     func holdReads(of session: JID) -> (any ReadHold)?
@@ -225,10 +231,32 @@ public struct IQRequest: Sendable {
     }
 }
 
+/// A disco#info identity (XEP-0030).
+public struct DiscoIdentity: Sendable, Hashable, Comparable {
+    public let category: String
+    public let type: String
+    public let name: String?
+
+    public init(category: String, type: String, name: String? = nil) {
+        self.category = category
+        self.type = type
+        self.name = name
+    }
+
+    public static func < (lhs: DiscoIdentity, rhs: DiscoIdentity) -> Bool {
+        (lhs.category, lhs.type, lhs.name ?? "") < (rhs.category, rhs.type, rhs.name ?? "")
+    }
+}
+
+/// Answers part of a disco#items request (see `ModuleRegistrar.discoItems`).
+public typealias DiscoItemsProvider = @Sendable (IQRequest) async throws -> [XMLElement]?
+
 /// A module's answer to an IQ.
 public enum IQResponse: Sendable {
     case result(XMLElement?)
     case error(StanzaErrorCondition, text: String?)
+    /// An error with an application-specific condition (XEP-0060's `<precondition-not-met/>`, say).
+    case failure(StanzaError)
 
     public static func result() -> IQResponse { .result(nil) }
     public static func error(_ condition: StanzaErrorCondition) -> IQResponse { .error(condition, text: nil) }
@@ -249,6 +277,8 @@ public enum HookResult: Sendable, Equatable {
     case reject(StanzaErrorCondition, text: String?)
     /// For stanza events: go on with this stanza instead (later handlers and the default see it).
     case modify(XMLElement)
+    /// As `reject`, with an application-specific condition beside the RFC's (XEP-0191's `<blocked/>`).
+    case refuse(StanzaError)
 }
 
 /// A named event with a typed payload.
@@ -463,6 +493,8 @@ public final class ModuleRegistrar: @unchecked Sendable {
 
     public let module: String
     public private(set) var features: [(namespace: String, target: IQTarget)] = []
+    public private(set) var identities: [(identity: DiscoIdentity, target: IQTarget)] = []
+    public private(set) var discoItemProviders: [(provider: DiscoItemsProvider, target: IQTarget)] = []
     public private(set) var streamFeatures: [(element: XMLElement, phase: StreamPhase)] = []
     public private(set) var iqHandlers: [IQRegistration] = []
     public private(set) var hooks: [HookRegistration] = []
@@ -482,6 +514,18 @@ public final class ModuleRegistrar: @unchecked Sendable {
 
     /// Adds a disco#info feature var, listed for the server's domain, for accounts, or both.
     public func feature(_ namespace: String, for target: IQTarget = .server) { features.append((namespace, target)) }
+
+    /// Adds a disco#info identity, listed for the server's domain, for accounts (XEP-0163's pubsub/pep), or both.
+    public func identity(category: String, type: String, name: String? = nil, for target: IQTarget = .server) {
+        identities.append((DiscoIdentity(category: category, type: type, name: name), target))
+    }
+
+    /// Adds items to disco#items on the server's domain or on accounts (an account's PEP nodes, say):
+    /// `provider` gets the request (its `node`, if any, in the payload) and returns `<item/>` elements,
+    /// or nil when the node is not its own.
+    public func discoItems(for target: IQTarget, _ provider: @escaping DiscoItemsProvider) {
+        discoItemProviders.append((provider, target))
+    }
 
     /// Adds an element to `<stream:features/>` in `phase`.
     public func streamFeature(_ element: XMLElement, phase: StreamPhase) { streamFeatures.append((element, phase)) }
@@ -529,7 +573,7 @@ public enum StarlingAPIVersion {
     public static var api: Int { compiledAPI }
     /// The API version compiled into the caller. It is emitted into each plugin's own binary, so it
     /// records what the plugin was built against, not what happens to be loaded.
-    @_alwaysEmitIntoClient public static var compiledAPI: Int { 3 }
+    @_alwaysEmitIntoClient public static var compiledAPI: Int { 4 }
     public static let serverVersion = "0.1.0"
 }
 

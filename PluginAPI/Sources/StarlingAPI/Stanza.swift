@@ -76,7 +76,36 @@ public struct Stanza: Sendable {
     public var rawTo: String? { element[attribute: "to"] }
 }
 
+/// A stanza error: the RFC's condition, maybe an application-specific condition element beside it
+/// (RFC 6120 §8.3.4), and a human-readable text.
+public struct StanzaError: Sendable, Equatable {
+    public var condition: StanzaErrorCondition
+    public var application: XMLElement?
+    public var text: String?
+    /// Overrides the condition's default `type`.
+    public var type: String?
+
+    public init(_ condition: StanzaErrorCondition, application: XMLElement? = nil, text: String? = nil, type: String? = nil) {
+        self.condition = condition
+        self.application = application
+        self.text = text
+        self.type = type
+    }
+}
+
 extension XMLElement {
+    /// The error reply to this stanza, with an application-specific condition if `error` has one.
+    public func errorReply(_ error: StanzaError) -> XMLElement {
+        var reply = errorReply(error.condition, text: error.text, type: error.type)
+        if let application = error.application, let index = reply.children.lastIndex(where: {
+            if case .element(let element) = $0 { return element.name == "error" } else { return false }
+        }), case .element(var element) = reply.children[index] {
+            element.append(application)
+            reply.children[index] = .element(element)
+        }
+        return reply
+    }
+
     /// The error reply to this stanza (RFC 6120 §8.3.1): addresses swapped, `type='error'`, original
     /// payload kept for messages and presence, and an `<error/>` child with the condition.
     public func errorReply(_ condition: StanzaErrorCondition, text: String? = nil, type: String? = nil) -> XMLElement {
