@@ -92,6 +92,17 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Publish-subscribe (XEP-0060) and personal eventing (XEP-0163): a module written against the plugin API
+        // and the storage protocols.
+        .target(
+            name: "StarlingPubSub",
+            dependencies: [
+                "StarlingStorage", "StarlingXML",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Clustering: node links (framing, handshake, pings), membership through the shared database, and
         // the replicated session table's wire form. The server supplies the table and routing.
         .target(
@@ -113,7 +124,7 @@ let package = Package(
         .target(
             name: "StarlingModules",
             dependencies: [
-                "StarlingStorage", "StarlingXML", "StarlingLua", "StarlingMUC", "StarlingMAM",
+                "StarlingStorage", "StarlingXML", "StarlingLua", "StarlingMUC", "StarlingMAM", "StarlingPubSub",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ],
@@ -235,6 +246,7 @@ let package = Package(
             dependencies: [
                 "StarlingTestClient", "StarlingSASL",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],

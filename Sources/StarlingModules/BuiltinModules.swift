@@ -2,13 +2,14 @@ import StarlingAPI
 import StarlingLua
 import StarlingMAM
 import StarlingMUC
+import StarlingPubSub
 
 /// Every module compiled into the server, by name.
 public enum BuiltinModules {
     public static let all: [any ServerModule.Type] = [
         DiscoModule.self, PingModule.self, VersionModule.self, TimeModule.self, RosterModule.self, PresenceModule.self,
         OfflineModule.self, BlockingModule.self, PrivateXMLModule.self, VCardModule.self, LastActivityModule.self, CarbonsModule.self,
-        ClientStateModule.self, RegistrationModule.self, LuaHooks.self, MUCModule.self, MAMModule.self,
+        ClientStateModule.self, RegistrationModule.self, LuaHooks.self, MUCModule.self, MAMModule.self, PEPModule.self,
     ]
 
     public static var catalog: [String: any ServerModule.Type] {

@@ -13,6 +13,10 @@ Modes (each prints one result line and exits 0 on success, 1 on failure, bounded
   mam      with the xep_0313 plugin: B sends A --count messages; A pages through its archive forwards
            and backwards, filters by B, reads the metadata and finds the stanza-ids it got live; then
            A makes --room persistent, talks in it, and B reads the room's archive: prints OK
+  pep      with the xep_0115/0163/0172/0084/0223/0402 plugins: A and B subscribe to each other; B says
+           +notify for nicknames and avatars through its entity capabilities; A publishes a nickname and
+           an avatar (data, then metadata) which B is notified of and fetches, and A stores XEP-0402
+           bookmarks with the persistent-storage publish options and reads them back: prints OK
 """
 import argparse
 import asyncio
@@ -21,6 +25,7 @@ import ssl
 import sys
 
 import slixmpp
+from slixmpp.exceptions import IqError
 
 
 def make_client(jid, password, args):
@@ -158,6 +163,95 @@ async def im(args):
         print(f"WRONG-OFFLINE {stored}")
         return 1
     for client in (a, b, c):
+        client.disconnect()
+    print("OK")
+    return 0
+
+
+async def pep(args):
+    """Personal eventing as slixmpp's plugins use it."""
+    a = make_client(args.jid_a, args.password_a, args)
+    b = make_client(args.jid_b, args.password_b, args)
+    for client in (a, b):
+        for plugin in ("xep_0115", "xep_0163", "xep_0172", "xep_0084", "xep_0223", "xep_0402"):
+            client.register_plugin(plugin)
+        client.auto_authorize = True
+        client.auto_subscribe = True
+    loop = asyncio.get_running_loop()
+    nick_seen = loop.create_future()
+    avatar_seen = loop.create_future()
+
+    def on_nick(message):
+        if message["from"].bare == args.jid_a and not nick_seen.done():
+            nick_seen.set_result(message["pubsub_event"]["items"]["item"]["nick"]["nick"])
+
+    def on_avatar(message):
+        if message["from"].bare == args.jid_a and not avatar_seen.done():
+            avatar_seen.set_result(message["pubsub_event"]["items"]["item"])
+
+    b.add_event_handler("user_nick_publish", on_nick)
+    b.add_event_handler("avatar_metadata_publish", on_avatar)
+    for client in (a, b):
+        if await connect_and_start(client, args) != "started":
+            print(f"LOGIN-FAILED {client.boundjid}")
+            return 1
+        await client.get_roster()
+    b_online = loop.create_future()
+    a.add_event_handler("got_online", lambda p: p["from"].bare == args.jid_b and not b_online.done() and b_online.set_result(p))
+    a.send_presence_subscription(pto=args.jid_b)
+    await asyncio.wait_for(b_online, args.timeout)
+    for _ in range(50):
+        if a.client_roster[args.jid_b]["subscription"] == "both" and b.client_roster[args.jid_a]["subscription"] == "both":
+            break
+        await asyncio.sleep(0.1)
+    # Capabilities travel with presence; make sure B's current ones (with +notify) reached the server.
+    await b.plugin["xep_0115"].update_caps()
+    await asyncio.sleep(0.5)
+
+    await a.plugin["xep_0172"].publish_nick("Alpha")
+    nick = await asyncio.wait_for(nick_seen, args.timeout)
+    if nick != "Alpha":
+        print(f"WRONG-NICK {nick}")
+        return 1
+
+    image = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    avatar_id = a.plugin["xep_0084"].generate_id(image)
+    await a.plugin["xep_0084"].publish_avatar(image)
+    await a.plugin["xep_0084"].publish_avatar_metadata(items=[{"id": avatar_id, "type": "image/png", "bytes": len(image)}])
+    item = await asyncio.wait_for(avatar_seen, args.timeout)
+    if item["id"] != avatar_id:
+        print(f"WRONG-AVATAR-METADATA {item}")
+        return 1
+    fetched = await b.plugin["xep_0084"].retrieve_avatar(args.jid_a, avatar_id)
+    data = fetched["pubsub"]["items"]["item"]["avatar_data"]["value"]
+    if data != image:
+        print(f"WRONG-AVATAR-DATA {len(data)} bytes")
+        return 1
+
+    from slixmpp.plugins.xep_0402.stanza import Conference
+    # What XEP-0402 §3 asks of a client: the persistent-storage profile plus as many items as allowed,
+    # readable by the account only.
+    a.plugin["xep_0223"].node_profiles["urn:xmpp:bookmarks:1"] = {"pubsub#max_items": "max", "pubsub#access_model": "whitelist"}
+    for room, name in (("lobby@conference.localhost", "Lobby"), ("den@conference.localhost", "Den")):
+        conference = Conference()
+        conference["name"] = name
+        conference["autojoin"] = True
+        conference["nick"] = "alpha"
+        await a.plugin["xep_0223"].store(conference, node="urn:xmpp:bookmarks:1", id=room)
+    stored = await a.plugin["xep_0060"].get_items(a.boundjid.bare, "urn:xmpp:bookmarks:1")
+    rooms = {item["id"]: item["conference"]["name"] for item in stored["pubsub"]["items"]}
+    if rooms != {"lobby@conference.localhost": "Lobby", "den@conference.localhost": "Den"}:
+        print(f"WRONG-BOOKMARKS {rooms}")
+        return 1
+    try:
+        await b.plugin["xep_0060"].get_items(args.jid_a, "urn:xmpp:bookmarks:1")
+        print("BOOKMARKS-VISIBLE-TO-A-CONTACT")
+        return 1
+    except IqError as error:
+        if error.condition != "not-allowed":
+            print(f"WRONG-REFUSAL {error.condition}")
+            return 1
+    for client in (a, b):
         client.disconnect()
     print("OK")
     return 0
@@ -320,7 +414,7 @@ async def mam(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["chat", "echo", "badauth", "im", "muc", "mam"])
+    parser.add_argument("mode", choices=["chat", "echo", "badauth", "im", "muc", "mam", "pep"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tls", choices=["starttls", "direct"], default="starttls")
@@ -337,7 +431,7 @@ def main():
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.CRITICAL)
-    modes = {"chat": chat, "echo": echo, "badauth": badauth, "im": im, "muc": muc, "mam": mam}
+    modes = {"chat": chat, "echo": echo, "badauth": badauth, "im": im, "muc": muc, "mam": mam, "pep": pep}
     try:
         code = asyncio.run(asyncio.wait_for(modes[args.mode](args), args.timeout + 5))
     except asyncio.TimeoutError:

@@ -1,0 +1,302 @@
+import Crypto
+import Foundation
+import StarlingAPI
+import StarlingTestClient
+import XCTest
+
+/// Personal eventing (XEP-0163) on the real server, as clients use it: entity capabilities with
+/// `+notify`, notifications to contacts who see the publisher's presence, the newest item when a
+/// resource comes online, access models, publish-options preconditions and quotas.
+final class PEPTests: XCTestCase {
+    static let users = (1...12).map { ("p\($0)", "pw\($0)") }
+    nonisolated(unsafe) static var server: ServerProcess!
+    nonisolated(unsafe) static var startFailure: (any Error)?
+
+    static let nick = "http://jabber.org/protocol/nick"
+    static let avatarMetadata = "urn:xmpp:avatar:metadata"
+    static let bookmarks = "urn:xmpp:bookmarks:1"
+    static let omemoDevices = "eu.siacs.conversations.axolotl.devicelist"
+    static let pubsub = "http://jabber.org/protocol/pubsub"
+    static let event = "http://jabber.org/protocol/pubsub#event"
+    static let errors = "http://jabber.org/protocol/pubsub#errors"
+
+    override class func setUp() {
+        super.setUp()
+        do { server = try ServerProcess(extraConfig: """
+        modules:
+          disco: {}
+          roster: {}
+          presence: {}
+          ping: {}
+          pep: { max_nodes: 4, max_item_size: 4096 }
+        """, users: users) } catch {
+            startFailure = error
+        }
+    }
+
+    override func setUpWithError() throws {
+        if let failure = Self.startFailure { throw failure }
+    }
+
+    override class func tearDown() {
+        startFailure = nil
+        XCTAssertEqual(server?.stop() ?? 0, 0)
+        server = nil
+        super.tearDown()
+    }
+
+    // MARK: Helpers
+
+    private func login(_ number: Int, resource: String? = nil, notify: [String]? = nil) async throws -> TestClient {
+        try await loginAnnouncing(number, resource: resource, notify: notify).client
+    }
+
+    private func loginAnnouncing(_ number: Int, resource: String? = nil, notify: [String]? = nil) async throws -> (client: TestClient, ver: String?) {
+        let client = try await TestClient.login(port: Self.server.directTLSPort, domain: "localhost", tls: .direct,
+                                                username: "p\(number)", password: "pw\(number)", resource: resource, presence: notify == nil)
+        guard let notify else { return (client, nil) }
+        return (client, try await announce(client, interests: notify))
+    }
+
+    /// Sends available presence with XEP-0115 capabilities saying `+notify` for `interests` (and a feature
+    /// of its own, so the server has not seen this `ver` yet), and answers the server's disco#info query
+    /// about them. Returns the `ver`.
+    @discardableResult
+    private func announce(_ client: TestClient, interests: [String]) async throws -> String {
+        let features = ["http://jabber.org/protocol/caps", "http://jabber.org/protocol/disco#info", "urn:starling:test:\(UUID().uuidString)"]
+            + interests.map { $0 + "+notify" }
+        let ver = Self.capsVer(identity: "client/pc//Starling test", features: features)
+        client.send("<presence><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='https://starling.example/test' ver='\(ver)'/></presence>")
+        let query = try await client.expect("disco#info about our caps") {
+            $0.name == "iq" && $0[attribute: "type"] == "get" && $0.child("query", namespace: "http://jabber.org/protocol/disco#info") != nil
+        }
+        let node = query.child("query")?[attribute: "node"] ?? ""
+        XCTAssertEqual(node, "https://starling.example/test#\(ver)")
+        var answer = "<iq type='result' id='\(query[attribute: "id"]!)' to='\(query[attribute: "from"]!)'><query xmlns='http://jabber.org/protocol/disco#info' node='\(node)'>"
+        answer += "<identity category='client' type='pc' name='Starling test'/>"
+        for feature in features { answer += "<feature var='\(feature)'/>" }
+        client.send(answer + "</query></iq>")
+        return ver
+    }
+
+    /// XEP-0115 §5.1 for one identity and no forms, written out here independently of the server's code.
+    static func capsVer(identity: String, features: [String]) -> String {
+        let string = identity + "<" + features.sorted().map { $0 + "<" }.joined()
+        return Data(Insecure.SHA1.hash(data: Data(string.utf8))).base64EncodedString()
+    }
+
+    private func iq(_ client: TestClient, _ xml: String, id: String) async throws -> XMLElement {
+        try await client.iq(xml, id: id)
+    }
+
+    private func errorCondition(_ stanza: XMLElement) -> (String?, String?) {
+        let error = stanza.child("error")
+        return (error?.elements.first { $0.namespace == Namespace.stanzaErrors && $0.name != "text" }?.name,
+                error?.elements.first { $0.namespace == Self.errors }?.name)
+    }
+
+    private func publish(_ client: TestClient, node: String, id: String? = nil, payload: String, options: [String: String] = [:],
+                         iqID: String) async throws -> XMLElement {
+        var xml = "<iq type='set' id='\(iqID)'><pubsub xmlns='\(Self.pubsub)'><publish node='\(node)'><item\(id.map { " id='\($0)'" } ?? "")>\(payload)</item></publish>"
+        if !options.isEmpty {
+            xml += "<publish-options><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/pubsub#publish-options</value></field>"
+            for (key, value) in options.sorted(by: { $0.key < $1.key }) { xml += "<field var='pubsub#\(key)'><value>\(value)</value></field>" }
+            xml += "</x></publish-options>"
+        }
+        return try await iq(client, xml + "</pubsub></iq>", id: iqID)
+    }
+
+    private func event(_ client: TestClient, node: String, from publisher: String, _ description: String) async throws -> XMLElement {
+        try await client.expect(description) {
+            $0.name == "message" && $0[attribute: "from"] == publisher && $0.child("event", namespace: Self.event)?.elements.first?[attribute: "node"] == node
+        }
+    }
+
+    /// Proves `client` got no PEP event before this point: a marker message sent now is the next message it sees.
+    private func expectNoEvent(_ client: TestClient, marker sender: TestClient, to jid: String) async throws {
+        let marker = UUID().uuidString
+        sender.send("<message to='\(jid)' type='chat'><body>\(marker)</body></message>")
+        let next = try await client.expect("the marker message") { $0.name == "message" }
+        XCTAssertEqual(next.child("body")?.text, marker, "an event arrived that should not have: \(next.serialized())")
+    }
+
+    private func befriend(_ a: TestClient, _ aJID: String, _ b: TestClient, _ bJID: String) async throws {
+        a.send("<presence to='\(bJID)' type='subscribe'/>")
+        _ = try await b.expect("subscribe") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
+        b.send("<presence to='\(aJID)' type='subscribed'/><presence to='\(aJID)' type='subscribe'/>")
+        _ = try await a.expect("subscribe back") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
+        a.send("<presence to='\(bJID)' type='subscribed'/>")
+        _ = try await b.expect("a online") { $0.name == "presence" && $0[attribute: "type"] == nil && ($0[attribute: "from"] ?? "").hasPrefix(aJID) }
+    }
+
+    // MARK: Tests
+
+    func testContactsWithNotifyGetPublishedItemsAndTheNewestOnComingOnline() async throws {
+        let alice = try await login(1, resource: "phone")
+        let bob = try await login(2, resource: "laptop")
+        try await befriend(alice, "p1@localhost", bob, "p2@localhost")
+        await bob.close()
+        // Bob wants nicknames and avatars; his other resource wants nothing; Carol wants nicknames but
+        // is not Alice's contact.
+        let bobNotify = try await login(2, resource: "notify", notify: [Self.nick, Self.avatarMetadata])
+        let bobQuiet = try await login(2, resource: "quiet", notify: [])
+        let carol = try await login(3, resource: "c", notify: [Self.nick])
+        try await announce(alice, interests: [Self.nick])
+        _ = try await iq(bobNotify, "<iq type='get' id='sync1'><ping xmlns='urn:xmpp:ping'/></iq>", id: "sync1")
+
+        let published = try await publish(alice, node: Self.nick, id: "current", payload: "<nick xmlns='\(Self.nick)'>Alice</nick>", iqID: "pub1")
+        XCTAssertEqual(published[attribute: "type"], "result", published.serialized())
+        XCTAssertEqual(published.child("pubsub")?.child("publish")?.child("item")?[attribute: "id"], "current")
+
+        let notified = try await event(bobNotify, node: Self.nick, from: "p1@localhost", "Bob's nick notification")
+        XCTAssertEqual(notified[attribute: "from"], "p1@localhost")
+        XCTAssertEqual(notified[attribute: "type"], "headline")
+        let item = notified.child("event")?.child("items")?.child("item")
+        XCTAssertEqual(item?[attribute: "id"], "current")
+        XCTAssertEqual(item?.child("nick", namespace: Self.nick)?.text, "Alice")
+        // The publisher's own resource says +notify too, so it hears its own publication.
+        _ = try await event(alice, node: Self.nick, from: "p1@localhost", "Alice's own notification")
+        try await expectNoEvent(bobQuiet, marker: alice, to: "p2@localhost/quiet")
+        try await expectNoEvent(carol, marker: alice, to: "p3@localhost/c")
+
+        // Reading: a contact may (presence access model), a stranger may not.
+        let read = try await iq(bobNotify, "<iq type='get' id='r1' to='p1@localhost'><pubsub xmlns='\(Self.pubsub)'><items node='\(Self.nick)'/></pubsub></iq>", id: "r1")
+        XCTAssertEqual(read.child("pubsub")?.child("items")?.child("item")?.child("nick")?.text, "Alice")
+        let refused = try await iq(carol, "<iq type='get' id='r2' to='p1@localhost'><pubsub xmlns='\(Self.pubsub)'><items node='\(Self.nick)'/></pubsub></iq>", id: "r2")
+        XCTAssertEqual(errorCondition(refused).0, "not-authorized")
+        XCTAssertEqual(errorCondition(refused).1, "presence-subscription-required")
+        let foreignPublish = try await publish(bobNotify, node: "urn:example:status", payload: "<status xmlns='urn:example:status'>x</status>", iqID: "fp")
+        XCTAssertEqual(foreignPublish[attribute: "type"], "result", "Bob publishes to his own PEP service")
+        let intoAlices = try await iq(bobNotify, "<iq type='set' id='ia' to='p1@localhost'><pubsub xmlns='\(Self.pubsub)'><publish node='x'><item><x xmlns='urn:x'/></item></publish></pubsub></iq>", id: "ia")
+        XCTAssertEqual(errorCondition(intoAlices).0, "forbidden")
+
+        // Discovery: the account is a PEP service, and lists the nodes the asker may read.
+        let info = try await iq(carol, "<iq type='get' id='d1' to='p1@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "d1")
+        let identity = info.child("query")?.elements.first { $0.name == "identity" && $0[attribute: "category"] == "pubsub" }
+        XCTAssertEqual(identity?[attribute: "type"], "pep")
+        let ownInfo = try await iq(alice, "<iq type='get' id='d2' to='p1@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "d2")
+        let features = ownInfo.child("query")?.elements.compactMap { $0[attribute: "var"] } ?? []
+        XCTAssertTrue(features.contains("http://jabber.org/protocol/pubsub#publish-options"), "\(features)")
+        let nodes = try await iq(bobNotify, "<iq type='get' id='d3' to='p1@localhost'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>", id: "d3")
+        XCTAssertEqual(nodes.child("query")?.elements.map { $0[attribute: "node"] }, [Self.nick])
+        let hidden = try await iq(carol, "<iq type='get' id='d4' to='p1@localhost'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>", id: "d4")
+        XCTAssertEqual(hidden.child("query")?.elements.count, 0, "a stranger sees no presence-only node")
+
+        // A resource coming online with +notify gets the newest item at once.
+        let (bobTablet, tabletVer) = try await loginAnnouncing(2, resource: "tablet", notify: [Self.nick])
+        let last = try await event(bobTablet, node: Self.nick, from: "p1@localhost", "the newest nick at presence")
+        XCTAssertEqual(last.child("event")?.child("items")?.child("item")?.child("nick")?.text, "Alice")
+        // A status change with the same capabilities sends nothing again, and asks nothing (the ver is known).
+        bobTablet.send("<presence><show>away</show><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='https://starling.example/test' ver='\(tabletVer!)'/></presence>")
+        _ = try await iq(bobTablet, "<iq type='get' id='again'><ping xmlns='urn:xmpp:ping'/></iq>", id: "again")
+        try await expectNoEvent(bobTablet, marker: alice, to: "p2@localhost/tablet")
+
+        // Retract with notify.
+        let retracted = try await iq(alice, "<iq type='set' id='rt'><pubsub xmlns='\(Self.pubsub)'><retract node='\(Self.nick)' notify='true'><item id='current'/></retract></pubsub></iq>", id: "rt")
+        XCTAssertEqual(retracted[attribute: "type"], "result")
+        let retraction = try await event(bobNotify, node: Self.nick, from: "p1@localhost", "retraction")
+        XCTAssertEqual(retraction.child("event")?.child("items")?.child("retract")?[attribute: "id"], "current")
+        let missing = try await iq(alice, "<iq type='set' id='rt2'><pubsub xmlns='\(Self.pubsub)'><retract node='\(Self.nick)'><item id='current'/></retract></pubsub></iq>", id: "rt2")
+        XCTAssertEqual(errorCondition(missing).0, "item-not-found")
+
+        // Deleting the node tells the subscribers.
+        let deleted = try await iq(alice, "<iq type='set' id='del'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><delete node='\(Self.nick)'/></pubsub></iq>", id: "del")
+        XCTAssertEqual(deleted[attribute: "type"], "result")
+        let deletion = try await bobNotify.expect("deletion") { $0.child("event", namespace: Self.event)?.child("delete")?[attribute: "node"] == Self.nick }
+        XCTAssertEqual(deletion[attribute: "from"], "p1@localhost")
+        let gone = try await iq(bobNotify, "<iq type='get' id='r3' to='p1@localhost'><pubsub xmlns='\(Self.pubsub)'><items node='\(Self.nick)'/></pubsub></iq>", id: "r3")
+        XCTAssertEqual(errorCondition(gone).0, "item-not-found")
+        for client in [alice, bobNotify, bobQuiet, bobTablet, carol] { await client.close() }
+    }
+
+    func testPublishOptionsAccessModelsAndQuotas() async throws {
+        let owner = try await login(4, resource: "a", notify: [Self.bookmarks])
+        let friend = try await login(5, resource: "b")
+        try await befriend(owner, "p4@localhost", friend, "p5@localhost")
+        let stranger = try await login(6, resource: "c")
+
+        // XEP-0402 bookmarks: private (whitelist), as many items as the server keeps.
+        let conference = "<conference xmlns='\(Self.bookmarks)' name='Lobby' autojoin='true'><nick>four</nick></conference>"
+        let stored = try await publish(owner, node: Self.bookmarks, id: "lobby@conference.localhost", payload: conference,
+                                       options: ["access_model": "whitelist", "max_items": "max", "persist_items": "true", "send_last_published_item": "never"],
+                                       iqID: "bm1")
+        XCTAssertEqual(stored[attribute: "type"], "result", stored.serialized())
+        let second = try await publish(owner, node: Self.bookmarks, id: "den@conference.localhost",
+                                       payload: "<conference xmlns='\(Self.bookmarks)' name='Den'/>",
+                                       options: ["access_model": "whitelist", "max_items": "max", "persist_items": "true", "send_last_published_item": "never"],
+                                       iqID: "bm2")
+        XCTAssertEqual(second[attribute: "type"], "result", second.serialized())
+        let mine = try await iq(owner, "<iq type='get' id='bm3'><pubsub xmlns='\(Self.pubsub)'><items node='\(Self.bookmarks)'/></pubsub></iq>", id: "bm3")
+        XCTAssertEqual(mine.child("pubsub")?.child("items")?.elements.map { $0[attribute: "id"] }, ["lobby@conference.localhost", "den@conference.localhost"],
+                       "both kept, oldest first")
+        XCTAssertEqual(mine.child("pubsub")?.child("items")?.elements.first?.child("conference")?.child("nick")?.text, "four")
+        let one = try await iq(owner, "<iq type='get' id='bm4'><pubsub xmlns='\(Self.pubsub)'><items node='\(Self.bookmarks)'><item id='den@conference.localhost'/></items></pubsub></iq>", id: "bm4")
+        XCTAssertEqual(one.child("pubsub")?.child("items")?.elements.map { $0[attribute: "id"] }, ["den@conference.localhost"])
+        let closed = try await iq(friend, "<iq type='get' id='bm5' to='p4@localhost'><pubsub xmlns='\(Self.pubsub)'><items node='\(Self.bookmarks)'/></pubsub></iq>", id: "bm5")
+        XCTAssertEqual(errorCondition(closed).0, "not-allowed")
+        XCTAssertEqual(errorCondition(closed).1, "closed-node")
+
+        // A precondition the node does not meet is refused, and nothing is published.
+        let mismatch = try await publish(owner, node: Self.bookmarks, id: "x@conference.localhost", payload: "<conference xmlns='\(Self.bookmarks)'/>",
+                                         options: ["access_model": "open"], iqID: "bm6")
+        XCTAssertEqual(errorCondition(mismatch).0, "conflict")
+        XCTAssertEqual(errorCondition(mismatch).1, "precondition-not-met")
+        let configuration = try await iq(owner, "<iq type='get' id='cf'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><configure node='\(Self.bookmarks)'/></pubsub></iq>", id: "cf")
+        let form = configuration.child("pubsub")?.child("configure")?.child("x", namespace: "jabber:x:data")
+        let access = form?.elements.first { $0[attribute: "var"] == "pubsub#access_model" }?.child("value")?.text
+        XCTAssertEqual(access, "whitelist")
+
+        // OMEMO's device list is open: anyone may read it, contact or not.
+        let devices = "<list xmlns='eu.siacs.conversations.axolotl'><device id='12345'/></list>"
+        let open = try await publish(owner, node: Self.omemoDevices, id: "current", payload: devices, options: ["access_model": "open"], iqID: "om1")
+        XCTAssertEqual(open[attribute: "type"], "result", open.serialized())
+        let read = try await iq(stranger, "<iq type='get' id='om2' to='p4@localhost'><pubsub xmlns='\(Self.pubsub)'><items node='\(Self.omemoDevices)' max_items='1'/></pubsub></iq>", id: "om2")
+        XCTAssertEqual(read.child("pubsub")?.child("items")?.child("item")?.child("list")?.child("device")?[attribute: "id"], "12345")
+
+        // max_items keeps the newest; configure can lower it.
+        for index in 1...3 {
+            let answer = try await publish(owner, node: "urn:example:log", id: "e\(index)", payload: "<entry xmlns='urn:example:log'>\(index)</entry>",
+                                           options: ["max_items": "2"], iqID: "log\(index)")
+            XCTAssertEqual(answer[attribute: "type"], "result", answer.serialized())
+        }
+        let log = try await iq(owner, "<iq type='get' id='log4'><pubsub xmlns='\(Self.pubsub)'><items node='urn:example:log'/></pubsub></iq>", id: "log4")
+        XCTAssertEqual(log.child("pubsub")?.child("items")?.elements.map { $0[attribute: "id"] }, ["e2", "e3"])
+
+        // Quotas: item size, and nodes per account (4 here: bookmarks, devices, log, and one more).
+        let big = String(repeating: "x", count: 5000)
+        let tooBig = try await publish(owner, node: "urn:example:big", payload: "<big xmlns='urn:example:big'>\(big)</big>", iqID: "q1")
+        XCTAssertEqual(errorCondition(tooBig).0, "not-acceptable")
+        XCTAssertEqual(errorCondition(tooBig).1, "payload-too-big")
+        let fourth = try await publish(owner, node: "urn:example:four", payload: "<four xmlns='urn:example:four'/>", iqID: "q2")
+        XCTAssertEqual(fourth[attribute: "type"], "result")
+        let fifth = try await publish(owner, node: "urn:example:five", payload: "<five xmlns='urn:example:five'/>", iqID: "q3")
+        XCTAssertEqual(errorCondition(fifth).0, "not-allowed")
+        XCTAssertEqual(errorCondition(fifth).1, "max-nodes-exceeded")
+        let empty = try await iq(owner, "<iq type='set' id='q4'><pubsub xmlns='\(Self.pubsub)'><publish node='urn:example:four'><item id='x'/></publish></pubsub></iq>", id: "q4")
+        XCTAssertEqual(errorCondition(empty).1, "payload-required")
+        let unknownField = try await iq(owner, """
+            <iq type='set' id='q5'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><configure node='urn:example:four'>\
+            <x xmlns='jabber:x:data' type='submit'><field var='pubsub#no_such_option'><value>1</value></field></x></configure></pubsub></iq>
+            """, id: "q5")
+        XCTAssertEqual(errorCondition(unknownField).0, "not-acceptable")
+
+        // Whitelisting the friend opens the bookmarks to them.
+        let whitelisted = try await iq(owner, """
+            <iq type='set' id='af'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><affiliations node='\(Self.bookmarks)'>\
+            <affiliation jid='p5@localhost' affiliation='member'/></affiliations></pubsub></iq>
+            """, id: "af")
+        XCTAssertEqual(whitelisted[attribute: "type"], "result", whitelisted.serialized())
+        let allowed = try await iq(friend, "<iq type='get' id='bm7' to='p4@localhost'><pubsub xmlns='\(Self.pubsub)'><items node='\(Self.bookmarks)'/></pubsub></iq>", id: "bm7")
+        XCTAssertEqual(allowed.child("pubsub")?.child("items")?.elements.count, 2)
+        for client in [owner, friend, stranger] { await client.close() }
+    }
+
+    func testSlixmppPublishesAvatarNickAndBookmarks() async throws {
+        let (status, output) = try ServerProcess.slixmpp([
+            "pep", "--port", "\(Self.server.directTLSPort)", "--tls", "direct",
+            "--jid-a", "p7@localhost", "--password-a", "pw7", "--jid-b", "p8@localhost", "--password-b", "pw8",
+        ])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("OK"), output)
+    }
+}
