@@ -7,6 +7,7 @@ import Synchronization
 /// the stanza path never wait for storage.
 public final class BlockingModule: ServerModule {
     public static let namespace = "urn:xmpp:blocking"
+    public static let errorsNamespace = "urn:xmpp:blocking:errors"
     public static let descriptor = ModuleDescriptor(
         name: "blocking", summary: "Blocks unwanted contacts.", xeps: ["XEP-0191"],
         options: [ModuleOptionSpec("max_items", .integer(1...100_000), default: .integer(1000), doc: "Entries one blocklist may hold.")]
@@ -55,7 +56,9 @@ public final class BlockingModule: ServerModule {
                   let origin = event.origin, let to = event.stanza[attribute: "to"].flatMap({ JID($0) }),
                   isBlocked(to, by: origin.bare) else { return .pass }
             if event.stanza.name == "presence" { return .handled }
-            return .reject(.notAcceptable, text: "you have blocked this contact")
+            // XEP-0191 §3.5: the error says why, so clients can offer to unblock.
+            return .refuse(StanzaError(.notAcceptable, application: XMLElement(name: "blocked", namespace: Self.errorsNamespace),
+                                       text: "you have blocked this contact"))
         }
         // Inbound: nothing from a blocked entity reaches the account; and what the server sends on an
         // account's behalf (presence broadcasts, probes answers) never reaches whom it blocked.

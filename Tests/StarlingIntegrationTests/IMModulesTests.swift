@@ -134,6 +134,7 @@ final class IMModulesTests: XCTestCase {
         a.send(chat(to: "m4@localhost", body: "to the blocked"))
         let outbound = try await expect(a, "outbound refusal") { $0.name == "message" && $0[attribute: "type"] == "error" }
         XCTAssertEqual(errorCondition(outbound), "not-acceptable")
+        XCTAssertNotNil(outbound.child("error")?.child("blocked", namespace: "urn:xmpp:blocking:errors"), "XEP-0191 §3.5: \(outbound.serialized())")
         a.send("<presence><status>secret</status></presence>")
         b.send("<iq type='get' id='b-ping'><ping xmlns='urn:xmpp:ping'/></iq>")
         let afterPresence = try await expect(b, "next stanza") {
