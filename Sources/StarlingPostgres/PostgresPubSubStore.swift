@@ -36,6 +36,7 @@ extension PostgresStore: PubSubStore {
         try await run { [client, logger] in
             try await client.withTransaction(logger: logger) { connection in
                 try await connection.query("DELETE FROM pubsub_items WHERE host = \(host) AND username = \(username) AND node = \(name)", logger: logger)
+                try await connection.query("DELETE FROM pubsub_subscriptions WHERE host = \(host) AND username = \(username) AND node = \(name)", logger: logger)
                 try await connection.query("DELETE FROM pubsub_nodes WHERE host = \(host) AND username = \(username) AND node = \(name)", logger: logger)
             }
         }
@@ -97,6 +98,36 @@ extension PostgresStore: PubSubStore {
         let (host, username) = Self.key(service)
         try await run { [client, logger] in
             try await client.query("DELETE FROM pubsub_items WHERE host = \(host) AND username = \(username) AND node = \(name)", logger: logger)
+        }
+    }
+
+    public func pubsubSubscriptions(of service: JID) async throws(StorageError) -> [String: [StoredPubSubSubscription]] {
+        let (host, username) = Self.key(service)
+        let rows = try await run { [client, logger] in
+            var rows: [(String, String, String)] = []
+            for try await row in try await client.query(
+                "SELECT node, jid, state FROM pubsub_subscriptions WHERE host = \(host) AND username = \(username) ORDER BY node, jid", logger: logger
+            ).decode((String, String, String).self) { rows.append(row) }
+            return rows
+        }
+        var subscriptions: [String: [StoredPubSubSubscription]] = [:]
+        for (node, jid, state) in rows { subscriptions[node, default: []].append(StoredPubSubSubscription(jid: jid, state: state)) }
+        return subscriptions
+    }
+
+    public func setPubSubSubscription(_ jid: String, state: String?, node: String, service: JID) async throws(StorageError) {
+        let (host, username) = Self.key(service)
+        try await run { [client, logger] in
+            if let state {
+                try await client.query(
+                    """
+                    INSERT INTO pubsub_subscriptions (host, username, node, jid, state) VALUES (\(host), \(username), \(node), \(jid), \(state))
+                    ON CONFLICT (host, username, node, jid) DO UPDATE SET state = EXCLUDED.state
+                    """, logger: logger)
+            } else {
+                try await client.query(
+                    "DELETE FROM pubsub_subscriptions WHERE host = \(host) AND username = \(username) AND node = \(node) AND jid = \(jid)", logger: logger)
+            }
         }
     }
 }

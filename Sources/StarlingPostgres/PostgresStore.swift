@@ -132,6 +132,14 @@ public final class PostgresStore: Sendable {
             """,
             "CREATE INDEX pubsub_items_order ON pubsub_items (host, username, node, seq)",
         ],
+        [
+            """
+            CREATE TABLE pubsub_subscriptions (
+                host TEXT NOT NULL, username TEXT NOT NULL, node TEXT NOT NULL, jid TEXT NOT NULL, state TEXT NOT NULL,
+                PRIMARY KEY (host, username, node, jid)
+            )
+            """,
+        ],
     ]
 
     private init(client: PostgresClient, logger: Logger, timeout: Double, poolSize: Int) {

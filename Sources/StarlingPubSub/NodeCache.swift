@@ -2,14 +2,16 @@ import StarlingAPI
 import StarlingStorage
 import Synchronization
 
-/// A node as PEP keeps it in memory: its configuration and newest item (what a contact coming online
+/// A node as a PubSub service keeps it in memory: its configuration and newest item (what a contact coming online
 /// is sent), so presence does not read the database for every contact's every node.
 struct CachedNode: Sendable {
     var config: PubSubNodeConfig
     var last: StoredPubSubItem?
+    /// Subscriptions by JID (as subscribed, bare or full): `subscribed` or `pending`. PEP nodes have none.
+    var subscriptions: [String: String] = [:]
 }
 
-/// The nodes of recently used PEP services, bounded. Each node of a cluster keeps its own; a change on
+/// The nodes of recently used PubSub services (accounts' PEP services, or a service's domain), bounded. Each node of a cluster keeps its own; a change on
 /// one node drops the owner's entry on the others.
 final class NodeCache: Sendable {
     private struct State {

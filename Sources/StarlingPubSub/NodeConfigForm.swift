@@ -4,7 +4,7 @@ import StarlingStorage
 /// A node's configuration as a `pubsub#node_config` data form, and the submitted forms that change it
 /// (configure, create with configuration, publish-options).
 enum NodeConfigForm {
-    static let accessModels = ["open", "presence", "roster", "whitelist"]
+    static let accessModels = ["open", "presence", "roster", "authorize", "whitelist"]
     static let publishModels = ["publishers", "open"]
     static let sendLastModels = ["never", "on_sub", "on_sub_and_presence"]
 

@@ -30,6 +30,7 @@ extension SQLiteStore: PubSubStore {
             try await self.transaction {
                 let binds = Self.userBinds(service) + [.text(name)]
                 _ = try await self.connection.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", binds)
+                _ = try await self.connection.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ?", binds)
                 _ = try await self.connection.query("DELETE FROM pubsub_nodes WHERE host = ? AND username = ? AND node = ?", binds)
             }
         }
@@ -88,6 +89,34 @@ extension SQLiteStore: PubSubStore {
     public func purgePubSubNode(_ name: String, of service: JID) async throws(StorageError) {
         try await run {
             _ = try await self.connection.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", Self.userBinds(service) + [.text(name)])
+        }
+    }
+
+    public func pubsubSubscriptions(of service: JID) async throws(StorageError) -> [String: [StoredPubSubSubscription]] {
+        let rows = try await run {
+            try await self.connection.query("SELECT node, jid, state FROM pubsub_subscriptions WHERE host = ? AND username = ? ORDER BY node, jid",
+                                            Self.userBinds(service))
+        }
+        var subscriptions: [String: [StoredPubSubSubscription]] = [:]
+        for row in rows {
+            guard let node = row.column("node")?.string, let jid = row.column("jid")?.string, let state = row.column("state")?.string else { continue }
+            subscriptions[node, default: []].append(StoredPubSubSubscription(jid: jid, state: state))
+        }
+        return subscriptions
+    }
+
+    public func setPubSubSubscription(_ jid: String, state: String?, node: String, service: JID) async throws(StorageError) {
+        try await run {
+            let binds = Self.userBinds(service) + [.text(node), .text(jid)]
+            if let state {
+                _ = try await self.connection.query(
+                    """
+                    INSERT INTO pubsub_subscriptions (host, username, node, jid, state) VALUES (?, ?, ?, ?, ?)
+                    ON CONFLICT (host, username, node, jid) DO UPDATE SET state = excluded.state
+                    """, binds + [.text(state)])
+            } else {
+                _ = try await self.connection.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ? AND jid = ?", binds)
+            }
         }
     }
 }

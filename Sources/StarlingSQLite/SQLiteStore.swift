@@ -144,6 +144,14 @@ public final class SQLiteStore: Sendable {
             """,
             "CREATE INDEX pubsub_items_order ON pubsub_items (host, username, node, seq)",
         ],
+        [
+            """
+            CREATE TABLE pubsub_subscriptions (
+                host TEXT NOT NULL, username TEXT NOT NULL, node TEXT NOT NULL, jid TEXT NOT NULL, state TEXT NOT NULL,
+                PRIMARY KEY (host, username, node, jid)
+            )
+            """,
+        ],
     ]
 
     private init(connection: SQLiteConnection) {

@@ -51,6 +51,6 @@ public enum StorageTables {
     /// Every table keyed by (host, username), dependents before `accounts`.
     public static let perUser = [
         "roster_items", "roster_pending", "roster_versions", "offline_messages", "blocklist", "private_xml", "vcards",
-        "last_activity", "archive_messages", "archive_prefs", "pubsub_items", "pubsub_nodes", "scram_credentials", "accounts",
+        "last_activity", "archive_messages", "archive_prefs", "pubsub_items", "pubsub_subscriptions", "pubsub_nodes", "scram_credentials", "accounts",
     ]
 }

@@ -91,6 +91,19 @@ public struct StoredPubSubItem: Sendable, Equatable {
     }
 }
 
+/// One entity's subscription to a node of a PubSub service.
+public struct StoredPubSubSubscription: Sendable, Equatable {
+    /// The subscribed JID (bare or full, as it subscribed).
+    public var jid: String
+    /// `subscribed`, or `pending` while the owner decides (the `authorize` access model).
+    public var state: String
+
+    public init(jid: String, state: String) {
+        self.jid = jid
+        self.state = state
+    }
+}
+
 /// PubSub nodes and their items (XEP-0060, XEP-0163). Items keep publication order; publishing an id
 /// again replaces that item and makes it the newest.
 public protocol PubSubStore: Sendable {
@@ -98,7 +111,7 @@ public protocol PubSubStore: Sendable {
     func pubsubNodes(of service: JID) async throws(StorageError) -> [StoredPubSubNode]
     /// Creates the node or replaces its configuration (items stay).
     func savePubSubNode(_ node: StoredPubSubNode) async throws(StorageError)
-    /// Removes the node and its items.
+    /// Removes the node, its items and its subscriptions.
     func deletePubSubNode(_ name: String, of service: JID) async throws(StorageError)
     /// The node's items, newest first: those named by `ids` (in any order), or the newest `limit`.
     func pubsubItems(of node: String, service: JID, ids: [String]?, limit: Int?) async throws(StorageError) -> [StoredPubSubItem]
@@ -108,4 +121,9 @@ public protocol PubSubStore: Sendable {
     func retractPubSubItem(_ id: String, from node: String, service: JID) async throws(StorageError) -> Bool
     /// Removes every item of the node.
     func purgePubSubNode(_ name: String, of service: JID) async throws(StorageError)
+    /// Every subscription to the nodes of `service`, by node name (PEP services have none: contacts
+    /// follow through presence).
+    func pubsubSubscriptions(of service: JID) async throws(StorageError) -> [String: [StoredPubSubSubscription]]
+    /// Records a subscription, or removes it when `state` is nil.
+    func setPubSubSubscription(_ jid: String, state: String?, node: String, service: JID) async throws(StorageError)
 }

@@ -298,6 +298,19 @@ struct StoreContract {
         let orphaned = try await store.pubsubItems(of: "http://jabber.org/protocol/nick", service: owner, ids: nil, limit: nil)
         XCTAssertEqual(orphaned, [], "no item outlives its node")
 
+        // Subscriptions (a service's nodes), gone with their node.
+        try await store.setPubSubSubscription("reader@\(host)", state: "pending", node: "news", service: service)
+        try await store.setPubSubSubscription("reader@\(host)", state: "subscribed", node: "news", service: service)
+        try await store.setPubSubSubscription("other@\(host)/phone", state: "subscribed", node: "news", service: service)
+        try await store.setPubSubSubscription("leaver@\(host)", state: "subscribed", node: "news", service: service)
+        try await store.setPubSubSubscription("leaver@\(host)", state: nil, node: "news", service: service)
+        var subscriptions = try await store.pubsubSubscriptions(of: service)
+        XCTAssertEqual(subscriptions, ["news": [StoredPubSubSubscription(jid: "other@\(host)/phone", state: "subscribed"),
+                                                StoredPubSubSubscription(jid: "reader@\(host)", state: "subscribed")]])
+        try await store.deletePubSubNode("news", of: service)
+        subscriptions = try await store.pubsubSubscriptions(of: service)
+        XCTAssertEqual(subscriptions, [:])
+
         // Deleting the account takes its PEP nodes with it.
         try await store.register(username: "publisher", host: host, password: "p", iterations: 4096)
         try await store.publishPubSubItem(StoredPubSubItem(id: "z", publisher: owner.description, payload: "", published: 1), to: node, service: owner, keep: 3)
