@@ -60,7 +60,7 @@ extension StarlingConfiguration {
 
     public static let defaultModules = [
         "disco", "ping", "version", "time", "roster", "presence", "offline", "blocking", "private", "vcard", "last", "carbons", "csi", "register",
-        "muc", "mam", "pep",
+        "muc", "mam", "pep", "pubsub",
     ]
 }
 

@@ -16,7 +16,8 @@ Modes (each prints one result line and exits 0 on success, 1 on failure, bounded
   pep      with the xep_0115/0163/0172/0084/0223/0402 plugins: A and B subscribe to each other; B says
            +notify for nicknames and avatars through its entity capabilities; A publishes a nickname and
            an avatar (data, then metadata) which B is notified of and fetches, and A stores XEP-0402
-           bookmarks with the persistent-storage publish options and reads them back: prints OK
+           bookmarks with the persistent-storage publish options and reads them back; then with
+           xep_0060 B creates a node on --service, A subscribes, and B's publication reaches A: prints OK
 """
 import argparse
 import asyncio
@@ -251,6 +252,21 @@ async def pep(args):
         if error.condition != "not-allowed":
             print(f"WRONG-REFUSAL {error.condition}")
             return 1
+    # A node of the PubSub service: B creates it, A subscribes, B publishes.
+    from slixmpp.xmlstream import ET
+    published = loop.create_future()
+    a.add_event_handler("pubsub_publish", lambda m: m["from"] == args.service and not published.done() and published.set_result(m))
+    await b.plugin["xep_0060"].create_node(args.service, "slixmpp-news")
+    subscription = await a.plugin["xep_0060"].subscribe(args.service, "slixmpp-news")
+    if subscription["pubsub"]["subscription"]["subscription"] != "subscribed":
+        print(f"WRONG-SUBSCRIPTION {subscription}")
+        return 1
+    entry = ET.fromstring("<entry xmlns='http://www.w3.org/2005/Atom'><title>from slixmpp</title></entry>")
+    await b.plugin["xep_0060"].publish(args.service, "slixmpp-news", id="one", payload=entry)
+    message = await asyncio.wait_for(published, args.timeout)
+    if message["pubsub_event"]["items"]["item"]["id"] != "one":
+        print(f"WRONG-EVENT {message}")
+        return 1
     for client in (a, b):
         client.disconnect()
     print("OK")
@@ -427,6 +443,7 @@ def main():
     parser.add_argument("--password-c")
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--room")
+    parser.add_argument("--service", default="pubsub.localhost")
     parser.add_argument("--timeout", type=float, default=20)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()

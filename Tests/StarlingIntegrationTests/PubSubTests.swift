@@ -4,11 +4,13 @@ import StarlingAPI
 import StarlingTestClient
 import XCTest
 
-/// Personal eventing (XEP-0163) on the real server, as clients use it: entity capabilities with
-/// `+notify`, notifications to contacts who see the publisher's presence, the newest item when a
-/// resource comes online, access models, publish-options preconditions and quotas.
-final class PEPTests: XCTestCase {
-    static let users = (1...12).map { ("p\($0)", "pw\($0)") }
+/// Personal eventing (XEP-0163) and the PubSub service (XEP-0060) on the real server, as clients use
+/// them: entity capabilities with `+notify`, notifications to contacts who see the publisher's presence,
+/// the newest item when a resource comes online, access models, publish-options preconditions, quotas;
+/// a service's nodes with subscriptions, affiliations and approval of pending subscribers.
+final class PubSubTests: XCTestCase {
+    static let users = (1...16).map { ("p\($0)", "pw\($0)") }
+    static let service = "pubsub.localhost"
     nonisolated(unsafe) static var server: ServerProcess!
     nonisolated(unsafe) static var startFailure: (any Error)?
 
@@ -29,6 +31,7 @@ final class PEPTests: XCTestCase {
           presence: {}
           ping: {}
           pep: { max_nodes: 4, max_item_size: 4096 }
+          pubsub: {}
         """, users: users) } catch {
             startFailure = error
         }
@@ -291,12 +294,113 @@ final class PEPTests: XCTestCase {
         for client in [owner, friend, stranger] { await client.close() }
     }
 
-    func testSlixmppPublishesAvatarNickAndBookmarks() async throws {
+    func testSlixmppPublishesAvatarNickAndBookmarksAndUsesTheService() async throws {
         let (status, output) = try ServerProcess.slixmpp([
             "pep", "--port", "\(Self.server.directTLSPort)", "--tls", "direct",
             "--jid-a", "p7@localhost", "--password-a", "pw7", "--jid-b", "p8@localhost", "--password-b", "pw8",
         ])
         XCTAssertEqual(status, 0, output)
         XCTAssertTrue(output.contains("OK"), output)
+    }
+
+    // MARK: The service
+
+    func testAServiceNodeWithSubscribersPublishersAndApproval() async throws {
+        let owner = try await login(9, resource: "o")
+        let reader = try await login(10, resource: "r")
+        let writer = try await login(11, resource: "w")
+        let outsider = try await login(12, resource: "x")
+        let service = Self.service
+
+        let info = try await iq(reader, "<iq type='get' id='si' to='\(service)'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "si")
+        XCTAssertEqual(info.child("query")?.child("identity")?[attribute: "type"], "service")
+        let listed = try await iq(reader, "<iq type='get' id='sl' to='localhost'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>", id: "sl")
+        XCTAssertTrue(listed.child("query")?.elements.contains { $0[attribute: "jid"] == service } ?? false, "the host lists the service")
+
+        let created = try await iq(owner, """
+            <iq type='set' id='c1' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><create node='news'/><configure>\
+            <x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/pubsub#node_config</value></field>\
+            <field var='pubsub#title'><value>Site news</value></field><field var='pubsub#max_items'><value>10</value></field></x></configure></pubsub></iq>
+            """, id: "c1")
+        XCTAssertEqual(created[attribute: "type"], "result", created.serialized())
+        let again = try await iq(writer, "<iq type='set' id='c2' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><create node='news'/></pubsub></iq>", id: "c2")
+        XCTAssertEqual(errorCondition(again).0, "conflict")
+        let instant = try await iq(writer, "<iq type='set' id='c3' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><create/></pubsub></iq>", id: "c3")
+        XCTAssertNotNil(instant.child("pubsub")?.child("create")?[attribute: "node"], "an instant node gets a name")
+
+        let subscribed = try await iq(reader, "<iq type='set' id='s1' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><subscribe node='news' jid='p10@localhost'/></pubsub></iq>", id: "s1")
+        XCTAssertEqual(subscribed.child("pubsub")?.child("subscription")?[attribute: "subscription"], "subscribed", subscribed.serialized())
+        let spoofed = try await iq(outsider, "<iq type='set' id='s2' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><subscribe node='news' jid='p10@localhost'/></pubsub></iq>", id: "s2")
+        XCTAssertEqual(errorCondition(spoofed).1, "invalid-jid")
+
+        let published = try await iq(owner, "<iq type='set' id='p1' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><publish node='news'><item id='first'><entry xmlns='http://www.w3.org/2005/Atom'><title>Hello</title></entry></item></publish></pubsub></iq>", id: "p1")
+        XCTAssertEqual(published[attribute: "type"], "result", published.serialized())
+        let event = try await reader.expect("the news") { $0.name == "message" && $0[attribute: "from"] == service && $0.child("event") != nil }
+        XCTAssertEqual(event.child("event")?.child("items")?.child("item")?.child("entry")?.child("title")?.text, "Hello")
+
+        // Only owners and publishers publish, until the owner makes someone a publisher.
+        let refused = try await iq(writer, "<iq type='set' id='p2' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><publish node='news'><item><entry xmlns='http://www.w3.org/2005/Atom'/></item></publish></pubsub></iq>", id: "p2")
+        XCTAssertEqual(errorCondition(refused).0, "forbidden")
+        let promoted = try await iq(owner, """
+            <iq type='set' id='a1' to='\(service)'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><affiliations node='news'>\
+            <affiliation jid='p11@localhost' affiliation='publisher'/></affiliations></pubsub></iq>
+            """, id: "a1")
+        XCTAssertEqual(promoted[attribute: "type"], "result", promoted.serialized())
+        let allowed = try await iq(writer, "<iq type='set' id='p3' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><publish node='news'><item id='second'><entry xmlns='http://www.w3.org/2005/Atom'><title>Again</title></entry></item></publish></pubsub></iq>", id: "p3")
+        XCTAssertEqual(allowed[attribute: "type"], "result", allowed.serialized())
+        _ = try await reader.expect("the second news") { $0.child("event")?.child("items")?.child("item")?[attribute: "id"] == "second" }
+        let items = try await iq(outsider, "<iq type='get' id='i1' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><items node='news'/></pubsub></iq>", id: "i1")
+        XCTAssertEqual(items.child("pubsub")?.child("items")?.elements.map { $0[attribute: "id"] }, ["first", "second"])
+        let nodeInfo = try await iq(outsider, "<iq type='get' id='ni' to='\(service)'><query xmlns='http://jabber.org/protocol/disco#info' node='news'/></iq>", id: "ni")
+        XCTAssertEqual(nodeInfo.child("query")?.child("identity")?[attribute: "type"], "leaf")
+        let title = nodeInfo.child("query")?.child("x")?.elements.first { $0[attribute: "var"] == "pubsub#title" }?.child("value")?.text
+        XCTAssertEqual(title, "Site news")
+        let mine = try await iq(reader, "<iq type='get' id='ms' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><subscriptions/></pubsub></iq>", id: "ms")
+        XCTAssertEqual(mine.child("pubsub")?.child("subscriptions")?.elements.map { $0[attribute: "node"] }, ["news"])
+
+        // Unsubscribed, the reader hears nothing more.
+        let left = try await iq(reader, "<iq type='set' id='u1' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><unsubscribe node='news' jid='p10@localhost'/></pubsub></iq>", id: "u1")
+        XCTAssertEqual(left[attribute: "type"], "result", left.serialized())
+        _ = try await iq(owner, "<iq type='set' id='p4' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><publish node='news'><item id='third'><entry xmlns='http://www.w3.org/2005/Atom'/></item></publish></pubsub></iq>", id: "p4")
+        try await expectNoEvent(reader, marker: owner, to: "p10@localhost/r")
+
+        // An authorize node: the subscription waits for an owner's approval through the form.
+        let privateNode = try await iq(owner, """
+            <iq type='set' id='c4' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><create node='private'/><configure>\
+            <x xmlns='jabber:x:data' type='submit'><field var='pubsub#access_model'><value>authorize</value></field></x></configure></pubsub></iq>
+            """, id: "c4")
+        XCTAssertEqual(privateNode[attribute: "type"], "result", privateNode.serialized())
+        let pending = try await iq(outsider, "<iq type='set' id='s3' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><subscribe node='private' jid='p12@localhost'/></pubsub></iq>", id: "s3")
+        XCTAssertEqual(pending.child("pubsub")?.child("subscription")?[attribute: "subscription"], "pending")
+        let notYet = try await iq(outsider, "<iq type='get' id='i2' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><items node='private'/></pubsub></iq>", id: "i2")
+        XCTAssertEqual(errorCondition(notYet).1, "not-subscribed")
+        let request = try await owner.expect("the approval form") { $0.name == "message" && $0.child("x", namespace: "jabber:x:data") != nil }
+        let form = request.child("x", namespace: "jabber:x:data")
+        XCTAssertEqual(form?.elements.first { $0[attribute: "var"] == "pubsub#subscriber_jid" }?.child("value")?.text, "p12@localhost")
+        owner.send("""
+            <message to='\(service)'><x xmlns='jabber:x:data' type='submit'>\
+            <field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/pubsub#subscribe_authorization</value></field>\
+            <field var='pubsub#node'><value>private</value></field><field var='pubsub#subscriber_jid'><value>p12@localhost</value></field>\
+            <field var='pubsub#allow'><value>true</value></field></x></message>
+            """)
+        let outcome = try await outsider.expect("the approval") { $0.name == "message" && $0.child("pubsub")?.child("subscription") != nil }
+        XCTAssertEqual(outcome.child("pubsub")?.child("subscription")?[attribute: "subscription"], "subscribed")
+        let nowAllowed = try await iq(outsider, "<iq type='get' id='i3' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><items node='private'/></pubsub></iq>", id: "i3")
+        XCTAssertEqual(nowAllowed[attribute: "type"], "result", nowAllowed.serialized())
+
+        // Whitelist nodes refuse strangers; deleting a node tells its subscribers.
+        let closed = try await iq(owner, """
+            <iq type='set' id='c5' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><create node='closed'/><configure>\
+            <x xmlns='jabber:x:data' type='submit'><field var='pubsub#access_model'><value>whitelist</value></field></x></configure></pubsub></iq>
+            """, id: "c5")
+        XCTAssertEqual(closed[attribute: "type"], "result")
+        let stranger = try await iq(reader, "<iq type='set' id='s4' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><subscribe node='closed' jid='p10@localhost'/></pubsub></iq>", id: "s4")
+        XCTAssertEqual(errorCondition(stranger).1, "closed-node")
+        let notOwner = try await iq(writer, "<iq type='set' id='d0' to='\(service)'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><delete node='private'/></pubsub></iq>", id: "d0")
+        XCTAssertEqual(errorCondition(notOwner).0, "forbidden")
+        let deleted = try await iq(owner, "<iq type='set' id='d1' to='\(service)'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><delete node='private'/></pubsub></iq>", id: "d1")
+        XCTAssertEqual(deleted[attribute: "type"], "result")
+        _ = try await outsider.expect("the deletion") { $0.child("event")?.child("delete")?[attribute: "node"] == "private" }
+        for client in [owner, reader, writer, outsider] { await client.close() }
     }
 }
