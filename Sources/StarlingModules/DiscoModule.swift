@@ -6,18 +6,30 @@ public final class DiscoModule: ServerModule {
     public static let infoNamespace = "http://jabber.org/protocol/disco#info"
     public static let itemsNamespace = "http://jabber.org/protocol/disco#items"
     public static let descriptor = ModuleDescriptor(
-        name: "disco", summary: "Service discovery for the server and accounts.", xeps: ["XEP-0030", "XEP-0115"],
+        name: "disco", summary: "Service discovery for the server and accounts.", xeps: ["XEP-0030", "XEP-0115", "XEP-0128", "XEP-0157"],
         options: [
             ModuleOptionSpec("server_name", .string(choices: nil), default: .string("Starling"), doc: "The server identity's name."),
-        ]
+        ] + contactRoles.map { role in
+            ModuleOptionSpec("\(role)_addresses", .stringList, default: .stringList([]),
+                             doc: "XEP-0157 contact addresses for \(role) (URIs such as mailto:, xmpp: or https:), listed in the server's disco#info.")
+        }
     )
+    /// XEP-0157's registered roles.
+    static let contactRoles = ["abuse", "admin", "feedback", "sales", "security", "status", "support"]
 
     private let host: any ModuleHost
     private let serverName: String
+    /// The XEP-0157 form, when any address is configured.
+    private let contactForm: XMLElement?
 
     public init(host: any ModuleHost) {
         self.host = host
         serverName = host.options.string("server_name")
+        let fields = Self.contactRoles.compactMap { role -> DataForm.Field? in
+            let addresses = host.options.stringList("\(role)_addresses")
+            return addresses.isEmpty ? nil : DataForm.Field("\(role)-addresses", values: addresses)
+        }
+        contactForm = fields.isEmpty ? nil : DataForm(type: .result, formType: "http://jabber.org/network/serverinfo", fields: fields).element
     }
 
     public func register(_ registrar: ModuleRegistrar) {
@@ -25,6 +37,7 @@ public final class DiscoModule: ServerModule {
         registrar.feature(Self.itemsNamespace, for: .both)
         let host = self.host
         let serverName = self.serverName
+        let contactForm = self.contactForm
         registrar.iq(.get, "query", Self.infoNamespace, target: .both) { request in
             // Only the root node exists for now; entity-caps nodes are answered by clients themselves.
             if request.payload[attribute: "node"] != nil { return .error(.itemNotFound) }
@@ -52,6 +65,7 @@ public final class DiscoModule: ServerModule {
             for feature in features {
                 query.append(XMLElement(name: "feature", namespace: Self.infoNamespace, attributes: ["var": feature]))
             }
+            if request.to.localpart == nil, let contactForm { query.append(contactForm) }
             return .result(query)
         }
         registrar.iq(.get, "query", Self.itemsNamespace, target: .both) { request in

@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import StarlingAPI
+import StarlingPubSub
 import StarlingStorage
 import Synchronization
 
@@ -50,6 +51,11 @@ public final class VCardModule: ServerModule {
                 let hash = (try? await store.vCard(of: user))??.photoHash
                 hashes.withLock { $0[user] = hash ?? "" }
             }
+            return .pass
+        }
+        // XEP-0398: a PEP avatar became the vCard photo.
+        registrar.hook(AvatarConversion.changed) { [self] event in
+            hashes.withLock { if $0[event.user] != nil { $0[event.user] = event.photoHash ?? "" } }
             return .pass
         }
         registrar.hook(.sessionClosed) { [self] event in

@@ -11,7 +11,7 @@ public final class PEPModule: ServerModule {
     static let clusterNamespace = "urn:starling:pep"
     public static let descriptor = ModuleDescriptor(
         name: "pep", summary: "Personal eventing: avatars, bookmarks, nicknames and OMEMO keys on every account.",
-        xeps: ["XEP-0163", "XEP-0060", "XEP-0115", "XEP-0084", "XEP-0402", "XEP-0172", "XEP-0223"],
+        xeps: ["XEP-0163", "XEP-0060", "XEP-0115", "XEP-0084", "XEP-0398", "XEP-0402", "XEP-0172", "XEP-0223"],
         dependencies: ["roster"],
         options: [
             ModuleOptionSpec("max_nodes", .integer(1...10_000), default: .integer(100), doc: "Nodes per account."),
@@ -40,22 +40,27 @@ public final class PEPModule: ServerModule {
 
     public init(host: any ModuleHost) throws {
         self.host = host
-        guard let store = host.service((any PubSubStore).self), let rosters = host.service((any RosterStore).self) else {
-            throw ModuleStartError("no PubSub or roster storage available")
+        guard let store = host.service((any PubSubStore).self), let rosters = host.service((any RosterStore).self),
+              let vcards = host.service((any VCardStore).self) else {
+            throw ModuleStartError("no PubSub, roster or vCard storage available")
         }
         self.rosters = rosters
+        let avatars = AvatarConversion(vcards: vcards, host: host)
         let rules = PubSubRules(subscriptions: false, maxNodes: host.options.integer("max_nodes"), maxItems: host.options.integer("max_items"),
                                 maxItemSize: host.options.integer("max_item_size"), mayCreate: { requester, service in requester == service }, admins: [])
         let caps = self.caps
         engine = PubSubEngine(host: host, store: store, rosters: rosters, rules: rules, cachedServices: host.options.integer("cached_accounts"),
-                              clusterNamespace: Self.clusterNamespace) { owner, node, cached in
+                              clusterNamespace: Self.clusterNamespace, published: { engine, owner, node, item in
+                                  guard node == AvatarConversion.metadataNode else { return }
+                                  await avatars.published(item, owner: owner, engine: engine)
+                              }) { owner, node, cached in
             await Self.recipients(owner: owner, node: node, config: cached.config, host: host, rosters: rosters, caps: caps)
         }
     }
 
     public func register(_ registrar: ModuleRegistrar) {
         registrar.identity(category: "pubsub", type: "pep", for: .account)
-        for feature in Self.features { registrar.feature(feature, for: .account) }
+        for feature in Self.features + [AvatarConversion.feature] { registrar.feature(feature, for: .account) }
         for type in [IQType.get, .set] {
             for namespace in [PubSubNamespace.pubsub, PubSubNamespace.owner] {
                 registrar.iq(type, "pubsub", namespace, target: .account) { [engine] request in
@@ -170,3 +175,4 @@ public final class PEPModule: ServerModule {
         }
     }
 }
+

@@ -24,6 +24,8 @@ struct PubSubRules: Sendable {
 /// notification is the caller's to say (`recipients`).
 final class PubSubEngine: Sendable {
     typealias Recipients = @Sendable (_ service: JID, _ node: String, _ cached: CachedNode) async -> [JID]
+    /// Runs after an item is stored and notified (PEP's avatar-to-vCard conversion), one service at a time.
+    typealias Published = @Sendable (_ engine: PubSubEngine, _ service: JID, _ node: String, _ item: StoredPubSubItem) async -> Void
 
     let rules: PubSubRules
     private let host: any ModuleHost
@@ -33,9 +35,10 @@ final class PubSubEngine: Sendable {
     private let serial = KeyedSerialQueue()
     private let clusterNamespace: String
     private let recipients: Recipients
+    private let published: Published?
 
     init(host: any ModuleHost, store: any PubSubStore, rosters: any RosterStore, rules: PubSubRules, cachedServices: Int, clusterNamespace: String,
-         recipients: @escaping Recipients) {
+         published: Published? = nil, recipients: @escaping Recipients) {
         self.host = host
         self.store = store
         self.rosters = rosters
@@ -43,6 +46,7 @@ final class PubSubEngine: Sendable {
         cache = NodeCache(limit: cachedServices)
         self.clusterNamespace = clusterNamespace
         self.recipients = recipients
+        self.published = published
     }
 
     static var defaultConfig: PubSubNodeConfig { PubSubNodeConfig() }
@@ -219,6 +223,7 @@ final class PubSubEngine: Sendable {
             let updated = node
             changed(service) { $0[name] = updated }
             await notify(service: service, node: name, updated, Self.itemsEvent(node: name, [item], payloads: updated.config.deliverPayloads))
+            await published?(self, service, name, item)
             var answer = XMLElement(name: "publish", namespace: PubSubNamespace.pubsub, attributes: ["node": name])
             answer.append(XMLElement(name: "item", namespace: PubSubNamespace.pubsub, attributes: ["id": id]))
             return .result(Self.pubsub(answer))
@@ -542,6 +547,11 @@ final class PubSubEngine: Sendable {
     private func ownedChange(_ request: XMLElement, by requester: JID, service: JID,
                              _ change: @escaping @Sendable (String, CachedNode) async throws -> IQResponse) async throws -> IQResponse {
         try await exclusive(service) { [self] in try await owned(request, by: requester, service: service, change) }
+    }
+
+    /// One item of a node, straight from storage.
+    func item(_ id: String, of node: String, service: JID) async throws -> StoredPubSubItem? {
+        try await store.pubsubItems(of: node, service: service, ids: [id], limit: nil).first
     }
 
     func nodes(of service: JID) async throws -> [String: CachedNode] {

@@ -242,8 +242,12 @@ final class IMIntegrationTests: XCTestCase {
 
         let account = try await iq(user, "<iq type='get' id='d2' to='user10@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "d2")
         XCTAssertEqual(account.child("query")?.child("identity")?[attribute: "type"], "registered")
-        let other = try await iq(user, "<iq type='get' id='d3' to='user11@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "d3")
-        XCTAssertEqual(errorCondition(other), "service-unavailable")
+        // Others learn only what the server does for every account (PEP), whether or not it exists.
+        for (id, target) in [("d3", "user11@localhost"), ("d4", "nobody@localhost")] {
+            let other = try await iq(user, "<iq type='get' id='\(id)' to='\(target)'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: id)
+            let identities = other.child("query")?.elements.filter { $0.name == "identity" }.map { "\($0[attribute: "category"] ?? "")/\($0[attribute: "type"] ?? "")" }
+            XCTAssertEqual(identities, ["pubsub/pep"], other.serialized())
+        }
 
         let version = try await iq(user, "<iq type='get' id='v1' to='localhost'><query xmlns='jabber:iq:version'/></iq>", id: "v1")
         XCTAssertEqual(version.child("query")?.child("name")?.text, "Starling")

@@ -13,7 +13,7 @@ final class IMModulesTests: XCTestCase {
         super.setUp()
         do { server = try ServerProcess(extraConfig: """
         modules:
-          disco: {}
+          disco: { admin_addresses: ["mailto:admin@localhost", "xmpp:admin@localhost"], abuse_addresses: ["https://localhost/abuse"] }
           ping: {}
           roster: {}
           presence: {}
@@ -82,6 +82,22 @@ final class IMModulesTests: XCTestCase {
         _ = try await expect(a, "subscribe back") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
         a.send("<presence to='\(bJID)' type='subscribed'/>")
         _ = try await expect(b, "a online") { $0.name == "presence" && $0[attribute: "type"] == nil && ($0[attribute: "from"] ?? "").hasPrefix(aJID) }
+    }
+
+    // MARK: Discovery
+
+    func testTheServerListsItsContactAddresses() async throws {
+        let client = try await login(20)
+        let info = try await iq(client, "<iq type='get' id='ci' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "ci")
+        let form = try XCTUnwrap(info.child("query")?.child("x", namespace: "jabber:x:data"), info.serialized())
+        func values(_ variable: String) -> [String]? {
+            form.elements.first { $0[attribute: "var"] == variable }?.elements.filter { $0.name == "value" }.map(\.text)
+        }
+        XCTAssertEqual(values("FORM_TYPE"), ["http://jabber.org/network/serverinfo"])
+        XCTAssertEqual(values("admin-addresses"), ["mailto:admin@localhost", "xmpp:admin@localhost"])
+        XCTAssertEqual(values("abuse-addresses"), ["https://localhost/abuse"])
+        XCTAssertNil(values("sales-addresses"), "roles without addresses are left out")
+        await client.close()
     }
 
     // MARK: Offline

@@ -29,6 +29,7 @@ final class PubSubTests: XCTestCase {
           disco: {}
           roster: {}
           presence: {}
+          vcard: {}
           ping: {}
           pep: { max_nodes: 4, max_item_size: 4096 }
           pubsub: {}
@@ -301,6 +302,40 @@ final class PubSubTests: XCTestCase {
         ])
         XCTAssertEqual(status, 0, output)
         XCTAssertTrue(output.contains("OK"), output)
+    }
+
+    /// XEP-0398: an open PEP avatar becomes the vCard photo, and its hash goes into presence (XEP-0153).
+    func testAPEPAvatarBecomesTheVCardPhoto() async throws {
+        let owner = try await login(13, resource: "o")
+        let friend = try await login(14, resource: "f")
+        try await befriend(owner, "p13@localhost", friend, "p14@localhost")
+        let features = try await iq(owner, "<iq type='get' id='af'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "af")
+        XCTAssertTrue(features.child("query")?.elements.contains { $0[attribute: "var"] == "urn:xmpp:pep-vcard-conversion:0" } ?? false)
+
+        let image = Data((0..<600).map { UInt8($0 % 251) })
+        let id = Insecure.SHA1.hash(data: image).map { String(format: "%02x", $0) }.joined()
+        let data = try await publish(owner, node: "urn:xmpp:avatar:data", id: id, payload: "<data xmlns='urn:xmpp:avatar:data'>\(image.base64EncodedString())</data>",
+                                     options: ["access_model": "open"], iqID: "av1")
+        XCTAssertEqual(data[attribute: "type"], "result", data.serialized())
+        let metadata = try await publish(owner, node: "urn:xmpp:avatar:metadata", id: id,
+                                         payload: "<metadata xmlns='urn:xmpp:avatar:metadata'><info id='\(id)' bytes='\(image.count)' type='image/png'/></metadata>",
+                                         options: ["access_model": "open"], iqID: "av2")
+        XCTAssertEqual(metadata[attribute: "type"], "result", metadata.serialized())
+
+        let vCard = try await iq(friend, "<iq type='get' id='vc' to='p13@localhost'><vCard xmlns='vcard-temp'/></iq>", id: "vc")
+        let photo = vCard.child("vCard")?.child("PHOTO")
+        XCTAssertEqual(photo?.child("TYPE")?.text, "image/png", vCard.serialized())
+        XCTAssertEqual(photo?.child("BINVAL")?.text, image.base64EncodedString())
+        owner.send("<presence><status>new look</status></presence>")
+        let presence = try await friend.expect("presence with the new hash") { $0.name == "presence" && $0.child("status")?.text == "new look" }
+        XCTAssertEqual(presence.child("x", namespace: "vcard-temp:x:update")?.child("photo")?.text, id)
+
+        // Removing the avatar (empty metadata) takes the photo out.
+        let removed = try await publish(owner, node: "urn:xmpp:avatar:metadata", id: "none", payload: "<metadata xmlns='urn:xmpp:avatar:metadata'/>", iqID: "av3")
+        XCTAssertEqual(removed[attribute: "type"], "result", removed.serialized())
+        let empty = try await iq(friend, "<iq type='get' id='vc2' to='p13@localhost'><vCard xmlns='vcard-temp'/></iq>", id: "vc2")
+        XCTAssertNil(empty.child("vCard")?.child("PHOTO"), empty.serialized())
+        for client in [owner, friend] { await client.close() }
     }
 
     // MARK: The service
