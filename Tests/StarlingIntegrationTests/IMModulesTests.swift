@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import StarlingAPI
 import StarlingTestClient
@@ -9,9 +10,14 @@ final class IMModulesTests: XCTestCase {
     static let users = (1...20).map { ("m\($0)", "pw\($0)") }
     nonisolated(unsafe) static var server: ServerProcess!
 
+    static let turnSecretFile = FileManager.default.temporaryDirectory.appendingPathComponent("starling-turn-\(UUID().uuidString)").path
+    static let turnSecret = "coturn-static-auth-secret"
+
     override class func setUp() {
         super.setUp()
-        do { server = try ServerProcess(extraConfig: """
+        do {
+            try turnSecret.write(toFile: turnSecretFile, atomically: true, encoding: .utf8)
+            server = try ServerProcess(extraConfig: """
         modules:
           disco: { admin_addresses: ["mailto:admin@localhost", "xmpp:admin@localhost"], abuse_addresses: ["https://localhost/abuse"] }
           ping: {}
@@ -25,7 +31,9 @@ final class IMModulesTests: XCTestCase {
           carbons: {}
           csi: {}
           register: { allow_registration: true, min_interval: 3600, min_password_length: 6 }
-        """, users: users) } catch {
+          extdisco: { stun_host: stun.localhost, turn_host: turn.localhost, turn_port: 3479, turn_transport: tcp, turn_secret_file: "\(turnSecretFile)" }
+        """, users: users)
+        } catch {
             startFailure = error
         }
     }
@@ -37,6 +45,7 @@ final class IMModulesTests: XCTestCase {
     }
 
     override class func tearDown() {
+        try? FileManager.default.removeItem(atPath: turnSecretFile)
         startFailure = nil
         XCTAssertEqual(server?.stop() ?? 0, 0)
         server = nil
@@ -97,6 +106,33 @@ final class IMModulesTests: XCTestCase {
         XCTAssertEqual(values("admin-addresses"), ["mailto:admin@localhost", "xmpp:admin@localhost"])
         XCTAssertEqual(values("abuse-addresses"), ["https://localhost/abuse"])
         XCTAssertNil(values("sales-addresses"), "roles without addresses are left out")
+        await client.close()
+    }
+
+    func testCallServicesWithShortLivedTURNCredentials() async throws {
+        let client = try await login(19)
+        let all = try await iq(client, "<iq type='get' id='es' to='localhost'><services xmlns='urn:xmpp:extdisco:2'/></iq>", id: "es")
+        let services = all.child("services")?.elements ?? []
+        XCTAssertEqual(services.map { $0[attribute: "type"] }, ["stun", "turn"], all.serialized())
+        XCTAssertNil(services.first?[attribute: "password"], "STUN needs no credentials")
+        let turn = try XCTUnwrap(services.last)
+        XCTAssertEqual(turn[attribute: "host"], "turn.localhost")
+        XCTAssertEqual(turn[attribute: "port"], "3479")
+        XCTAssertEqual(turn[attribute: "transport"], "tcp")
+        // The TURN REST scheme: username "<expiry>:<user>", password base64(HMAC-SHA1(secret, username)).
+        let username = try XCTUnwrap(turn[attribute: "username"])
+        let parts = username.split(separator: ":", maxSplits: 1)
+        XCTAssertEqual(parts.last.map(String.init), "m19@localhost")
+        XCTAssertGreaterThan(Double(parts.first ?? "") ?? 0, Date().timeIntervalSince1970, "the credentials expire in the future")
+        let expected = Data(HMAC<Insecure.SHA1>.authenticationCode(for: Data(username.utf8), using: SymmetricKey(data: Data(Self.turnSecret.utf8))))
+        XCTAssertEqual(turn[attribute: "password"], expected.base64EncodedString())
+
+        let onlyTurn = try await iq(client, "<iq type='get' id='et' to='localhost'><services xmlns='urn:xmpp:extdisco:2' type='turn'/></iq>", id: "et")
+        XCTAssertEqual(onlyTurn.child("services")?.elements.map { $0[attribute: "type"] }, ["turn"])
+        let credentials = try await iq(client, "<iq type='get' id='ec' to='localhost'><credentials xmlns='urn:xmpp:extdisco:2'><service host='turn.localhost' type='turn'/></credentials></iq>", id: "ec")
+        XCTAssertNotNil(credentials.child("credentials")?.child("service")?[attribute: "password"], credentials.serialized())
+        let unknown = try await iq(client, "<iq type='get' id='eu' to='localhost'><credentials xmlns='urn:xmpp:extdisco:2'><service host='elsewhere' type='turn'/></credentials></iq>", id: "eu")
+        XCTAssertEqual(errorCondition(unknown), "item-not-found")
         await client.close()
     }
 
