@@ -25,6 +25,8 @@ public final class BlockingModule: ServerModule {
     /// What this module tells its peers on other nodes.
     static let clusterNamespace = "urn:starling:cluster:blocking"
     private let queue = KeyedSerialQueue()
+    /// Another module changed an account's blocklist in storage (privacy lists edit it as a list).
+    public static let listChanged = HookPoint<SessionEvent>("blocklist-changed")
 
     public init(host: any ModuleHost) throws {
         self.host = host
@@ -93,6 +95,16 @@ public final class BlockingModule: ServerModule {
         registrar.hook(.sessionBound) { [self] event in
             let user = event.jid.bare
             queue.enqueue(user) { _ = try? await self.load(user) }
+            return .pass
+        }
+        registrar.hook(Self.listChanged) { [self] event in
+            let user = event.jid.bare
+            host.broadcastToCluster(XMLElement(name: "changed", namespace: Self.clusterNamespace, attributes: ["jid": user.description]))
+            guard lists[user] != nil else { return .pass }
+            queue.enqueue(user) { [self] in
+                guard let items = try? await store.blocklist(of: user) else { return }
+                update(user) { $0 = Set(items) }
+            }
             return .pass
         }
         registrar.hook(.sessionClosed) { [self] event in

@@ -8,7 +8,7 @@ import StarlingPubSub
 public enum BuiltinModules {
     public static let all: [any ServerModule.Type] = [
         DiscoModule.self, PingModule.self, VersionModule.self, TimeModule.self, RosterModule.self, PresenceModule.self,
-        OfflineModule.self, BlockingModule.self, PrivateXMLModule.self, VCardModule.self, LastActivityModule.self, CarbonsModule.self,
+        OfflineModule.self, BlockingModule.self, PrivacyModule.self, PrivateXMLModule.self, VCardModule.self, LastActivityModule.self, CarbonsModule.self,
         ClientStateModule.self, RegistrationModule.self, ExternalServicesModule.self, LuaHooks.self, MUCModule.self, MAMModule.self, PEPModule.self, PubSubServiceModule.self,
     ]
 

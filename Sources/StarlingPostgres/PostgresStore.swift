@@ -140,6 +140,10 @@ public final class PostgresStore: Sendable {
             )
             """,
         ],
+        [
+            "CREATE TABLE privacy_lists (host TEXT NOT NULL, username TEXT NOT NULL, name TEXT NOT NULL, rules TEXT NOT NULL, PRIMARY KEY (host, username, name))",
+            "CREATE TABLE privacy_defaults (host TEXT NOT NULL, username TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (host, username))",
+        ],
     ]
 
     private init(client: PostgresClient, logger: Logger, timeout: Double, poolSize: Int) {

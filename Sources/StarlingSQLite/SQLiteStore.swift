@@ -152,6 +152,10 @@ public final class SQLiteStore: Sendable {
             )
             """,
         ],
+        [
+            "CREATE TABLE privacy_lists (host TEXT NOT NULL, username TEXT NOT NULL, name TEXT NOT NULL, rules TEXT NOT NULL, PRIMARY KEY (host, username, name))",
+            "CREATE TABLE privacy_defaults (host TEXT NOT NULL, username TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (host, username))",
+        ],
     ]
 
     private init(connection: SQLiteConnection) {

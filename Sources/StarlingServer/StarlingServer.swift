@@ -53,6 +53,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
             services.register(store as any MUCStore, as: (any MUCStore).self)
             services.register(store as any ArchiveStore, as: (any ArchiveStore).self)
             services.register(store as any PubSubStore, as: (any PubSubStore).self)
+            services.register(store as any PrivacyStore, as: (any PrivacyStore).self)
             services.register(ServerPaths(configDirectory: URL(fileURLWithPath: configuration.sourcePath).deletingLastPathComponent().path,
                                           dataDirectory: configuration.dataDirectory), as: ServerPaths.self)
             for (name, reason) in configuration.pluginFailures {

@@ -7,7 +7,7 @@ import XCTest
 /// Transcript-style tests of offline storage, blocking, private XML, vCard/avatar hashes, last activity
 /// and carbons on the real server.
 final class IMModulesTests: XCTestCase {
-    static let users = (1...20).map { ("m\($0)", "pw\($0)") }
+    static let users = (1...26).map { ("m\($0)", "pw\($0)") }
     nonisolated(unsafe) static var server: ServerProcess!
 
     static let turnSecretFile = FileManager.default.temporaryDirectory.appendingPathComponent("starling-turn-\(UUID().uuidString)").path
@@ -25,6 +25,7 @@ final class IMModulesTests: XCTestCase {
           presence: {}
           offline: { max_messages: 3 }
           blocking: {}
+          privacy: {}
           private: {}
           vcard: {}
           last: {}
@@ -134,6 +135,91 @@ final class IMModulesTests: XCTestCase {
         let unknown = try await iq(client, "<iq type='get' id='eu' to='localhost'><credentials xmlns='urn:xmpp:extdisco:2'><service host='elsewhere' type='turn'/></credentials></iq>", id: "eu")
         XCTAssertEqual(errorCondition(unknown), "item-not-found")
         await client.close()
+    }
+
+    // MARK: Privacy lists
+
+    private func privacy(_ client: TestClient, _ body: String, id: String) async throws -> XMLElement {
+        try await iq(client, "<iq type='set' id='\(id)'><query xmlns='jabber:iq:privacy'>\(body)</query></iq>", id: id)
+    }
+
+    func testPrivacyListsBlockByJIDGroupAndKindAndShowTheBlocklist() async throws {
+        let alice = try await login(21, resource: "a")
+        let aliceOther = try await login(21, resource: "b")
+        let bob = try await login(22, resource: "b")
+        let carol = try await login(23, resource: "c")
+        try await befriend(alice, "m21@localhost", bob, "m22@localhost")
+
+        // A list that refuses Bob's messages, made active for one session.
+        let created = try await privacy(alice, "<list name='noBob'><item type='jid' value='m22@localhost' action='deny' order='1'><message/></item></list>", id: "l1")
+        XCTAssertEqual(created[attribute: "type"], "result", created.serialized())
+        let pushed = try await expect(aliceOther, "privacy push") { $0.name == "iq" && $0.child("query", namespace: "jabber:iq:privacy")?.child("list")?[attribute: "name"] == "noBob" }
+        aliceOther.send("<iq type='result' id='\(pushed[attribute: "id"]!)'/>")
+        _ = try await privacy(alice, "<active name='noBob'/>", id: "l2")
+        bob.send(chat(to: "m21@localhost/a", body: "can you hear me"))
+        let refused = try await expect(bob, "refusal") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(errorCondition(refused), "service-unavailable")
+        // The other session has no active list and no default applies: it still hears Bob.
+        bob.send(chat(to: "m21@localhost/b", body: "and you?"))
+        _ = try await message(aliceOther, body: "and you?")
+        carol.send(chat(to: "m21@localhost/a", body: "carol gets through"))
+        let next = try await expect(alice, "the next message") { $0.name == "message" && $0.child("body") != nil }
+        XCTAssertEqual(next.child("body")?.text, "carol gets through", "nothing from Bob before Carol's message")
+
+        // Reading lists back.
+        let names = try await iq(alice, "<iq type='get' id='g1'><query xmlns='jabber:iq:privacy'/></iq>", id: "g1")
+        XCTAssertEqual(names.child("query")?.child("active")?[attribute: "name"], "noBob")
+        XCTAssertEqual(names.child("query")?.elements.filter { $0.name == "list" }.map { $0[attribute: "name"] }, ["noBob"])
+        let list = try await iq(alice, "<iq type='get' id='g2'><query xmlns='jabber:iq:privacy'><list name='noBob'/></query></iq>", id: "g2")
+        XCTAssertEqual(list.child("query")?.child("list")?.child("item")?[attribute: "value"], "m22@localhost")
+        let missing = try await iq(alice, "<iq type='get' id='g3'><query xmlns='jabber:iq:privacy'><list name='nope'/></query></iq>", id: "g3")
+        XCTAssertEqual(errorCondition(missing), "item-not-found")
+        let invalid = try await privacy(alice, "<list name='bad'><item action='deny' order='1'/><item action='deny' order='1'/></list>", id: "l3")
+        XCTAssertEqual(errorCondition(invalid), "bad-request")
+
+        // A list in use elsewhere cannot go; a default list in use by another session cannot change.
+        _ = try await privacy(aliceOther, "<active name='noBob'/>", id: "l4")
+        let inUse = try await privacy(alice, "<list name='noBob'/>", id: "l5")
+        XCTAssertEqual(errorCondition(inUse), "conflict")
+        _ = try await privacy(aliceOther, "<active/>", id: "l6")
+        let busyDefault = try await privacy(alice, "<default name='noBob'/>", id: "l7")
+        XCTAssertEqual(errorCondition(busyDefault), "conflict", "the other session uses the default list")
+
+        // Invisible to a roster group, for presence only.
+        _ = try await iq(alice, "<iq type='set' id='r1'><query xmlns='jabber:iq:roster'><item jid='m22@localhost'><group>Work</group></item></query></iq>", id: "r1")
+        _ = try await privacy(alice, "<list name='hideFromWork'><item type='group' value='Work' action='deny' order='1'><presence-out/></item></list>", id: "l8")
+        _ = try await privacy(alice, "<active name='hideFromWork'/>", id: "l9")
+        alice.send("<presence><status>hidden from work</status></presence>")
+        aliceOther.send("<presence><status>visible</status></presence>")
+        let seen = try await expect(bob, "Alice's presences") { $0.name == "presence" && ["hidden from work", "visible"].contains($0.child("status")?.text ?? "") }
+        XCTAssertEqual(seen.child("status")?.text, "visible", "the presence from the hiding session never arrived")
+        // Outbound: a rule for every kind also stops messages to the contact.
+        _ = try await privacy(alice, "<list name='cutCarol'><item type='jid' value='m23@localhost' action='deny' order='1'/></list>", id: "l10")
+        _ = try await privacy(alice, "<active name='cutCarol'/>", id: "l11")
+        alice.send(chat(to: "m23@localhost", body: "you will not get this"))
+        let outbound = try await expect(alice, "outbound refusal") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(errorCondition(outbound), "not-acceptable")
+
+        // The XEP-0191 blocklist is the list "Blocked contacts", editable from either side.
+        _ = try await iq(alice, "<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'><item jid='m24@localhost'/></block></iq>", id: "b1")
+        let withBlocked = try await iq(alice, "<iq type='get' id='g4'><query xmlns='jabber:iq:privacy'/></iq>", id: "g4")
+        XCTAssertTrue(withBlocked.child("query")?.elements.contains { $0[attribute: "name"] == "Blocked contacts" } ?? false, withBlocked.serialized())
+        let blockedList = try await iq(alice, "<iq type='get' id='g5'><query xmlns='jabber:iq:privacy'><list name='Blocked contacts'/></query></iq>", id: "g5")
+        XCTAssertEqual(blockedList.child("query")?.child("list")?.elements.map { $0[attribute: "value"] }, ["m24@localhost"])
+        let edited = try await privacy(alice, """
+            <list name='Blocked contacts'><item type='jid' value='m24@localhost' action='deny' order='1'/>\
+            <item type='jid' value='m25@localhost' action='deny' order='2'/></list>
+            """, id: "l12")
+        XCTAssertEqual(edited[attribute: "type"], "result", edited.serialized())
+        let blocklist = try await iq(alice, "<iq type='get' id='b2'><blocklist xmlns='urn:xmpp:blocking'/></iq>", id: "b2")
+        XCTAssertEqual(Set(blocklist.child("blocklist")?.elements.compactMap { $0[attribute: "jid"] } ?? []), ["m24@localhost", "m25@localhost"])
+        let dave = try await login(25, resource: "d")
+        dave.send(chat(to: "m21@localhost/a", body: "blocked through privacy"))
+        let daveRefused = try await expect(dave, "refusal") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(errorCondition(daveRefused), "service-unavailable")
+        let notABlock = try await privacy(alice, "<list name='Blocked contacts'><item type='group' value='Work' action='deny' order='1'/></list>", id: "l13")
+        XCTAssertEqual(errorCondition(notABlock), "not-acceptable")
+        for client in [alice, aliceOther, bob, carol, dave] { await client.close() }
     }
 
     // MARK: Offline

@@ -321,6 +321,39 @@ struct StoreContract {
         XCTAssertEqual(itemsAfterDeletion, [])
     }
 
+    func privacy() async throws {
+        let user = jid("private")
+        let rules = [PrivacyRule(type: "jid", value: "spammer@example.org", action: "deny", order: 1),
+                     PrivacyRule(type: "group", value: "Work", action: "deny", order: 2, stanzas: ["presence-out"]),
+                     PrivacyRule(type: nil, value: nil, action: "allow", order: 3)]
+        try await store.setPrivacyList("public", rules: rules, of: user)
+        try await store.setPrivacyList("quiet", rules: [PrivacyRule(type: nil, value: nil, action: "deny", order: 1, stanzas: ["message"])], of: user)
+        try await store.setDefaultPrivacyList("public", of: user)
+        var stored = try await store.privacyLists(of: user)
+        XCTAssertEqual(stored.lists["public"], rules)
+        XCTAssertEqual(Set(stored.lists.keys), ["public", "quiet"])
+        XCTAssertEqual(stored.defaultList, "public")
+        try await store.setPrivacyList("public", rules: Array(rules.prefix(1)), of: user)
+        stored = try await store.privacyLists(of: user)
+        XCTAssertEqual(stored.lists["public"]?.count, 1, "a list is replaced whole")
+        // Removing the default list leaves no default.
+        try await store.setPrivacyList("public", rules: nil, of: user)
+        stored = try await store.privacyLists(of: user)
+        XCTAssertEqual(Array(stored.lists.keys), ["quiet"])
+        XCTAssertNil(stored.defaultList)
+        try await store.setDefaultPrivacyList("quiet", of: user)
+        try await store.setDefaultPrivacyList(nil, of: user)
+        stored = try await store.privacyLists(of: user)
+        XCTAssertNil(stored.defaultList)
+        // Deleting the account deletes its lists.
+        try await store.register(username: "private", host: host, password: "p", iterations: 4096)
+        try await store.setDefaultPrivacyList("quiet", of: user)
+        try await store.deleteAccount(username: "private", host: host)
+        stored = try await store.privacyLists(of: user)
+        XCTAssertTrue(stored.lists.isEmpty)
+        XCTAssertNil(stored.defaultList)
+    }
+
     /// Options stored by an older version (fewer fields) load with defaults for the rest.
     func mucOptionsFromAnOlderVersion() throws {
         let options = try MUCOptionsCoding.decode(#"{"name":"Old","persistent":true}"#, room: "old@conference.example")
@@ -361,6 +394,7 @@ final class SQLiteStoreConformanceTests: XCTestCase {
     func testDeletionRemovesEverything() async throws { try await contract { try await $0.deletionRemovesEverything() } }
     func testMUCRooms() async throws { try await contract { try await $0.mucRooms() } }
     func testPubSub() async throws { try await contract { try await $0.pubsub() } }
+    func testPrivacy() async throws { try await contract { try await $0.privacy() } }
     func testMUCOptionsFromAnOlderVersion() async throws { try await contract { try $0.mucOptionsFromAnOlderVersion() } }
 
     func testReopeningKeepsDataAndMigratesOnce() async throws {
@@ -413,6 +447,7 @@ final class PostgresStoreConformanceTests: XCTestCase {
     func testDeletionRemovesEverything() async throws { try await contract { try await $0.deletionRemovesEverything() } }
     func testMUCRooms() async throws { try await contract { try await $0.mucRooms() } }
     func testPubSub() async throws { try await contract { try await $0.pubsub() } }
+    func testPrivacy() async throws { try await contract { try await $0.privacy() } }
 
     func testTwoNodesMigratingAtOnceBothSucceed() async throws {
         let url = try Self.requireURL()
