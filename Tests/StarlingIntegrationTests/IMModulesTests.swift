@@ -166,6 +166,23 @@ final class IMModulesTests: XCTestCase {
         let next = try await expect(alice, "the next message") { $0.name == "message" && $0.child("body") != nil }
         XCTAssertEqual(next.child("body")?.text, "carol gets through", "nothing from Bob before Carol's message")
 
+        // IQs and incoming presence, each by a rule of its own kind.
+        _ = try await privacy(alice, """
+            <list name='noBob'><item type='jid' value='m22@localhost' action='deny' order='1'><message/></item>\
+            <item type='jid' value='m22@localhost' action='deny' order='2'><iq/></item>\
+            <item type='jid' value='m22@localhost' action='deny' order='3'><presence-in/></item></list>
+            """, id: "l1b")
+        let askedVersion = try await iq(bob, "<iq type='get' id='bv' to='m21@localhost/a'><query xmlns='jabber:iq:version'/></iq>", id: "bv")
+        XCTAssertEqual(errorCondition(askedVersion), "service-unavailable")
+        bob.send("<presence><status>bob is busy</status></presence>")
+        // The same broadcast reaches the session without a list; only then does the marker go out.
+        _ = try await expect(aliceOther, "Bob's presence where no list applies") { $0.name == "presence" && $0.child("status")?.text == "bob is busy" }
+        carol.send(chat(to: "m21@localhost/a", body: "after bob's presence"))
+        let afterPresence = try await expect(alice, "presence or marker") {
+            ($0.name == "presence" && $0.child("status")?.text == "bob is busy") || $0.child("body")?.text == "after bob's presence"
+        }
+        XCTAssertEqual(afterPresence.name, "message", "Bob's presence was kept from the session whose list denies it")
+
         // Reading lists back.
         let names = try await iq(alice, "<iq type='get' id='g1'><query xmlns='jabber:iq:privacy'/></iq>", id: "g1")
         XCTAssertEqual(names.child("query")?.child("active")?[attribute: "name"], "noBob")

@@ -393,6 +393,24 @@ final class PubSubTests: XCTestCase {
         let mine = try await iq(reader, "<iq type='get' id='ms' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><subscriptions/></pubsub></iq>", id: "ms")
         XCTAssertEqual(mine.child("pubsub")?.child("subscriptions")?.elements.map { $0[attribute: "node"] }, ["news"])
 
+        // The owner sees and manages subscriptions; notifications can leave the payload out.
+        let listedSubscriptions = try await iq(owner, "<iq type='get' id='os' to='\(service)'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><subscriptions node='news'/></pubsub></iq>", id: "os")
+        XCTAssertEqual(listedSubscriptions.child("pubsub")?.child("subscriptions")?.elements.map { $0[attribute: "jid"] }, ["p10@localhost"])
+        let managed = try await iq(owner, """
+            <iq type='set' id='ms2' to='\(service)'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><subscriptions node='news'>\
+            <subscription jid='p12@localhost' subscription='subscribed'/></subscriptions></pubsub></iq>
+            """, id: "ms2")
+        XCTAssertEqual(managed[attribute: "type"], "result", managed.serialized())
+        _ = try await outsider.expect("told of the subscription") { $0.child("pubsub")?.child("subscription")?[attribute: "subscription"] == "subscribed" }
+        _ = try await iq(owner, """
+            <iq type='set' id='np' to='\(service)'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><configure node='news'>\
+            <x xmlns='jabber:x:data' type='submit'><field var='pubsub#deliver_payloads'><value>0</value></field></x></configure></pubsub></iq>
+            """, id: "np")
+        _ = try await iq(owner, "<iq type='set' id='p5' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><publish node='news'><item id='bare'><entry xmlns='http://www.w3.org/2005/Atom'><title>Not sent</title></entry></item></publish></pubsub></iq>", id: "p5")
+        let withoutPayload = try await outsider.expect("a notification without payload") { $0.child("event")?.child("items")?.child("item")?[attribute: "id"] == "bare" }
+        XCTAssertTrue(withoutPayload.child("event")?.child("items")?.child("item")?.elements.isEmpty ?? false, withoutPayload.serialized())
+        _ = try await reader.expect("the payload-less notification") { $0.child("event")?.child("items")?.child("item")?[attribute: "id"] == "bare" }
+
         // Unsubscribed, the reader hears nothing more.
         let left = try await iq(reader, "<iq type='set' id='u1' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><unsubscribe node='news' jid='p10@localhost'/></pubsub></iq>", id: "u1")
         XCTAssertEqual(left[attribute: "type"], "result", left.serialized())
