@@ -118,6 +118,25 @@ async def echo(args):
     return 0
 
 
+async def befriend(a, b, args):
+    """A asks for B's presence; B (auto_authorize, auto_subscribe) approves and asks back. Returns both
+    sides' subscription once B is seen online and both say 'both', or what they say after five seconds."""
+    b_online = asyncio.get_running_loop().create_future()
+
+    def on_available(presence):
+        if presence["from"].bare == args.jid_b and not b_online.done():
+            b_online.set_result(presence)
+
+    a.add_event_handler("got_online", on_available)
+    a.send_presence_subscription(pto=args.jid_b)
+    await asyncio.wait_for(b_online, args.timeout)
+    for _ in range(50):
+        if a.client_roster[args.jid_b]["subscription"] == "both" and b.client_roster[args.jid_a]["subscription"] == "both":
+            break
+        await asyncio.sleep(0.1)
+    return a.client_roster[args.jid_b]["subscription"], b.client_roster[args.jid_a]["subscription"]
+
+
 async def im(args):
     """Subscriptions, roster and offline delivery between two slixmpp clients and a third account."""
     a = make_client(args.jid_a, args.password_a, args)
@@ -132,23 +151,9 @@ async def im(args):
             print(f"LOGIN-{state.upper()} {client.boundjid}")
             return 1
         await client.get_roster()
-    b_online = asyncio.get_running_loop().create_future()
-
-    def on_available(presence):
-        if presence["from"].bare == args.jid_b and not b_online.done():
-            b_online.set_result(presence)
-
-    a.add_event_handler("got_online", on_available)
-    a.send_presence_subscription(pto=args.jid_b)
-    await asyncio.wait_for(b_online, args.timeout)
-    for _ in range(50):
-        if a.client_roster[args.jid_b]["subscription"] == "both" and b.client_roster[args.jid_a]["subscription"] == "both":
-            break
-        await asyncio.sleep(0.1)
-    sub_a = a.client_roster[args.jid_b]["subscription"]
-    sub_b = b.client_roster[args.jid_a]["subscription"]
-    if (sub_a, sub_b) != ("both", "both"):
-        print(f"WRONG-SUBSCRIPTIONS {sub_a} {sub_b}")
+    subscriptions = await befriend(a, b, args)
+    if subscriptions != ("both", "both"):
+        print(f"WRONG-SUBSCRIPTIONS {subscriptions[0]} {subscriptions[1]}")
         return 1
     # An offline message for C, delivered with a delay stamp at C's login.
     a.send_message(mto=args.jid_c, mbody="stored for later", mtype="chat")
@@ -197,14 +202,9 @@ async def pep(args):
             print(f"LOGIN-FAILED {client.boundjid}")
             return 1
         await client.get_roster()
-    b_online = loop.create_future()
-    a.add_event_handler("got_online", lambda p: p["from"].bare == args.jid_b and not b_online.done() and b_online.set_result(p))
-    a.send_presence_subscription(pto=args.jid_b)
-    await asyncio.wait_for(b_online, args.timeout)
-    for _ in range(50):
-        if a.client_roster[args.jid_b]["subscription"] == "both" and b.client_roster[args.jid_a]["subscription"] == "both":
-            break
-        await asyncio.sleep(0.1)
+    if await befriend(a, b, args) != ("both", "both"):
+        print("WRONG-SUBSCRIPTIONS")
+        return 1
     # Capabilities travel with presence; make sure B's current ones (with +notify) reached the server.
     await b.plugin["xep_0115"].update_caps()
     await asyncio.sleep(0.5)

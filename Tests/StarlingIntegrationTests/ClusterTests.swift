@@ -103,18 +103,6 @@ final class ClusterTests: XCTestCase {
         try await client.expect("message '\(body)'") { $0.name == "message" && $0.child("body")?.text == body }
     }
 
-    /// Subscribes `a` and `b` to each other (they may be on different nodes) and waits until each sees
-    /// the other online.
-    private func befriend(_ a: TestClient, _ aJID: String, _ b: TestClient, _ bJID: String) async throws {
-        a.send("<presence to='\(bJID)' type='subscribe'/>")
-        _ = try await b.expect("subscribe") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
-        b.send("<presence to='\(aJID)' type='subscribed'/><presence to='\(aJID)' type='subscribe'/>")
-        _ = try await a.expect("subscribe back") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
-        a.send("<presence to='\(bJID)' type='subscribed'/>")
-        _ = try await available(b, from: aJID)
-        _ = try await available(a, from: bJID)
-    }
-
     func testThreeNodesServeOneService() async throws {
         let cluster = try TestCluster(nodes: ["a", "b", "c"], users: Self.users)
         defer { cluster.stopAll() }

@@ -237,7 +237,8 @@ final class IMIntegrationTests: XCTestCase {
         let features = Set(info.child("query")?.elements.filter { $0.name == "feature" }.compactMap { $0[attribute: "var"] } ?? [])
         XCTAssertEqual(features, ["http://jabber.org/protocol/disco#info", "http://jabber.org/protocol/disco#items", "urn:xmpp:ping",
                                   "jabber:iq:version", "urn:xmpp:time", "urn:xmpp:features:rosterver", "urn:xmpp:features:pre-approval",
-                                  "msgoffline", "urn:xmpp:blocking", "vcard-temp", "jabber:iq:last", "urn:xmpp:carbons:2", "jabber:iq:register"])
+                                  "msgoffline", "urn:xmpp:blocking", "jabber:iq:privacy", "vcard-temp", "jabber:iq:last", "urn:xmpp:carbons:2",
+                                  "jabber:iq:register"])
         XCTAssertEqual(info.child("query")?.child("identity")?[attribute: "category"], "server")
 
         let account = try await iq(user, "<iq type='get' id='d2' to='user10@localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", id: "d2")

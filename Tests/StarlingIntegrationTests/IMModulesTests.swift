@@ -84,16 +84,6 @@ final class IMModulesTests: XCTestCase {
         try await expect(client, "message '\(body)'") { $0.name == "message" && $0.child("body")?.text == body }
     }
 
-    /// Makes `a` and `b` subscribed to each other and waits until both see each other online.
-    private func befriend(_ a: TestClient, _ aJID: String, _ b: TestClient, _ bJID: String) async throws {
-        a.send("<presence to='\(bJID)' type='subscribe'/>")
-        _ = try await expect(b, "subscribe") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
-        b.send("<presence to='\(aJID)' type='subscribed'/><presence to='\(aJID)' type='subscribe'/>")
-        _ = try await expect(a, "subscribe back") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
-        a.send("<presence to='\(bJID)' type='subscribed'/>")
-        _ = try await expect(b, "a online") { $0.name == "presence" && $0[attribute: "type"] == nil && ($0[attribute: "from"] ?? "").hasPrefix(aJID) }
-    }
-
     // MARK: Discovery
 
     func testTheServerListsItsContactAddresses() async throws {

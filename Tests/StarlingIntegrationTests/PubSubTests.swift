@@ -124,15 +124,6 @@ final class PubSubTests: XCTestCase {
         XCTAssertEqual(next.child("body")?.text, marker, "an event arrived that should not have: \(next.serialized())")
     }
 
-    private func befriend(_ a: TestClient, _ aJID: String, _ b: TestClient, _ bJID: String) async throws {
-        a.send("<presence to='\(bJID)' type='subscribe'/>")
-        _ = try await b.expect("subscribe") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
-        b.send("<presence to='\(aJID)' type='subscribed'/><presence to='\(aJID)' type='subscribe'/>")
-        _ = try await a.expect("subscribe back") { $0.name == "presence" && $0[attribute: "type"] == "subscribe" }
-        a.send("<presence to='\(bJID)' type='subscribed'/>")
-        _ = try await b.expect("a online") { $0.name == "presence" && $0[attribute: "type"] == nil && ($0[attribute: "from"] ?? "").hasPrefix(aJID) }
-    }
-
     // MARK: Tests
 
     func testContactsWithNotifyGetPublishedItemsAndTheNewestOnComingOnline() async throws {
