@@ -26,7 +26,7 @@ public final class BlockingModule: ServerModule {
     static let clusterNamespace = "urn:starling:cluster:blocking"
     private let queue = KeyedSerialQueue()
     /// Another module changed an account's blocklist in storage (privacy lists edit it as a list).
-    public static let listChanged = HookPoint<SessionEvent>("blocklist-changed")
+    public static let listChanged = HookPoint<BlocklistChangedEvent>("blocklist-changed")
 
     public init(host: any ModuleHost) throws {
         self.host = host
@@ -97,14 +97,20 @@ public final class BlockingModule: ServerModule {
             queue.enqueue(user) { _ = try? await self.load(user) }
             return .pass
         }
+        // Applied before the change is answered, so the account's next request sees it.
         registrar.hook(Self.listChanged) { [self] event in
-            let user = event.jid.bare
+            let user = event.user.bare
+            let previous = lists[user]
+            update(user) { if $0 != nil { $0 = event.items } }
             host.broadcastToCluster(XMLElement(name: "changed", namespace: Self.clusterNamespace, attributes: ["jid": user.description]))
-            guard lists[user] != nil else { return .pass }
-            queue.enqueue(user) { [self] in
-                guard let items = try? await store.blocklist(of: user) else { return }
-                update(user) { $0 = Set(items) }
+            // Without a session here there is no cached list to compare with, and nobody here to tell.
+            guard let previous else { return .pass }
+            let blocked = Array(event.items.subtracting(previous)), unblocked = Array(previous.subtracting(event.items))
+            if !blocked.isEmpty {
+                disappear(from: blocked, user: user)
+                push(blocked, block: true, of: user)
             }
+            if !unblocked.isEmpty { push(unblocked, block: false, of: user) }
             return .pass
         }
         registrar.hook(.sessionClosed) { [self] event in
@@ -150,7 +156,7 @@ public final class BlockingModule: ServerModule {
         }
         if block && items.isEmpty { return .error(.badRequest, text: "block at least one item") }
         let user = request.to
-        let (store, host, maxItems) = (self.store, self.host, self.maxItems)
+        let (store, maxItems) = (self.store, self.maxItems)
         let current = try await load(user)
         if block, current.union(items).count > maxItems { return .error(.resourceConstraint, text: "the blocklist is full") }
         if block { try await store.block(items, for: user) } else { try await store.unblock(items, for: user) }
@@ -158,17 +164,24 @@ public final class BlockingModule: ServerModule {
             if block { list = (list ?? []).union(items) } else if items.isEmpty { list = [] } else { list?.subtract(items) }
         }
         host.broadcastToCluster(XMLElement(name: "changed", namespace: Self.clusterNamespace, attributes: ["jid": user.description]))
-        if block {
-            // The blocked stop seeing us at once (XEP-0191 §3.3.4).
-            for resource in host.resources(of: user) where resource.available {
-                for item in items {
-                    host.route(XMLElement(name: "presence", namespace: Namespace.client, attributes: [
-                        "type": "unavailable", "from": resource.jid.description, "to": item.description,
-                    ]))
-                }
+        if block { disappear(from: items, user: user) }
+        push(items, block: block, of: user)
+        return .result(nil)
+    }
+
+    /// The blocked stop seeing us at once (XEP-0191 §3.3.4).
+    private func disappear(from items: [JID], user: JID) {
+        for resource in host.resources(of: user) where resource.available {
+            for item in items {
+                host.route(XMLElement(name: "presence", namespace: Namespace.client, attributes: [
+                    "type": "unavailable", "from": resource.jid.description, "to": item.description,
+                ]))
             }
         }
-        // Push the change to every resource that fetched the blocklist.
+    }
+
+    /// Tells every resource that fetched the blocklist what changed.
+    private func push(_ items: [JID], block: Bool, of user: JID) {
         let targets = host.resources(of: user).filter { $0.flags.contains(Self.flag) }.map(\.jid)
         for target in targets {
             var payload = XMLElement(name: block ? "block" : "unblock", namespace: Self.namespace)
@@ -179,6 +192,17 @@ public final class BlockingModule: ServerModule {
             push.append(payload)
             host.route(push)
         }
-        return .result(nil)
+    }
+}
+
+/// An account's blocklist as another module just stored it (see `BlockingModule.listChanged`).
+public struct BlocklistChangedEvent: Sendable {
+    /// The account's bare JID.
+    public let user: JID
+    public let items: Set<JID>
+
+    public init(user: JID, items: Set<JID>) {
+        self.user = user
+        self.items = items
     }
 }

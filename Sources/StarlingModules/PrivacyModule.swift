@@ -237,7 +237,7 @@ public final class PrivacyModule: ServerModule {
         let unblocked = Array(current.subtracting(wanted)), blocked = Array(wanted.subtracting(current))
         if !unblocked.isEmpty { try await blocklists.unblock(unblocked, for: user) }
         if !blocked.isEmpty { try await blocklists.block(blocked, for: user) }
-        _ = host.run(BlockingModule.listChanged, SessionEvent(jid: user))
+        _ = host.run(BlockingModule.listChanged, BlocklistChangedEvent(user: user, items: wanted))
         push(Self.blockedList, to: user)
         return .result(nil)
     }
