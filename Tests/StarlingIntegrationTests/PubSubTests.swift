@@ -447,4 +447,48 @@ final class PubSubTests: XCTestCase {
         _ = try await outsider.expect("the deletion") { $0.child("event")?.child("delete")?[attribute: "node"] == "private" }
         for client in [owner, reader, writer, outsider] { await client.close() }
     }
+
+    // MARK: In a cluster
+
+    /// PEP and the service across two nodes: capabilities learnt on one node serve notifications sent from
+    /// the other; the service is claimed by one node and used from both.
+    func testPEPAndTheServiceAcrossClusterNodes() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b"], users: [("alice", "alice-pw"), ("bob", "bob-pw")])
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b"], as: "up")
+        try await cluster.waitUntil("b", sees: ["a"], as: "up")
+        func login(_ node: String, _ user: String) async throws -> TestClient {
+            try await TestClient.login(port: cluster[node].directTLSPort, domain: "localhost", tls: .direct, username: user, password: "\(user)-pw",
+                                       resource: node)
+        }
+        let alice = try await login("a", "alice")
+        let bob = try await login("b", "bob")
+        try await befriend(alice, "alice@localhost", bob, "bob@localhost")
+        try await announce(bob, interests: [Self.nick])
+        _ = try await iq(bob, "<iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>", id: "sync")
+
+        // Node b verified Bob's capabilities and tells node a over the link; until a has heard, its
+        // notifications skip Bob, so Alice publishes again until one arrives (each a new item).
+        var notified: XMLElement?
+        for attempt in 1...50 where notified == nil {
+            let published = try await publish(alice, node: Self.nick, id: "n\(attempt)", payload: "<nick xmlns='\(Self.nick)'>Alice \(attempt)</nick>", iqID: "pub\(attempt)")
+            XCTAssertEqual(published[attribute: "type"], "result", published.serialized())
+            notified = try? await bob.expect("a notification from the other node", timeout: 0.2) {
+                $0.name == "message" && $0[attribute: "from"] == "alice@localhost" && $0.child("event") != nil
+            }
+        }
+        XCTAssertNotNil(notified?.child("event")?.child("items")?.child("item")?.child("nick"), "Bob on node b never heard Alice's publication on node a")
+        let read = try await iq(bob, "<iq type='get' id='r' to='alice@localhost'><pubsub xmlns='\(Self.pubsub)'><items node='\(Self.nick)'/></pubsub></iq>", id: "r")
+        XCTAssertEqual(read[attribute: "type"], "result", read.serialized())
+
+        // The service: created from node a, subscribed from node b, published from node a.
+        let created = try await iq(alice, "<iq type='set' id='c' to='\(Self.service)'><pubsub xmlns='\(Self.pubsub)'><create node='cluster-news'/></pubsub></iq>", id: "c")
+        XCTAssertEqual(created[attribute: "type"], "result", created.serialized())
+        let subscribed = try await iq(bob, "<iq type='set' id='s' to='\(Self.service)'><pubsub xmlns='\(Self.pubsub)'><subscribe node='cluster-news' jid='bob@localhost/b'/></pubsub></iq>", id: "s")
+        XCTAssertEqual(subscribed.child("pubsub")?.child("subscription")?[attribute: "subscription"], "subscribed", subscribed.serialized())
+        _ = try await iq(alice, "<iq type='set' id='p' to='\(Self.service)'><pubsub xmlns='\(Self.pubsub)'><publish node='cluster-news'><item id='x'><entry xmlns='http://www.w3.org/2005/Atom'/></item></publish></pubsub></iq>", id: "p")
+        let event = try await bob.expect("the service's notification") { $0[attribute: "from"] == Self.service && $0.child("event") != nil }
+        XCTAssertEqual(event.child("event")?.child("items")?.child("item")?[attribute: "id"], "x")
+        for client in [alice, bob] { await client.close() }
+    }
 }
