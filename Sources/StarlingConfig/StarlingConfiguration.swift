@@ -36,6 +36,10 @@ public struct AuthConfiguration: Sendable, Equatable {
     /// Failures from one address within `failureWindow` after which each attempt is slowed further.
     public var failuresBeforeSlowdown: Int
     public var failureWindow: Double
+    /// Failures for one account within `failureWindow`, from any addresses, after which only addresses
+    /// the account logged in from before may try again until the window ends (a botnet guessing one
+    /// password); 0 turns it off.
+    public var accountFailuresBeforeLockout = 10
     /// Offer PLAIN on connections without TLS (load tests on loopback only).
     public var plainWithoutTLS: Bool
     /// Who decides passwords: "internal" (the stored SCRAM keys) or the name of an enabled module that
@@ -164,7 +168,10 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let authIterations = ConfigOption<Int>("scram_iterations", default: 4096, range: 4096...1_000_000, doc: "PBKDF2 iterations for newly stored SCRAM credentials.")
     static let authFailureDelay = ConfigOption<Double>("failure_delay", default: 1.0, range: 0...30, doc: "Seconds before a failed authentication is answered.")
     static let authFailuresBeforeSlowdown = ConfigOption<Int>("failures_before_slowdown", default: 5, range: 1...1000, doc: "Failed attempts from one IP address after which each further failure waits twice as long (up to 30 s).")
-    static let authFailureWindow = ConfigOption<Double>("failure_window", default: 300, range: 1...86400, doc: "Seconds over which failures from one address are counted.")
+    static let authFailureWindow = ConfigOption<Double>("failure_window", default: 300, range: 1...86400, doc: "Seconds over which failures from one address (and for one account) are counted.")
+    static let authAccountLockout = ConfigOption<Int>(
+        "account_failures_before_lockout", default: 10, range: 0...100_000,
+        doc: "Failed logins for one account within failure_window, from any addresses, after which only addresses it logged in from before may try until the window ends (others get temporary-auth-failure); 0 turns this off.")
     static let authMethod = ConfigOption<String>("method", default: "internal", doc: "Who decides passwords: internal (stored SCRAM keys), or an enabled module that authenticates (lua, or a plugin such as external_auth). Hosts using a module offer PLAIN only, over TLS.")
     static let authPlainWithoutTLS = ConfigOption<Bool>("plain_without_tls", default: false, doc: "Offer PLAIN on connections without TLS when tls.required is false. It sends passwords in the clear: for load tests on loopback only.")
 
@@ -276,6 +283,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
             failureWindow: try authSection.read(authFailureWindow),
             plainWithoutTLS: try authSection.read(authPlainWithoutTLS)
         )
+        auth.accountFailuresBeforeLockout = try authSection.read(authAccountLockout)
         auth.method = try authSection.read(authMethod)
         let hostMethodsSection = try authSection.section("host_methods", doc: "Per host, an auth method that replaces auth.method there.")
         for (key, value) in hostMethodsSection.node?.mapping ?? [:] {

@@ -251,6 +251,7 @@ final class C2SHandler: ChannelInboundHandler {
                 parser.reset()
             case .lookUpCredentials(let username, let host):
                 suspend()
+                if refuseLockedOutLogin(username: username, host: host) { continue }
                 if refuseLogin(username: username, host: host, mechanism: "SCRAM") {
                     // Looks like an unknown account to the client: the exchange fails at its end.
                     perform(machine.credentialsLoaded(nil))
@@ -268,6 +269,7 @@ final class C2SHandler: ChannelInboundHandler {
                 }
             case .verifyPlain(let username, let host, let password):
                 suspend()
+                if refuseLockedOutLogin(username: username, host: host) { continue }
                 if refuseLogin(username: username, host: host, mechanism: "PLAIN") {
                     perform(machine.plainVerified(username: username, success: false))
                     resume()
@@ -302,14 +304,17 @@ final class C2SHandler: ChannelInboundHandler {
             case .authenticationFailed(let reply):
                 if let login = currentLogin { _ = server.router.run(.loginFailed, login, on: login.host) }
                 suspend()
-                let delay = server.failures.recordFailure(address: remoteAddress)
-                logger.info("authentication failed", metadata: ["delay": "\(delay)"])
+                let account = currentLogin.map { Self.account($0.username, $0.host) }
+                let delay = server.failures.recordFailure(address: remoteAddress, account: account)
+                // One line per failure with the client's address: what examples/fail2ban matches.
+                logger.info("authentication failed", metadata: ["address": "\(remoteAddress)", "account": "\(account ?? "?")", "delay": "\(delay)"])
                 context.eventLoop.scheduleTask(in: .milliseconds(Int64(delay * 1000))) {
                     self.write(reply.serialized(inheritedNamespace: Namespace.client))
                     self.flushSoon()
                     self.resume()
                 }
             case .authenticated(let user):
+                server.failures.recordSuccess(address: remoteAddress, account: user.bare.description)
                 authenticatedUser = user
                 logger.debug("authenticated")
             case .bindResource(let user, let requested, let iq):
@@ -347,6 +352,29 @@ final class C2SHandler: ChannelInboundHandler {
             }
         }
         flushSoon()
+    }
+
+    /// `user@host` as the failure tracker keys accounts (normalised when it is a valid JID).
+    private static func account(_ username: String, _ host: String) -> String {
+        (try? JID(localpart: username, domainpart: host))?.bare.description ?? "\(username)@\(host)"
+    }
+
+    /// When the account failed too often lately and this address never logged in to it, answers
+    /// `<temporary-auth-failure/>` (after the address's failure delay) without looking at the password,
+    /// and returns true. The attempt counts as a failure, so an attack that goes on keeps the lock.
+    private func refuseLockedOutLogin(username: String, host: String) -> Bool {
+        let account = Self.account(username, host)
+        guard let context, server.failures.isLockedOut(account: account, address: remoteAddress) else { return false }
+        let delay = server.failures.recordFailure(address: remoteAddress, account: account)
+        logger.warning("authentication failed: too many failures for this account", metadata: [
+            "address": "\(remoteAddress)", "account": "\(account)", "delay": "\(delay)",
+        ])
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: .milliseconds(Int64(delay * 1000))) {
+            bound.value.perform(bound.value.machine.authenticationUnavailable())
+            bound.value.resume()
+        }
+        return true
     }
 
     /// Runs the login-attempt hooks; true when a policy refuses the attempt.

@@ -38,7 +38,8 @@ public final class ServerContext: Sendable {
         failures = AuthFailureTracker(
             baseDelay: configuration.auth.failureDelay,
             threshold: configuration.auth.failuresBeforeSlowdown,
-            window: configuration.auth.failureWindow
+            window: configuration.auth.failureWindow,
+            accountThreshold: configuration.auth.accountFailuresBeforeLockout
         )
         connections = ConnectionSet()
     }
