@@ -64,6 +64,8 @@ public struct LimitsConfiguration: Sendable, Equatable {
     /// Bytes per second read from one client at most (0: no limit), and the burst allowed above it.
     public var readRate: Int = 0
     public var readBurst: Int = 0
+    /// Connections from one address that have not authenticated yet, at most (0: no limit).
+    public var maxUnauthenticatedPerAddress = 0
 }
 
 public enum StorageBackend: String, Sendable { case sqlite, postgresql }
@@ -182,6 +184,9 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let idleTimeout = ConfigOption<Double>("idle_timeout", default: 600, range: 5...86400, doc: "Seconds without any data from a client before its session is closed; after half of it the server pings the client (XEP-0199).")
     static let keepaliveInterval = ConfigOption<Double>("keepalive_interval", default: 90, range: 1...86400, doc: "Seconds of silence towards a client after which a whitespace keepalive is sent.")
     static let readRate = ConfigOption<Int>("read_rate", default: 131_072, range: 0...1_073_741_824, doc: "Bytes per second read from one client at most; a client that sends faster is read more slowly (TCP pushes back), so one flooding client cannot starve the others. 0: no limit.")
+    static let maxUnauthenticatedPerAddress = ConfigOption<Int>(
+        "max_unauthenticated_per_address", default: 50, range: 0...1_000_000,
+        doc: "Connections from one IP address that have not authenticated yet, at most (slow-loris); more are closed at once. 0: no limit.")
     static let readBurst = ConfigOption<Int>("read_burst", default: 65_536, range: 1024...1_073_741_824, doc: "Bytes a client may send at once above read_rate (a reconnecting client's backlog, say).")
 
     static let storageBackend = ConfigOption<String>("backend", default: "sqlite", oneOf: ["sqlite", "postgresql"], doc: "Storage backend: the embedded SQLite file, or PostgreSQL.")
@@ -298,7 +303,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         try authSection.rejectUnknownKeys()
 
         let limitsSection = try top.section("limits", doc: "Resource limits on what clients control.")
-        let limits = LimitsConfiguration(
+        var limits = LimitsConfiguration(
             maxStanzaSize: try limitsSection.read(maxStanzaSize),
             maxDepth: try limitsSection.read(maxDepth),
             maxSessionsPerUser: try limitsSection.read(maxSessions),
@@ -308,6 +313,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
             readRate: try limitsSection.read(readRate),
             readBurst: try limitsSection.read(readBurst)
         )
+        limits.maxUnauthenticatedPerAddress = try limitsSection.read(maxUnauthenticatedPerAddress)
         try limitsSection.rejectUnknownKeys()
 
         let storageSection = try top.section("storage", doc: "Where accounts and other durable state live.")

@@ -25,6 +25,8 @@ final class C2SHandler: ChannelInboundHandler {
     /// The login being checked, for the login-failed hook.
     private var currentLogin: LoginEvent?
     private var refusedByPolicy = false
+    /// Counted in `server.unauthenticated` until it authenticates or closes.
+    private var countedUnauthenticated = false
     /// Built when something is logged rather than kept per connection: most connections never log.
     private var logger: Logger {
         var logger = server.logger
@@ -86,6 +88,13 @@ final class C2SHandler: ChannelInboundHandler {
             context.close(promise: nil)
             return
         }
+        guard server.unauthenticated.enter(remoteAddress) else {
+            logger.notice("connection refused: too many unauthenticated connections from this address", metadata: ["address": "\(remoteAddress)"])
+            refusedByPolicy = true
+            context.close(promise: nil)
+            return
+        }
+        countedUnauthenticated = true
         let loop = context.eventLoop
         let id = ObjectIdentifier(self)
         let bound = NIOLoopBound(self, eventLoop: loop)
@@ -99,6 +108,7 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        leaveUnauthenticated()
         authTimeout?.cancel()
         keepalive?.cancel()
         server.connections.remove(ObjectIdentifier(self))
@@ -315,6 +325,7 @@ final class C2SHandler: ChannelInboundHandler {
                 }
             case .authenticated(let user):
                 server.failures.recordSuccess(address: remoteAddress, account: user.bare.description)
+                leaveUnauthenticated()
                 authenticatedUser = user
                 logger.debug("authenticated")
             case .bindResource(let user, let requested, let iq):
@@ -352,6 +363,13 @@ final class C2SHandler: ChannelInboundHandler {
             }
         }
         flushSoon()
+    }
+
+    /// Stops counting this connection against its address's unauthenticated connections (once).
+    private func leaveUnauthenticated() {
+        guard countedUnauthenticated else { return }
+        countedUnauthenticated = false
+        server.unauthenticated.leave(remoteAddress)
     }
 
     /// `user@host` as the failure tracker keys accounts (normalised when it is a valid JID).

@@ -17,6 +17,8 @@ public final class ServerContext: Sendable {
     public let tls: TLSIdentity
     public let failures: AuthFailureTracker
     public let connections: ConnectionSet
+    /// Connections per address still before authentication (`limits.max_unauthenticated_per_address`).
+    public let unauthenticated: AddressCounter
     public let threadPool: NIOThreadPool
     public let logger: Logger
 
@@ -42,6 +44,7 @@ public final class ServerContext: Sendable {
             accountThreshold: configuration.auth.accountFailuresBeforeLockout
         )
         connections = ConnectionSet()
+        unauthenticated = AddressCounter(limit: configuration.limits.maxUnauthenticatedPerAddress)
     }
 
     /// Module and config reloads, set by the server once its modules run. Blocking: call them off the
@@ -116,5 +119,35 @@ public final class ConnectionSet: Sendable {
     /// Asks every connection to close with `<system-shutdown/>`.
     func shutdownAll() {
         for shutdown in connections.withLockedValue({ Array($0.values) }) { shutdown() }
+    }
+}
+
+/// Connections per client address that have not authenticated yet, bounded (a slow-loris holds many
+/// connections open without ever finishing the handshake).
+public final class AddressCounter: Sendable {
+    private let counts = NIOLockedValueBox<[String: Int]>([:])
+    private let limit: Int
+
+    /// `limit` 0 counts nothing and refuses nothing.
+    init(limit: Int) { self.limit = limit }
+
+    /// Counts one more connection from `address`, or returns false (and counts nothing) at the limit.
+    func enter(_ address: String) -> Bool {
+        guard limit > 0 else { return true }
+        return counts.withLockedValue { counts in
+            let count = counts[address, default: 0]
+            guard count < limit else { return false }
+            counts[address] = count + 1
+            return true
+        }
+    }
+
+    /// Forgets one connection `enter` counted.
+    func leave(_ address: String) {
+        guard limit > 0 else { return }
+        counts.withLockedValue { counts in
+            let count = counts[address, default: 0] - 1
+            counts[address] = count > 0 ? count : nil
+        }
     }
 }

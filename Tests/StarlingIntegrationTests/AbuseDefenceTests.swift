@@ -3,10 +3,9 @@ import StarlingAPI
 import StarlingTestClient
 import XCTest
 
-/// Password guessing against one account from many addresses (a botnet): after a few failures the
-/// account is closed to addresses it never logged in from, its owner still gets in, other accounts are
-/// untouched, and the shipped fail2ban filter finds every guessing address in our log.
-final class BruteForceTests: XCTestCase {
+/// Abuse the core withstands with its defaults: password guessing against one account from many
+/// addresses (a botnet), and connections that never finish their handshake (a slow-loris).
+final class AbuseDefenceTests: XCTestCase {
     private func attempt(_ server: ServerProcess, _ user: String, _ password: String, from address: String) async -> Result<Void, TestClientError> {
         do {
             let client = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: user, password: password,
@@ -70,5 +69,48 @@ final class BruteForceTests: XCTestCase {
             XCTAssertTrue(output.contains(address), "\(address) not matched:\n\(output)")
         }
         XCTAssertFalse(output.contains("address=127.0.0.2 "), "the owner's address was never a failure:\n\(output)")
+    }
+
+    /// Connections that send nothing take one address's allowance of unauthenticated connections and
+    /// are closed by the authentication timeout; logged-in users talk on meanwhile, and other addresses
+    /// connect as usual.
+    func testASlowLorisIsBoundedPerAddressAndByTheAuthenticationTimeout() async throws {
+        let server = try ServerProcess(extraConfig: """
+        limits:
+          auth_timeout: 3
+          max_unauthenticated_per_address: 20
+        """, users: [("alice", "alice-pw"), ("bob", "bob-pw")])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let alice = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "alice", password: "alice-pw",
+                                               resource: "a", source: "127.0.0.2")
+        let bob = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "bob", password: "bob-pw",
+                                             resource: "b", source: "127.0.0.2")
+        // The loris: twenty connections from one address that open a stream and then say nothing more.
+        var loris: [TestClient] = []
+        for _ in 1...20 {
+            let connection = try await TestClient.connect(port: server.starttlsPort, domain: "localhost", tls: .starttls, source: "127.0.0.9")
+            _ = try await connection.openStream()
+            loris.append(connection)
+        }
+        // One more from that address is closed before anything it sends is read: no stream header back.
+        let extra = try await TestClient.connect(port: server.starttlsPort, domain: "localhost", tls: .starttls, source: "127.0.0.9")
+        extra.send("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>")
+        let answer = try await extra.next()
+        XCTAssertEqual(answer, .disconnected)
+        // Meanwhile logged-in users are served, and another address connects.
+        alice.send("<message to='bob@localhost/b' type='chat'><body>still here</body></message>")
+        let delivered = try await bob.expect("alice's message") { $0.child("body")?.text == "still here" }
+        XCTAssertEqual(delivered[attribute: "from"], "alice@localhost/a")
+        let other = try await TestClient.connect(port: server.starttlsPort, domain: "localhost", tls: .starttls, source: "127.0.0.10")
+        let features = try await other.openStream()
+        XCTAssertEqual(features.name, "features")
+        await other.close()
+        // The authentication timeout ends the loris; then its address may connect again.
+        for connection in loris { _ = try await connection.waitFor(timeout: 30, "a silent connection closed") { $0 == .disconnected } }
+        let again = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "alice", password: "alice-pw",
+                                               resource: "again", source: "127.0.0.9")
+        await again.close()
+        XCTAssertTrue(server.log.contains("too many unauthenticated connections from this address"), server.log)
+        for client in [alice, bob] { await client.close() }
     }
 }
