@@ -5,10 +5,35 @@ import Synchronization
 /// A node as a PubSub service keeps it in memory: its configuration and newest item (what a contact coming online
 /// is sent), so presence does not read the database for every contact's every node.
 struct CachedNode: Sendable {
+    /// Payloads larger than this are not kept in memory (an avatar's image data, say): the newest item
+    /// is read from storage when it has to be sent.
+    static let largestCachedPayload = 16_384
+
     var config: PubSubNodeConfig
-    var last: StoredPubSubItem?
+    /// The newest item; its payload is empty when `lastPayloadElided`.
+    private(set) var last: StoredPubSubItem?
+    private(set) var lastPayloadElided = false
     /// Subscriptions by JID (as subscribed, bare or full): `subscribed` or `pending`. PEP nodes have none.
     var subscriptions: [String: String] = [:]
+
+    init(config: PubSubNodeConfig, last: StoredPubSubItem? = nil, subscriptions: [String: String] = [:]) {
+        self.config = config
+        self.subscriptions = subscriptions
+        setLast(last)
+    }
+
+    /// Records the newest item, keeping its payload only when it is small; a node whose items are not
+    /// stored keeps every payload (there is nowhere else to read it from).
+    mutating func setLast(_ item: StoredPubSubItem?) {
+        guard var item, item.payload.utf8.count > Self.largestCachedPayload, config.persistItems else {
+            last = item
+            lastPayloadElided = false
+            return
+        }
+        item.payload = ""
+        last = item
+        lastPayloadElided = true
+    }
 }
 
 /// The nodes of recently used PubSub services (accounts' PEP services, or a service's domain), bounded. Each node of a cluster keeps its own; a change on

@@ -171,7 +171,8 @@ public final class PEPModule: ServerModule {
             interests.contains($0.key) && $0.value.last != nil && $0.value.config.sendLastPublishedItem == "on_sub_and_presence"
         }
         for (name, node) in relevant.sorted(by: { $0.key < $1.key }) where try await engine.refusal(of: resource.bare, service: owner, node: node) == nil {
-            engine.sendItems(node: name, [node.last!], payloads: node.config.deliverPayloads, from: owner, to: resource)
+            guard let last = try await engine.newest(of: node, name: name, service: owner) else { continue }
+            engine.sendItems(node: name, [last], payloads: node.config.deliverPayloads, from: owner, to: resource)
         }
     }
 }

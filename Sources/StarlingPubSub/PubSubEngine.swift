@@ -219,7 +219,7 @@ final class PubSubEngine: Sendable {
             }
             let item = StoredPubSubItem(id: id, publisher: requester.description, payload: payload, published: Int(Date().timeIntervalSince1970))
             if node.config.persistItems { try await store.publishPubSubItem(item, to: name, service: service, keep: node.config.maxItems) }
-            node.last = item
+            node.setLast(item)
             let updated = node
             changed(service) { $0[name] = updated }
             await notify(service: service, node: name, updated, Self.itemsEvent(node: name, [item], payloads: updated.config.deliverPayloads))
@@ -310,7 +310,7 @@ final class PubSubEngine: Sendable {
     private func purge(_ purge: XMLElement, by requester: JID, service: JID) async throws -> IQResponse {
         try await ownedChange(purge, by: requester, service: service) { [self] name, node in
             try await store.purgePubSubNode(name, of: service)
-            changed(service) { $0[name]?.last = nil }
+            changed(service) { $0[name]?.setLast(nil) }
             await notify(service: service, node: name, node, XMLElement(name: "purge", namespace: PubSubNamespace.event, attributes: ["node": name]))
             return .result(nil)
         }
@@ -359,7 +359,7 @@ final class PubSubEngine: Sendable {
             let updated = node
             changed(service) { $0[name]?.subscriptions = updated.subscriptions }
             if state == "pending" { askOwners(to: name, service: service, config: node.config, subscriber: jid) }
-            if state == "subscribed", node.config.sendLastPublishedItem != "never", let last = node.last {
+            if state == "subscribed", node.config.sendLastPublishedItem != "never", let last = try await newest(of: node, name: name, service: service) {
                 sendItems(node: name, [last], payloads: node.config.deliverPayloads, from: service, to: jid)
             }
             return .result(Self.pubsub(XMLElement(name: "subscription", namespace: PubSubNamespace.pubsub,
@@ -465,7 +465,7 @@ final class PubSubEngine: Sendable {
             guard affiliation == "owner" || affiliation == "publisher" else { return .error(.forbidden) }
             guard try await store.retractPubSubItem(id, from: name, service: service) else { return .error(.itemNotFound) }
             let newest = try await store.pubsubItems(of: name, service: service, ids: nil, limit: 1).first
-            changed(service) { $0[name]?.last = newest }
+            changed(service) { $0[name]?.setLast(newest) }
             if notifyWanted || node.config.notifyRetract {
                 var items = XMLElement(name: "items", namespace: PubSubNamespace.event, attributes: ["node": name])
                 items.append(XMLElement(name: "retract", namespace: PubSubNamespace.event, attributes: ["id": id]))
@@ -547,6 +547,13 @@ final class PubSubEngine: Sendable {
     private func ownedChange(_ request: XMLElement, by requester: JID, service: JID,
                              _ change: @escaping @Sendable (String, CachedNode) async throws -> IQResponse) async throws -> IQResponse {
         try await exclusive(service) { [self] in try await owned(request, by: requester, service: service, change) }
+    }
+
+    /// A node's newest item with its payload (read from storage when the cache left it out).
+    func newest(of node: CachedNode, name: String, service: JID) async throws -> StoredPubSubItem? {
+        guard let last = node.last else { return nil }
+        guard node.lastPayloadElided else { return last }
+        return try await item(last.id, of: name, service: service)
     }
 
     /// One item of a node, straight from storage.

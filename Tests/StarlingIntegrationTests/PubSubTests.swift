@@ -432,6 +432,15 @@ final class PubSubTests: XCTestCase {
         let nowAllowed = try await iq(outsider, "<iq type='get' id='i3' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><items node='private'/></pubsub></iq>", id: "i3")
         XCTAssertEqual(nowAllowed[attribute: "type"], "result", nowAllowed.serialized())
 
+        // A large newest item is not kept in memory, yet a new subscriber gets all of it.
+        let large = String(repeating: "0123456789", count: 2_000)
+        _ = try await iq(owner, "<iq type='set' id='c6' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><create node='large'/></pubsub></iq>", id: "c6")
+        let bigPublish = try await iq(owner, "<iq type='set' id='p6' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><publish node='large'><item id='big'><blob xmlns='urn:example:blob'>\(large)</blob></item></publish></pubsub></iq>", id: "p6")
+        XCTAssertEqual(bigPublish[attribute: "type"], "result", bigPublish.serialized())
+        _ = try await iq(writer, "<iq type='set' id='s5' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><subscribe node='large' jid='p11@localhost/w'/></pubsub></iq>", id: "s5")
+        let newest = try await writer.expect("the newest item on subscribing") { $0.child("event")?.child("items")?[attribute: "node"] == "large" }
+        XCTAssertEqual(newest.child("event")?.child("items")?.child("item")?.child("blob")?.text.count, large.count)
+
         // Whitelist nodes refuse strangers; deleting a node tells its subscribers.
         let closed = try await iq(owner, """
             <iq type='set' id='c5' to='\(service)'><pubsub xmlns='\(Self.pubsub)'><create node='closed'/><configure>\
