@@ -66,6 +66,11 @@ public struct LimitsConfiguration: Sendable, Equatable {
     public var readBurst: Int = 0
     /// Connections from one address that have not authenticated yet, at most (0: no limit).
     public var maxUnauthenticatedPerAddress = 0
+    /// Connections from one address at most (0: no limit).
+    public var maxConnectionsPerAddress = 0
+    /// New connections per second from one address (0: no limit), and how many may come at once.
+    public var connectionRate = 0.0
+    public var connectionBurst = 1
 }
 
 public enum StorageBackend: String, Sendable { case sqlite, postgresql }
@@ -187,6 +192,13 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let maxUnauthenticatedPerAddress = ConfigOption<Int>(
         "max_unauthenticated_per_address", default: 50, range: 0...1_000_000,
         doc: "Connections from one IP address that have not authenticated yet, at most (slow-loris); more are closed at once. 0: no limit.")
+    static let maxConnectionsPerAddress = ConfigOption<Int>(
+        "max_connections_per_address", default: 5_000, range: 0...10_000_000,
+        doc: "Connections from one IP address at most (a NAT's users share one; behind a load balancer enable proxy_protocol). 0: no limit.")
+    static let connectionRate = ConfigOption<Double>(
+        "connection_rate", default: 50, range: 0...1_000_000, doc: "New connections per second from one IP address, on average. 0: no limit.")
+    static let connectionBurst = ConfigOption<Int>(
+        "connection_burst", default: 500, range: 1...10_000_000, doc: "New connections one IP address may open at once before connection_rate applies.")
     static let readBurst = ConfigOption<Int>("read_burst", default: 65_536, range: 1024...1_073_741_824, doc: "Bytes a client may send at once above read_rate (a reconnecting client's backlog, say).")
 
     static let storageBackend = ConfigOption<String>("backend", default: "sqlite", oneOf: ["sqlite", "postgresql"], doc: "Storage backend: the embedded SQLite file, or PostgreSQL.")
@@ -314,6 +326,9 @@ public struct StarlingConfiguration: Sendable, Equatable {
             readBurst: try limitsSection.read(readBurst)
         )
         limits.maxUnauthenticatedPerAddress = try limitsSection.read(maxUnauthenticatedPerAddress)
+        limits.maxConnectionsPerAddress = try limitsSection.read(maxConnectionsPerAddress)
+        limits.connectionRate = try limitsSection.read(connectionRate)
+        limits.connectionBurst = try limitsSection.read(connectionBurst)
         try limitsSection.rejectUnknownKeys()
 
         let storageSection = try top.section("storage", doc: "Where accounts and other durable state live.")

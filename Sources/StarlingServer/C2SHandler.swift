@@ -25,7 +25,8 @@ final class C2SHandler: ChannelInboundHandler {
     /// The login being checked, for the login-failed hook.
     private var currentLogin: LoginEvent?
     private var refusedByPolicy = false
-    /// Counted in `server.unauthenticated` until it authenticates or closes.
+    /// Counted in `server.addressLimits` until it closes, and as unauthenticated until it authenticates.
+    private var countedByAddress = false
     private var countedUnauthenticated = false
     /// Built when something is logged rather than kept per connection: most connections never log.
     private var logger: Logger {
@@ -88,12 +89,13 @@ final class C2SHandler: ChannelInboundHandler {
             context.close(promise: nil)
             return
         }
-        guard server.unauthenticated.enter(remoteAddress) else {
-            logger.notice("connection refused: too many unauthenticated connections from this address", metadata: ["address": "\(remoteAddress)"])
+        if let refusal = server.addressLimits.open(remoteAddress) {
+            logger.notice("connection refused: \(refusal.rawValue)", metadata: ["address": "\(remoteAddress)"])
             refusedByPolicy = true
             context.close(promise: nil)
             return
         }
+        countedByAddress = true
         countedUnauthenticated = true
         let loop = context.eventLoop
         let id = ObjectIdentifier(self)
@@ -108,7 +110,11 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        leaveUnauthenticated()
+        if countedByAddress {
+            countedByAddress = false
+            server.addressLimits.closed(remoteAddress, authenticated: !countedUnauthenticated)
+            countedUnauthenticated = false
+        }
         authTimeout?.cancel()
         keepalive?.cancel()
         server.connections.remove(ObjectIdentifier(self))
@@ -325,7 +331,10 @@ final class C2SHandler: ChannelInboundHandler {
                 }
             case .authenticated(let user):
                 server.failures.recordSuccess(address: remoteAddress, account: user.bare.description)
-                leaveUnauthenticated()
+                if countedUnauthenticated {
+                    countedUnauthenticated = false
+                    server.addressLimits.authenticated(remoteAddress)
+                }
                 authenticatedUser = user
                 logger.debug("authenticated")
             case .bindResource(let user, let requested, let iq):
@@ -363,13 +372,6 @@ final class C2SHandler: ChannelInboundHandler {
             }
         }
         flushSoon()
-    }
-
-    /// Stops counting this connection against its address's unauthenticated connections (once).
-    private func leaveUnauthenticated() {
-        guard countedUnauthenticated else { return }
-        countedUnauthenticated = false
-        server.unauthenticated.leave(remoteAddress)
     }
 
     /// `user@host` as the failure tracker keys accounts (normalised when it is a valid JID).

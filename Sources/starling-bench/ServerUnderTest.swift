@@ -115,7 +115,7 @@ final class ServerUnderTest {
               required: \(options.tls != .none)
             auth:
               plain_without_tls: true
-            limits: { max_unauthenticated_per_address: 0\(readRate.map { ", read_rate: \($0)" } ?? "") }
+            limits: { max_unauthenticated_per_address: 0, max_connections_per_address: 0, connection_rate: 0\(readRate.map { ", read_rate: \($0)" } ?? "") }
             \(try storageSection(options))
             \(cluster)
             \(try options.serverConfig.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? defaultConfig)

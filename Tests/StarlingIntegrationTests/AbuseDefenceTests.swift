@@ -113,4 +113,43 @@ final class AbuseDefenceTests: XCTestCase {
         XCTAssertTrue(server.log.contains("too many unauthenticated connections from this address"), server.log)
         for client in [alice, bob] { await client.close() }
     }
+
+    /// New connections from one address are limited in rate and in number; other addresses are not.
+    func testConnectionsPerAddressAreLimitedInRateAndNumber() async throws {
+        let server = try ServerProcess(extraConfig: """
+        limits:
+          connection_rate: 0.01
+          connection_burst: 4
+          max_connections_per_address: 2
+        """, users: [("alice", "alice-pw")])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        func opens(from address: String) async throws -> (TestClient, Bool) {
+            let client = try await TestClient.connect(port: server.starttlsPort, domain: "localhost", tls: .starttls, source: address)
+            client.send("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>")
+            let answer = try await client.next()
+            if case .streamOpen = answer { return (client, true) }
+            return (client, false)
+        }
+        let (first, firstOpened) = try await opens(from: "127.0.0.20")
+        let (second, secondOpened) = try await opens(from: "127.0.0.20")
+        XCTAssertTrue(firstOpened && secondOpened)
+        let (third, thirdOpened) = try await opens(from: "127.0.0.20")
+        XCTAssertFalse(thirdOpened, "a third connection at once is refused")
+        await first.close()
+        _ = try await first.waitFor("closed") { $0 == .disconnected }
+        // The server counts the close when it sees it; the fourth token of the burst is then usable.
+        var fourthOpened = false
+        var attempts: [TestClient] = []
+        for _ in 1...50 where !fourthOpened {
+            let (client, opened) = try await opens(from: "127.0.0.20")
+            attempts.append(client)
+            fourthOpened = opened
+            if !opened { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        XCTAssertTrue(fourthOpened, "a connection closed makes room again")
+        let (fifth, fifthOpened) = try await opens(from: "127.0.0.21")
+        XCTAssertTrue(fifthOpened, "other addresses connect as usual")
+        XCTAssertTrue(server.log.contains("too many connections from this address"), server.log)
+        for client in [second, third, fifth] + attempts { await client.close() }
+    }
 }

@@ -28,3 +28,26 @@ final class AuthFailureTrackerTests: XCTestCase {
         XCTAssertFalse(tracker.isLockedOut(account: "a@b", address: "192.0.2.2", now: now))
     }
 }
+
+/// What one client address may hold and open.
+final class AddressLimitsTests: XCTestCase {
+    func testRateConnectionsAndUnauthenticatedCaps() {
+        let limits = AddressLimits(maxUnauthenticated: 2, maxConnections: 3, rate: 1, burst: 3)
+        XCTAssertNil(limits.open("192.0.2.1", now: 0))
+        XCTAssertNil(limits.open("192.0.2.1", now: 0))
+        XCTAssertEqual(limits.open("192.0.2.1", now: 0), .unauthenticated, "two are waiting to authenticate")
+        limits.authenticated("192.0.2.1")
+        XCTAssertNil(limits.open("192.0.2.1", now: 0))
+        XCTAssertEqual(limits.open("192.0.2.1", now: 0), .rate, "the burst of three is spent")
+        XCTAssertNil(limits.open("192.0.2.2", now: 0), "other addresses are not affected")
+        limits.authenticated("192.0.2.1")
+        XCTAssertEqual(limits.open("192.0.2.1", now: 5), .connections, "three are open")
+        limits.closed("192.0.2.1", authenticated: true)
+        XCTAssertNil(limits.open("192.0.2.1", now: 6))
+    }
+
+    func testZeroMeansNoLimit() {
+        let limits = AddressLimits(maxUnauthenticated: 0, maxConnections: 0, rate: 0, burst: 1)
+        for _ in 1...1_000 { XCTAssertNil(limits.open("192.0.2.1", now: 0)) }
+    }
+}
