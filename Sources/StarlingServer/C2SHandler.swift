@@ -28,6 +28,18 @@ final class C2SHandler: ChannelInboundHandler {
     /// Counted in `server.addressLimits` until it closes, and as unauthenticated until it authenticates.
     private var countedByAddress = false
     private var countedUnauthenticated = false
+    /// XEP-0198 on this stream, and its id when resumable.
+    private var sm = StreamManagement()
+    private var smID: String?
+    /// `max_queue` of the host's stream management, read when it is enabled.
+    private var smQueueLimit = Int.max
+    /// The connection dropped while resumable: the session waits here for a resumption or its timeout.
+    private var detached = false
+    private var detachTimeout: Scheduled<Void>?
+    /// The session was resumed on another connection: what still reaches this one goes there.
+    private var resumedBy: ClientSession?
+    /// While this connection resumes a session: deliveries that came before the old one handed over.
+    private var resumingDeliveries: [OutgoingStanza]?
     /// Built when something is logged rather than kept per connection: most connections never log.
     private var logger: Logger {
         var logger = server.logger
@@ -118,6 +130,13 @@ final class C2SHandler: ChannelInboundHandler {
         authTimeout?.cancel()
         keepalive?.cancel()
         server.connections.remove(ObjectIdentifier(self))
+        // A resumable stream that ended without </stream> (a phone changing networks) keeps its session.
+        if let session, sm.resumable, !machine.isClosed, let smID, let timeout = streamManagementSettings(for: session.jid.domainpart)?.resumeTimeout {
+            detach(session, id: smID, timeout: timeout, loop: context.eventLoop)
+            self.context = nil
+            context.fireChannelInactive()
+            return
+        }
         if let session {
             server.registry.unbind(session)
             _ = server.router.run(.sessionClosed, SessionEvent(jid: session.jid), on: session.jid.domainpart)
@@ -214,8 +233,11 @@ final class C2SHandler: ChannelInboundHandler {
                 // Half the idle timeout without a byte: ping (XEP-0199 §4.2); a second half: gone.
                 if let session, !pingOutstanding {
                     pingOutstanding = true
-                    write("<iq type='get' id='starling-ping' from='\(session.jid.domainpart)' to='\(session.jid)'><ping xmlns='urn:xmpp:ping'/></iq>")
-                    flushSoon()
+                    var ping = XMLElement(name: "iq", namespace: Namespace.client, attributes: [
+                        "type": "get", "id": "starling-ping", "from": session.jid.domainpart, "to": session.jid.description,
+                    ])
+                    ping.append(XMLElement(name: "ping", namespace: Namespace.ping))
+                    deliver(.element(ping))
                 } else {
                     perform(machine.idleTimedOut())
                 }
@@ -252,7 +274,12 @@ final class C2SHandler: ChannelInboundHandler {
             case .send(let text):
                 write(text)
             case .sendElement(let element):
-                write(element.serialized(inheritedNamespace: Namespace.client))
+                // Stanzas on a bound stream are counted for stream management like any delivery.
+                if session != nil, ["message", "presence", "iq"].contains(element.name), element.namespace == Namespace.client {
+                    deliver(.element(element))
+                } else {
+                    write(element.serialized(inheritedNamespace: Namespace.client))
+                }
             case .startTLS:
                 context.flush()
                 let handler = NIOSSLServerHandler(context: server.tls.context)
@@ -339,10 +366,17 @@ final class C2SHandler: ChannelInboundHandler {
                 logger.debug("authenticated")
             case .bindResource(let user, let requested, let iq):
                 bind(user: user, requested: requested, iq: iq)
+            case .resumeSession(let user, let previd, let h):
+                resumeSession(user: user, previd: previd, h: h)
             case .route(let stanza):
+                sm.received()
                 if let session { server.router.route(stanza, from: session) }
             case .nonza(let element):
                 guard let session else { continue }
+                if element.namespace == StreamManagement.namespace {
+                    streamManagement(element, session: session)
+                    continue
+                }
                 switch server.router.run(.nonzaFromClient, StanzaEvent(stanza: element, origin: session.jid), on: session.jid.domainpart) {
                 case .handled, .modify:
                     break
@@ -427,14 +461,171 @@ final class C2SHandler: ChannelInboundHandler {
             // A session on another node hears of this binding through the session table and closes itself.
             if case .local(let old)? = replaced { old.close(.conflict) }
             authTimeout?.cancel()
-            let interval = TimeAmount.milliseconds(Int64(server.configuration.limits.keepaliveInterval * 1000))
-            keepalive = loop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in bound.value.keepaliveTick() }
+            startKeepalive(loop: loop)
             logger.debug("resource bound", metadata: ["jid": "\(jid)"])
             perform(machine.resourceBound(jid, iq: iq))
             _ = server.router.run(.sessionBound, SessionEvent(jid: jid), on: jid.domainpart)
         case .failed(let condition):
             perform(machine.bindFailed(condition, iq: iq))
         }
+    }
+
+    private func startKeepalive(loop: any EventLoop) {
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let interval = TimeAmount.milliseconds(Int64(server.configuration.limits.keepaliveInterval * 1000))
+        keepalive = loop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in bound.value.keepaliveTick() }
+    }
+
+    // MARK: Stream management (XEP-0198)
+
+    /// The host's `stream_management` module options, or nil where the module is not enabled.
+    private func streamManagementSettings(for host: String) -> (resumeTimeout: Int, maxQueue: Int)? {
+        guard let options = server.router.modules[host]?.adapters["stream_management"]?.options else { return nil }
+        let timeout = options.integer("resume_timeout")
+        return (timeout, options.integer("max_queue"))
+    }
+
+    private func streamManagement(_ element: XMLElement, session: ClientSession) {
+        switch element.name {
+        case "enable":
+            guard let settings = streamManagementSettings(for: session.jid.domainpart) else {
+                return writeElement(C2SStateMachine.smFailed(.featureNotImplemented))
+            }
+            guard !sm.enabled else { return writeElement(C2SStateMachine.smFailed(.unexpectedRequest)) }
+            let resume = (element[attribute: "resume"] == "true" || element[attribute: "resume"] == "1") && settings.resumeTimeout > 0
+            sm.enable(resumable: resume)
+            smQueueLimit = settings.maxQueue
+            var enabled = XMLElement(name: "enabled", namespace: StreamManagement.namespace)
+            if resume {
+                let id = Self.streamID()
+                smID = id
+                enabled[attribute: "id"] = id
+                enabled[attribute: "resume"] = "true"
+                enabled[attribute: "max"] = String(settings.resumeTimeout)
+            }
+            writeElement(enabled)
+        case "r" where sm.enabled:
+            writeElement(XMLElement(name: "a", namespace: StreamManagement.namespace, attributes: ["h": String(sm.handled)]))
+        case "a" where sm.enabled:
+            guard let h = element[attribute: "h"].flatMap({ UInt32($0) }), sm.acknowledge(h) else {
+                return perform(machine.fail(.undefinedCondition, "that acknowledges stanzas never sent"))
+            }
+        default:
+            perform(machine.fail(.unsupportedStanzaType, "<\(element.name) xmlns='\(StreamManagement.namespace)'/> is not expected now"))
+        }
+        flushSoon()
+    }
+
+    private func writeElement(_ element: XMLElement) {
+        write(element.serialized(inheritedNamespace: Namespace.client))
+    }
+
+    /// 128 random bits: the resumption id is the only thing that names a detached session.
+    private static func streamID() -> String {
+        (0..<2).map { _ in String(UInt64.random(in: 0...UInt64.max), radix: 36) }.joined(separator: "-")
+    }
+
+    /// The connection is gone but the session stays bound, collecting what is sent to it, until a new
+    /// connection of the same account resumes it or `timeout` seconds pass.
+    private func detach(_ session: ClientSession, id: String, timeout: Int, loop: any EventLoop) {
+        detached = true
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        server.detached.insert(id, jid: session.jid) { newSession, completion in
+            loop.execute { bound.value.handOver(to: newSession, completion: completion) }
+        }
+        detachTimeout = loop.scheduleTask(in: .seconds(Int64(timeout))) { bound.value.endDetached() }
+        // A server going down ends it at once, so what it holds reaches offline storage before storage closes.
+        server.connections.insert(ObjectIdentifier(self)) { loop.execute { bound.value.endDetached() } }
+        logger.debug("session detached, resumable", metadata: ["jid": "\(session.jid)"])
+    }
+
+    /// Gives this detached session to a resuming connection: the binding moves to `newSession`, the
+    /// counting goes with it, and what still arrives here is passed on.
+    private func handOver(to newSession: ClientSession, completion: @Sendable (StreamManagement?) -> Void) {
+        guard detached, let session, server.registry.transfer(from: session, to: newSession) else { return completion(nil) }
+        detached = false
+        detachTimeout?.cancel()
+        server.connections.remove(ObjectIdentifier(self))
+        resumedBy = newSession
+        let state = sm
+        sm = StreamManagement()
+        self.session = nil
+        completion(state)
+    }
+
+    /// No resumption came (or the session was replaced, or its queue overflowed): the session ends as if
+    /// the connection had just closed, and messages the client never confirmed are kept for the account
+    /// as undeliverable messages are (offline storage), per XEP-0198 §5.
+    private func endDetached() {
+        guard detached, let session else { return }
+        detached = false
+        detachTimeout?.cancel()
+        server.connections.remove(ObjectIdentifier(self))
+        if let smID { server.detached.remove(smID) }
+        server.registry.unbind(session)
+        for outgoing in sm.unacknowledged {
+            let stanza: XMLElement?
+            switch outgoing {
+            case .element(let element): stanza = element
+            case .addressed(let shared): stanza = shared.element(to: session.jid)
+            }
+            guard let stanza, stanza.name == "message", ["chat", "normal", nil].contains(stanza[attribute: "type"]), stanza.child("body") != nil else { continue }
+            let from = stanza[attribute: "from"].flatMap { JID($0) }
+            _ = server.router.run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: from, recipient: session.jid.bare), on: session.jid.domainpart)
+        }
+        sm = StreamManagement()
+        _ = server.router.run(.sessionClosed, SessionEvent(jid: session.jid), on: session.jid.domainpart)
+        logger.debug("detached session ended", metadata: ["jid": "\(session.jid)"])
+        self.session = nil
+    }
+
+    /// `<resume previd h/>` after authentication: takes the account's detached session over.
+    private func resumeSession(user: JID, previd: String, h: UInt32) {
+        guard let context, let settings = streamManagementSettings(for: user.domainpart), let entry = server.detached.take(previd, user: user) else {
+            return perform(machine.resumeFailed())
+        }
+        smQueueLimit = settings.maxQueue
+        suspend()
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let newSession = ClientSession(
+            jid: entry.jid, eventLoop: loop,
+            deliver: { stanza in bound.value.deliver(stanza) },
+            close: { condition in bound.value.closeSession(condition) },
+            hold: { held in bound.value.holdReads(held) }
+        )
+        resumingDeliveries = []
+        entry.handOver(newSession) { state in
+            loop.execute { bound.value.finishResumption(newSession, previd: previd, h: h, state: state) }
+        }
+    }
+
+    private func finishResumption(_ newSession: ClientSession, previd: String, h: UInt32, state: StreamManagement?) {
+        defer { resume() }
+        let held = resumingDeliveries ?? []
+        resumingDeliveries = nil
+        guard var state else { return perform(machine.resumeFailed()) }
+        // An `h` beyond what was sent acknowledges nothing: everything unacknowledged is sent again.
+        _ = state.acknowledge(h)
+        session = newSession
+        sm = state
+        smID = previd
+        authTimeout?.cancel()
+        if countedUnauthenticated {
+            countedUnauthenticated = false
+            server.addressLimits.authenticated(remoteAddress)
+        }
+        if let loop = context?.eventLoop { startKeepalive(loop: loop) }
+        perform(machine.resumed(newSession.jid))
+        writeElement(XMLElement(name: "resumed", namespace: StreamManagement.namespace, attributes: ["h": String(sm.handled), "previd": previd]))
+        for stanza in sm.unacknowledged { writeStanza(stanza) }
+        for stanza in held { deliver(stanza) }
+        if !sm.unacknowledged.isEmpty, !sm.requestOutstanding {
+            sm.requestOutstanding = true
+            writeElement(XMLElement(name: "r", namespace: StreamManagement.namespace))
+        }
+        logger.debug("session resumed", metadata: ["jid": "\(newSession.jid)"])
+        flushSoon()
     }
 
     private func storageFailed(_ error: any Error) {
@@ -444,21 +635,42 @@ final class C2SHandler: ChannelInboundHandler {
 
     /// A stanza routed to this session from anywhere on the server.
     private func deliver(_ stanza: OutgoingStanza) {
-        guard session != nil, !machine.isClosed, let context else { return }
+        if let resumedBy { return resumedBy.deliver(stanza) }
+        if resumingDeliveries != nil { return resumingDeliveries!.append(stanza) }
+        if detached {
+            // Kept for the resumption; a queue past its bound ends the wait now.
+            if !sm.sending(stanza, limit: smQueueLimit) { endDetached() }
+            return
+        }
+        guard session != nil, !machine.isClosed, context != nil else { return }
+        if !sm.sending(stanza, limit: smQueueLimit) {
+            return perform(machine.fail(.policyViolation, "too many stanzas left unacknowledged"))
+        }
+        writeStanza(stanza)
+        if sm.enabled, !sm.requestOutstanding {
+            sm.requestOutstanding = true
+            writeElement(XMLElement(name: "r", namespace: StreamManagement.namespace))
+        }
+        flushSoon()
+    }
+
+    private func writeStanza(_ stanza: OutgoingStanza) {
+        guard let context, let session else { return }
         switch stanza {
         case .element(let element):
             write(element.serialized(inheritedNamespace: Namespace.client))
         case .addressed(let shared):
             var buffer = context.channel.allocator.buffer(capacity: shared.approximateSize)
-            shared.write(to: session!.escapedAddress, into: &buffer)
+            shared.write(to: session.escapedAddress, into: &buffer)
             context.write(wrapOutboundOut(buffer), promise: nil)
             flushPending = true
             wroteSinceKeepalive = true
         }
-        flushSoon()
     }
 
     private func closeSession(_ condition: StreamErrorCondition) {
+        if let resumedBy { return resumedBy.close(condition) }
+        if detached { return endDetached() }
         switch condition {
         case .conflict: perform(machine.replaced())
         default: perform(machine.fail(condition, nil))

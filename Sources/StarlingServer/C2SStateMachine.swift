@@ -52,6 +52,8 @@ public struct C2SStateMachine {
         case authenticated(JID)
         /// Ask the session registry for a resource, then call `resourceBound` or `bindFailed`.
         case bindResource(user: JID, requested: String?, iq: XMLElement)
+        /// XEP-0198: resume the detached session `previd` instead of binding; `h` is what the client handled.
+        case resumeSession(user: JID, previd: String, h: UInt32)
         /// A stanza from the bound client, `from` stamped: route it.
         case route(XMLElement)
         /// A top-level non-stanza element from the bound client: offer it to the modules.
@@ -225,6 +227,27 @@ public struct C2SStateMachine {
         return [.sendElement(result)]
     }
 
+    /// The detached session was taken over: the stream is bound to its resource.
+    public mutating func resumed(_ jid: JID) -> [Action] {
+        guard case .binding = state else { return [] }
+        state = .bound(jid)
+        return []
+    }
+
+    /// No such detached session (or not this account's): the client may bind instead.
+    public mutating func resumeFailed() -> [Action] {
+        guard case .binding = state else { return [] }
+        state = .negotiating
+        return [.sendElement(Self.smFailed(.itemNotFound))]
+    }
+
+    /// XEP-0198's `<failed/>` with a stanza error condition.
+    static func smFailed(_ condition: StanzaErrorCondition) -> XMLElement {
+        var failed = XMLElement(name: "failed", namespace: StreamManagement.namespace)
+        failed.append(XMLElement(name: condition.rawValue, namespace: Namespace.stanzaErrors))
+        return failed
+    }
+
     public mutating func bindFailed(_ condition: StanzaErrorCondition, iq: XMLElement) -> [Action] {
         guard case .binding = state else { return [] }
         state = .negotiating
@@ -315,6 +338,15 @@ public struct C2SStateMachine {
             return startAuthentication(element)
         case (Namespace.client, "iq") where authenticatedUser != nil:
             return iqBeforeBind(element)
+        case (StreamManagement.namespace, "resume") where authenticatedUser != nil:
+            guard let previd = element[attribute: "previd"], let h = element[attribute: "h"].flatMap({ UInt32($0) }) else {
+                return [.sendElement(Self.smFailed(.badRequest))]
+            }
+            state = .binding
+            return [.resumeSession(user: authenticatedUser!, previd: previd, h: h)]
+        case (StreamManagement.namespace, "enable") where authenticatedUser != nil:
+            // XEP-0198 §3: only once a resource is bound.
+            return [.sendElement(Self.smFailed(.unexpectedRequest))]
         case (Namespace.client, "iq") where !offeredMechanisms().isEmpty && !(settings.preAuthFeatures[host] ?? []).isEmpty:
             // Only where a module offers something before authentication (in-band registration), and
             // only once authentication itself would be allowed (i.e. after TLS when TLS is required).

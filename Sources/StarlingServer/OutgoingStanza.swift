@@ -1,5 +1,6 @@
 import NIOCore
 import StarlingAPI
+import StarlingXML
 
 /// A stanza on its way to one session: its element, or a serialization shared by many recipients with
 /// each one's address spliced in (a room's message to its occupants is serialized once, not once each).
@@ -36,6 +37,13 @@ final class SharedSerialization: @unchecked Sendable {
     }
 
     var approximateSize: Int { head.utf8.count + tail.utf8.count + 64 }
+
+    /// The stanza as an element again, addressed to `jid` (for the rare paths that store it).
+    func element(to jid: JID) -> XMLElement? {
+        var buffer = ByteBufferAllocator().buffer(capacity: approximateSize)
+        write(to: Self.escaped(jid), into: &buffer)
+        return XMLFragmentParser.parse(String(buffer: buffer))
+    }
 
     static func escaped(_ jid: JID) -> String {
         var out = ""

@@ -20,6 +20,8 @@ public final class ServerContext: Sendable {
     public let connections: ConnectionSet
     /// What each client address may hold and open (`limits.max_unauthenticated_per_address`, ...).
     public let addressLimits: AddressLimits
+    /// Sessions waiting to be resumed (XEP-0198).
+    let detached = DetachedSessions()
     public let threadPool: NIOThreadPool
     public let logger: Logger
 

@@ -189,6 +189,18 @@ public final class SessionRegistry: Sendable {
         return outcome.0
     }
 
+    /// Moves a bound resource to another session object (a resumed stream, XEP-0198), keeping its
+    /// presence, flags and binding time; false when `old` no longer holds it.
+    public func transfer(from old: ClientSession, to new: ClientSession) -> Bool {
+        let bare = old.jid.bare
+        return shard(bare).withLockedValue { table in
+            guard let resource = old.jid.resourcepart, var state = table[bare]?[resource], state.session === old else { return false }
+            state.location = .local(new)
+            table[bare]![resource] = state
+            return true
+        }
+    }
+
     /// Removes the binding if `session` still holds it (a replaced session must not unbind its successor).
     public func unbind(_ session: ClientSession) {
         let bare = session.jid.bare

@@ -266,6 +266,11 @@ public final class TestClient: @unchecked Sendable {
         send("</stream:stream>")
         try? await channel.close()
     }
+
+    /// Drops the connection without closing the stream, as a phone losing its network does.
+    public func drop() async {
+        try? await channel.close()
+    }
 }
 
 /// Parses what the server sends and queues it for the test.

@@ -70,6 +70,32 @@ final class C2SStateMachineTests: XCTestCase {
         XCTAssertTrue(after.contains("<sasl-channel-binding xmlns='urn:xmpp:sasl-cb:0'><channel-binding type='tls-server-end-point'/></sasl-channel-binding>"), after)
     }
 
+    /// XEP-0198: after authentication, `<resume/>` takes the place of bind; a failed resumption leaves
+    /// binding open, and enabling before a resource is bound is refused.
+    func testResumeInsteadOfBind() throws {
+        var machine = machineAfterTLS()
+        let plain = Data("\u{0}juliet\u{0}r0meo".utf8).base64EncodedString()
+        XCTAssertEqual(machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>\(plain)</auth>")),
+                       [.verifyPlain(username: "juliet", host: "example.com", password: "r0meo")])
+        XCTAssertEqual(Array(machine.plainVerified(username: "juliet", success: true).dropFirst()), [.authenticated(JID("juliet@example.com")!), .resetParser])
+        let (h, ns) = header()
+        XCTAssertTrue(sentText(machine.streamOpened(header: h, defaultNamespace: ns)).contains("<bind"))
+        let user = JID("juliet@example.com")!
+
+        XCTAssertEqual(machine.elementReceived(element("<enable xmlns='urn:xmpp:sm:3'/>")), [.sendElement(C2SStateMachine.smFailed(.unexpectedRequest))])
+        XCTAssertEqual(machine.elementReceived(element("<resume xmlns='urn:xmpp:sm:3' previd='abc'/>")), [.sendElement(C2SStateMachine.smFailed(.badRequest))],
+                       "a resumption needs h")
+        XCTAssertEqual(machine.elementReceived(element("<resume xmlns='urn:xmpp:sm:3' previd='abc' h='7'/>")), [.resumeSession(user: user, previd: "abc", h: 7)])
+        XCTAssertEqual(sentText(machine.resumeFailed()), "<failed xmlns='urn:xmpp:sm:3'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>")
+        XCTAssertEqual(machine.elementReceived(element("<resume xmlns='urn:xmpp:sm:3' previd='abc' h='7'/>")), [.resumeSession(user: user, previd: "abc", h: 7)])
+        let full = JID("juliet@example.com/balcony")!
+        XCTAssertEqual(machine.resumed(full), [])
+        XCTAssertEqual(machine.boundJID, full)
+        guard case .route = machine.elementReceived(element("<message to='romeo@example.com'><body>back</body></message>")).first else {
+            return XCTFail("stanzas flow once resumed")
+        }
+    }
+
     func testSCRAMPlusThenBindThenStanzas() throws {
         var machine = machineAfterTLS()
         var client = SCRAMClient(hash: .sha256, username: "Juliet", password: "r0meo", channelBinding: binding)

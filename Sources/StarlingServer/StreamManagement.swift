@@ -1,0 +1,79 @@
+import NIOConcurrencyHelpers
+import StarlingAPI
+
+/// XEP-0198's counting for one stream, as a plain value: what the client handled (what `<a h/>` says),
+/// what was sent to it, and what it has not acknowledged yet (resent on resumption). Counters wrap at
+/// 2^32 as the XEP says.
+struct StreamManagement {
+    static let namespace = "urn:xmpp:sm:3"
+
+    private(set) var enabled = false
+    private(set) var resumable = false
+    /// Stanzas handled from the client since enabling.
+    private(set) var handled: UInt32 = 0
+    /// Stanzas sent to the client since enabling (set directly only by tests of the wrap-around).
+    var sent: UInt32 = 0
+    /// Sent and not yet acknowledged, oldest first.
+    private(set) var unacknowledged: [OutgoingStanza] = []
+    /// An `<r/>` of ours awaits its `<a/>`.
+    var requestOutstanding = false
+
+    mutating func enable(resumable: Bool) {
+        enabled = true
+        self.resumable = resumable
+    }
+
+    mutating func received() {
+        if enabled { handled &+= 1 }
+    }
+
+    /// Counts a stanza on its way to the client; false once more are unacknowledged than `limit`.
+    mutating func sending(_ stanza: OutgoingStanza, limit: Int) -> Bool {
+        guard enabled else { return true }
+        sent &+= 1
+        unacknowledged.append(stanza)
+        return unacknowledged.count <= limit
+    }
+
+    /// The client says it handled `h` stanzas in all: those are forgotten. False when `h` counts
+    /// stanzas never sent (XEP-0198 §4: an `<undefined-condition/>` stream error).
+    mutating func acknowledge(_ h: UInt32) -> Bool {
+        let firstUnacknowledged = sent &- UInt32(unacknowledged.count)
+        let confirmed = h &- firstUnacknowledged
+        guard confirmed <= UInt32(unacknowledged.count) else { return false }
+        unacknowledged.removeFirst(Int(confirmed))
+        requestOutstanding = false
+        return true
+    }
+}
+
+// A stream's counting moves between event loops once, when a resuming connection takes it over; one
+// loop owns it at a time.
+extension StreamManagement: @unchecked Sendable {}
+
+/// Sessions whose connection dropped while resumable (XEP-0198 §5), by stream id, until they are
+/// resumed or time out. Each entry is the detached handler's way of handing itself over.
+final class DetachedSessions: Sendable {
+    /// Hands a detached session to the resuming connection: called once, from any thread; `completion`
+    /// gets the stream's counting, or nil when it timed out meanwhile.
+    typealias HandOver = @Sendable (_ newSession: ClientSession, _ completion: @escaping @Sendable (StreamManagement?) -> Void) -> Void
+
+    private let entries = NIOLockedValueBox<[String: (jid: JID, handOver: HandOver)]>([:])
+
+    func insert(_ id: String, jid: JID, handOver: @escaping HandOver) {
+        entries.withLockedValue { $0[id] = (jid, handOver) }
+    }
+
+    /// Takes the session `id` if `user` (a bare JID) owns it; a stranger's or unknown id takes nothing.
+    func take(_ id: String, user: JID) -> (jid: JID, handOver: HandOver)? {
+        entries.withLockedValue { entries in
+            guard let entry = entries[id], entry.jid.bare == user.bare else { return nil }
+            entries[id] = nil
+            return entry
+        }
+    }
+
+    func remove(_ id: String) {
+        _ = entries.withLockedValue { $0.removeValue(forKey: id) }
+    }
+}
