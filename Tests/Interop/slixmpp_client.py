@@ -13,6 +13,9 @@ Modes (each prints one result line and exits 0 on success, 1 on failure, bounded
   mam      with the xep_0313 plugin: B sends A --count messages; A pages through its archive forwards
            and backwards, filters by B, reads the metadata and finds the stanza-ids it got live; then
            A makes --room persistent, talks in it, and B reads the room's archive: prints OK
+  sm       with the xep_0198 plugin: A enables stream management with resumption and gets B's message
+           with acknowledgements flowing; A's connection is cut without closing the stream, B writes
+           again, and A reconnects and resumes, receiving what B wrote meanwhile: prints OK
   pep      with the xep_0115/0163/0172/0084/0223/0402 plugins: A and B subscribe to each other; B says
            +notify for nicknames and avatars through its entity capabilities; A publishes a nickname and
            an avatar (data, then metadata) which B is notified of and fetches, and A stores XEP-0402
@@ -273,6 +276,66 @@ async def pep(args):
     return 0
 
 
+async def sm(args):
+    """Stream management and resumption as slixmpp's xep_0198 plugin does them."""
+    a = make_client(args.jid_a, args.password_a, args)
+    a.register_plugin("xep_0198")
+    b = make_client(args.jid_b, args.password_b, args)
+    loop = asyncio.get_running_loop()
+    enabled = loop.create_future()
+    resumed = loop.create_future()
+    bodies = []
+    arrived = asyncio.Event()
+    a.add_event_handler("sm_enabled", lambda _: enabled.done() or enabled.set_result(True))
+    a.add_event_handler("session_resumed", lambda _: resumed.done() or resumed.set_result(True))
+
+    def on_message(message):
+        bodies.append(message["body"])
+        arrived.set()
+
+    a.add_event_handler("message", on_message)
+    for client in (a, b):
+        if await connect_and_start(client, args) != "started":
+            print(f"LOGIN-FAILED {client.boundjid}")
+            return 1
+    await asyncio.wait_for(enabled, args.timeout)
+    sm_id = a.plugin["xep_0198"].sm_id
+    if not sm_id:
+        print("NOT-RESUMABLE")
+        return 1
+    full = a.boundjid.full
+
+    async def wait_for_body(body):
+        while body not in bodies:
+            arrived.clear()
+            await asyncio.wait_for(arrived.wait(), args.timeout)
+
+    b.send_message(mto=full, mbody="before the drop", mtype="chat")
+    await wait_for_body("before the drop")
+    a.plugin["xep_0198"].request_ack()
+    for _ in range(50):
+        if a.plugin["xep_0198"].last_ack > 0:
+            break
+        await asyncio.sleep(0.1)
+    if a.plugin["xep_0198"].last_ack == 0:
+        print("NO-ACK-FROM-SERVER")
+        return 1
+    # Cut the connection as a phone losing its network does, then write to the detached session.
+    a.abort()
+    await asyncio.sleep(0.3)
+    b.send_message(mto=full, mbody="while away", mtype="chat")
+    a.connect(args.host, args.port)
+    await asyncio.wait_for(resumed, args.timeout)
+    await wait_for_body("while away")
+    if a.boundjid.full != full:
+        print(f"NEW-RESOURCE {a.boundjid.full} instead of {full}")
+        return 1
+    for client in (a, b):
+        client.disconnect()
+    print("OK")
+    return 0
+
+
 async def badauth(args):
     a = make_client(args.jid_a, args.password_a, args)
     state = await connect_and_start(a, args)
@@ -430,7 +493,7 @@ async def mam(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["chat", "echo", "badauth", "im", "muc", "mam", "pep"])
+    parser.add_argument("mode", choices=["chat", "echo", "badauth", "im", "muc", "mam", "pep", "sm"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tls", choices=["starttls", "direct"], default="starttls")
@@ -448,7 +511,7 @@ def main():
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.CRITICAL)
-    modes = {"chat": chat, "echo": echo, "badauth": badauth, "im": im, "muc": muc, "mam": mam, "pep": pep}
+    modes = {"chat": chat, "echo": echo, "badauth": badauth, "im": im, "muc": muc, "mam": mam, "pep": pep, "sm": sm}
     try:
         code = asyncio.run(asyncio.wait_for(modes[args.mode](args), args.timeout + 5))
     except asyncio.TimeoutError:

@@ -187,4 +187,13 @@ final class StreamManagementTests: XCTestCase {
         XCTAssertNotNil(kept.child("delay", namespace: "urn:xmpp:delay"), kept.serialized())
         for client in [later, bob] { await client.close() }
     }
+
+    func testSlixmppResumesAfterItsConnectionIsCut() async throws {
+        let (status, output) = try ServerProcess.slixmpp([
+            "sm", "--port", "\(Self.server.directTLSPort)", "--tls", "direct",
+            "--jid-a", "sm10@localhost", "--password-a", "pw10", "--jid-b", "sm2@localhost", "--password-b", "pw2",
+        ])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("OK"), output)
+    }
 }
