@@ -607,9 +607,16 @@ final class C2SHandler: ChannelInboundHandler {
         guard var state else { return perform(machine.resumeFailed()) }
         // An `h` beyond what was sent acknowledges nothing: everything unacknowledged is sent again.
         _ = state.acknowledge(h)
+        // The old connection's request for an acknowledgement died with it.
+        state.requestOutstanding = false
         session = newSession
         sm = state
         smID = previd
+        guard context != nil, !machine.isClosed else {
+            // This connection went away during the hand-over: the session it took ends here instead.
+            detached = true
+            return endDetached()
+        }
         authTimeout?.cancel()
         if countedUnauthenticated {
             countedUnauthenticated = false

@@ -136,6 +136,7 @@ final class StreamManagementTests: XCTestCase {
         let second = try await back.expect("a message") { $0.name == "message" }
         XCTAssertEqual([first, second].map { $0.child("body")?.text }, ["before the tunnel", "while in the tunnel"])
         XCTAssertEqual(first[attribute: "to"], "sm3@localhost/phone", "the same resource, resumed")
+        _ = try await nonza(back, ["r"])  // the server asks for an acknowledgement of what it sent again
         chat(bob, to: "sm3@localhost/phone", "after")
         _ = try await back.expect("a message after resuming") { $0.child("body")?.text == "after" }
         let ping = try await back.iq("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", id: "p")
