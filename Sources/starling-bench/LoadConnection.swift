@@ -152,8 +152,13 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Sends an IQ and completes when its answer (of any type) arrives.
     func iq(id: String, _ text: String) -> EventLoopFuture<Void> {
+        request(text, until: "id='\(id)'")
+    }
+
+    /// Sends `text` and completes once the server's answer contains `marker`.
+    func request(_ text: String, until marker: String) -> EventLoopFuture<Void> {
         let promise = loop.makePromise(of: Void.self)
-        pendingIQ = (Array("id='\(id)'".utf8), promise)
+        pendingIQ = (Array(marker.utf8), promise)
         write(text)
         flush()
         return promise.futureResult

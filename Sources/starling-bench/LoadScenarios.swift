@@ -44,9 +44,12 @@ struct Idle: AsyncParsableCommand {
     @Option(help: "Sessions to log in (a process here may open 20,000 files).") var sessions = 1000
     @Option(help: "Logins in flight at once.") var concurrency = 100
     @Option(help: "Seconds to hold the sessions before measuring memory.") var settle = 3.0
+    @Flag(help: "Enable stream management with resumption on every session, then also drop every connection and measure the detached sessions.")
+    var streamManagement = false
 
     func run() async throws {
-        try printResult(try await LoginRun(scenario: "idle", options: options, count: sessions, concurrency: concurrency, settle: settle).run())
+        try printResult(try await LoginRun(scenario: "idle", options: options, count: sessions, concurrency: concurrency, settle: settle,
+                                           streamManagement: streamManagement).run())
     }
 }
 
@@ -58,7 +61,7 @@ struct Storm: AsyncParsableCommand {
     @Option(help: "Clients.") var clients = 5000
 
     func run() async throws {
-        try printResult(try await LoginRun(scenario: "storm", options: options, count: clients, concurrency: clients, settle: 0).run())
+        try printResult(try await LoginRun(scenario: "storm", options: options, count: clients, concurrency: clients, settle: 0, streamManagement: false).run())
     }
 }
 
@@ -69,6 +72,9 @@ struct LoginRun {
     var count: Int
     var concurrency: Int
     var settle: Double
+    /// XEP-0198 with resumption on every session; afterwards the connections are cut and the detached
+    /// sessions measured too.
+    var streamManagement: Bool
 
     func run() async throws -> [String: Any] {
         let server = try await ServerUnderTest.prepare(options, accounts: count)
@@ -94,6 +100,14 @@ struct LoginRun {
             result["server_cpu_seconds"] = now - serverCPU
             result["server_cpu_ms_per_login"] = (now - serverCPU) * 1000 / Double(max(connections.count, 1))
         }
+        if streamManagement {
+            for connection in connections.values {
+                try await connection.loop.flatSubmit {
+                    connection.request("<enable xmlns='urn:xmpp:sm:3' resume='true'/>", until: "<enabled")
+                }.get()
+            }
+            result["stream_management"] = true
+        }
         if settle > 0 { try await Task.sleep(for: .seconds(settle)) }
         if let idleRSS, let loadedRSS = server.rss {
             result["server_rss_idle_bytes"] = idleRSS
@@ -101,6 +115,14 @@ struct LoginRun {
             result["server_bytes_per_session"] = (loadedRSS - idleRSS) / max(connections.count, 1)
         }
         for connection in connections.values { connection.loop.execute { connection.close() } }
+        if streamManagement {
+            // Cut without </stream>: each session now waits, detached, to be resumed.
+            try await Task.sleep(for: .seconds(max(settle, 1)))
+            if let idleRSS, let detachedRSS = server.rss {
+                result["server_rss_detached_bytes"] = detachedRSS
+                result["server_bytes_per_detached_session"] = (detachedRSS - idleRSS) / max(connections.count, 1)
+            }
+        }
         guard errors.isEmpty else {
             try printResult(result)
             throw LoadError(reason: "\(errors.count) of \(count) logins failed; first: \(errors[0])")
