@@ -91,6 +91,24 @@ public final class PEPModule: ServerModule {
             caps.forget(event.jid)
             return .pass
         }
+        // A contact who may now see the account's presence is, for PEP, newly subscribed: its resources
+        // that want a node get the newest item (XEP-0163 §4.3).
+        registrar.hook(.rosterChanged) { [self] event in
+            guard event.subscription == "from" || event.subscription == "both", event.contact.localpart != nil,
+                  host.isLocal(event.contact.domainpart) else { return .pass }
+            let owner = event.user.bare, contact = event.contact.bare
+            Task {
+                for resource in host.resources(of: contact) where resource.available {
+                    guard let features = caps.features(of: resource.jid, presence: resource.presence) else { continue }
+                    let interests = Self.interests(features)
+                    guard !interests.isEmpty else { continue }
+                    do { try await sendNewestItems(of: owner, to: resource.jid, interests: interests) } catch {
+                        host.log(.warning, "PEP: could not send the newest items of \(owner) to \(resource.jid): \(error)")
+                    }
+                }
+            }
+            return .pass
+        }
         // A new account under a deleted one's name starts without its nodes.
         registrar.hook(.userRegistered) { [engine] event in
             engine.forget(event.jid.bare)
@@ -153,7 +171,7 @@ public final class PEPModule: ServerModule {
             defer { served[resource] = key }
             return served[resource] != key
         }) else { return }
-        let interests = Set(features.filter { $0.hasSuffix("+notify") }.map { String($0.dropLast("+notify".count)) })
+        let interests = Self.interests(features)
         guard !interests.isEmpty else { return }
         do {
             try await sendNewestItems(of: resource.bare, to: resource, interests: interests)
@@ -164,6 +182,11 @@ public final class PEPModule: ServerModule {
         } catch {
             host.log(.warning, "PEP: could not send the newest items to \(resource): \(error)")
         }
+    }
+
+    /// The nodes a client's features say `+notify` for.
+    private static func interests(_ features: Set<String>) -> Set<String> {
+        Set(features.filter { $0.hasSuffix("+notify") }.map { String($0.dropLast("+notify".count)) })
     }
 
     private func sendNewestItems(of owner: JID, to resource: JID, interests: Set<String>) async throws {

@@ -295,6 +295,20 @@ final class PubSubTests: XCTestCase {
         XCTAssertTrue(output.contains("OK"), output)
     }
 
+    /// A contact who gets a presence subscription while online is, for PEP, newly subscribed: it gets the
+    /// newest items it wants at once, not only at its next presence.
+    func testANewContactGetsTheNewestItemsOnSubscribing() async throws {
+        let alice = try await login(15, resource: "a")
+        let published = try await publish(alice, node: Self.nick, id: "current", payload: "<nick xmlns='\(Self.nick)'>Fifteen</nick>", iqID: "n15")
+        XCTAssertEqual(published[attribute: "type"], "result", published.serialized())
+        let bob = try await login(16, resource: "b", notify: [Self.nick])
+        _ = try await iq(bob, "<iq type='get' id='sync16'><ping xmlns='urn:xmpp:ping'/></iq>", id: "sync16")
+        try await befriend(alice, "p15@localhost", bob, "p16@localhost")
+        let newest = try await event(bob, node: Self.nick, from: "p15@localhost", "the newest nick on subscribing")
+        XCTAssertEqual(newest.child("event")?.child("items")?.child("item")?.child("nick")?.text, "Fifteen")
+        for client in [alice, bob] { await client.close() }
+    }
+
     /// XEP-0398: an open PEP avatar becomes the vCard photo, and its hash goes into presence (XEP-0153).
     func testAPEPAvatarBecomesTheVCardPhoto() async throws {
         let owner = try await login(13, resource: "o")
