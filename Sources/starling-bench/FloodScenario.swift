@@ -117,7 +117,7 @@ final class FloodDriver: @unchecked Sendable {
 
     func begin() {
         sending = true
-        receiver.onReadComplete = { [unowned self] in refill() }
+        receiver.onReadComplete = { [weak self] in self?.refill() }
         refill()
     }
 

@@ -266,19 +266,24 @@ final class TrafficDriver: @unchecked Sendable {
         sending = true
         latencies.reserveCapacity(1 << 16)
         for connection in connections {
-            connection.onMessage = { [unowned self] stamp, _ in
+            // Weak: at the end of a run the server's last stanzas can still arrive after the driver is gone.
+            connection.onMessage = { [weak self] stamp, _ in
+                guard let self else { return }
                 let now = DispatchTime.now().uptimeNanoseconds
                 lastReceipt = now
                 latencies.append(now &- stamp)
             }
         }
         if perSenderRate > 0 {
-            timer = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(1)) { [unowned self] _ in tick() }
+            timer = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(1)) { [weak self] _ in self?.tick() }
         } else {
             // Flat out: whenever a session has read, the sender whose messages it counts tops its window up.
             for connection in connections {
                 let sender = kind == .chat ? connection.partner! : connection
-                connection.onReadComplete = { [unowned self, unowned sender] in refill(sender) }
+                connection.onReadComplete = { [weak self, weak sender] in
+                    guard let self, let sender else { return }
+                    refill(sender)
+                }
             }
             for connection in connections { refill(connection) }
         }
