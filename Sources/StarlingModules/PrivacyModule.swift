@@ -28,6 +28,8 @@ public final class PrivacyModule: ServerModule {
         var defaultList: String?
         /// The roster entries rules about groups and subscriptions look at (nil while no rule does).
         var roster: [JID: RosterItem]?
+        /// Each local session's active list, by full JID.
+        var active: [JID: String] = [:]
     }
 
     private let host: any ModuleHost
@@ -37,8 +39,6 @@ public final class PrivacyModule: ServerModule {
     private let maxLists: Int
     private let maxItems: Int
     private let accounts = ShardedDictionary<JID, Account>()
-    /// Each local session's active list, by full JID.
-    private let active = Mutex<[JID: String]>([:])
     /// Accounts here with at least one list: while none has, stanzas pass without a look.
     private let accountsWithLists = Atomic<Int>(0)
     private let queue = KeyedSerialQueue()
@@ -93,7 +93,7 @@ public final class PrivacyModule: ServerModule {
             return .pass
         }
         registrar.hook(.sessionClosed) { [self] event in
-            active.withLock { _ = $0.removeValue(forKey: event.jid) }
+            accounts.withValue(for: event.jid.bare) { _ = $0?.active.removeValue(forKey: event.jid) }
             if !host.resources(of: event.jid.bare).contains(where: \.isLocal) { replace(event.jid.bare, with: nil) }
             return .pass
         }
@@ -117,8 +117,9 @@ public final class PrivacyModule: ServerModule {
     /// Whether the list in effect for `session` (its active list, else the account's default) denies
     /// this kind of stanza with `contact`.
     private func denies(_ kind: PrivacyStanzaKind, for session: JID, contact: JID) -> Bool {
-        guard let account = accounts[session.bare] else { return false }
-        let name = active.withLock { $0[session] } ?? account.defaultList
+        // Kept per account in sharded state: no lock shared by all sessions on the stanza path.
+        guard let account = accounts[session.bare], !account.lists.isEmpty else { return false }
+        let name = account.active[session] ?? account.defaultList
         guard let name, let list = account.lists[name] else { return false }
         return list.denies(kind, contact: contact, rosterItem: account.roster?[contact.bare]) ?? false
     }
@@ -142,7 +143,7 @@ public final class PrivacyModule: ServerModule {
             return .result(query)
         }
         var activeElement = XMLElement(name: "active", namespace: Self.namespace)
-        activeElement[attribute: "name"] = active.withLock { $0[request.from] }
+        activeElement[attribute: "name"] = account.active[request.from]
         query.append(activeElement)
         var defaultElement = XMLElement(name: "default", namespace: Self.namespace)
         defaultElement[attribute: "name"] = account.defaultList
@@ -164,11 +165,11 @@ public final class PrivacyModule: ServerModule {
             switch child.name {
             case "active":
                 guard let name else {
-                    active.withLock { _ = $0.removeValue(forKey: request.from) }
+                    accounts.withValue(for: user) { _ = $0?.active.removeValue(forKey: request.from) }
                     return .result(nil)
                 }
                 guard account.lists[name] != nil else { return .error(.itemNotFound) }
-                active.withLock { $0[request.from] = name }
+                accounts.withValue(for: user) { $0?.active[request.from] = name }
                 return .result(nil)
             case "default":
                 if name != nil, account.lists[name!] == nil { return .error(.itemNotFound) }
@@ -188,7 +189,7 @@ public final class PrivacyModule: ServerModule {
                         return .error(.conflict, text: "the list is in use")
                     }
                     try await store.setPrivacyList(name, rules: nil, of: user)
-                    active.withLock { if $0[request.from] == name { $0[request.from] = nil } }
+                    accounts.withValue(for: user) { if $0?.active[request.from] == name { $0?.active[request.from] = nil } }
                     changed(user) { $0.lists[name] = nil }
                 } else {
                     let rules: [PrivacyRule]
@@ -254,7 +255,8 @@ public final class PrivacyModule: ServerModule {
         let stored = try await store.privacyLists(of: user)
         let lists = stored.lists.mapValues(PrivacyList.init)
         let roster = lists.values.contains(where: \.needsRoster) ? try await rosterEntries(of: user) : nil
-        let account = Account(lists: lists, defaultList: stored.defaultList, roster: roster)
+        // Sessions' active lists are this node's, not stored: they survive a reload.
+        let account = Account(lists: lists, defaultList: stored.defaultList, roster: roster, active: accounts[user]?.active ?? [:])
         // Only accounts with a session here are kept.
         if host.resources(of: user).contains(where: \.isLocal) { replace(user, with: account) }
         return account
@@ -285,12 +287,12 @@ public final class PrivacyModule: ServerModule {
     }
 
     private func othersUseDefault(_ user: JID, except session: JID) -> Bool {
-        let actives = active.withLock { $0 }
+        let actives = accounts[user]?.active ?? [:]
         return host.resources(of: user).contains { $0.jid != session && actives[$0.jid] == nil }
     }
 
     private func activeElsewhere(_ name: String, user: JID, except session: JID) -> Bool {
-        active.withLock { $0.contains { $0.key.bare == user && $0.key != session && $0.value == name } }
+        (accounts[user]?.active ?? [:]).contains { $0.key != session && $0.value == name }
     }
 
     /// XEP-0016 §2.6: every resource hears that a list changed.
