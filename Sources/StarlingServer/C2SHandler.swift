@@ -30,7 +30,6 @@ final class C2SHandler: ChannelInboundHandler {
     private var countedUnauthenticated = false
     /// XEP-0198 on this stream, and its id when resumable.
     private var sm = StreamManagement()
-    private var smID: String?
     /// `max_queue` of the host's stream management, read when it is enabled.
     private var smQueueLimit = Int.max
     /// The connection dropped while resumable: the session waits here for a resumption or its timeout.
@@ -131,7 +130,7 @@ final class C2SHandler: ChannelInboundHandler {
         keepalive?.cancel()
         server.connections.remove(ObjectIdentifier(self))
         // A resumable stream that ended without </stream> (a phone changing networks) keeps its session.
-        if let session, sm.resumable, !machine.isClosed, let smID, let timeout = streamManagementSettings(for: session.jid.domainpart)?.resumeTimeout {
+        if let session, sm.resumable, !machine.isClosed, let smID = sm.id, let timeout = streamManagementSettings(for: session.jid.domainpart)?.resumeTimeout {
             detach(session, id: smID, timeout: timeout, loop: context.eventLoop)
             self.context = nil
             context.fireChannelInactive()
@@ -486,33 +485,13 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     private func streamManagement(_ element: XMLElement, session: ClientSession) {
-        switch element.name {
-        case "enable":
-            guard let settings = streamManagementSettings(for: session.jid.domainpart) else {
-                return writeElement(C2SStateMachine.smFailed(.featureNotImplemented))
-            }
-            guard !sm.enabled else { return writeElement(C2SStateMachine.smFailed(.unexpectedRequest)) }
-            let resume = (element[attribute: "resume"] == "true" || element[attribute: "resume"] == "1") && settings.resumeTimeout > 0
-            sm.enable(resumable: resume)
-            smQueueLimit = settings.maxQueue
-            var enabled = XMLElement(name: "enabled", namespace: StreamManagement.namespace)
-            if resume {
-                let id = Self.streamID()
-                smID = id
-                enabled[attribute: "id"] = id
-                enabled[attribute: "resume"] = "true"
-                enabled[attribute: "max"] = String(settings.resumeTimeout)
-            }
-            writeElement(enabled)
-        case "r" where sm.enabled:
-            writeElement(XMLElement(name: "a", namespace: StreamManagement.namespace, attributes: ["h": String(sm.handled)]))
-        case "a" where sm.enabled:
-            guard let h = element[attribute: "h"].flatMap({ UInt32($0) }), sm.acknowledge(h) else {
-                return perform(machine.fail(.undefinedCondition, "that acknowledges stanzas never sent"))
-            }
-        default:
-            perform(machine.fail(.unsupportedStanzaType, "<\(element.name) xmlns='\(StreamManagement.namespace)'/> is not expected now"))
+        let settings = streamManagementSettings(for: session.jid.domainpart)
+        switch sm.received(element, resumeTimeout: settings?.resumeTimeout, newID: Self.streamID) {
+        case .send(let answer): writeElement(answer)
+        case .streamError(let condition, let text): return perform(machine.fail(condition, text))
+        case .nothing: break
         }
+        if sm.enabled, let settings { smQueueLimit = settings.maxQueue }
         flushSoon()
     }
 
@@ -561,7 +540,7 @@ final class C2SHandler: ChannelInboundHandler {
         detached = false
         detachTimeout?.cancel()
         server.connections.remove(ObjectIdentifier(self))
-        if let smID { server.detached.remove(smID) }
+        if let id = sm.id { server.detached.remove(id) }
         server.registry.unbind(session)
         for outgoing in sm.unacknowledged {
             let stanza: XMLElement?
@@ -611,7 +590,6 @@ final class C2SHandler: ChannelInboundHandler {
         state.requestOutstanding = false
         session = newSession
         sm = state
-        smID = previd
         guard context != nil, !machine.isClosed else {
             // This connection went away during the hand-over: the session it took ends here instead.
             detached = true

@@ -238,14 +238,7 @@ public struct C2SStateMachine {
     public mutating func resumeFailed() -> [Action] {
         guard case .binding = state else { return [] }
         state = .negotiating
-        return [.sendElement(Self.smFailed(.itemNotFound))]
-    }
-
-    /// XEP-0198's `<failed/>` with a stanza error condition.
-    static func smFailed(_ condition: StanzaErrorCondition) -> XMLElement {
-        var failed = XMLElement(name: "failed", namespace: StreamManagement.namespace)
-        failed.append(XMLElement(name: condition.rawValue, namespace: Namespace.stanzaErrors))
-        return failed
+        return [.sendElement(StreamManagement.failed(.itemNotFound))]
     }
 
     public mutating func bindFailed(_ condition: StanzaErrorCondition, iq: XMLElement) -> [Action] {
@@ -340,13 +333,13 @@ public struct C2SStateMachine {
             return iqBeforeBind(element)
         case (StreamManagement.namespace, "resume") where authenticatedUser != nil:
             guard let previd = element[attribute: "previd"], let h = element[attribute: "h"].flatMap({ UInt32($0) }) else {
-                return [.sendElement(Self.smFailed(.badRequest))]
+                return [.sendElement(StreamManagement.failed(.badRequest))]
             }
             state = .binding
             return [.resumeSession(user: authenticatedUser!, previd: previd, h: h)]
         case (StreamManagement.namespace, "enable") where authenticatedUser != nil:
             // XEP-0198 §3: only once a resource is bound.
-            return [.sendElement(Self.smFailed(.unexpectedRequest))]
+            return [.sendElement(StreamManagement.failed(.unexpectedRequest))]
         case (Namespace.client, "iq") where !offeredMechanisms().isEmpty && !(settings.preAuthFeatures[host] ?? []).isEmpty:
             // Only where a module offers something before authentication (in-band registration), and
             // only once authentication itself would be allowed (i.e. after TLS when TLS is required).

@@ -9,6 +9,8 @@ struct StreamManagement {
 
     private(set) var enabled = false
     private(set) var resumable = false
+    /// The resumption id, once enabled with resumption.
+    private(set) var id: String?
     /// Stanzas handled from the client since enabling.
     private(set) var handled: UInt32 = 0
     /// Stanzas sent to the client since enabling (set directly only by tests of the wrap-around).
@@ -21,6 +23,48 @@ struct StreamManagement {
     mutating func enable(resumable: Bool) {
         enabled = true
         self.resumable = resumable
+    }
+
+    /// What a bound stream does about a stream management element from its client.
+    enum Answer: Equatable {
+        case send(XMLElement)
+        case streamError(StreamErrorCondition, String)
+        case nothing
+    }
+
+    /// `<enable/>`, `<r/>` or `<a/>` from a bound client. `resumeTimeout` is nil where the module is not
+    /// enabled on the host (and 0 where resumption is off); `newID` makes a resumption id.
+    mutating func received(_ element: XMLElement, resumeTimeout: Int?, newID: () -> String) -> Answer {
+        switch element.name {
+        case "enable":
+            guard let resumeTimeout else { return .send(Self.failed(.featureNotImplemented)) }
+            guard !enabled else { return .send(Self.failed(.unexpectedRequest)) }
+            let resume = (element[attribute: "resume"] == "true" || element[attribute: "resume"] == "1") && resumeTimeout > 0
+            enable(resumable: resume)
+            var attributes: [String: String] = [:]
+            if resume {
+                let id = newID()
+                self.id = id
+                attributes = ["id": id, "resume": "true", "max": String(resumeTimeout)]
+            }
+            return .send(XMLElement(name: "enabled", namespace: Self.namespace, attributes: attributes))
+        case "r" where enabled:
+            return .send(XMLElement(name: "a", namespace: Self.namespace, attributes: ["h": String(handled)]))
+        case "a" where enabled:
+            guard let h = element[attribute: "h"].flatMap({ UInt32($0) }), acknowledge(h) else {
+                return .streamError(.undefinedCondition, "that acknowledges stanzas never sent")
+            }
+            return .nothing
+        default:
+            return .streamError(.unsupportedStanzaType, "<\(element.name) xmlns='\(Self.namespace)'/> is not expected now")
+        }
+    }
+
+    /// XEP-0198's `<failed/>` with a stanza error condition.
+    static func failed(_ condition: StanzaErrorCondition) -> XMLElement {
+        var failed = XMLElement(name: "failed", namespace: namespace)
+        failed.append(XMLElement(name: condition.rawValue, namespace: Namespace.stanzaErrors))
+        return failed
     }
 
     mutating func received() {

@@ -82,8 +82,8 @@ final class C2SStateMachineTests: XCTestCase {
         XCTAssertTrue(sentText(machine.streamOpened(header: h, defaultNamespace: ns)).contains("<bind"))
         let user = JID("juliet@example.com")!
 
-        XCTAssertEqual(machine.elementReceived(element("<enable xmlns='urn:xmpp:sm:3'/>")), [.sendElement(C2SStateMachine.smFailed(.unexpectedRequest))])
-        XCTAssertEqual(machine.elementReceived(element("<resume xmlns='urn:xmpp:sm:3' previd='abc'/>")), [.sendElement(C2SStateMachine.smFailed(.badRequest))],
+        XCTAssertEqual(machine.elementReceived(element("<enable xmlns='urn:xmpp:sm:3'/>")), [.sendElement(StreamManagement.failed(.unexpectedRequest))])
+        XCTAssertEqual(machine.elementReceived(element("<resume xmlns='urn:xmpp:sm:3' previd='abc'/>")), [.sendElement(StreamManagement.failed(.badRequest))],
                        "a resumption needs h")
         XCTAssertEqual(machine.elementReceived(element("<resume xmlns='urn:xmpp:sm:3' previd='abc' h='7'/>")), [.resumeSession(user: user, previd: "abc", h: 7)])
         XCTAssertEqual(sentText(machine.resumeFailed()), "<failed xmlns='urn:xmpp:sm:3'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>")

@@ -53,4 +53,30 @@ final class StreamManagementCountingTests: XCTestCase {
         XCTAssertTrue(wrapped.acknowledge(1))
         XCTAssertTrue(wrapped.unacknowledged.isEmpty)
     }
+
+    func testEnableRequestsAndAcknowledgementsAsAnswers() {
+        var sm = StreamManagement()
+        func element(_ name: String, _ attributes: [String: String] = [:]) -> XMLElement {
+            XMLElement(name: name, namespace: StreamManagement.namespace, attributes: attributes)
+        }
+        XCTAssertEqual(sm.received(element("enable"), resumeTimeout: nil, newID: { "x" }), .send(StreamManagement.failed(.featureNotImplemented)),
+                       "the module is off on this host")
+        XCTAssertEqual(sm.received(element("r"), resumeTimeout: 300, newID: { "x" }),
+                       .streamError(.unsupportedStanzaType, "<r xmlns='urn:xmpp:sm:3'/> is not expected now"), "not enabled yet")
+        XCTAssertEqual(sm.received(element("enable", ["resume": "true"]), resumeTimeout: 300, newID: { "id1" }),
+                       .send(element("enabled", ["id": "id1", "resume": "true", "max": "300"])))
+        XCTAssertEqual(sm.id, "id1")
+        XCTAssertEqual(sm.received(element("enable"), resumeTimeout: 300, newID: { "x" }), .send(StreamManagement.failed(.unexpectedRequest)))
+        sm.received()
+        XCTAssertEqual(sm.received(element("r"), resumeTimeout: 300, newID: { "x" }), .send(element("a", ["h": "1"])))
+        _ = sm.sending(stanza, limit: 10)
+        XCTAssertEqual(sm.received(element("a", ["h": "1"]), resumeTimeout: 300, newID: { "x" }), .nothing)
+        XCTAssertEqual(sm.received(element("a", ["h": "2"]), resumeTimeout: 300, newID: { "x" }),
+                       .streamError(.undefinedCondition, "that acknowledges stanzas never sent"))
+
+        var noResume = StreamManagement()
+        XCTAssertEqual(noResume.received(element("enable", ["resume": "true"]), resumeTimeout: 0, newID: { "x" }), .send(element("enabled")),
+                       "resumption off: enabled without an id")
+        XCTAssertFalse(noResume.resumable)
+    }
 }
