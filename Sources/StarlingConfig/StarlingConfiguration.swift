@@ -20,6 +20,19 @@ public struct ListenerConfiguration: Sendable, Equatable {
     public var proxyProtocol = false
 }
 
+/// An HTTP listener (`type: http`): XMPP over WebSocket and the HTTP documents, by path.
+public struct HTTPListenerConfiguration: Sendable, Equatable {
+    public var address: String
+    public var port: Int
+    /// TLS at the listener; false for plaintext (behind a TLS-terminating proxy, or for local use).
+    public var directTLS: Bool
+    public var backlog: Int
+    /// Proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed.
+    public var trustedProxies: [String]
+    /// The WebSocket URL to advertise (XEP-0156) instead of one built from each request.
+    public var publicWebSocketURL: String?
+}
+
 public struct TLSConfiguration: Sendable, Equatable {
     /// PEM certificate chain; nil means "generate a self-signed one for development".
     public var certificatePath: String?
@@ -126,6 +139,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     public var dataDirectory: String
     public var logLevel: Logger.Level
     public var listeners: [ListenerConfiguration]
+    public var httpListeners: [HTTPListenerConfiguration] = []
     public var tls: TLSConfiguration
     public var auth: AuthConfiguration
     public var limits: LimitsConfiguration
@@ -160,7 +174,11 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let listenerTLS = ConfigOption<String>("tls", default: "starttls", oneOf: ["starttls", "direct"], doc: "starttls (RFC 6120) or direct TLS (XEP-0368).")
     static let listenerBacklog = ConfigOption<Int>("backlog", default: 1024, range: 1...65535, doc: "Listen backlog.")
     static let listenerProxyProtocol = ConfigOption<Bool>("proxy_protocol", default: false, doc: "Every connection starts with a PROXY protocol header (v1 or v2, HAProxy's send-proxy/send-proxy-v2) naming the client: logs, limits and connection hooks see the client's address. Only for listeners that nothing but the load balancer can reach.")
-    static let listenerType = ConfigOption<String>("type", default: "c2s", oneOf: ["c2s"], doc: "Listener kind.")
+    static let listenerType = ConfigOption<String>("type", default: "c2s", oneOf: ["c2s", "http"], doc: "Listener kind: c2s (XMPP over TCP) or http (XMPP over WebSocket at /xmpp-websocket, XEP-0156 at /.well-known/host-meta).")
+    static let httpListenerPort = ConfigOption<Int>("port", default: 5280, range: 0...65535, doc: "TCP port of an http listener (0 picks a free one, reported on standard output).")
+    static let httpListenerTLS = ConfigOption<String>("tls", default: "none", oneOf: ["none", "direct"], doc: "An http listener's TLS: none (plaintext, usually behind a TLS-terminating proxy) or direct (HTTPS with the server's certificate).")
+    static let httpTrustedProxies = ConfigOption<[String]>("trusted_proxies", default: [], doc: "Addresses of proxies in front of an http listener whose X-Forwarded-For (the client's address, for logs and limits) and X-Forwarded-Proto (https makes the connection count as encrypted) are believed.")
+    static let httpPublicWebSocketURL = ConfigOption<String?>("websocket_url", default: nil, doc: "The WebSocket URL advertised in /.well-known/host-meta when clients reach the server through another URL than the request shows; unset builds it from each request's Host.")
 
     static let tlsCertificate = ConfigOption<String?>("certificate", default: nil, doc: "PEM certificate chain. When unset, a self-signed certificate is generated in data_dir (development only).")
     static let tlsKey = ConfigOption<String?>("key", default: nil, doc: "PEM private key for the certificate.")
@@ -262,8 +280,20 @@ public struct StarlingConfiguration: Sendable, Equatable {
         var listeners: [ListenerConfiguration] = []
         let listenerSections = try top.sections("listeners") ?? []
         reference.record(key: "listeners", type: "section", defaultText: "", doc: "Client listeners (list). Default: STARTTLS on 5222 and direct TLS on 5223.")
+        var httpListeners: [HTTPListenerConfiguration] = []
         for section in listenerSections {
-            _ = try section.read(listenerType)
+            if try section.read(listenerType) == "http" {
+                httpListeners.append(HTTPListenerConfiguration(
+                    address: try section.read(listenerAddress),
+                    port: try section.read(httpListenerPort),
+                    directTLS: try section.read(httpListenerTLS) == "direct",
+                    backlog: try section.read(listenerBacklog),
+                    trustedProxies: try section.read(httpTrustedProxies),
+                    publicWebSocketURL: try section.read(httpPublicWebSocketURL)
+                ))
+                try section.rejectUnknownKeys()
+                continue
+            }
             listeners.append(ListenerConfiguration(
                 address: try section.read(listenerAddress),
                 port: try section.read(listenerPort),
@@ -273,6 +303,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
             ))
             try section.rejectUnknownKeys()
         }
+        // Only HTTP listeners configured is a web-only server: the TCP defaults apply only to an empty list.
         if listenerSections.isEmpty {
             listeners = [
                 ListenerConfiguration(address: "0.0.0.0", port: 5222, tls: .starttls, backlog: 1024),
@@ -394,6 +425,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
             listeners: listeners, tls: tls, auth: auth, limits: limits, storage: storage, admin: admin,
             modules: modules.all, hostModules: modules.perHost, sourcePath: file
         )
+        configuration.httpListeners = httpListeners
         configuration.plugins = plugins
         configuration.pluginFailures = pluginFailures
         configuration.cluster = cluster
@@ -448,7 +480,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     /// The documentation of every option, generated from the declarations.
     public static func referenceText(moduleCatalog: [ModuleDescriptor]) -> String {
         let reference = ConfigReference()
-        let example = "listeners:\n  - port: 5222\nmodules:\n" + moduleCatalog.map { "  \($0.name): {}\n" }.joined()
+        let example = "listeners:\n  - port: 5222\n  - type: http\nmodules:\n" + moduleCatalog.map { "  \($0.name): {}\n" }.joined()
         _ = try? parse(yaml: example, file: "(reference)", moduleCatalog: moduleCatalog, reference: reference)
         return reference.text
     }

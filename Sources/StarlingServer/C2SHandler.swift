@@ -3,9 +3,18 @@ import NIOCore
 import NIOSSL
 import NIOTLS
 import StarlingAPI
+import StarlingHTTP
 import StarlingSASL
 import StarlingStorage
 import StarlingXML
+
+/// How a client's connection reaches its `C2SHandler`.
+enum C2STransport {
+    /// A TCP connection of a c2s listener, with TLS from the first byte or not.
+    case tcp(directTLS: Bool)
+    /// A WebSocket (RFC 7395) of an HTTP listener; the handler is added once the upgrade is done.
+    case webSocket(WebSocketPeer)
+}
 
 /// Carries out the c2s state machine's actions on one channel. All state lives on the channel's event
 /// loop; storage and password hashing run elsewhere and come back to the loop with their result.
@@ -73,24 +82,44 @@ final class C2SHandler: ChannelInboundHandler {
     private var readRefilled = NIODeadline.now()
     private var rateHeld = false
 
-    init(server: ServerContext, settings: C2SSettings, directTLS: Bool) {
+    init(server: ServerContext, settings: C2SSettings, transport: C2STransport) {
         self.server = server
-        self.machine = C2SStateMachine(settings: settings, tlsActive: directTLS,
-                                       channelBinding: directTLS ? server.tls.channelBinding : nil)
         self.parser = XMLStreamParser(limits: XMLStreamLimits(
             maxStanzaBytes: server.configuration.limits.maxStanzaSize,
             maxDepth: server.configuration.limits.maxDepth
         ))
+        switch transport {
+        case .tcp(let directTLS):
+            machine = C2SStateMachine(settings: settings, tlsActive: directTLS, channelBinding: directTLS ? server.tls.channelBinding : nil)
+        case .webSocket(let peer):
+            machine = C2SStateMachine(settings: settings, tlsActive: peer.secure, framing: .webSocket)
+            proxiedSource = .init(address: peer.address, port: peer.port)
+            // Every message is one element: the parser reads them all as the children of one document
+            // whose root never arrives from the client. `<open/>` and `<close/>` are children like stanzas.
+            _ = try? parser.feed("<websocket xmlns='\(Namespace.client)'>")
+        }
         readTokens = Double(server.configuration.limits.readBurst)
+    }
+
+    /// Stanzas declare `jabber:client` themselves on WebSocket, where each message is a document of its own.
+    private var inheritedNamespace: String {
+        machine.framing == .stream ? Namespace.client : ""
     }
 
     // MARK: Channel events
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        // A WebSocket session starts on a connection that is already up.
+        if machine.framing == .webSocket, context.channel.isActive { start(context: context) }
     }
 
     func channelActive(context: ChannelHandlerContext) {
+        start(context: context)
+        context.fireChannelActive()
+    }
+
+    private func start(context: ChannelHandlerContext) {
         remoteAddress = proxiedSource?.address ?? context.remoteAddress?.ipAddress ?? "unknown"
         remotePort = proxiedSource?.port ?? context.remoteAddress?.port ?? 0
         // Connection policies (rate limits per address): refused before any byte is read.
@@ -117,7 +146,6 @@ final class C2SHandler: ChannelInboundHandler {
         authTimeout = loop.scheduleTask(in: .milliseconds(Int64(server.configuration.limits.authTimeout * 1000))) {
             bound.value.perform(bound.value.machine.authenticationTimedOut())
         }
-        context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -256,13 +284,22 @@ final class C2SHandler: ChannelInboundHandler {
     // MARK: Carrying out actions
 
     private func handle(_ event: XMLStreamEvent) {
-        switch event {
-        case .streamOpen(let header, let defaultNamespace):
+        switch (machine.framing, event) {
+        case (.stream, .streamOpen(let header, let defaultNamespace)):
             perform(machine.streamOpened(header: header, defaultNamespace: defaultNamespace))
-        case .stanza(let element):
+        case (.stream, .stanza(let element)):
             perform(machine.elementReceived(element))
-        case .streamClose:
+        case (.stream, .streamClose), (.webSocket, .streamClose):
             perform(machine.streamClosed())
+        case (.webSocket, .streamOpen):
+            // The document root the handler itself supplied.
+            break
+        case (.webSocket, .stanza(let element)) where element.namespace == C2SFraming.namespace && element.name == "open":
+            perform(machine.streamOpened(header: element, defaultNamespace: nil))
+        case (.webSocket, .stanza(let element)) where element.namespace == C2SFraming.namespace && element.name == "close":
+            perform(machine.streamClosed())
+        case (.webSocket, .stanza(let element)):
+            perform(machine.elementReceived(element))
         }
     }
 
@@ -277,7 +314,7 @@ final class C2SHandler: ChannelInboundHandler {
                 if session != nil, ["message", "presence", "iq"].contains(element.name), element.namespace == Namespace.client {
                     deliver(.element(element))
                 } else {
-                    write(element.serialized(inheritedNamespace: Namespace.client))
+                    write(element.serialized(inheritedNamespace: inheritedNamespace))
                 }
             case .startTLS:
                 context.flush()
@@ -289,6 +326,8 @@ final class C2SHandler: ChannelInboundHandler {
                     context.close(promise: nil)
                 }
             case .resetParser:
+                // On WebSocket the next `<open/>` is just the next message of the same document.
+                guard machine.framing == .stream else { continue }
                 discardRemainingEvents = true
                 parser.reset()
             case .lookUpCredentials(let username, let host):
@@ -351,7 +390,7 @@ final class C2SHandler: ChannelInboundHandler {
                 // One line per failure with the client's address: what examples/fail2ban matches.
                 logger.info("authentication failed", metadata: ["address": "\(remoteAddress)", "account": "\(account ?? "?")", "delay": "\(delay)"])
                 context.eventLoop.scheduleTask(in: .milliseconds(Int64(delay * 1000))) {
-                    self.write(reply.serialized(inheritedNamespace: Namespace.client))
+                    self.write(reply.serialized(inheritedNamespace: self.inheritedNamespace))
                     self.flushSoon()
                     self.resume()
                 }
@@ -388,12 +427,12 @@ final class C2SHandler: ChannelInboundHandler {
                 let loop = context.eventLoop
                 let event = PreAuthIQEvent(stanza: iq, domain: machine.host, address: remoteAddress) { reply in
                     loop.execute {
-                        bound.value.write(reply.serialized(inheritedNamespace: Namespace.client))
+                        bound.value.write(reply.serialized(inheritedNamespace: bound.value.inheritedNamespace))
                         bound.value.flushSoon()
                     }
                 }
                 if server.router.run(.preAuthIQ, event, on: machine.host) == .pass {
-                    write(iq.errorReply(.serviceUnavailable).serialized(inheritedNamespace: Namespace.client))
+                    write(iq.errorReply(.serviceUnavailable).serialized(inheritedNamespace: inheritedNamespace))
                 }
             case .close:
                 let closeContext = context
@@ -496,7 +535,7 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     private func writeElement(_ element: XMLElement) {
-        write(element.serialized(inheritedNamespace: Namespace.client))
+        write(element.serialized(inheritedNamespace: inheritedNamespace))
     }
 
     /// 128 random bits: the resumption id is the only thing that names a detached session.
@@ -643,10 +682,10 @@ final class C2SHandler: ChannelInboundHandler {
         guard let context, let session else { return }
         switch stanza {
         case .element(let element):
-            write(element.serialized(inheritedNamespace: Namespace.client))
+            write(element.serialized(inheritedNamespace: inheritedNamespace))
         case .addressed(let shared):
             var buffer = context.channel.allocator.buffer(capacity: shared.approximateSize)
-            shared.write(to: session.escapedAddress, into: &buffer)
+            shared.write(to: session.escapedAddress, declaringNamespace: machine.framing == .webSocket, into: &buffer)
             context.write(wrapOutboundOut(buffer), promise: nil)
             flushPending = true
             wroteSinceKeepalive = true

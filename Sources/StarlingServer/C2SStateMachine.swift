@@ -31,6 +31,18 @@ public struct C2SSettings: Sendable {
     }
 }
 
+/// How a c2s stream is carried, which decides how it opens and closes and how its elements are written.
+public enum C2SFraming: Sendable, Equatable {
+    /// One XML document per stream over TCP (RFC 6120): `<stream:stream>` … `</stream:stream>`.
+    case stream
+    /// WebSocket (RFC 7395): every message one whole element, `<open/>` and `<close/>` in
+    /// `urn:ietf:params:xml:ns:xmpp-framing` instead of the stream's tags, each element namespace-complete.
+    case webSocket
+
+    /// RFC 7395's framing namespace.
+    public static let namespace = "urn:ietf:params:xml:ns:xmpp-framing"
+}
+
 /// The client-to-server stream protocol (RFC 6120 §4–7) as a plain state machine: events in, actions
 /// out. The NIO handler only carries the actions out, so every rule here is testable without a network.
 public struct C2SStateMachine {
@@ -84,6 +96,7 @@ public struct C2SStateMachine {
     }
 
     public let settings: C2SSettings
+    public let framing: C2SFraming
     private var state: State = .awaitingHeader
     private var headerSent = false
     public private(set) var tlsActive: Bool
@@ -95,8 +108,10 @@ public struct C2SStateMachine {
     private var clientAddress: String?
     private let streamIDGenerator: () -> String
 
-    public init(settings: C2SSettings, tlsActive: Bool, channelBinding: ChannelBinding? = nil, streamID: @escaping () -> String = { UUID().uuidString.lowercased() }) {
+    public init(settings: C2SSettings, tlsActive: Bool, channelBinding: ChannelBinding? = nil, framing: C2SFraming = .stream,
+                streamID: @escaping () -> String = { UUID().uuidString.lowercased() }) {
         self.settings = settings
+        self.framing = framing
         self.tlsActive = tlsActive
         self.channelBinding = channelBinding
         self.host = settings.defaultHost
@@ -131,18 +146,26 @@ public struct C2SStateMachine {
         clientAddress = header[attribute: "from"].flatMap { JID($0)?.description }
         var actions = [Action.send(streamHeader())]
         headerSent = true
-        guard header.name == "stream", header.namespace == Namespace.stream else {
-            return actions + streamError(.invalidNamespace, "the stream element must be <stream:stream/> in \(Namespace.stream)")
-        }
-        guard defaultNamespace == Namespace.client else {
-            return actions + streamError(.invalidNamespace, "the default namespace must be \(Namespace.client)")
+        switch framing {
+        case .stream:
+            guard header.name == "stream", header.namespace == Namespace.stream else {
+                return actions + streamError(.invalidNamespace, "the stream element must be <stream:stream/> in \(Namespace.stream)")
+            }
+            guard defaultNamespace == Namespace.client else {
+                return actions + streamError(.invalidNamespace, "the default namespace must be \(Namespace.client)")
+            }
+        case .webSocket:
+            guard header.name == "open", header.namespace == C2SFraming.namespace else {
+                return actions + streamError(.invalidNamespace, "the stream opens with <open/> in \(C2SFraming.namespace)")
+            }
         }
         guard let version = header[attribute: "version"], let major = version.split(separator: ".").first.flatMap({ Int($0) }), major >= 1 else {
             return actions + streamError(.unsupportedVersion, "XMPP 1.0 is required")
         }
         if major > 1 { return actions + streamError(.unsupportedVersion, "only XMPP 1.0 is supported") }
         state = .negotiating
-        actions.append(.send("<stream:features>" + features().map { $0.serialized(inheritedNamespace: Namespace.client) }.joined() + "</stream:features>"))
+        let featuresTag = framing == .stream ? "<stream:features>" : "<stream:features xmlns:stream='\(Namespace.stream)'>"
+        actions.append(.send(featuresTag + features().map { $0.serialized(inheritedNamespace: Namespace.client) }.joined() + "</stream:features>"))
         return actions
     }
 
@@ -170,7 +193,7 @@ public struct C2SStateMachine {
             return []
         case .awaitingHeader, .negotiating, .tlsHandshake, .authenticating, .binding, .bound:
             state = .closed
-            return [.send("</stream:stream>"), .close]
+            return [.send(closingTag), .close]
         }
     }
 
@@ -323,7 +346,7 @@ public struct C2SStateMachine {
         case (Namespace.tls, "starttls"):
             guard !tlsActive, settings.offersStartTLS, authenticatedUser == nil else {
                 state = .closed
-                return [.sendElement(XMLElement(name: "failure", namespace: Namespace.tls)), .send("</stream:stream>"), .close]
+                return [.sendElement(XMLElement(name: "failure", namespace: Namespace.tls)), .send(closingTag), .close]
             }
             state = .tlsHandshake
             return [.sendElement(XMLElement(name: "proceed", namespace: Namespace.tls)), .startTLS]
@@ -529,8 +552,22 @@ public struct C2SStateMachine {
 
     // MARK: Helpers
 
+    /// What ends the stream: its end tag, or on WebSocket the framing's `<close/>`.
+    private var closingTag: String {
+        switch framing {
+        case .stream: return "</stream:stream>"
+        case .webSocket: return "<close xmlns='\(C2SFraming.namespace)'/>"
+        }
+    }
+
     private func streamHeader() -> String {
-        var header = "<?xml version='1.0'?><stream:stream xmlns='\(Namespace.client)' xmlns:stream='\(Namespace.stream)' id='\(streamIDGenerator())' from='"
+        var header: String
+        switch framing {
+        case .stream:
+            header = "<?xml version='1.0'?><stream:stream xmlns='\(Namespace.client)' xmlns:stream='\(Namespace.stream)' id='\(streamIDGenerator())' from='"
+        case .webSocket:
+            header = "<open xmlns='\(C2SFraming.namespace)' id='\(streamIDGenerator())' from='"
+        }
         XMLElement.escapeAttribute(host, into: &header)
         header += "'"
         if let clientAddress {
@@ -538,7 +575,7 @@ public struct C2SStateMachine {
             XMLElement.escapeAttribute(clientAddress, into: &header)
             header += "'"
         }
-        header += " version='1.0' xml:lang='en'>"
+        header += framing == .stream ? " version='1.0' xml:lang='en'>" : " version='1.0' xml:lang='en'/>"
         return header
     }
 
@@ -550,7 +587,14 @@ public struct C2SStateMachine {
             headerSent = true
         }
         state = .closed
-        actions.append(.send(condition.element(text: text) + "</stream:stream>"))
+        switch framing {
+        case .stream:
+            actions.append(.send(condition.element(text: text) + closingTag))
+        case .webSocket:
+            // Every WebSocket message is a document of its own: the error declares its prefix.
+            actions.append(.send(condition.element(text: text, declaringPrefix: true)))
+            actions.append(.send(closingTag))
+        }
         actions.append(.close)
         return actions
     }

@@ -26,10 +26,12 @@ final class SharedSerialization: @unchecked Sendable {
         tail = String(text[split...])
     }
 
-    /// `address` must already be escaped for an attribute value (see `escaped(_:)`).
-    func write(to address: String, into buffer: inout ByteBuffer) {
-        buffer.reserveCapacity(minimumWritableBytes: head.utf8.count + tail.utf8.count + address.utf8.count + 6)
+    /// `address` must already be escaped for an attribute value (see `escaped(_:)`); `declaringNamespace`
+    /// for a stanza that is a document of its own (WebSocket).
+    func write(to address: String, declaringNamespace: Bool = false, into buffer: inout ByteBuffer) {
+        buffer.reserveCapacity(minimumWritableBytes: head.utf8.count + tail.utf8.count + address.utf8.count + 30)
         buffer.writeString(head)
+        if declaringNamespace { buffer.writeString(" xmlns='\(Namespace.client)'") }
         buffer.writeString(" to='")
         buffer.writeString(address)
         buffer.writeString("'")

@@ -89,12 +89,21 @@ public final class ServerContext: Sendable {
 
     /// Settings for a listener's streams; call after the modules are installed (they add features).
     func settings(for listener: ListenerConfiguration) -> C2SSettings {
+        settings(offeringStartTLS: listener.tls == .starttls)
+    }
+
+    /// For WebSocket sessions, where TLS (if any) belongs to the HTTP connection.
+    func webSocketSettings() -> C2SSettings {
+        settings(offeringStartTLS: false)
+    }
+
+    private func settings(offeringStartTLS: Bool) -> C2SSettings {
         var settings = C2SSettings(
             hosts: Set(configuration.hosts),
             defaultHost: configuration.hosts[0],
             mechanisms: configuration.auth.mechanisms,
             tlsRequired: configuration.tls.required,
-            offersStartTLS: listener.tls == .starttls
+            offersStartTLS: offeringStartTLS
         )
         settings.plainWithoutTLS = configuration.auth.plainWithoutTLS
         settings.moduleAuthenticatedHosts = Set(configuration.hosts.filter { configuration.auth.method(for: $0) != "internal" })

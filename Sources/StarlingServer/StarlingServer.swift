@@ -7,6 +7,7 @@ import ServiceLifecycle
 import StarlingAPI
 import StarlingCluster
 import StarlingConfig
+import StarlingHTTP
 import StarlingModules
 import StarlingSQLite
 import StarlingStorage
@@ -76,6 +77,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
         let startedAt = Date()
 
         var channels: [any Channel] = []
+        var httpListeners: [Task<Void, any Error>] = []
         do {
             // Linked before clients come, so the first sessions see the whole cluster.
             try await cluster?.start(delegate: ClusterBridge(registry: context.registry, router: router))
@@ -87,11 +89,19 @@ public final class StarlingServer: Service, @unchecked Sendable {
                 logger.notice("listening", metadata: ["listener": "c2s-\(listener.tls.rawValue)", "address": "\(listener.address)", "port": "\(port)"])
                 print("starling: listening c2s-\(listener.tls.rawValue) \(listener.address) \(port)")
             }
+            for listener in configuration.httpListeners {
+                let (port, task) = try await startHTTP(listener, context: context)
+                httpListeners.append(task)
+                let name = listener.directTLS ? "http-direct" : "http-none"
+                logger.notice("listening", metadata: ["listener": "\(name)", "address": "\(listener.address)", "port": "\(port)"])
+                print("starling: listening \(name) \(listener.address) \(port)")
+            }
             channels.append(try await bindAdmin(context: context, startedAt: startedAt))
             print("starling: ready")
             fflush(stdout)
         } catch {
             for channel in channels { try? await channel.close() }
+            for task in httpListeners { task.cancel() }
             await cluster?.stop()
             await store.close()
             throw error
@@ -121,6 +131,9 @@ public final class StarlingServer: Service, @unchecked Sendable {
         context.connections.shutdownAll()
         // Give clients a moment to receive the stream error and close their side.
         for _ in 0..<50 where context.connections.count > 0 { try? await Task.sleep(for: .milliseconds(20)) }
+        // The HTTP listeners stopped accepting with the graceful shutdown; what they still serve ends now.
+        for task in httpListeners { task.cancel() }
+        for task in httpListeners { _ = try? await task.value }
         // The sessions' goodbyes have gone over the links; now the other nodes may forget this one.
         await cluster?.stop()
         await drainModules(configuration.hosts, router: router)
@@ -197,7 +210,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
                     // Half: the first silence gets a ping, the second closes (see C2SHandler). Write idleness is
                     // C2SHandler's own business: IdleStateHandler would make a promise for every write.
                     try sync.addHandler(IdleStateHandler(readTimeout: .milliseconds(Int64(limits.idleTimeout * 500))))
-                    try sync.addHandler(C2SHandler(server: context, settings: settings, directTLS: listener.tls == .direct))
+                    try sync.addHandler(C2SHandler(server: context, settings: settings, transport: .tcp(directTLS: listener.tls == .direct)))
                 }
             }
         do {
@@ -205,6 +218,37 @@ public final class StarlingServer: Service, @unchecked Sendable {
         } catch {
             throw TLSSetupError("cannot listen on \(listener.address):\(listener.port): \(error)")
         }
+    }
+
+    /// Starts an HTTP listener and returns its port once it accepts connections, with the task serving it.
+    private func startHTTP(_ listener: HTTPListenerConfiguration, context: ServerContext) async throws -> (Int, Task<Void, any Error>) {
+        let limits = configuration.limits
+        let settings = HTTPListenerSettings(
+            address: listener.address, port: listener.port, backlog: listener.backlog,
+            tls: listener.directTLS ? context.tls.context : nil, trustedProxies: Set(listener.trustedProxies),
+            maxMessageBytes: limits.maxStanzaSize, idleTimeout: Int64(limits.idleTimeout),
+            publicWebSocketURL: listener.publicWebSocketURL
+        )
+        let (started, announce) = AsyncStream<Int>.makeStream()
+        let service = HTTPListener(settings: settings, eventLoopGroup: group, logger: logger, installSession: { channel, peer in
+            let sync = channel.pipeline.syncOperations
+            try sync.addHandler(IdleStateHandler(readTimeout: .milliseconds(Int64(limits.idleTimeout * 500))))
+            try sync.addHandler(C2SHandler(server: context, settings: context.webSocketSettings(), transport: .webSocket(peer)))
+        }, onRunning: { port in
+            announce.yield(port)
+            announce.finish()
+        })
+        let task = Task {
+            defer { announce.finish() }
+            try await service.run()
+        }
+        var ports = started.makeAsyncIterator()
+        guard let port = await ports.next() else {
+            // It stopped before it listened: its error says why (an address in use, say).
+            do { try await task.value } catch { throw TLSSetupError("cannot listen on \(listener.address):\(listener.port): \(error)") }
+            throw TLSSetupError("cannot listen on \(listener.address):\(listener.port)")
+        }
+        return (port, task)
     }
 
     private func bindAdmin(context: ServerContext, startedAt: Date) async throws -> any Channel {

@@ -28,9 +28,11 @@ public enum StreamErrorCondition: String, Sendable, Equatable {
     case unsupportedStanzaType = "unsupported-stanza-type"
     case unsupportedVersion = "unsupported-version"
 
-    /// `<stream:error>` with this condition and an optional human-readable text.
-    public func element(text: String?) -> String {
-        var out = "<stream:error><\(rawValue) xmlns='\(Namespace.streamErrors)'/>"
+    /// `<stream:error>` with this condition and an optional human-readable text; `declaringPrefix` for an
+    /// error written outside a `<stream:stream>` element (WebSocket framing).
+    public func element(text: String?, declaringPrefix: Bool = false) -> String {
+        var out = declaringPrefix ? "<stream:error xmlns:stream='\(Namespace.stream)'>" : "<stream:error>"
+        out += "<\(rawValue) xmlns='\(Namespace.streamErrors)'/>"
         if let text {
             out += "<text xmlns='\(Namespace.streamErrors)' xml:lang='en'>"
             XMLElement.escapeText(text, into: &out)

@@ -4,6 +4,9 @@
 public struct ServerAnnouncement: Sendable, Equatable {
     public var starttlsPort = 0
     public var directTLSPort = 0
+    /// HTTP listeners (`http-none` plaintext, `http-direct` HTTPS), 0 when there are none.
+    public var httpPort = 0
+    public var httpsPort = 0
 
     /// nil until the `starling: ready` line is in `output`.
     public init?(output: String) {
@@ -11,7 +14,13 @@ public struct ServerAnnouncement: Sendable, Equatable {
         for line in output.split(separator: "\n") where line.hasPrefix("starling: listening") {
             let fields = line.split(separator: " ")
             guard fields.count >= 5, let port = Int(fields[4]) else { continue }
-            if fields[2] == "c2s-starttls" { starttlsPort = port } else if fields[2] == "c2s-direct" { directTLSPort = port }
+            switch fields[2] {
+            case "c2s-starttls": starttlsPort = port
+            case "c2s-direct": directTLSPort = port
+            case "http-none": httpPort = port
+            case "http-direct": httpsPort = port
+            default: break
+            }
         }
     }
 }

@@ -11,6 +11,8 @@ final class ServerProcess {
     let process = Process()
     private(set) var starttlsPort = 0
     private(set) var directTLSPort = 0
+    private(set) var httpPort = 0
+    private(set) var httpsPort = 0
     private let output = Pipe()
     private let errors: FileHandle
     let errorLogPath: String
@@ -42,7 +44,7 @@ final class ServerProcess {
     /// `files` are written into the server's directory (next to its config) before it starts.
     /// `database`: a PostgreSQL URL to use instead of a fresh database (nodes of one cluster share one).
     init(extraConfig: String = "", users: [(String, String)], backend: Backend = ServerProcess.defaultBackend, storageTimeout: Double = 5,
-         files: [String: String] = [:], database: String? = nil, listenerOptions: String = "") throws {
+         files: [String: String] = [:], database: String? = nil, listenerOptions: String = "", extraListeners: [String] = []) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         for (path, contents) in files { try Self.write(contents, to: directory.appendingPathComponent(path)) }
@@ -61,6 +63,7 @@ final class ServerProcess {
         listeners:
           - { address: 127.0.0.1, port: 0, tls: starttls\(listenerOptions) }
           - { address: 127.0.0.1, port: 0, tls: direct\(listenerOptions) }
+        \(extraListeners.map { "  - \($0)\n" }.joined())
         \(extraConfig.hasPrefix("auth:") ? "" : "auth:\n  failure_delay: 0.2")
         \(storage)
         \(extraConfig)
@@ -109,6 +112,8 @@ final class ServerProcess {
             if let announcement = ServerAnnouncement(output: text) {
                 starttlsPort = announcement.starttlsPort
                 directTLSPort = announcement.directTLSPort
+                httpPort = announcement.httpPort
+                httpsPort = announcement.httpsPort
                 return
             }
             guard Date() < deadline, process.isRunning else {

@@ -51,6 +51,25 @@ final class ConfigurationTests: XCTestCase {
         XCTAssertEqual(configuration.storage.path, "/srv/starling/db.sqlite")
     }
 
+    func testHTTPListeners() throws {
+        let configuration = try parse("""
+        listeners:
+          - port: 5222
+          - { type: http, address: 127.0.0.1, trusted_proxies: [127.0.0.1, "::1"] }
+          - { type: http, port: 5443, tls: direct, websocket_url: "wss://chat.example.com/ws" }
+        """)
+        XCTAssertEqual(configuration.listeners.map(\.port), [5222])
+        XCTAssertEqual(configuration.httpListeners, [
+            HTTPListenerConfiguration(address: "127.0.0.1", port: 5280, directTLS: false, backlog: 1024, trustedProxies: ["127.0.0.1", "::1"]),
+            HTTPListenerConfiguration(address: "0.0.0.0", port: 5443, directTLS: true, backlog: 1024, trustedProxies: [],
+                                      publicWebSocketURL: "wss://chat.example.com/ws"),
+        ])
+        XCTAssertEqual(try parse("").httpListeners, [], "no HTTP unless configured")
+        expectError("listeners:\n  - type: http\n    tls: starttls\n", line: 3, key: "listeners[0].tls", contains: "not one of: none, direct")
+        expectError("listeners:\n  - type: http\n    proxy_protocol: true\n", line: 3, key: "listeners[0].proxy_protocol", contains: "unknown option")
+        expectError("listeners:\n  - type: ftp\n", line: 2, key: "listeners[0].type", contains: "not one of: c2s, http")
+    }
+
     func testErrorsNameFileLineAndKey() {
         expectError("hosts: [localhost]\nlimits:\n  max_stanza_sise: 1000\n", line: 3, key: "limits.max_stanza_sise", contains: "did you mean 'max_stanza_size'")
         expectError("limits:\n  max_stanza_size: 12\n", line: 2, key: "limits.max_stanza_size", contains: "out of range")
@@ -83,7 +102,7 @@ final class ConfigurationTests: XCTestCase {
 
     func testReferenceDocumentsEveryOption() {
         let reference = StarlingConfiguration.referenceText(moduleCatalog: BuiltinModules.descriptors)
-        for key in ["hosts", "listeners[].port", "listeners[].backlog", "tls.certificate", "auth.scram_iterations", "limits.max_stanza_size", "limits.max_sessions_per_user", "storage.path", "admin.socket"] {
+        for key in ["hosts", "listeners[].port", "listeners[].backlog", "listeners[].trusted_proxies", "listeners[].websocket_url", "tls.certificate", "auth.scram_iterations", "limits.max_stanza_size", "limits.max_sessions_per_user", "storage.path", "admin.socket"] {
             XCTAssertTrue(reference.contains("  \(key)  ("), "\(key) missing from the reference")
         }
     }

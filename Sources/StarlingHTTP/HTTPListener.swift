@@ -1,0 +1,66 @@
+import Hummingbird
+import HummingbirdCore
+import Logging
+import NIOCore
+import NIOSSL
+import ServiceLifecycle
+
+/// What one HTTP listener needs: where to listen, how, and what it may believe of proxies.
+public struct HTTPListenerSettings: Sendable {
+    public var address: String
+    public var port: Int
+    public var backlog: Int
+    /// TLS at this listener (`tls: direct`); nil for plaintext, usually behind a TLS-terminating proxy.
+    public var tls: NIOSSLContext?
+    /// Addresses whose `X-Forwarded-For` and `X-Forwarded-Proto` headers are believed.
+    public var trustedProxies: Set<String>
+    /// The largest WebSocket message (one stanza) accepted.
+    public var maxMessageBytes: Int
+    /// Seconds an HTTP connection may sit idle between requests.
+    public var idleTimeout: Int64
+    public var webSocketPath = "/xmpp-websocket"
+    /// The WebSocket URL advertised by XEP-0156, when the one clients use differs from what the request
+    /// shows (a proxy on another path); nil derives it from each request's `Host`.
+    public var publicWebSocketURL: String?
+
+    public init(address: String, port: Int, backlog: Int, tls: NIOSSLContext?, trustedProxies: Set<String>,
+                maxMessageBytes: Int, idleTimeout: Int64, publicWebSocketURL: String? = nil) {
+        self.address = address
+        self.port = port
+        self.backlog = backlog
+        self.tls = tls
+        self.trustedProxies = trustedProxies
+        self.maxMessageBytes = maxMessageBytes
+        self.idleTimeout = idleTimeout
+        self.publicWebSocketURL = publicWebSocketURL
+    }
+}
+
+/// An HTTP listener: one Hummingbird server serving XMPP over WebSocket and the HTTP documents by path.
+/// Run it as a `Service`; it shuts down with the service group, waiting for its connections to close.
+public struct HTTPListener: Service {
+    private let application: Application<RouterResponder<StarlingRequestContext>>
+
+    /// - Parameters:
+    ///   - installSession: puts an XMPP session on each accepted WebSocket upgrade.
+    ///   - onRunning: called with the bound port once the listener accepts connections.
+    public init(settings: HTTPListenerSettings, eventLoopGroup: any EventLoopGroup, logger: Logger,
+                installSession: @escaping XMPPSessionInstaller, onRunning: @escaping @Sendable (Int) async -> Void) {
+        let router = Router(context: StarlingRequestContext.self)
+        HostMeta.addRoutes(to: router, settings: settings)
+        application = Application(
+            router: router,
+            server: HTTPServerBuilder { responder in
+                XMPPHTTPChannel(responder: responder, settings: settings, installSession: installSession)
+            },
+            configuration: .init(address: .hostname(settings.address, port: settings.port), serverName: "Starling", backlog: settings.backlog),
+            onServerRunning: { channel in await onRunning(channel.localAddress?.port ?? settings.port) },
+            eventLoopGroupProvider: .shared(eventLoopGroup),
+            logger: logger
+        )
+    }
+
+    public func run() async throws {
+        try await application.run()
+    }
+}

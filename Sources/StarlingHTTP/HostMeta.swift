@@ -1,0 +1,72 @@
+import Foundation
+import HTTPTypes
+import Hummingbird
+import NIOCore
+
+/// The request context of Starling's HTTP listeners: Hummingbird's, plus who connected.
+public struct StarlingRequestContext: RequestContext, RemoteAddressRequestContext {
+    public var coreContext: CoreRequestContextStorage
+    public let remoteAddress: SocketAddress?
+
+    public init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        remoteAddress = source.channel.remoteAddress
+    }
+}
+
+/// XEP-0156 §3: `/.well-known/host-meta` (XRD) and `host-meta.json` (JRD) tell web clients where the
+/// XMPP WebSocket endpoint is.
+enum HostMeta {
+    static let webSocketRelation = "urn:xmpp:alt-connections:websocket"
+
+    static func addRoutes(to router: Router<StarlingRequestContext>, settings: HTTPListenerSettings) {
+        router.get("/.well-known/host-meta") { request, context -> Response in
+            guard let url = webSocketURL(request, context, settings) else { return badHost() }
+            var xml = "<?xml version='1.0' encoding='utf-8'?>\n<XRD xmlns='http://docs.oasis-open.org/ns/xri/xrd-1.0'>\n  <Link rel='\(webSocketRelation)' href='"
+            xml += escapeXMLAttribute(url) + "'/>\n</XRD>\n"
+            return document(xml, contentType: "application/xrd+xml; charset=utf-8")
+        }
+        router.get("/.well-known/host-meta.json") { request, context -> Response in
+            guard let url = webSocketURL(request, context, settings) else { return badHost() }
+            let links: [String: Any] = ["links": [["rel": webSocketRelation, "href": url]]]
+            let json = (try? JSONSerialization.data(withJSONObject: links, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data()
+            return document(String(decoding: json, as: UTF8.self) + "\n", contentType: "application/json")
+        }
+    }
+
+    /// The configured public URL, or one built from the request: `wss` when TLS protects the request
+    /// (here, or at a trusted proxy), and the host the client asked for.
+    static func webSocketURL(_ request: Request, _ context: StarlingRequestContext, _ settings: HTTPListenerSettings) -> String? {
+        if let configured = settings.publicWebSocketURL { return configured }
+        guard let host = request.head.authority, isPlausibleHost(host) else { return nil }
+        var secure = settings.tls != nil
+        if let peer = context.remoteAddress?.ipAddress, settings.trustedProxies.contains(peer),
+           request.headers[HTTPField.Name("X-Forwarded-Proto")!]?.lowercased() == "https" {
+            secure = true
+        }
+        return "\(secure ? "wss" : "ws")://\(host)\(settings.webSocketPath)"
+    }
+
+    /// A `Host` header goes into the documents: only what a host name, an IP literal and a port consist of.
+    static func isPlausibleHost(_ host: String) -> Bool {
+        !host.isEmpty && host.utf8.count <= 255 && host.unicodeScalars.allSatisfy {
+            CharacterSet.alphanumerics.contains($0) && $0.isASCII || ".-:[]".unicodeScalars.contains($0)
+        }
+    }
+
+    static func escapeXMLAttribute(_ text: String) -> String {
+        text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "'", with: "&apos;")
+            .replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: "\"", with: "&quot;")
+    }
+
+    private static func document(_ text: String, contentType: String) -> Response {
+        // Web clients on other origins read these (XEP-0156 §3.2 recommends CORS).
+        Response(status: .ok, headers: [.contentType: contentType, .accessControlAllowOrigin: "*"],
+                 body: .init(byteBuffer: ByteBuffer(string: text)))
+    }
+
+    private static func badHost() -> Response {
+        Response(status: .badRequest, headers: [.contentType: "text/plain; charset=utf-8"],
+                 body: .init(byteBuffer: ByteBuffer(string: "missing or malformed Host header\n")))
+    }
+}
