@@ -271,6 +271,7 @@ let package = Package(
             dependencies: [
                 "StarlingTestClient", "StarlingSASL", "StarlingXML",
                 .product(name: "HummingbirdWSClient", package: "hummingbird-websocket"),
+                .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "StarlingAPI", package: "PluginAPI"),

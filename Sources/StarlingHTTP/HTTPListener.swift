@@ -48,6 +48,11 @@ public struct HTTPListener: Service {
                 installSession: @escaping XMPPSessionInstaller, onRunning: @escaping @Sendable (Int) async -> Void) {
         let router = Router(context: StarlingRequestContext.self)
         HostMeta.addRoutes(to: router, settings: settings)
+        // The WebSocket path without an upgrade: say what it is for instead of "not found".
+        router.get(RouterPath(settings.webSocketPath)) { _, _ in
+            Response(status: .upgradeRequired, headers: [.upgrade: "websocket", .contentType: "text/plain; charset=utf-8"],
+                     body: .init(byteBuffer: ByteBuffer(string: "XMPP over WebSocket (RFC 7395): connect with the 'xmpp' subprotocol.\n")))
+        }
         application = Application(
             router: router,
             server: HTTPServerBuilder { responder in

@@ -131,9 +131,9 @@ public final class StarlingServer: Service, @unchecked Sendable {
         context.connections.shutdownAll()
         // Give clients a moment to receive the stream error and close their side.
         for _ in 0..<50 where context.connections.count > 0 { try? await Task.sleep(for: .milliseconds(20)) }
-        // The HTTP listeners stopped accepting with the graceful shutdown; what they still serve ends now.
-        for task in httpListeners { task.cancel() }
-        for task in httpListeners { _ = try? await task.value }
+        // The HTTP listeners stopped accepting with the graceful shutdown and end once their connections
+        // have; a plain HTTP client that keeps its connection open is not waited for long.
+        await Self.finish(httpListeners, within: .seconds(2))
         // The sessions' goodbyes have gone over the links; now the other nodes may forget this one.
         await cluster?.stop()
         await drainModules(configuration.hosts, router: router)
@@ -218,6 +218,16 @@ public final class StarlingServer: Service, @unchecked Sendable {
         } catch {
             throw TLSSetupError("cannot listen on \(listener.address):\(listener.port): \(error)")
         }
+    }
+
+    /// Waits for `tasks` to end, cancelling those still running after `limit`.
+    private static func finish(_ tasks: [Task<Void, any Error>], within limit: Duration) async {
+        let deadline = Task {
+            try await Task.sleep(for: limit)
+            for task in tasks { task.cancel() }
+        }
+        for task in tasks { _ = try? await task.value }
+        deadline.cancel()
     }
 
     /// Starts an HTTP listener and returns its port once it accepts connections, with the task serving it.

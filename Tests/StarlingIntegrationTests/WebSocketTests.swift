@@ -192,5 +192,7 @@ final class WebSocketTests: XCTestCase {
 
         let (_, missing) = try await URLSession.shared.data(from: URL(string: "\(base)/no-such-thing")!)
         XCTAssertEqual((missing as? HTTPURLResponse)?.statusCode, 404)
+        let (_, notUpgraded) = try await URLSession.shared.data(from: URL(string: "\(base)/xmpp-websocket")!)
+        XCTAssertEqual((notUpgraded as? HTTPURLResponse)?.statusCode, 426)
     }
 }
