@@ -4,6 +4,7 @@ import Logging
 import NIOCore
 import NIOSSL
 import ServiceLifecycle
+import StarlingAPI
 
 /// What one HTTP listener needs: where to listen, how, and what it may believe of proxies.
 public struct HTTPListenerSettings: Sendable {
@@ -36,6 +37,17 @@ public struct HTTPListenerSettings: Sendable {
     }
 }
 
+extension HTTPListenerSettings {
+    /// The socket's address, or the last `X-Forwarded-For` entry (the one the proxy itself appended) when
+    /// the socket is a trusted proxy's.
+    func clientAddress(socket: String?, forwardedFor: String?) -> String {
+        let socket = socket ?? "unknown"
+        guard trustedProxies.contains(socket),
+              let forwarded = forwardedFor?.split(separator: ",").last?.trimmingCharacters(in: .whitespaces), !forwarded.isEmpty else { return socket }
+        return forwarded
+    }
+}
+
 /// An HTTP listener: one Hummingbird server serving XMPP over WebSocket and the HTTP documents by path.
 /// Run it as a `Service`; it shuts down with the service group, waiting for its connections to close.
 public struct HTTPListener: Service {
@@ -43,11 +55,16 @@ public struct HTTPListener: Service {
 
     /// - Parameters:
     ///   - installSession: puts an XMPP session on each accepted WebSocket upgrade.
+    ///   - moduleHandler: the handler a host's modules registered for a path prefix, looked up per request
+    ///     (so reloads apply at once).
     ///   - onRunning: called with the bound port once the listener accepts connections.
     public init(settings: HTTPListenerSettings, eventLoopGroup: any EventLoopGroup, logger: Logger,
-                installSession: @escaping XMPPSessionInstaller, onRunning: @escaping @Sendable (Int) async -> Void) {
+                installSession: @escaping XMPPSessionInstaller,
+                moduleHandler: @escaping @Sendable (_ prefix: String, _ host: String) -> ModuleHTTPHandler?,
+                onRunning: @escaping @Sendable (Int) async -> Void) {
         let router = Router(context: StarlingRequestContext.self)
         HostMeta.addRoutes(to: router, settings: settings)
+        ModuleRoutes.add(to: router, settings: settings, lookup: moduleHandler)
         // The WebSocket path without an upgrade: say what it is for instead of "not found".
         router.get(RouterPath(settings.webSocketPath)) { _, _ in
             Response(status: .upgradeRequired, headers: [.upgrade: "websocket", .contentType: "text/plain; charset=utf-8"],

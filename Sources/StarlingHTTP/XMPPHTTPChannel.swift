@@ -123,12 +123,9 @@ struct XMPPHTTPChannel: ServerChildChannel, HTTPChannelHandler {
         let socketAddress = channel.remoteAddress?.ipAddress ?? "unknown"
         var peer = WebSocketPeer(address: socketAddress, port: channel.remoteAddress?.port ?? 0, secure: settings.tls != nil)
         guard settings.trustedProxies.contains(socketAddress) else { return peer }
-        // The proxy appends the address it saw: the last entry is the one it vouches for.
-        if let forwarded = head.headers["X-Forwarded-For"].last?.split(separator: ",").last?.trimmingCharacters(in: .whitespaces),
-           !forwarded.isEmpty {
-            peer.address = forwarded
-            peer.port = 0
-        }
+        let forwarded = head.headers["X-Forwarded-For"].joined(separator: ",")
+        peer.address = settings.clientAddress(socket: socketAddress, forwardedFor: forwarded)
+        if peer.address != socketAddress { peer.port = 0 }
         if head.headers["X-Forwarded-Proto"].last?.lowercased() == "https" { peer.secure = true }
         return peer
     }

@@ -32,6 +32,8 @@ final class HostModules: Sendable {
     let passwordCheck: PasswordCheck?
     /// Domains modules of this host serve as components.
     let components: [ComponentRegistration]
+    /// HTTP handlers by path prefix (`/<prefix>/<host>/…`).
+    let httpHandlers: [String: ModuleHTTPHandler]
     /// Some module looks at stanzas on their way to this host's sessions (`HookPoint.stanzaToUser`).
     let screensDeliveries: Bool
 
@@ -59,8 +61,15 @@ final class HostModules: Sendable {
         var hooks: [String: [ModuleRegistrar.HookRegistration]] = [:]
         var preAuth: [XMLElement] = [], bound: [XMLElement] = []
         var components: [ComponentRegistration] = []
+        var httpHandlers: [String: (module: String, handler: ModuleHTTPHandler)] = [:]
         for registrar in registrars {
             components += registrar.components
+            for registration in registrar.httpHandlers {
+                if let existing = httpHandlers[registration.prefix] {
+                    throw ModuleError("modules '\(existing.module)' and '\(registrar.module)' both serve HTTP at /\(registration.prefix)/\(domain)/")
+                }
+                httpHandlers[registration.prefix] = (registrar.module, registration.handler)
+            }
             for (element, phase) in registrar.streamFeatures {
                 switch phase {
                 case .beforeAuthentication: preAuth.append(element)
@@ -97,6 +106,7 @@ final class HostModules: Sendable {
         self.discoItemProviders = discoItemProviders
         self.iqHandlers = iqHandlers
         self.components = components
+        self.httpHandlers = httpHandlers.mapValues(\.handler)
         screensDeliveries = self.hooks[HookPoint<StanzaEvent>.stanzaToUser.name] != nil
     }
 

@@ -244,6 +244,8 @@ public final class StarlingServer: Service, @unchecked Sendable {
             let sync = channel.pipeline.syncOperations
             try sync.addHandler(IdleStateHandler(readTimeout: .milliseconds(Int64(limits.idleTimeout * 500))))
             try sync.addHandler(C2SHandler(server: context, settings: context.webSocketSettings(), transport: .webSocket(peer)))
+        }, moduleHandler: { prefix, host in
+            context.router.modules[host]?.httpHandlers[prefix]
         }, onRunning: { port in
             announce.yield(port)
             announce.finish()

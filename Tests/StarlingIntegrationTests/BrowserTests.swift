@@ -6,7 +6,8 @@ import StarlingTestClient
 import XCTest
 
 /// A real browser: Debian's headless Chromium loads a page this test serves, logs in over WebSocket with
-/// the browser's own `WebSocket` (TLS at the server's HTTP listener), and messages a TCP client.
+/// the browser's own `WebSocket` (TLS at the server's HTTP listener), uploads a file with `fetch` (XEP-0363)
+/// and messages a TCP client.
 final class BrowserTests: XCTestCase {
     static let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].first { FileManager.default.isExecutableFile(atPath: $0) }
 
@@ -43,11 +44,17 @@ final class BrowserTests: XCTestCase {
         }
     }
 
-    func testChromiumLogsInOverWebSocketAndMessagesATCPClient() async throws {
+    func testChromiumLogsInUploadsAndMessagesATCPClient() async throws {
         guard let chromium = Self.chromium else { throw XCTSkip("Chromium is not installed (scripts/bootstrap installs Debian's chromium)") }
-        let server = try ServerProcess(extraConfig: "modules:\n  disco: {}\n  roster: {}\n  presence: {}\n",
-                                       users: [("browser", "pw-browser"), ("desk", "pw-desk")],
-                                       extraListeners: ["{ type: http, address: 127.0.0.1, port: 0, tls: direct }"])
+        let httpsPort = try ServerProcess.freePort()
+        let server = try ServerProcess(extraConfig: """
+        modules:
+          disco: {}
+          roster: {}
+          presence: {}
+          http_upload: { base_url: "https://127.0.0.1:\(httpsPort)" }
+        """, users: [("browser", "pw-browser"), ("desk", "pw-desk")],
+        extraListeners: ["{ type: http, address: 127.0.0.1, port: \(httpsPort), tls: direct }"])
         defer { XCTAssertEqual(server.stop(), 0) }
         let desk = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "desk", password: "pw-desk", resource: "desk")
 
@@ -59,7 +66,7 @@ final class BrowserTests: XCTestCase {
         query.queryItems = [
             .init(name: "ws", value: "wss://127.0.0.1:\(server.httpsPort)/xmpp-websocket"),
             .init(name: "domain", value: "localhost"), .init(name: "user", value: "browser"), .init(name: "password", value: "pw-browser"),
-            .init(name: "peer", value: "desk@localhost/desk"),
+            .init(name: "peer", value: "desk@localhost/desk"), .init(name: "upload", value: "upload.localhost"),
         ]
         let profile = server.directory.appendingPathComponent("chromium-profile").path
         // The server's certificate is the self-signed development one, hence --ignore-certificate-errors.
@@ -83,6 +90,12 @@ final class BrowserTests: XCTestCase {
         XCTAssertEqual(result["reply"] as? String, "hello, browser", outcome)
         XCTAssertEqual(result["replyFrom"] as? String, "desk@localhost/desk", outcome)
         XCTAssertEqual(result["mechanisms"] as? [String], ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"], outcome)
+        // The page's fetch PUT went through CORS to the server's HTTPS listener, and its GET read the file back.
+        let upload = try XCTUnwrap(result["upload"] as? [String: Any], outcome)
+        XCTAssertEqual(upload["putStatus"] as? Int, 201, outcome)
+        XCTAssertEqual(upload["getStatus"] as? Int, 200, outcome)
+        XCTAssertEqual(upload["matches"] as? Bool, true, outcome)
+        XCTAssertTrue((upload["url"] as? String ?? "").hasPrefix("https://127.0.0.1:\(httpsPort)/upload/localhost/"), outcome)
         await desk.close()
     }
 }

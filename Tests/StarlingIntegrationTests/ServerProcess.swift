@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import StarlingAPI
 import StarlingTestClient
 import XCTest
@@ -124,6 +127,25 @@ final class ServerProcess {
             if data.isEmpty { Thread.sleep(forTimeInterval: 0.05) }
             text += String(decoding: data, as: UTF8.self)
         }
+    }
+
+    /// A TCP port on 127.0.0.1 that was free a moment ago, for configuration that must name its port
+    /// before the server starts (a URL in a module's options).
+    static func freePort() throws -> Int {
+        let socket = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(socket) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer -> Bool in
+                bind(socket, pointer, length) == 0 && getsockname(socket, pointer, &length) == 0
+            }
+        }
+        guard bound else { throw NSError(domain: "ServerProcess", code: 2, userInfo: [NSLocalizedDescriptionKey: "no free port"]) }
+        return Int(UInt16(bigEndian: address.sin_port))
     }
 
     /// A new, empty database on the test cluster, so each server starts from nothing.

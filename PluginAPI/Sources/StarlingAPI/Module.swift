@@ -503,7 +503,11 @@ public final class ModuleRegistrar: @unchecked Sendable {
     /// Domains the module serves as a component (see `component(_:name:_:)`).
     public private(set) var components: [ComponentRegistration] = []
 
+    /// HTTP paths the module serves (see `http(_:_:)`).
+    public private(set) var httpHandlers: [HTTPRegistration] = []
+
     func addComponent(_ registration: ComponentRegistration) { components.append(registration) }
+    func addHTTP(_ registration: HTTPRegistration) { httpHandlers.append(registration) }
 
     public init(module: String) { self.module = module }
 
@@ -573,7 +577,7 @@ public enum StarlingAPIVersion {
     public static var api: Int { compiledAPI }
     /// The API version compiled into the caller. It is emitted into each plugin's own binary, so it
     /// records what the plugin was built against, not what happens to be loaded.
-    @_alwaysEmitIntoClient public static var compiledAPI: Int { 4 }
+    @_alwaysEmitIntoClient public static var compiledAPI: Int { 5 }
     public static let serverVersion = "0.1.0"
 }
 
