@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import StarlingConfig
+import StarlingModules
 
 /// The local admin interface `starlingctl` talks to: a Unix socket (mode 0600, so only the server's
 /// user) carrying one JSON request per line and one JSON reply per line.
@@ -141,6 +142,25 @@ final class AdminHandler: ChannelInboundHandler {
                     case .failure(let error):
                         reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "\(error)"))) ?? Data()
                     }
+                    Self.write(reply, to: bound.value)
+                }
+                return
+            case "purge-uploads":
+                // Deleting files is blocking I/O: not on this event loop.
+                let server = self.server
+                let loop = context.eventLoop
+                let bound = NIOLoopBound(context, eventLoop: loop)
+                server.threadPool.runIfActive(eventLoop: loop) { () -> [String] in
+                    server.configuration.hosts.compactMap { host -> String? in
+                        guard let upload = server.router.modules[host]?.modules["http_upload"] as? HTTPUploadModule else { return nil }
+                        let purged = upload.purgeExpired()
+                        return "\(host): \(purged.files) expired file(s) deleted, \(purged.bytes) bytes"
+                    }
+                }.whenComplete { result in
+                    let lines = (try? result.get()) ?? []
+                    let reply = lines.isEmpty
+                        ? (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "http_upload is not enabled on any host"))) ?? Data()
+                        : (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: lines))) ?? Data()
                     Self.write(reply, to: bound.value)
                 }
                 return

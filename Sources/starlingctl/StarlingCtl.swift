@@ -12,7 +12,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ClusterStatus.self, JoinCluster.self, LeaveCluster.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, PurgeArchives.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ClusterStatus.self, JoinCluster.self, LeaveCluster.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, PurgeArchives.self, PurgeUploads.self]
     )
 }
 
@@ -174,6 +174,20 @@ struct PurgeArchives: AsyncParsableCommand {
             for target in targets { total += try await store.purgeArchives(host: target.host, user: target.user, before: date) }
             print("deleted \(total) archived message(s) from before \(XMPPDateTime.string(date))")
         }
+    }
+}
+
+struct PurgeUploads: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "purge-uploads",
+        abstract: "Delete uploaded files (XEP-0363) older than http_upload's expire_after now, on the running server (it also does so hourly).")
+    @OptionGroup var options: ConfigOption
+
+    func run() throws {
+        let reply = try AdminClient(path: options.load().admin.socketPath).request("purge-uploads")
+        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else { throw ValidationError("unexpected reply: \(reply)") }
+        guard let lines = object["reloaded"] as? [String] else { throw ValidationError(object["error"] as? String ?? reply) }
+        for line in lines { print(line) }
     }
 }
 

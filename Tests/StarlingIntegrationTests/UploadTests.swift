@@ -118,6 +118,15 @@ final class UploadTests: XCTestCase {
         await client.close()
     }
 
+    func testPurgeCommandReportsPerHost() throws {
+        // Nothing is a week old here: the command reaches the module and deletes nothing (expiry itself is
+        // covered by UploadStoreTests with a clock of its own).
+        let (status, output) = try Self.server.ctl(["purge-uploads"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("localhost: 0 expired file(s) deleted, 0 bytes"), output)
+        XCTAssertTrue(output.contains("example.test: 0 expired file(s) deleted"), output)
+    }
+
     func testTooLargeFilesAreRefusedWithTheLimit() async throws {
         let client = try await login(2)
         let urls = try await slot(client, "big.bin", size: 4001, type: "application/octet-stream")
