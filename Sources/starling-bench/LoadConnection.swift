@@ -18,6 +18,9 @@ struct LoginSpec: Sendable {
     var password: String
     var mechanism: String
     var tls: LoadTLS
+    var transport = LoadTransport.tcp
+    /// The WebSocket endpoint's path, for `transport == .websocket`.
+    var webSocketPath = "/xmpp-websocket"
     var resource = "load"
     /// Create the account with in-band registration (XEP-0077) before logging in; "already exists"
     /// counts as success. For loading servers whose accounts the tool cannot create directly.
@@ -91,9 +94,12 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     if spec.tls == .direct {
-                        try channel.pipeline.syncOperations.addHandler(try LoadConnection.tlsHandler())
+                        try channel.pipeline.syncOperations.addHandler(try LoadConnection.tlsHandler(webSocket: spec.transport == .websocket))
                     }
-                    try channel.pipeline.syncOperations.addHandler(connection)
+                    switch spec.transport {
+                    case .tcp: try channel.pipeline.syncOperations.addHandler(connection)
+                    case .websocket: try configureWebSocket(channel, host: host, path: spec.webSocketPath, connection: connection)
+                    }
                 }
             }
         if let sourceAddress {
@@ -106,16 +112,18 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    private static let tlsContext: NIOSSLContext = {
+    private static func makeTLSContext(protocols: [String]) -> NIOSSLContext {
         var configuration = TLSConfiguration.makeClientConfiguration()
         // Load targets use self-signed certificates.
         configuration.certificateVerification = .none
-        configuration.applicationProtocols = ["xmpp-client"]
+        configuration.applicationProtocols = protocols
         return try! NIOSSLContext(configuration: configuration)
-    }()
+    }
+    private static let tlsContext = makeTLSContext(protocols: ["xmpp-client"])
+    private static let httpsContext = makeTLSContext(protocols: ["http/1.1"])
 
-    private static func tlsHandler() throws -> NIOSSLClientHandler {
-        try NIOSSLClientHandler(context: tlsContext, serverHostname: nil)
+    private static func tlsHandler(webSocket: Bool = false) throws -> NIOSSLClientHandler {
+        try NIOSSLClientHandler(context: webSocket ? httpsContext : tlsContext, serverHostname: nil)
     }
 
     // MARK: Output
@@ -173,16 +181,22 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func handlerAdded(context: ChannelHandlerContext) {
         channel = context.channel
+        // Over WebSocket this handler joins once the upgrade is done, on a connection that is already up.
+        if spec.transport == .websocket, context.channel.isActive { start(context: context) }
     }
 
     func channelActive(context: ChannelHandlerContext) {
+        start(context: context)
+        context.fireChannelActive()
+    }
+
+    private func start(context: ChannelHandlerContext) {
         // A server that stops answering must fail the run, not hang it; the phase says where it stopped.
         loginDeadline = context.eventLoop.scheduleTask(in: .seconds(Self.loginTimeoutSeconds)) { [self] in
             fail("no answer within \(Self.loginTimeoutSeconds) s while in phase \(phase)")
             channel?.close(promise: nil)
         }
         openStream()
-        context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -220,7 +234,12 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     private func openStream() {
-        write("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='\(spec.domain)' version='1.0'>")
+        switch spec.transport {
+        case .tcp:
+            write("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='\(spec.domain)' version='1.0'>")
+        case .websocket:
+            write("<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='\(spec.domain)' version='1.0'/>")
+        }
         flush()
     }
 

@@ -17,6 +17,9 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "Account names are this prefix and a number.") var accountPrefix = "bench"
     @Option(help: "Password of every account.") var password = "bench"
     @Option(help: "none, starttls or direct.") var tls = LoadTLS.none
+    @Option(help: "tcp, or websocket (RFC 7395; the starling this tool starts gets an http listener, HTTPS with --tls direct).")
+    var transport = LoadTransport.tcp
+    @Option(help: "Path of the WebSocket endpoint (ejabberd: /ws, Prosody: /xmpp-websocket).") var websocketPath = "/xmpp-websocket"
     @Option(help: "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-1.") var mechanism = "PLAIN"
     @Option(help: "The starling executable to start (default: next to this tool).") var server: String?
     @Option(help: "Event-loop threads of the generator.") var threads = 1
@@ -32,8 +35,13 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "limits.read_rate of the starling this tool starts, in bytes/s per client (default: 0, no limit, for load runs; flood: the server's default).")
     var readRate: Int?
 
+    func validate() throws {
+        if transport == .websocket && tls == .starttls { throw ValidationError("--transport websocket takes --tls none or direct (WebSocket has no STARTTLS)") }
+    }
+
     func login(_ index: Int) -> LoginSpec {
-        LoginSpec(domain: domain, username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls, register: register)
+        LoginSpec(domain: domain, username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls,
+                  transport: transport, webSocketPath: websocketPath, register: register)
     }
 
     func sourceAddress(for index: Int) -> String? {
@@ -111,6 +119,7 @@ final class ServerUnderTest {
             listeners:
               - { address: 127.0.0.1, port: 0, tls: starttls, backlog: 65535 }
               - { address: 127.0.0.1, port: 0, tls: direct, backlog: 65535 }
+              - { type: http, address: 127.0.0.1, port: 0, tls: \(options.tls == .direct ? "direct" : "none"), backlog: 65535 }
             tls:
               required: \(options.tls != .none)
             auth:
@@ -156,7 +165,10 @@ final class ServerUnderTest {
                 throw error
             }
             // Each node is ready once it has linked to the nodes already running.
-            ports.append(options.tls == .direct ? announcement.directTLSPort : announcement.starttlsPort)
+            switch options.transport {
+            case .tcp: ports.append(options.tls == .direct ? announcement.directTLSPort : announcement.starttlsPort)
+            case .websocket: ports.append(options.tls == .direct ? announcement.httpsPort : announcement.httpPort)
+            }
         }
         return ServerUnderTest(name: nodes == 1 ? "starling" : "starling x\(nodes)", host: "127.0.0.1", ports: ports,
                                pids: processes.map(\.processIdentifier), processes: processes, workDirectory: work, configPath: configPaths[0])

@@ -65,8 +65,7 @@ final class ServerProcess {
         log_level: info
         listeners:
           - { address: 127.0.0.1, port: 0, tls: starttls\(listenerOptions) }
-          - { address: 127.0.0.1, port: 0, tls: direct\(listenerOptions) }
-        \(extraListeners.map { "  - \($0)\n" }.joined())
+          - { address: 127.0.0.1, port: 0, tls: direct\(listenerOptions) }\(extraListeners.map { "\n  - \($0)" }.joined())
         \(extraConfig.hasPrefix("auth:") ? "" : "auth:\n  failure_delay: 0.2")
         \(storage)
         \(extraConfig)
