@@ -9,7 +9,7 @@ import NIOSSL
 import NIOWebSocket
 
 /// Who is at the other end of an XMPP WebSocket, as far as the listener can tell.
-public struct WebSocketPeer: Sendable, Equatable {
+public struct HTTPPeer: Sendable, Equatable {
     /// The client's address: the socket's, or the one a trusted proxy named in `X-Forwarded-For`.
     public var address: String
     public var port: Int
@@ -19,7 +19,7 @@ public struct WebSocketPeer: Sendable, Equatable {
 
 /// Puts an XMPP session on an upgraded connection, behind the WebSocket framing (which is already in
 /// the pipeline). Called on the channel's event loop.
-public typealias XMPPSessionInstaller = @Sendable (_ channel: any Channel, _ peer: WebSocketPeer) throws -> Void
+public typealias XMPPSessionInstaller = @Sendable (_ channel: any Channel, _ peer: HTTPPeer) throws -> Void
 
 /// One connection of an HTTP listener: HTTP/1.1 requests go to Hummingbird's responder; an upgrade to
 /// WebSocket with the `xmpp` subprotocol at the WebSocket path becomes an XMPP session (RFC 7395).
@@ -119,9 +119,9 @@ struct XMPPHTTPChannel: ServerChildChannel, HTTPChannelHandler {
     }
 
     /// The client's address and whether TLS protects it; proxies' headers count only from trusted proxies.
-    static func peer(of channel: any Channel, head: HTTPRequestHead, settings: HTTPListenerSettings) -> WebSocketPeer {
+    static func peer(of channel: any Channel, head: HTTPRequestHead, settings: HTTPListenerSettings) -> HTTPPeer {
         let socketAddress = channel.remoteAddress?.ipAddress ?? "unknown"
-        var peer = WebSocketPeer(address: socketAddress, port: channel.remoteAddress?.port ?? 0, secure: settings.tls != nil)
+        var peer = HTTPPeer(address: socketAddress, port: channel.remoteAddress?.port ?? 0, secure: settings.tls != nil)
         guard settings.trustedProxies.contains(socketAddress) else { return peer }
         let forwarded = head.headers["X-Forwarded-For"].joined(separator: ",")
         peer.address = settings.clientAddress(socket: socketAddress, forwardedFor: forwarded)

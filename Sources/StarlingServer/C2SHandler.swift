@@ -13,7 +13,7 @@ enum C2STransport {
     /// A TCP connection of a c2s listener, with TLS from the first byte or not.
     case tcp(directTLS: Bool)
     /// A WebSocket (RFC 7395) of an HTTP listener; the handler is added once the upgrade is done.
-    case webSocket(WebSocketPeer)
+    case webSocket(HTTPPeer)
 }
 
 /// Carries out the c2s state machine's actions on one channel. All state lives on the channel's event

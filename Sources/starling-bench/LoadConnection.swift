@@ -181,8 +181,16 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func handlerAdded(context: ChannelHandlerContext) {
         channel = context.channel
-        // Over WebSocket this handler joins once the upgrade is done, on a connection that is already up.
-        if spec.transport == .websocket, context.channel.isActive { start(context: context) }
+        self.context = context
+    }
+
+    private var context: ChannelHandlerContext?
+
+    /// Over WebSocket this handler joins during the upgrade, on a connection that is already up: it
+    /// starts once the HTTP handlers have left the pipeline.
+    func webSocketUpgraded() {
+        guard let context, context.channel.isActive else { return fail("the WebSocket closed during the upgrade") }
+        start(context: context)
     }
 
     func channelActive(context: ChannelHandlerContext) {

@@ -31,7 +31,12 @@ func configureWebSocket(_ channel: any Channel, host: String, path: String, conn
         }
     )
     let upgraded = try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(configuration: .init(upgradeConfiguration: configuration))
-    upgraded.whenFailure { _ in channel.close(promise: nil) }
+    upgraded.whenComplete { result in
+        switch result {
+        case .success: connection.webSocketUpgraded()
+        case .failure: channel.close(promise: nil)
+        }
+    }
 }
 
 /// Client side of RFC 7395 framing for the generator: each text message in is handed on as bytes, each
