@@ -65,6 +65,8 @@ public struct HTTPListener: Service {
         let router = Router(context: StarlingRequestContext.self)
         HostMeta.addRoutes(to: router, settings: settings)
         ModuleRoutes.add(to: router, settings: settings, lookup: moduleHandler)
+        BOSHService(group: eventLoopGroup, limits: .init(maxRequestBytes: settings.maxMessageBytes * 4, maxPendingBytes: settings.maxMessageBytes * 4),
+                    installSession: installSession, logger: logger).addRoutes(to: router, settings: settings)
         // The WebSocket path without an upgrade: say what it is for instead of "not found".
         router.get(RouterPath(settings.webSocketPath)) { _, _ in
             Response(status: .upgradeRequired, headers: [.upgrade: "websocket", .contentType: "text/plain; charset=utf-8"],

@@ -8,7 +8,7 @@ import NIOHTTPTypesHTTP1
 import NIOSSL
 import NIOWebSocket
 
-/// Who is at the other end of an XMPP WebSocket, as far as the listener can tell.
+/// Who is at the other end of an XMPP session over HTTP (WebSocket or BOSH), as far as the listener can tell.
 public struct HTTPPeer: Sendable, Equatable {
     /// The client's address: the socket's, or the one a trusted proxy named in `X-Forwarded-For`.
     public var address: String
@@ -17,9 +17,16 @@ public struct HTTPPeer: Sendable, Equatable {
     public var secure: Bool
 }
 
-/// Puts an XMPP session on an upgraded connection, behind the WebSocket framing (which is already in
-/// the pipeline). Called on the channel's event loop.
-public typealias XMPPSessionInstaller = @Sendable (_ channel: any Channel, _ peer: HTTPPeer) throws -> Void
+/// How an XMPP session reaches the server over HTTP.
+public enum HTTPSessionKind: Sendable {
+    /// On an upgraded connection, behind the WebSocket framing (already in the pipeline): RFC 7395 framing.
+    case webSocket
+    /// On one end of a local socket pair whose other end is the BOSH session: an ordinary XMPP stream.
+    case bosh
+}
+
+/// Puts an XMPP session on `channel`. Called on the channel's event loop.
+public typealias XMPPSessionInstaller = @Sendable (_ channel: any Channel, _ peer: HTTPPeer, _ kind: HTTPSessionKind) throws -> Void
 
 /// One connection of an HTTP listener: HTTP/1.1 requests go to Hummingbird's responder; an upgrade to
 /// WebSocket with the `xmpp` subprotocol at the WebSocket path becomes an XMPP session (RFC 7395).
@@ -66,7 +73,7 @@ struct XMPPHTTPChannel: ServerChildChannel, HTTPChannelHandler {
                         try sync.addHandler(NIOWebSocketFrameAggregator(
                             minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 256, maxAccumulatedFrameSize: settings.maxMessageBytes))
                         try sync.addHandler(XMPPWebSocketFramingHandler())
-                        try install(channel, peer)
+                        try install(channel, peer, .webSocket)
                         return Negotiated.xmpp(channel)
                     }
                 }

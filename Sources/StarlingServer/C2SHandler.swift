@@ -14,6 +14,8 @@ enum C2STransport {
     case tcp(directTLS: Bool)
     /// A WebSocket (RFC 7395) of an HTTP listener; the handler is added once the upgrade is done.
     case webSocket(HTTPPeer)
+    /// A BOSH session (XEP-0206) of an HTTP listener: a plain stream from the other end of a socket pair.
+    case bosh(HTTPPeer)
 }
 
 /// Carries out the c2s state machine's actions on one channel. All state lives on the channel's event
@@ -91,6 +93,9 @@ final class C2SHandler: ChannelInboundHandler {
         switch transport {
         case .tcp(let directTLS):
             machine = C2SStateMachine(settings: settings, tlsActive: directTLS, channelBinding: directTLS ? server.tls.channelBinding : nil)
+        case .bosh(let peer):
+            machine = C2SStateMachine(settings: settings, tlsActive: peer.secure)
+            proxiedSource = .init(address: peer.address, port: peer.port)
         case .webSocket(let peer):
             machine = C2SStateMachine(settings: settings, tlsActive: peer.secure, framing: .webSocket)
             proxiedSource = .init(address: peer.address, port: peer.port)

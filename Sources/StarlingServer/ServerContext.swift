@@ -92,8 +92,8 @@ public final class ServerContext: Sendable {
         settings(offeringStartTLS: listener.tls == .starttls)
     }
 
-    /// For WebSocket sessions, where TLS (if any) belongs to the HTTP connection.
-    func webSocketSettings() -> C2SSettings {
+    /// For WebSocket and BOSH sessions, where TLS (if any) belongs to the HTTP connection.
+    func httpSettings() -> C2SSettings {
         settings(offeringStartTLS: false)
     }
 

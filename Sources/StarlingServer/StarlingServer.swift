@@ -240,10 +240,11 @@ public final class StarlingServer: Service, @unchecked Sendable {
             publicWebSocketURL: listener.publicWebSocketURL
         )
         let (started, announce) = AsyncStream<Int>.makeStream()
-        let service = HTTPListener(settings: settings, eventLoopGroup: group, logger: logger, installSession: { channel, peer in
+        let service = HTTPListener(settings: settings, eventLoopGroup: group, logger: logger, installSession: { channel, peer, kind in
             let sync = channel.pipeline.syncOperations
             try sync.addHandler(IdleStateHandler(readTimeout: .milliseconds(Int64(limits.idleTimeout * 500))))
-            try sync.addHandler(C2SHandler(server: context, settings: context.webSocketSettings(), transport: .webSocket(peer)))
+            let transport: C2STransport = kind == .webSocket ? .webSocket(peer) : .bosh(peer)
+            try sync.addHandler(C2SHandler(server: context, settings: context.httpSettings(), transport: transport))
         }, moduleHandler: { prefix, host in
             context.router.modules[host]?.httpHandlers[prefix]
         }, onRunning: { port in
