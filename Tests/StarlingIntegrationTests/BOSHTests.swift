@@ -119,20 +119,49 @@ final class BOSHTests: XCTestCase {
         await tcp.close()
     }
 
+    func testAPythonBOSHClientTalksToSlixmppOverTCP() throws {
+        // Independent clients on both ends: Python's standard library over BOSH (SCRAM-SHA-1), slixmpp over TLS.
+        let interop = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Interop")
+        let echo = Process()
+        echo.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        echo.arguments = ["python3", interop.appendingPathComponent("slixmpp_client.py").path, "echo", "--port", "\(Self.server.directTLSPort)",
+                          "--tls", "direct", "--jid-a", "bosh2@localhost", "--password-a", "pw2", "--count", "3"]
+        let pipe = Pipe()
+        echo.standardOutput = pipe
+        try echo.run()
+        defer { if echo.isRunning { echo.terminate() } }
+        var output = ""
+        while !output.contains("READY") {
+            let data = pipe.fileHandleForReading.availableData
+            if data.isEmpty { break }
+            output += String(decoding: data, as: UTF8.self)
+        }
+        XCTAssertTrue(output.contains("READY"), output)
+        let (status, result) = try ServerProcess.run("/usr/bin/env", [
+            "python3", interop.appendingPathComponent("bosh_client.py").path, "--url", "http://127.0.0.1:\(port)/http-bind",
+            "--username", "bosh1", "--password", "pw1", "--peer", "bosh2@localhost", "--count", "3", "--forwarded-proto", "https",
+        ])
+        XCTAssertEqual(status, 0, result)
+        XCTAssertTrue(result.hasPrefix("OK bosh1@localhost/"), result)
+        echo.waitUntilExit()
+        XCTAssertEqual(echo.terminationStatus, 0)
+    }
+
     func testRequestsAreProcessedInRIDOrderAndAnswersReplayed() async throws {
         let bosh = Client(port: port)
         _ = try await bosh.login("bosh3", "pw3", resource: "r")
         // The later request arrives first: it waits for the missing one, and the stanzas stay in order.
+        let peer = try await TestClient.login(port: Self.server.directTLSPort, domain: "localhost", tls: .direct, username: "bosh2", password: "pw2", resource: "order")
         let first = bosh.rid + 1, second = bosh.rid + 2
         bosh.rid = second
-        async let late = bosh.post("<iq xmlns='jabber:client' type='get' id='two' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", rid: second)
+        async let late = bosh.post("<message xmlns='jabber:client' to='bosh2@localhost/order' type='chat'><body>two</body></message>", rid: second)
         try await Task.sleep(for: .milliseconds(200))
-        let early = try await bosh.post("<iq xmlns='jabber:client' type='get' id='one' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", rid: first)
-        let lateAnswer = try await late
-        var answers = early.body.elements + lateAnswer.body.elements
-        while answers.count < 2 { answers += try await bosh.post().body.elements }
-        XCTAssertEqual(answers.compactMap { $0[attribute: "id"] }, ["one", "two"], answers.map { $0.serialized() }.joined())
-        XCTAssertEqual(answers.compactMap { $0[attribute: "type"] }, ["result", "result"], answers.map { $0.serialized() }.joined())
+        _ = try await bosh.post("<message xmlns='jabber:client' to='bosh2@localhost/order' type='chat'><body>one</body></message>", rid: first)
+        _ = try await late
+        let one = try await peer.expect("one") { $0.name == "message" }
+        let two = try await peer.expect("two") { $0.name == "message" }
+        XCTAssertEqual([one.child("body")?.text, two.child("body")?.text], ["one", "two"])
+        await peer.close()
 
         // The same rid again (its connection died): the same answer, nothing sent twice.
         let last = bosh.rid
