@@ -31,6 +31,8 @@ public struct HTTPListenerConfiguration: Sendable, Equatable {
     public var trustedProxies: [String]
     /// The WebSocket URL to advertise (XEP-0156) instead of one built from each request.
     public var publicWebSocketURL: String?
+    /// Serve Prometheus metrics at `/metrics`.
+    public var metrics = false
 }
 
 public struct TLSConfiguration: Sendable, Equatable {
@@ -178,6 +180,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let httpListenerPort = ConfigOption<Int>("port", default: 5280, range: 0...65535, doc: "TCP port of an http listener (0 picks a free one, reported on standard output).")
     static let httpListenerTLS = ConfigOption<String>("tls", default: "none", oneOf: ["none", "direct"], doc: "An http listener's TLS: none (plaintext, usually behind a TLS-terminating proxy) or direct (HTTPS with the server's certificate).")
     static let httpTrustedProxies = ConfigOption<[String]>("trusted_proxies", default: [], doc: "Addresses of proxies in front of an http listener whose X-Forwarded-For (the client's address, for logs and limits) and X-Forwarded-Proto (https makes the connection count as encrypted) are believed.")
+    static let httpMetrics = ConfigOption<Bool>("metrics", default: false, doc: "Serve Prometheus metrics at /metrics on this http listener (give it a loopback address, or one only the monitoring can reach).")
     static let httpPublicWebSocketURL = ConfigOption<String?>("websocket_url", default: nil, doc: "The WebSocket URL advertised in /.well-known/host-meta when clients reach the server through another URL than the request shows; unset builds it from each request's Host.")
 
     static let tlsCertificate = ConfigOption<String?>("certificate", default: nil, doc: "PEM certificate chain. When unset, a self-signed certificate is generated in data_dir (development only).")
@@ -289,7 +292,8 @@ public struct StarlingConfiguration: Sendable, Equatable {
                     directTLS: try section.read(httpListenerTLS) == "direct",
                     backlog: try section.read(listenerBacklog),
                     trustedProxies: try section.read(httpTrustedProxies),
-                    publicWebSocketURL: try section.read(httpPublicWebSocketURL)
+                    publicWebSocketURL: try section.read(httpPublicWebSocketURL),
+                    metrics: try section.read(httpMetrics)
                 ))
                 try section.rejectUnknownKeys()
                 continue

@@ -23,9 +23,11 @@ public struct HTTPListenerSettings: Sendable {
     /// The WebSocket URL advertised by XEP-0156, when the one clients use differs from what the request
     /// shows (a proxy on another path); nil derives it from each request's `Host`.
     public var publicWebSocketURL: String?
+    /// Renders the Prometheus text format for `/metrics`; nil serves no metrics here.
+    public var metrics: (@Sendable () -> String)?
 
     public init(address: String, port: Int, backlog: Int, tls: NIOSSLContext?, trustedProxies: Set<String>,
-                maxMessageBytes: Int, idleTimeout: Int64, publicWebSocketURL: String? = nil) {
+                maxMessageBytes: Int, idleTimeout: Int64, publicWebSocketURL: String? = nil, metrics: (@Sendable () -> String)? = nil) {
         self.address = address
         self.port = port
         self.backlog = backlog
@@ -34,6 +36,7 @@ public struct HTTPListenerSettings: Sendable {
         self.maxMessageBytes = maxMessageBytes
         self.idleTimeout = idleTimeout
         self.publicWebSocketURL = publicWebSocketURL
+        self.metrics = metrics
     }
 }
 
@@ -67,6 +70,12 @@ public struct HTTPListener: Service {
         ModuleRoutes.add(to: router, settings: settings, lookup: moduleHandler)
         BOSHService(group: eventLoopGroup, limits: .init(maxRequestBytes: settings.maxMessageBytes * 4, maxPendingBytes: settings.maxMessageBytes * 4),
                     installSession: installSession, logger: logger).addRoutes(to: router, settings: settings)
+        if let metrics = settings.metrics {
+            router.get("/metrics") { _, _ in
+                Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                         body: .init(byteBuffer: ByteBuffer(string: metrics())))
+            }
+        }
         // The WebSocket path without an upgrade: say what it is for instead of "not found".
         router.get(RouterPath(settings.webSocketPath)) { _, _ in
             Response(status: .upgradeRequired, headers: [.upgrade: "websocket", .contentType: "text/plain; charset=utf-8"],

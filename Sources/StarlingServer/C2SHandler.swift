@@ -39,6 +39,8 @@ final class C2SHandler: ChannelInboundHandler {
     /// Counted in `server.addressLimits` until it closes, and as unauthenticated until it authenticates.
     private var countedByAddress = false
     private var countedUnauthenticated = false
+    /// How the client connects, for the metrics of open connections.
+    private let transportMetric: ServerMetrics.Transport
     /// XEP-0198 on this stream, and its id when resumable.
     private var sm = StreamManagement()
     /// `max_queue` of the host's stream management, read when it is enabled.
@@ -91,6 +93,11 @@ final class C2SHandler: ChannelInboundHandler {
             maxDepth: server.configuration.limits.maxDepth
         ))
         switch transport {
+        case .tcp: transportMetric = .tcp
+        case .webSocket: transportMetric = .websocket
+        case .bosh: transportMetric = .bosh
+        }
+        switch transport {
         case .tcp(let directTLS):
             machine = C2SStateMachine(settings: settings, tlsActive: directTLS, channelBinding: directTLS ? server.tls.channelBinding : nil)
         case .bosh(let peer):
@@ -130,18 +137,21 @@ final class C2SHandler: ChannelInboundHandler {
         // Connection policies (rate limits per address): refused before any byte is read.
         if case .reject = server.router.run(.connectionOpened, ConnectionEvent(address: remoteAddress), on: server.configuration.hosts[0]) {
             logger.info("connection refused by policy")
+            ServerMetrics.refused[.policy]?.increment()
             refusedByPolicy = true
             context.close(promise: nil)
             return
         }
         if let refusal = server.addressLimits.open(remoteAddress) {
             logger.notice("connection refused: \(refusal.rawValue)", metadata: ["address": "\(remoteAddress)"])
+            ServerMetrics.refused[.init(refusal)]?.increment()
             refusedByPolicy = true
             context.close(promise: nil)
             return
         }
         countedByAddress = true
         countedUnauthenticated = true
+        ServerMetrics.connections[transportMetric]?.increment()
         let loop = context.eventLoop
         let id = ObjectIdentifier(self)
         let bound = NIOLoopBound(self, eventLoop: loop)
@@ -158,6 +168,7 @@ final class C2SHandler: ChannelInboundHandler {
             countedByAddress = false
             server.addressLimits.closed(remoteAddress, authenticated: !countedUnauthenticated)
             countedUnauthenticated = false
+            ServerMetrics.connections[transportMetric]?.decrement()
         }
         authTimeout?.cancel()
         keepalive?.cancel()
@@ -389,6 +400,7 @@ final class C2SHandler: ChannelInboundHandler {
                 }
             case .authenticationFailed(let reply):
                 if let login = currentLogin { _ = server.router.run(.loginFailed, login, on: login.host) }
+                ServerMetrics.login(mechanism: currentLogin?.mechanism ?? "other", succeeded: false)
                 suspend()
                 let account = currentLogin.map { Self.account($0.username, $0.host) }
                 let delay = server.failures.recordFailure(address: remoteAddress, account: account)
@@ -401,6 +413,7 @@ final class C2SHandler: ChannelInboundHandler {
                 }
             case .authenticated(let user):
                 server.failures.recordSuccess(address: remoteAddress, account: user.bare.description)
+                ServerMetrics.login(mechanism: currentLogin?.mechanism ?? "other", succeeded: true)
                 if countedUnauthenticated {
                     countedUnauthenticated = false
                     server.addressLimits.authenticated(remoteAddress)
@@ -413,6 +426,7 @@ final class C2SHandler: ChannelInboundHandler {
                 resumeSession(user: user, previd: previd, h: h)
             case .route(let stanza):
                 sm.received()
+                ServerMetrics.received.count(stanza.name)
                 if let session { server.router.route(stanza, from: session) }
             case .nonza(let element):
                 guard let session else { continue }
@@ -676,6 +690,7 @@ final class C2SHandler: ChannelInboundHandler {
             return perform(machine.fail(.policyViolation, "too many stanzas left unacknowledged"))
         }
         writeStanza(stanza)
+        ServerMetrics.delivered.count(stanza.name)
         if sm.enabled, !sm.requestOutstanding {
             sm.requestOutstanding = true
             writeElement(XMLElement(name: "r", namespace: StreamManagement.namespace))

@@ -8,14 +8,24 @@ enum OutgoingStanza {
     case element(XMLElement)
     /// Written with the receiving session's own address as `to`.
     case addressed(SharedSerialization)
+
+    /// `message`, `presence` or `iq`.
+    var name: String {
+        switch self {
+        case .element(let element): return element.name
+        case .addressed(let shared): return shared.name
+        }
+    }
 }
 
 /// A stanza serialized once without its `to`: each recipient's copy is the two halves around ` to='…'`.
 final class SharedSerialization: @unchecked Sendable {
     private let head: String
     private let tail: String
+    let name: String
 
     init(_ stanza: XMLElement) {
+        name = stanza.name
         var stanza = stanza
         stanza[attribute: "to"] = nil
         let text = stanza.serialized(inheritedNamespace: Namespace.client)

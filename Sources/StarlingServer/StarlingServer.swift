@@ -32,6 +32,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
     }
 
     public func run() async throws {
+        ServerMetrics.bootstrapped
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         let store = try await StorageBackends.open(configuration, logger: logger)
         let tls = try TLSIdentity.load(configuration, logger: logger)
@@ -233,11 +234,14 @@ public final class StarlingServer: Service, @unchecked Sendable {
     /// Starts an HTTP listener and returns its port once it accepts connections, with the task serving it.
     private func startHTTP(_ listener: HTTPListenerConfiguration, context: ServerContext) async throws -> (Int, Task<Void, any Error>) {
         let limits = configuration.limits
+        var metrics: (@Sendable () -> String)?
+        if listener.metrics { metrics = { ServerMetrics.render(context) } }
         let settings = HTTPListenerSettings(
             address: listener.address, port: listener.port, backlog: listener.backlog,
             tls: listener.directTLS ? context.tls.context : nil, trustedProxies: Set(listener.trustedProxies),
             maxMessageBytes: limits.maxStanzaSize, idleTimeout: Int64(limits.idleTimeout),
-            publicWebSocketURL: listener.publicWebSocketURL
+            publicWebSocketURL: listener.publicWebSocketURL,
+            metrics: metrics
         )
         let (started, announce) = AsyncStream<Int>.makeStream()
         let service = HTTPListener(settings: settings, eventLoopGroup: group, logger: logger, installSession: { channel, peer, kind in

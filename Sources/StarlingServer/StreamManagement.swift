@@ -120,4 +120,7 @@ final class DetachedSessions: Sendable {
     func remove(_ id: String) {
         _ = entries.withLockedValue { $0.removeValue(forKey: id) }
     }
+
+    /// Sessions waiting to be resumed now.
+    var count: Int { entries.withLockedValue { $0.count } }
 }

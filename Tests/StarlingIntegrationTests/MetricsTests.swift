@@ -1,0 +1,79 @@
+import Foundation
+import StarlingAPI
+import StarlingTestClient
+import XCTest
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// Prometheus metrics at /metrics of an http listener with `metrics: true`, as they change with traffic,
+/// and the Grafana dashboard in examples/ asking only for series that exist.
+final class MetricsTests: XCTestCase {
+    func scrape(_ port: Int) async throws -> [String: Double] {
+        let (data, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(port)/metrics")!)
+        XCTAssertEqual((response as? HTTPURLResponse)?.statusCode, 200)
+        XCTAssertTrue((response as? HTTPURLResponse)?.value(forHTTPHeaderField: "Content-Type")?.hasPrefix("text/plain; version=0.0.4") ?? false)
+        var samples: [String: Double] = [:]
+        for line in String(decoding: data, as: UTF8.self).split(separator: "\n") where !line.hasPrefix("#") {
+            guard let space = line.lastIndex(of: " "), let value = Double(line[line.index(after: space)...]) else { continue }
+            samples[String(line[..<space])] = value
+        }
+        return samples
+    }
+
+    func testCountersFollowTrafficAndTheDashboardAsksForExistingSeries() async throws {
+        let server = try ServerProcess(extraConfig: "modules:\n  disco: {}\n  roster: {}\n  presence: {}\n  mam: {}\n  muc: {}\n",
+                                       users: [("m1", "pw1"), ("m2", "pw2")],
+                                       extraListeners: ["{ type: http, address: 127.0.0.1, port: 0, metrics: true }"])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let before = try await scrape(server.httpPort)
+        XCTAssertEqual(before["starling_client_connections{transport=\"tcp\"}"], 0)
+        XCTAssertEqual(before["starling_logins_total{mechanism=\"scram\",result=\"success\"}"], 0)
+
+        let a = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "m1", password: "pw1", resource: "r")
+        let b = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "m2", password: "pw2", resource: "r")
+        do {
+            _ = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "m1", password: "wrong", resource: "x")
+            XCTFail("a wrong password logged in")
+        } catch {}
+        for index in 0..<5 { a.send("<message to='m2@localhost/r' type='chat'><body>\(index)</body></message>") }
+        for _ in 0..<5 { _ = try await b.expect("message") { $0.name == "message" } }
+
+        let after = try await scrape(server.httpPort)
+        // The two sessions, and the refused login's connection if the server has not seen it close yet.
+        XCTAssertGreaterThanOrEqual(after["starling_client_connections{transport=\"tcp\"}"] ?? 0, 2)
+        XCTAssertEqual(after["starling_client_connections{transport=\"websocket\"}"], 0)
+        XCTAssertEqual(after["starling_sessions"], 2)
+        XCTAssertEqual(after["starling_logins_total{mechanism=\"scram\",result=\"success\"}"], 2)
+        XCTAssertEqual(after["starling_logins_total{mechanism=\"scram\",result=\"failure\"}"], 1)
+        XCTAssertGreaterThanOrEqual(after["starling_stanzas_received_total{kind=\"message\"}"] ?? 0, 5)
+        XCTAssertGreaterThanOrEqual(after["starling_stanzas_delivered_total{kind=\"message\"}"] ?? 0, 5)
+        XCTAssertGreaterThan(after["process_resident_memory_bytes"] ?? 0, 1_000_000)
+        XCTAssertGreaterThan(after["process_open_fds"] ?? 0, 5)
+
+        // Every series the dashboard charts is served.
+        let dashboardURL = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("examples/grafana/starling-dashboard.json")
+        let dashboard = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: dashboardURL)) as? [String: Any])
+        let expressions = (dashboard["panels"] as? [[String: Any]] ?? []).flatMap { ($0["targets"] as? [[String: Any]] ?? []).compactMap { $0["expr"] as? String } }
+        XCTAssertGreaterThan(expressions.count, 8)
+        let served = Set(after.keys.map { String($0.prefix { $0 != "{" }) })
+        let functions: Set = ["sum", "by", "rate", "irate", "increase", "avg", "max", "min"]
+        for expression in expressions {
+            let identifiers = try NSRegularExpression(pattern: "[a-z_]+(?=[{\\[() ]|$)")
+            let names = identifiers.matches(in: expression, range: NSRange(expression.startIndex..., in: expression))
+                .map { String(expression[Range($0.range, in: expression)!]) }.filter { !functions.contains($0) && $0.contains("_") }
+            XCTAssertFalse(names.isEmpty, expression)
+            for name in names { XCTAssertTrue(served.contains(name), "\(name) (in \(expression)) is not served") }
+        }
+        await a.close()
+        await b.close()
+    }
+
+    func testMetricsAreServedOnlyWhereEnabled() async throws {
+        let server = try ServerProcess(users: [], extraListeners: ["{ type: http, address: 127.0.0.1, port: 0 }"])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let (_, response) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(server.httpPort)/metrics")!)
+        XCTAssertEqual((response as? HTTPURLResponse)?.statusCode, 404)
+    }
+}
