@@ -15,36 +15,44 @@ public struct StarlingRequestContext: RequestContext, RemoteAddressRequestContex
 }
 
 /// XEP-0156 §3: `/.well-known/host-meta` (XRD) and `host-meta.json` (JRD) tell web clients where the
-/// XMPP WebSocket endpoint is.
+/// XMPP WebSocket and BOSH endpoints are.
 enum HostMeta {
     static let webSocketRelation = "urn:xmpp:alt-connections:websocket"
+    static let boshRelation = "urn:xmpp:alt-connections:xbosh"
 
     static func addRoutes(to router: Router<StarlingRequestContext>, settings: HTTPListenerSettings) {
         router.get("/.well-known/host-meta") { request, context -> Response in
-            guard let url = webSocketURL(request, context, settings) else { return badHost() }
-            var xml = "<?xml version='1.0' encoding='utf-8'?>\n<XRD xmlns='http://docs.oasis-open.org/ns/xri/xrd-1.0'>\n  <Link rel='\(webSocketRelation)' href='"
-            xml += escapeXMLAttribute(url) + "'/>\n</XRD>\n"
+            guard let (webSocket, bosh) = endpoints(request, context, settings) else { return badHost() }
+            var xml = "<?xml version='1.0' encoding='utf-8'?>\n<XRD xmlns='http://docs.oasis-open.org/ns/xri/xrd-1.0'>\n"
+            xml += "  <Link rel='\(webSocketRelation)' href='\(escapeXMLAttribute(webSocket))'/>\n"
+            xml += "  <Link rel='\(boshRelation)' href='\(escapeXMLAttribute(bosh))'/>\n</XRD>\n"
             return document(xml, contentType: "application/xrd+xml; charset=utf-8")
         }
         router.get("/.well-known/host-meta.json") { request, context -> Response in
-            guard let url = webSocketURL(request, context, settings) else { return badHost() }
-            let links: [String: Any] = ["links": [["rel": webSocketRelation, "href": url]]]
+            guard let (webSocket, bosh) = endpoints(request, context, settings) else { return badHost() }
+            let links: [String: Any] = ["links": [["rel": webSocketRelation, "href": webSocket], ["rel": boshRelation, "href": bosh]]]
             let json = (try? JSONSerialization.data(withJSONObject: links, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data()
             return document(String(decoding: json, as: UTF8.self) + "\n", contentType: "application/json")
         }
     }
 
-    /// The configured public URL, or one built from the request: `wss` when TLS protects the request
-    /// (here, or at a trusted proxy), and the host the client asked for.
-    static func webSocketURL(_ request: Request, _ context: StarlingRequestContext, _ settings: HTTPListenerSettings) -> String? {
-        if let configured = settings.publicWebSocketURL { return configured }
+    /// The WebSocket and BOSH URLs: the configured WebSocket URL, or ones built from the request (`wss` and
+    /// `https` when TLS protects the request, here or at a trusted proxy, and the host the client asked for).
+    static func endpoints(_ request: Request, _ context: StarlingRequestContext, _ settings: HTTPListenerSettings) -> (webSocket: String, bosh: String)? {
         guard let host = request.head.authority, isPlausibleHost(host) else { return nil }
         var secure = settings.tls != nil
         if let peer = context.remoteAddress?.ipAddress, settings.trustedProxies.contains(peer),
            request.headers[HTTPField.Name("X-Forwarded-Proto")!]?.lowercased() == "https" {
             secure = true
         }
-        return "\(secure ? "wss" : "ws")://\(host)\(settings.webSocketPath)"
+        let webSocket = settings.publicWebSocketURL ?? "\(secure ? "wss" : "ws")://\(host)\(settings.webSocketPath)"
+        // BOSH sits next to the WebSocket endpoint: on the configured URL's origin, or on this request's.
+        var bosh = "\(secure ? "https" : "http")://\(host)/http-bind"
+        if let configured = settings.publicWebSocketURL.flatMap(URLComponents.init(string:)), let configuredHost = configured.host {
+            let scheme = configured.scheme == "ws" ? "http" : "https"
+            bosh = "\(scheme)://\(configuredHost)\(configured.port.map { ":\($0)" } ?? "")/http-bind"
+        }
+        return (webSocket, bosh)
     }
 
     /// A `Host` header goes into the documents: only what a host name, an IP literal and a port consist of.

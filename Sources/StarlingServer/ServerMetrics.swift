@@ -5,7 +5,8 @@ private import class Prometheus.PrometheusCollectorRegistry
 
 /// The server's metrics, through swift-metrics into one Prometheus registry that `/metrics` renders (on
 /// the HTTP listeners with `metrics: true`). Each metric object is made once: updating one on the
-/// stanza path is an atomic add, no lookup or lock.
+/// stanza path is an atomic add, no lookup or lock. Without such a listener nothing is bootstrapped and
+/// every update is swift-metrics' no-op.
 enum ServerMetrics {
     private static let registry = PrometheusCollectorRegistry()
 

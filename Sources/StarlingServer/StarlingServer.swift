@@ -32,7 +32,8 @@ public final class StarlingServer: Service, @unchecked Sendable {
     }
 
     public func run() async throws {
-        ServerMetrics.bootstrapped
+        // Without a listener that serves them, metrics stay swift-metrics' no-ops and cost nothing.
+        if configuration.httpListeners.contains(where: \.metrics) { ServerMetrics.bootstrapped }
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         let store = try await StorageBackends.open(configuration, logger: logger)
         let tls = try TLSIdentity.load(configuration, logger: logger)

@@ -20,6 +20,7 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "tcp, or websocket (RFC 7395; the starling this tool starts gets an http listener, HTTPS with --tls direct).")
     var transport = LoadTransport.tcp
     @Option(help: "Path of the WebSocket endpoint (ejabberd: /ws, Prosody: /xmpp-websocket).") var websocketPath = "/xmpp-websocket"
+    @Flag(help: "The starling this tool starts serves Prometheus metrics (on its http listener), so they are kept up to date.") var metrics = false
     @Option(help: "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-1.") var mechanism = "PLAIN"
     @Option(help: "The starling executable to start (default: next to this tool).") var server: String?
     @Option(help: "Event-loop threads of the generator.") var threads = 1
@@ -119,7 +120,7 @@ final class ServerUnderTest {
             listeners:
               - { address: 127.0.0.1, port: 0, tls: starttls, backlog: 65535 }
               - { address: 127.0.0.1, port: 0, tls: direct, backlog: 65535 }
-              - { type: http, address: 127.0.0.1, port: 0, tls: \(options.tls == .direct ? "direct" : "none"), backlog: 65535 }
+              - { type: http, address: 127.0.0.1, port: 0, tls: \(options.tls == .direct ? "direct" : "none"), backlog: 65535, metrics: \(options.metrics) }
             tls:
               required: \(options.tls != .none)
             auth:

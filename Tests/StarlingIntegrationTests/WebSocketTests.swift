@@ -179,6 +179,7 @@ final class WebSocketTests: XCTestCase {
         XCTAssertEqual((xmlResponse as? HTTPURLResponse)?.statusCode, 200)
         XCTAssertEqual((xmlResponse as? HTTPURLResponse)?.value(forHTTPHeaderField: "Access-Control-Allow-Origin"), "*")
         XCTAssertTrue(xml.contains("rel='urn:xmpp:alt-connections:websocket' href='ws://127.0.0.1:\(Self.server.httpPort)/xmpp-websocket'"), xml)
+        XCTAssertTrue(xml.contains("rel='urn:xmpp:alt-connections:xbosh' href='http://127.0.0.1:\(Self.server.httpPort)/http-bind'"), xml)
 
         var request = URLRequest(url: URL(string: "\(base)/.well-known/host-meta.json")!)
         request.setValue("https", forHTTPHeaderField: "X-Forwarded-Proto")
@@ -189,6 +190,8 @@ final class WebSocketTests: XCTestCase {
         XCTAssertEqual(links.first?["rel"], "urn:xmpp:alt-connections:websocket")
         // Behind a trusted proxy that terminated TLS, for the host the client asked for.
         XCTAssertEqual(links.first?["href"], "wss://chat.example.test/xmpp-websocket")
+        XCTAssertEqual(links.last?["rel"], "urn:xmpp:alt-connections:xbosh")
+        XCTAssertEqual(links.last?["href"], "https://chat.example.test/http-bind")
 
         let (_, missing) = try await URLSession.shared.data(from: URL(string: "\(base)/no-such-thing")!)
         XCTAssertEqual((missing as? HTTPURLResponse)?.statusCode, 404)
