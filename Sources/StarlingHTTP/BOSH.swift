@@ -44,10 +44,7 @@ final class BOSHService: Sendable {
     func addRoutes(to router: Router<StarlingRequestContext>, settings: HTTPListenerSettings) {
         router.post("/http-bind") { request, context -> Response in
             let data = try await request.body.collect(upTo: self.limits.maxRequestBytes)
-            let peer = HTTPPeer(address: settings.clientAddress(socket: context.remoteAddress?.ipAddress, forwardedFor: request.headers[values: HTTPField.Name("X-Forwarded-For")!].joined(separator: ",")),
-                                port: context.remoteAddress?.port ?? 0,
-                                secure: settings.tls != nil || (settings.trustedProxies.contains(context.remoteAddress?.ipAddress ?? "")
-                                    && request.headers[HTTPField.Name("X-Forwarded-Proto")!]?.lowercased() == "https"))
+            let peer = settings.peer(request, context)
             let answer = await self.handle(String(buffer: data), peer: peer)
             var headers = Self.cors
             headers[.contentType] = "text/xml; charset=utf-8"

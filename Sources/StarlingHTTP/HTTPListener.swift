@@ -41,13 +41,19 @@ public struct HTTPListenerSettings: Sendable {
 }
 
 extension HTTPListenerSettings {
-    /// The socket's address, or the last `X-Forwarded-For` entry (the one the proxy itself appended) when
-    /// the socket is a trusted proxy's.
-    func clientAddress(socket: String?, forwardedFor: String?) -> String {
-        let socket = socket ?? "unknown"
-        guard trustedProxies.contains(socket),
-              let forwarded = forwardedFor?.split(separator: ",").last?.trimmingCharacters(in: .whitespaces), !forwarded.isEmpty else { return socket }
-        return forwarded
+    /// Who sent a request from `socket`: its address, or the last `X-Forwarded-For` entry (the one the proxy
+    /// itself appended) when the socket is a trusted proxy's; secure when TLS is at this listener or a
+    /// trusted proxy said `X-Forwarded-Proto: https`.
+    func peer(socket: SocketAddress?, forwardedFor: String?, forwardedProto: String?) -> HTTPPeer {
+        let address = socket?.ipAddress ?? "unknown"
+        var peer = HTTPPeer(address: address, port: socket?.port ?? 0, secure: tls != nil)
+        guard trustedProxies.contains(address) else { return peer }
+        if let forwarded = forwardedFor?.split(separator: ",").last?.trimmingCharacters(in: .whitespaces), !forwarded.isEmpty {
+            peer.address = forwarded
+            peer.port = 0
+        }
+        if forwardedProto?.lowercased() == "https" { peer.secure = true }
+        return peer
     }
 }
 

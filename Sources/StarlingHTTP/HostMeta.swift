@@ -3,6 +3,19 @@ import HTTPTypes
 import Hummingbird
 import NIOCore
 
+extension HTTPListenerSettings {
+    /// Who sent `request` (see `peer(socket:forwardedFor:forwardedProto:)`).
+    func peer(_ request: Request, _ context: StarlingRequestContext) -> HTTPPeer {
+        peer(socket: context.remoteAddress, forwardedFor: request.headers[values: .xForwardedFor].joined(separator: ","),
+             forwardedProto: request.headers[.xForwardedProto])
+    }
+}
+
+extension HTTPField.Name {
+    static let xForwardedFor = HTTPField.Name("X-Forwarded-For")!
+    static let xForwardedProto = HTTPField.Name("X-Forwarded-Proto")!
+}
+
 /// The request context of Starling's HTTP listeners: Hummingbird's, plus who connected.
 public struct StarlingRequestContext: RequestContext, RemoteAddressRequestContext {
     public var coreContext: CoreRequestContextStorage
@@ -40,11 +53,7 @@ enum HostMeta {
     /// `https` when TLS protects the request, here or at a trusted proxy, and the host the client asked for).
     static func endpoints(_ request: Request, _ context: StarlingRequestContext, _ settings: HTTPListenerSettings) -> (webSocket: String, bosh: String)? {
         guard let host = request.head.authority, isPlausibleHost(host) else { return nil }
-        var secure = settings.tls != nil
-        if let peer = context.remoteAddress?.ipAddress, settings.trustedProxies.contains(peer),
-           request.headers[HTTPField.Name("X-Forwarded-Proto")!]?.lowercased() == "https" {
-            secure = true
-        }
+        let secure = settings.peer(request, context).secure
         let webSocket = settings.publicWebSocketURL ?? "\(secure ? "wss" : "ws")://\(host)\(settings.webSocketPath)"
         // BOSH sits next to the WebSocket endpoint: on the configured URL's origin, or on this request's.
         var bosh = "\(secure ? "https" : "http")://\(host)/http-bind"

@@ -36,7 +36,7 @@ enum ModuleRoutes {
         let body = request.body
         return ModuleHTTPRequest(
             method: request.method.rawValue, path: path, query: query, headers: headers,
-            remoteAddress: settings.clientAddress(socket: context.remoteAddress?.ipAddress, forwardedFor: headers["x-forwarded-for"]),
+            remoteAddress: settings.peer(request, context).address,
             body: ModuleHTTPBody {
                 var chunks = body.makeAsyncIterator()
                 return { try await chunks.next().map { Array(buffer: $0) } }

@@ -68,7 +68,8 @@ struct XMPPHTTPChannel: ServerChildChannel, HTTPChannelHandler {
                 },
                 upgradePipelineHandler: { channel, head in
                     channel.eventLoop.makeCompletedFuture {
-                        let peer = Self.peer(of: channel, head: head, settings: settings)
+                        let peer = settings.peer(socket: channel.remoteAddress, forwardedFor: head.headers["X-Forwarded-For"].joined(separator: ","),
+                                                 forwardedProto: head.headers["X-Forwarded-Proto"].last)
                         let sync = channel.pipeline.syncOperations
                         try sync.addHandler(NIOWebSocketFrameAggregator(
                             minNonFinalFragmentSize: 0, maxAccumulatedFrameCount: 256, maxAccumulatedFrameSize: settings.maxMessageBytes))
@@ -123,18 +124,6 @@ struct XMPPHTTPChannel: ServerChildChannel, HTTPChannelHandler {
         let offered = head.headers[canonicalForm: "Sec-WebSocket-Protocol"].map { $0.lowercased() }
         guard offered.contains("xmpp") else { return nil }
         return ["Sec-WebSocket-Protocol": "xmpp"]
-    }
-
-    /// The client's address and whether TLS protects it; proxies' headers count only from trusted proxies.
-    static func peer(of channel: any Channel, head: HTTPRequestHead, settings: HTTPListenerSettings) -> HTTPPeer {
-        let socketAddress = channel.remoteAddress?.ipAddress ?? "unknown"
-        var peer = HTTPPeer(address: socketAddress, port: channel.remoteAddress?.port ?? 0, secure: settings.tls != nil)
-        guard settings.trustedProxies.contains(socketAddress) else { return peer }
-        let forwarded = head.headers["X-Forwarded-For"].joined(separator: ",")
-        peer.address = settings.clientAddress(socket: socketAddress, forwardedFor: forwarded)
-        if peer.address != socketAddress { peer.port = 0 }
-        if head.headers["X-Forwarded-Proto"].last?.lowercased() == "https" { peer.secure = true }
-        return peer
     }
 
     private static func refuseUpgrade(_ http: NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>) async {
