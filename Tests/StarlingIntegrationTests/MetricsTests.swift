@@ -70,6 +70,55 @@ final class MetricsTests: XCTestCase {
         await b.close()
     }
 
+    func testPrometheusParsesAndScrapesTheMetrics() async throws {
+        let server = try ServerProcess(users: [("p1", "pw1")], extraListeners: ["{ type: http, address: 127.0.0.1, port: 0, metrics: true }"])
+        defer { XCTAssertEqual(server.stop(), 0) }
+        let client = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "p1", password: "pw1", resource: "r")
+        defer { Task { await client.close() } }
+
+        // Prometheus's own Python parser reads the whole exposition.
+        let parse = """
+        import sys, urllib.request
+        from prometheus_client.parser import text_string_to_metric_families
+        text = urllib.request.urlopen(sys.argv[1]).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                print(sample.name, sample.labels.get('mechanism', ''), sample.labels.get('result', ''), sample.value)
+        """
+        let (status, parsed) = try ServerProcess.run("/usr/bin/env", ["python3", "-c", parse, "http://127.0.0.1:\(server.httpPort)/metrics"])
+        XCTAssertEqual(status, 0, parsed)
+        XCTAssertTrue(parsed.contains("starling_logins_total scram success 1.0"), parsed)
+        XCTAssertTrue(parsed.contains("process_resident_memory_bytes"), parsed)
+
+        // A real Prometheus (Debian's) scrapes the listener, and its query API returns the series.
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/prometheus") else {
+            throw XCTSkip("Prometheus is not installed (scripts/bootstrap installs Debian's prometheus)")
+        }
+        let prometheusPort = try ServerProcess.freePort()
+        let config = server.directory.appendingPathComponent("prometheus.yml")
+        try """
+        global: { scrape_interval: 1s }
+        scrape_configs:
+          - job_name: starling
+            static_configs: [{ targets: ["127.0.0.1:\(server.httpPort)"] }]
+        """.write(to: config, atomically: true, encoding: .utf8)
+        let prometheus = try ServerProcess.startDaemon("/usr/bin/prometheus", [
+            "--config.file=\(config.path)", "--storage.tsdb.path=\(server.directory.appendingPathComponent("prometheus").path)",
+            "--web.listen-address=127.0.0.1:\(prometheusPort)",
+        ])
+        defer { prometheus.terminate(); prometheus.waitUntilExit() }
+        var query = URLComponents(string: "http://127.0.0.1:\(prometheusPort)/api/v1/query")!
+        query.queryItems = [URLQueryItem(name: "query", value: "starling_logins_total{mechanism=\"scram\",result=\"success\"}")]
+        var answer = ""
+        // Prometheus starts, then scrapes once a second: wait until the series is in (a minute at most).
+        for _ in 0..<120 where !answer.contains("\"result\":[{") {
+            try await Task.sleep(for: .milliseconds(500))
+            if let (data, _) = try? await URLSession.shared.data(from: query.url!) { answer = String(decoding: data, as: UTF8.self) }
+        }
+        XCTAssertTrue(answer.contains("\"job\":\"starling\""), answer)
+        XCTAssertTrue(answer.contains("\"1\"]"), "the value is one login: \(answer)")
+    }
+
     func testMetricsAreServedOnlyWhereEnabled() async throws {
         let server = try ServerProcess(users: [], extraListeners: ["{ type: http, address: 127.0.0.1, port: 0 }"])
         defer { XCTAssertEqual(server.stop(), 0) }
