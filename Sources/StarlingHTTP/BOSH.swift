@@ -33,8 +33,6 @@ final class BOSHService: Sendable {
         self.logger = logger
     }
 
-    var count: Int { sessions.withLockedValue { $0.count } }
-
     /// Browsers post from the web client's origin.
     static let cors: HTTPFields = [
         .accessControlAllowOrigin: "*", .accessControlAllowMethods: "POST, OPTIONS", .accessControlAllowHeaders: "Content-Type",
