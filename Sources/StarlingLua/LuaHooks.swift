@@ -168,7 +168,8 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
     }
 
     public var statusCounters: [String: Int] {
-        ["failed_calls": services.failedCalls.load(ordering: .relaxed), "slow_calls": services.slowCalls.load(ordering: .relaxed)]
+        ["calls": services.calls.load(ordering: .relaxed), "failed_calls": services.failedCalls.load(ordering: .relaxed),
+         "slow_calls": services.slowCalls.load(ordering: .relaxed)]
     }
 
     /// Reads every script again, loads them all in fresh states, and swaps them in only if all of them
@@ -247,6 +248,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             for entry in entries {
                 let state = states[entry.script]
                 let verdict = state.call(event: event, priority: entry.priority, stanza: stanza, tables: tables)
+                services.calls.add(1, ordering: .relaxed)
                 watch(state, event: event)
                 switch verdict {
                 case .pass, .allow:
@@ -393,8 +395,9 @@ public final class LuaServices: LuaScriptServices, Sendable {
         return roster.contains(contact)
     }
 
-    /// Calls stopped or failed (budget, time, memory, errors) and calls the watchdog saw run long, since
-    /// start, over every script of this module.
+    /// Hook calls made; calls stopped or failed (budget, time, memory, errors); and calls the watchdog saw
+    /// run long; since start, over every script of this module.
+    public let calls = Synchronization.Atomic<Int>(0)
     public let failedCalls = Synchronization.Atomic<Int>(0)
     public let slowCalls = Synchronization.Atomic<Int>(0)
 

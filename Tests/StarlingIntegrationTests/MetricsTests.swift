@@ -22,8 +22,9 @@ final class MetricsTests: XCTestCase {
     }
 
     func testCountersFollowTrafficAndTheDashboardAsksForExistingSeries() async throws {
-        let server = try ServerProcess(extraConfig: "modules:\n  disco: {}\n  roster: {}\n  presence: {}\n  mam: {}\n  muc: {}\n",
+        let server = try ServerProcess(extraConfig: "modules:\n  disco: {}\n  roster: {}\n  presence: {}\n  mam: {}\n  muc: {}\n  lua: { scripts: [count.lua] }\n",
                                        users: [("m1", "pw1"), ("m2", "pw2")],
+                                       files: ["count.lua": "starling.hook('message-in', function(stanza) end)\n"],
                                        extraListeners: ["{ type: http, address: 127.0.0.1, port: 0, metrics: true }"])
         defer { XCTAssertEqual(server.stop(), 0) }
         let before = try await scrape(server.httpPort)
@@ -48,6 +49,10 @@ final class MetricsTests: XCTestCase {
         XCTAssertEqual(after["starling_logins_total{mechanism=\"scram\",result=\"failure\"}"], 1)
         XCTAssertGreaterThanOrEqual(after["starling_stanzas_received_total{kind=\"message\"}"] ?? 0, 5)
         XCTAssertGreaterThanOrEqual(after["starling_stanzas_delivered_total{kind=\"message\"}"] ?? 0, 5)
+        // The Lua hook ran once per message at least.
+        let luaCalls = "starling_module_value{host=\"localhost\",module=\"lua\",name=\"calls\"}"
+        XCTAssertEqual(before[luaCalls], 0)
+        XCTAssertGreaterThanOrEqual(after[luaCalls] ?? 0, 5)
         XCTAssertGreaterThan(after["process_resident_memory_bytes"] ?? 0, 1_000_000)
         XCTAssertGreaterThan(after["process_open_fds"] ?? 0, 5)
 
