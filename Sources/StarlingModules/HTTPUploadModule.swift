@@ -176,16 +176,7 @@ public final class HTTPUploadModule: ServerModule, ActivatableModule {
     }
 
     private func answer(_ input: ComponentStanza, _ response: IQResponse) {
-        let reply: XMLElement
-        switch response {
-        case .result(let payload): reply = input.stanza.iqResult(payload: payload)
-        case .error(let condition, let text): reply = input.stanza.errorReply(condition, text: text)
-        case .failure(let error): reply = input.stanza.errorReply(error)
-        }
-        var addressed = reply
-        addressed[attribute: "from"] = input.to.description
-        addressed[attribute: "to"] = input.from.description
-        host.route(addressed)
+        host.route(input.reply(response))
     }
 
     // MARK: HTTP

@@ -122,20 +122,8 @@ final class BOSHTests: XCTestCase {
     func testAPythonBOSHClientTalksToSlixmppOverTCP() throws {
         // Independent clients on both ends: Python's standard library over BOSH (SCRAM-SHA-1), slixmpp over TLS.
         let interop = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Interop")
-        let echo = Process()
-        echo.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        echo.arguments = ["python3", interop.appendingPathComponent("slixmpp_client.py").path, "echo", "--port", "\(Self.server.directTLSPort)",
-                          "--tls", "direct", "--jid-a", "bosh2@localhost", "--password-a", "pw2", "--count", "3"]
-        let pipe = Pipe()
-        echo.standardOutput = pipe
-        try echo.run()
+        let (echo, output) = try ServerProcess.slixmppEcho(port: Self.server.directTLSPort, jid: "bosh2@localhost", password: "pw2", count: 3)
         defer { if echo.isRunning { echo.terminate() } }
-        var output = ""
-        while !output.contains("READY") {
-            let data = pipe.fileHandleForReading.availableData
-            if data.isEmpty { break }
-            output += String(decoding: data, as: UTF8.self)
-        }
         XCTAssertTrue(output.contains("READY"), output)
         let (status, result) = try ServerProcess.run("/usr/bin/env", [
             "python3", interop.appendingPathComponent("bosh_client.py").path, "--url", "http://127.0.0.1:\(port)/http-bind",

@@ -132,22 +132,8 @@ final class C2SIntegrationTests: XCTestCase {
     }
 
     func testSwiftClientAndSlixmppTalkToEachOther() async throws {
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("Interop/slixmpp_client.py").path
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", script, "echo", "--port", "\(server.directTLSPort)", "--tls", "direct",
-                             "--jid-a", "dave@localhost", "--password-a", "dave-secret", "--count", "3"]
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        try process.run()
+        let (process, output) = try ServerProcess.slixmppEcho(port: server.directTLSPort, jid: "dave@localhost", password: "dave-secret", count: 3)
         defer { if process.isRunning { process.terminate() } }
-        var output = ""
-        while !output.contains("READY") {
-            let data = pipe.fileHandleForReading.availableData
-            if data.isEmpty { break }
-            output += String(decoding: data, as: UTF8.self)
-        }
         XCTAssertTrue(output.contains("READY"), output)
 
         let alice = try await login("alice", resource: "swift")

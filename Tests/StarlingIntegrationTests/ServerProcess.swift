@@ -230,6 +230,26 @@ final class ServerProcess {
         return process
     }
 
+    /// Starts slixmpp's `echo` mode as `jid` on direct TLS and returns once it says READY (or it ended,
+    /// with what it printed); it answers `count` chat messages with "echo: <body>", then exits 0.
+    static func slixmppEcho(port: Int, jid: String, password: String, count: Int) throws -> (process: Process, output: String) {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Interop/slixmpp_client.py").path
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", script, "echo", "--port", "\(port)", "--tls", "direct", "--jid-a", jid, "--password-a", password, "--count", "\(count)"]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        var output = ""
+        while !output.contains("READY") {
+            let data = pipe.fileHandleForReading.availableData
+            if data.isEmpty { break }
+            output += String(decoding: data, as: UTF8.self)
+        }
+        return (process, output)
+    }
+
     /// Runs the slixmpp client script (Tests/Interop/slixmpp_client.py).
     static func slixmpp(_ arguments: [String]) throws -> (Int32, String) {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()

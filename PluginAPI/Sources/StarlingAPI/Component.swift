@@ -15,6 +15,21 @@ public struct ComponentStanza: Sendable {
     }
 }
 
+extension ComponentStanza {
+    /// The answer to this IQ, from the component's address back to the sender, ready to route.
+    public func reply(_ response: IQResponse) -> XMLElement {
+        var reply: XMLElement
+        switch response {
+        case .result(let payload): reply = stanza.iqResult(payload: payload)
+        case .error(let condition, let text): reply = stanza.errorReply(condition, text: text)
+        case .failure(let error): reply = stanza.errorReply(error)
+        }
+        reply[attribute: "from"] = to.description
+        reply[attribute: "to"] = from.description
+        return reply
+    }
+}
+
 /// Receives every stanza for a component's domain. Called on the sender's thread: hand long work off,
 /// and answer through `ModuleHost.route`.
 public typealias ComponentHandler = @Sendable (ComponentStanza) -> Void
