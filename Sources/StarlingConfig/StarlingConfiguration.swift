@@ -33,6 +33,10 @@ public struct HTTPListenerConfiguration: Sendable, Equatable {
     public var publicWebSocketURL: String?
     /// Serve Prometheus metrics at `/metrics`.
     public var metrics = false
+    /// Serve XMPP (WebSocket, BOSH, XEP-0156) and modules' paths; false on an admin listener.
+    public var servesXMPP = true
+    /// Serve the admin API at `/api/v1/`, for requests bearing the token in this file (`type: admin`).
+    public var adminTokenFile: String?
 }
 
 public struct TLSConfiguration: Sendable, Equatable {
@@ -176,7 +180,10 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let listenerTLS = ConfigOption<String>("tls", default: "starttls", oneOf: ["starttls", "direct"], doc: "starttls (RFC 6120) or direct TLS (XEP-0368).")
     static let listenerBacklog = ConfigOption<Int>("backlog", default: 1024, range: 1...65535, doc: "Listen backlog.")
     static let listenerProxyProtocol = ConfigOption<Bool>("proxy_protocol", default: false, doc: "Every connection starts with a PROXY protocol header (v1 or v2, HAProxy's send-proxy/send-proxy-v2) naming the client: logs, limits and connection hooks see the client's address. Only for listeners that nothing but the load balancer can reach.")
-    static let listenerType = ConfigOption<String>("type", default: "c2s", oneOf: ["c2s", "http"], doc: "Listener kind: c2s (XMPP over TCP) or http (XMPP over WebSocket at /xmpp-websocket, XEP-0156 at /.well-known/host-meta).")
+    static let listenerType = ConfigOption<String>("type", default: "c2s", oneOf: ["c2s", "http", "admin"], doc: "Listener kind: c2s (XMPP over TCP), http (XMPP over WebSocket at /xmpp-websocket, BOSH, XEP-0156 at /.well-known/host-meta) or admin (the JSON admin API at /api/v1/, see docs/admin-api.yaml).")
+    static let adminListenerAddress = ConfigOption<String>("address", default: "127.0.0.1", doc: "Address an admin listener binds: loopback unless the operators' network is trusted as much.")
+    static let adminListenerPort = ConfigOption<Int>("port", default: 5281, range: 0...65535, doc: "TCP port of an admin listener (0 picks a free one, reported on standard output).")
+    static let adminTokenFile = ConfigOption<String?>("token_file", default: nil, doc: "File holding the admin API's bearer token (at least 32 characters), relative to the config file; requests without it get 401.")
     static let httpListenerPort = ConfigOption<Int>("port", default: 5280, range: 0...65535, doc: "TCP port of an http listener (0 picks a free one, reported on standard output).")
     static let httpListenerTLS = ConfigOption<String>("tls", default: "none", oneOf: ["none", "direct"], doc: "An http listener's TLS: none (plaintext, usually behind a TLS-terminating proxy) or direct (HTTPS with the server's certificate).")
     static let httpTrustedProxies = ConfigOption<[String]>("trusted_proxies", default: [], doc: "Addresses of proxies in front of an http listener whose X-Forwarded-For (the client's address, for logs and limits) and X-Forwarded-Proto (https makes the connection count as encrypted) are believed.")
@@ -285,7 +292,25 @@ public struct StarlingConfiguration: Sendable, Equatable {
         reference.record(key: "listeners", type: "section", defaultText: "", doc: "Client listeners (list). Default: STARTTLS on 5222 and direct TLS on 5223.")
         var httpListeners: [HTTPListenerConfiguration] = []
         for section in listenerSections {
-            if try section.read(listenerType) == "http" {
+            let type = try section.read(listenerType)
+            if type == "admin" {
+                guard let tokenFile = try section.read(adminTokenFile) else { throw section.error("token_file", "an admin listener needs a token_file") }
+                let tokenPath = resolve(tokenFile, against: baseDirectory)
+                _ = try readSecret(tokenPath, minimumLength: 32, section: section, key: "token_file")
+                httpListeners.append(HTTPListenerConfiguration(
+                    address: try section.read(adminListenerAddress),
+                    port: try section.read(adminListenerPort),
+                    directTLS: try section.read(httpListenerTLS) == "direct",
+                    backlog: try section.read(listenerBacklog),
+                    trustedProxies: [],
+                    metrics: try section.read(httpMetrics),
+                    servesXMPP: false,
+                    adminTokenFile: tokenPath
+                ))
+                try section.rejectUnknownKeys()
+                continue
+            }
+            if type == "http" {
                 httpListeners.append(HTTPListenerConfiguration(
                     address: try section.read(listenerAddress),
                     port: try section.read(httpListenerPort),
@@ -462,15 +487,22 @@ public struct StarlingConfiguration: Sendable, Equatable {
         if discovery == .static && linkPort == 0 { throw section.error("link", "static discovery needs a fixed port: the peers dial it", at: section.valueNode("link")) }
         guard let secret else { throw section.error("secret_file", "a cluster needs a shared secret file") }
         let secretPath = resolve(secret, against: baseDirectory)
-        guard let contents = FileManager.default.contents(atPath: secretPath) else {
-            throw section.error("secret_file", "cannot read \(secretPath)", at: section.valueNode("secret_file"))
-        }
-        guard String(decoding: contents, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines).count >= 16 else {
-            throw section.error("secret_file", "\(secretPath) holds fewer than 16 characters", at: section.valueNode("secret_file"))
-        }
+        _ = try readSecret(secretPath, minimumLength: 16, section: section, key: "secret_file")
         if deadAfter < 2 * heartbeat { throw section.error("dead_after", "must be at least twice heartbeat (\(heartbeat))", at: section.valueNode("dead_after")) }
         return ClusterConfiguration(name: name, node: node, linkHost: linkHost, linkPort: linkPort, secretFile: secretPath,
                                     discovery: discovery, peers: peers, heartbeat: heartbeat, deadAfter: deadAfter)
+    }
+
+    /// The trimmed contents of a secret file `key` names, which must hold at least `minimumLength` characters.
+    static func readSecret(_ path: String, minimumLength: Int, section: ConfigSection, key: String) throws(ConfigError) -> String {
+        guard let contents = FileManager.default.contents(atPath: path) else {
+            throw section.error(key, "cannot read \(path)", at: section.valueNode(key))
+        }
+        let secret = String(decoding: contents, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard secret.count >= minimumLength else {
+            throw section.error(key, "\(path) holds fewer than \(minimumLength) characters", at: section.valueNode(key))
+        }
+        return secret
     }
 
     /// Splits `HOST:PORT` (a port of 1...65535, or 0 when allowed).

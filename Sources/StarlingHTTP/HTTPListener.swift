@@ -25,6 +25,10 @@ public struct HTTPListenerSettings: Sendable {
     public var publicWebSocketURL: String?
     /// Renders the Prometheus text format for `/metrics`; nil serves no metrics here.
     public var metrics: (@Sendable () -> String)?
+    /// Serve XMPP over WebSocket and BOSH, XEP-0156 and modules' paths (false on an admin listener).
+    public var servesXMPP = true
+    /// Serve the admin API at `/api/v1/`.
+    public var admin: AdminAPISettings?
 
     public init(address: String, port: Int, backlog: Int, tls: NIOSSLContext?, trustedProxies: Set<String>,
                 maxMessageBytes: Int, idleTimeout: Int64, publicWebSocketURL: String? = nil, metrics: (@Sendable () -> String)? = nil) {
@@ -37,6 +41,17 @@ public struct HTTPListenerSettings: Sendable {
         self.idleTimeout = idleTimeout
         self.publicWebSocketURL = publicWebSocketURL
         self.metrics = metrics
+    }
+}
+
+/// The admin API of a listener: who carries its requests out, and the token they must bear.
+public struct AdminAPISettings: Sendable {
+    public var backend: any AdminBackend
+    public var token: String
+
+    public init(backend: any AdminBackend, token: String) {
+        self.backend = backend
+        self.token = token
     }
 }
 
@@ -72,20 +87,25 @@ public struct HTTPListener: Service {
                 moduleHandler: @escaping @Sendable (_ prefix: String, _ host: String) -> ModuleHTTPHandler?,
                 onRunning: @escaping @Sendable (Int) async -> Void) {
         let router = Router(context: StarlingRequestContext.self)
-        HostMeta.addRoutes(to: router, settings: settings)
-        ModuleRoutes.add(to: router, settings: settings, lookup: moduleHandler)
-        BOSHService(group: eventLoopGroup, limits: .init(maxRequestBytes: settings.maxMessageBytes * 4, maxPendingBytes: settings.maxMessageBytes * 4),
-                    installSession: installSession, logger: logger).addRoutes(to: router, settings: settings)
+        if let admin = settings.admin {
+            AdminAPI.addRoutes(to: router, backend: admin.backend, token: admin.token)
+        }
+        if settings.servesXMPP {
+            HostMeta.addRoutes(to: router, settings: settings)
+            ModuleRoutes.add(to: router, settings: settings, lookup: moduleHandler)
+            BOSHService(group: eventLoopGroup, limits: .init(maxRequestBytes: settings.maxMessageBytes * 4, maxPendingBytes: settings.maxMessageBytes * 4),
+                        installSession: installSession, logger: logger).addRoutes(to: router, settings: settings)
+            // The WebSocket path without an upgrade: say what it is for instead of "not found".
+            router.get(RouterPath(settings.webSocketPath)) { _, _ in
+                Response(status: .upgradeRequired, headers: [.upgrade: "websocket", .contentType: "text/plain; charset=utf-8"],
+                         body: .init(byteBuffer: ByteBuffer(string: "XMPP over WebSocket (RFC 7395): connect with the 'xmpp' subprotocol.\n")))
+            }
+        }
         if let metrics = settings.metrics {
             router.get("/metrics") { _, _ in
                 Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
                          body: .init(byteBuffer: ByteBuffer(string: metrics())))
             }
-        }
-        // The WebSocket path without an upgrade: say what it is for instead of "not found".
-        router.get(RouterPath(settings.webSocketPath)) { _, _ in
-            Response(status: .upgradeRequired, headers: [.upgrade: "websocket", .contentType: "text/plain; charset=utf-8"],
-                     body: .init(byteBuffer: ByteBuffer(string: "XMPP over WebSocket (RFC 7395): connect with the 'xmpp' subprotocol.\n")))
         }
         application = Application(
             router: router,

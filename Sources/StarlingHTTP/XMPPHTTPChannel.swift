@@ -61,7 +61,7 @@ struct XMPPHTTPChannel: ServerChildChannel, HTTPChannelHandler {
                 maxFrameSize: settings.maxMessageBytes,
                 shouldUpgrade: { channel, head in
                     upgradeAttempted.value = true
-                    guard let headers = Self.acceptXMPPUpgrade(head, path: settings.webSocketPath) else {
+                    guard settings.servesXMPP, let headers = Self.acceptXMPPUpgrade(head, path: settings.webSocketPath) else {
                         return channel.eventLoop.makeSucceededFuture(nil)
                     }
                     return channel.eventLoop.makeSucceededFuture(headers)

@@ -109,7 +109,7 @@ public final class MUCModule: ServerModule, StatusReportingModule, ActivatableMo
             return .pass
         }
         registrar.hook(.componentReleased) { event in
-            if event.domain == domain { service.shutdown() }
+            if event.domain == domain { service.released() }
             return .pass
         }
         // Occupants whose node was lost leave, as if their sessions had closed.
@@ -120,6 +120,15 @@ public final class MUCModule: ServerModule, StatusReportingModule, ActivatableMo
         registrar.hook(.serverDraining) { event in
             event.finish { await service.drainArchives() }
             return .pass
+        }
+        registrar.adminCommand("list-rooms", doc: "Every room of the service: name, JID, title, occupants, public, persistent.") { _ throws(AdminCommandError) in
+            try service.adminRoomList()
+        }
+        registrar.adminCommand("create-room", doc: "Create a room: name, owner (a JID), optional title, public, persistent (default true).") { arguments throws(AdminCommandError) in
+            try service.adminCreateRoom(arguments)
+        }
+        registrar.adminCommand("destroy-room", doc: "Destroy a room: name, optional reason (its occupants hear it).") { arguments throws(AdminCommandError) in
+            try await service.adminDestroyRoom(arguments)
         }
     }
 

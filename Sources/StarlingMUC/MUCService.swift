@@ -36,14 +36,30 @@ final class RoomHandle: @unchecked Sendable {
     /// Touched only by work running in `mailbox`.
     var closed = false
     var owners: Set<JID>
-    /// What disco#items on the service shows, readable from any thread.
-    let listing: Mutex<(isPublic: Bool, name: String, occupants: Int)>
+    /// What disco#items on the service and the admin API's room list show, readable from any thread.
+    let listing: Mutex<RoomListing>
 
     init(room: Room) {
         self.room = room
         mailbox = Mailbox()
         owners = room.owners
-        listing = Mutex((room.options.isPublic && !room.locked, room.options.name, room.occupants.count))
+        listing = Mutex(RoomListing(room))
+    }
+}
+
+/// A room as listings show it.
+struct RoomListing {
+    /// In the service's disco#items: public and not locked.
+    var listed: Bool
+    var title: String
+    var occupants: Int
+    var persistent: Bool
+
+    init(_ room: Room) {
+        listed = room.options.isPublic && !room.locked
+        title = room.options.name
+        occupants = room.occupants.count
+        persistent = room.options.persistent
     }
 }
 
@@ -71,6 +87,8 @@ final class MUCService: @unchecked Sendable {
     private let loading = Mutex<(done: Bool, pending: [ComponentStanza])>((false, []))
     /// Set once loading is done: afterwards no stanza takes `loading`'s lock.
     private let loaded = Atomic<Bool>(false)
+    /// False while another cluster node serves the domain (between `released()` and `servingAgain()`).
+    private let serving = Atomic<Bool>(true)
     /// Counts loads of the stored rooms (see `start`).
     private let loadGeneration = Atomic<Int>(0)
     private static let maxPendingWhileLoading = 10_000
@@ -163,6 +181,7 @@ final class MUCService: @unchecked Sendable {
     /// This node (again) serves the domain for its cluster: another node may have served it since the
     /// rooms were loaded, so they are loaded afresh (stanzas wait meanwhile, as at start).
     func servingAgain() {
+        serving.store(true, ordering: .releasing)
         loading.withLock { state in
             state.done = false
             loaded.store(false, ordering: .releasing)
@@ -321,8 +340,8 @@ final class MUCService: @unchecked Sendable {
             var listed: [(String, String)] = []
             for (name, handle) in rooms.snapshot() {
                 let listing = handle.listing.withLock { $0 }
-                guard listing.isPublic else { continue }
-                listed.append((name, listing.name.isEmpty ? name : listing.name))
+                guard listing.listed else { continue }
+                listed.append((name, listing.title.isEmpty ? name : listing.title))
             }
             for (name, title) in listed.sorted(by: { $0.0 < $1.0 }) {
                 query.append(XMLElement(name: "item", namespace: MUCNamespace.discoItems, attributes: ["jid": "\(name)@\(settings.domain)", "name": title]))
@@ -373,7 +392,7 @@ final class MUCService: @unchecked Sendable {
             }
         }
         let room = handle.room
-        handle.listing.withLock { $0 = (room.options.isPublic && !room.locked, room.options.name, room.occupants.count) }
+        handle.listing.withLock { $0 = RoomListing(room) }
     }
 
     private func adjustOwners(from old: Set<JID>, to new: Set<JID>) {
@@ -489,6 +508,12 @@ final class MUCService: @unchecked Sendable {
         }
     }
 
+    /// Another cluster node serves the domain from now on: occupants here hear the service stop (332).
+    func released() {
+        serving.store(false, ordering: .releasing)
+        shutdown()
+    }
+
     /// The server is stopping: every occupant hears so (332) while it can still be told.
     func shutdown() {
         for (_, handle) in rooms.snapshot() {
@@ -518,6 +543,77 @@ final class MUCService: @unchecked Sendable {
         reply[attribute: "from"] = input.to.description
         reply[attribute: "to"] = input.from.description
         host.route(reply)
+    }
+}
+
+// MARK: Administration (the admin API)
+
+extension MUCService {
+    /// Every room, hidden and locked ones too, by name.
+    func adminRoomList() throws(AdminCommandError) -> AdminValue {
+        try requireServing()
+        let rooms = self.rooms.snapshot().map { name, handle -> (String, RoomListing) in (name, handle.listing.withLock { $0 }) }
+        return .list(rooms.sorted { $0.0 < $1.0 }.map { name, listing in
+            .object(["name": .string(name), "jid": .string("\(name)@\(settings.domain)"), "title": .string(listing.title),
+                     "occupants": .int(listing.occupants), "public": .bool(listing.listed), "persistent": .bool(listing.persistent)])
+        })
+    }
+
+    /// Creates a room owned by `owner`, open at once (not locked), persistent unless told otherwise. The
+    /// operator is above the service's policy: `room_creators` and the creation hook do not apply.
+    func adminCreateRoom(_ arguments: [String: AdminValue]) throws(AdminCommandError) -> AdminValue {
+        try requireServing()
+        let name = try ModuleRegistrar.required("name", in: arguments)
+        guard let owner = JID(try ModuleRegistrar.required("owner", in: arguments))?.bare, owner.localpart != nil else {
+            throw AdminCommandError(.invalid, "'owner' must be a user's JID")
+        }
+        guard let jid = try? JID(localpart: name, domainpart: settings.domain) else { throw AdminCommandError(.invalid, "'\(name)' is not a valid room name") }
+        guard roomCount.load(ordering: .relaxed) < settings.maxRooms else { throw AdminCommandError(.conflict, "the service has max_rooms rooms already") }
+        var options = settings.defaults
+        options.persistent = arguments["persistent"]?.bool ?? true
+        if let isPublic = arguments["public"]?.bool { options.isPublic = isPublic }
+        if let title = arguments["title"]?.string { options.name = title }
+        let room = Room.created(jid: jid, creator: owner, options: options, settings: settings.room, hooks: hooks, locked: false)
+        room.justCreated = false
+        let fresh = RoomHandle(room: room)
+        let created: Bool = rooms.withValue(for: jid.localpart!) { existing in
+            if existing != nil { return false }
+            existing = fresh
+            return true
+        }
+        guard created else { throw AdminCommandError(.conflict, "\(jid) exists already") }
+        roomCount.add(1, ordering: .relaxed)
+        ownerCounts.withValue(for: owner) { $0 = ($0 ?? 0) + 1 }
+        if options.persistent { write(.all(room.stored), room: jid) }
+        return .object(["jid": .string(jid.description), "owner": .string(owner.description), "persistent": .bool(options.persistent)])
+    }
+
+    /// Destroys a room: its occupants hear so (with the reason), and a persistent room's record and archive go.
+    func adminDestroyRoom(_ arguments: [String: AdminValue]) async throws(AdminCommandError) -> AdminValue {
+        try requireServing()
+        let name = try ModuleRegistrar.required("name", in: arguments)
+        let reason = arguments["reason"]?.string
+        guard let handle = rooms[name] else { throw AdminCommandError(.notFound, "no room \(name)@\(settings.domain)") }
+        let destroyed: Bool? = await withCheckedContinuation { continuation in
+            let accepted = handle.mailbox.submit { [self] in
+                guard !handle.closed else { return continuation.resume(returning: false) }
+                carryOut(handle.room.destroyedByAdministrator(reason: reason), for: handle)
+                continuation.resume(returning: true)
+            }
+            if !accepted { continuation.resume(returning: nil) }
+        }
+        switch destroyed {
+        case true?: return .object(["jid": .string("\(name)@\(settings.domain)"), "destroyed": .bool(true)])
+        case false?: throw AdminCommandError(.notFound, "no room \(name)@\(settings.domain)")
+        case nil: throw AdminCommandError(.unavailable, "the room is too busy, try again")
+        }
+    }
+
+    private func requireServing() throws(AdminCommandError) {
+        guard serving.load(ordering: .acquiring) else {
+            throw AdminCommandError(.unavailable, "another node of the cluster serves \(settings.domain): ask that one")
+        }
+        guard loaded.load(ordering: .acquiring) else { throw AdminCommandError(.unavailable, "\(settings.domain) is still loading its rooms") }
     }
 }
 

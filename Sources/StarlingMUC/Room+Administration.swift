@@ -249,6 +249,22 @@ extension Room {
         if let alternate = destroy[attribute: "jid"] { announcement[attribute: "jid"] = alternate }
         if let reason = destroy.child("reason") { announcement.append(XMLElement(name: "reason", namespace: MUCNamespace.user).with(text: reason.text)) }
         if let password = destroy.child("password") { announcement.append(XMLElement(name: "password", namespace: MUCNamespace.user).with(text: password.text)) }
+        close(announcing: announcement)
+        send(result(input, nil))
+    }
+
+    /// The server's administrator destroys the room (the admin API): as an owner's `<destroy/>`, without
+    /// the room's policy hook, since the operator is above the room's policy.
+    func destroyedByAdministrator(reason: String?) -> [RoomAction] {
+        output = []
+        var announcement = XMLElement(name: "destroy", namespace: MUCNamespace.user)
+        if let reason { announcement.append(XMLElement(name: "reason", namespace: MUCNamespace.user).with(text: reason)) }
+        close(announcing: announcement)
+        return takeOutput()
+    }
+
+    /// Every occupant gets one unavailable presence carrying `announcement`; the room and its record go.
+    private func close(announcing announcement: XMLElement) {
         for occupant in sortedOccupants() {
             for session in occupant.sessions.keys {
                 var presence = unavailable(from: occupant, to: session)
@@ -264,7 +280,6 @@ extension Room {
         sessions = [:]
         if options.persistent { output.append(.store(.delete)) }
         output.append(.closed)
-        send(result(input, nil))
     }
 
     // MARK: Registration (§7.10)

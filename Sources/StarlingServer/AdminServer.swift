@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOPosix
 import StarlingConfig
+import StarlingHTTP
 import StarlingModules
 
 /// The local admin interface `starlingctl` talks to: a Unix socket (mode 0600, so only the server's
@@ -108,37 +109,20 @@ final class AdminHandler: ChannelInboundHandler {
                     residentMemoryBytes: ProcessMemory.residentBytes(), pluginImages: PluginLoader.loadedImages, hosts: server.configuration.hosts,
                     modules: server.moduleCounters()
                 ))
-            case "reload-module", "reload-config":
-                let server = self.server
-                let loop = context.eventLoop
-                let bound = NIOLoopBound(context, eventLoop: loop)
-                let name = request.argument ?? ""
-                server.threadPool.runIfActive(eventLoop: loop) { () throws -> [String] in
-                    guard let reloads = server.reloads.withLockedValue({ $0 }) else { throw ModuleError("the server is still starting") }
-                    return request.command == "reload-config" ? try reloads.reloadConfig(dryRun: name == "dry-run") : [try reloads.reloadModule(name)]
-                }.whenComplete { result in
-                    let reply: Data
-                    switch result {
-                    case .success(let summary):
-                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: summary + server.scopeNote))) ?? Data()
-                    case .failure(let error):
-                        reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "\(error)\nnothing was changed"))) ?? Data()
-                    }
-                    Self.write(reply, to: bound.value)
+            case "reload-module", "reload-config", "reload-hooks":
+                // Reading files and compiling scripts must not stall this event loop.
+                let what: AdminReload = switch request.command {
+                case "reload-hooks": .hooks
+                case "reload-config": .config(dryRun: request.argument == "dry-run")
+                default: .module(request.argument ?? "")
                 }
-                return
-            case "reload-hooks":
-                // Reading and compiling scripts must not stall this event loop.
                 let server = self.server
-                let loop = context.eventLoop
-                let bound = NIOLoopBound(context, eventLoop: loop)
-                server.threadPool.runIfActive(eventLoop: loop) { server.reloadHooks() }.whenComplete { result in
+                let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                server.threadPool.runIfActive(eventLoop: context.eventLoop) { ServerAdministration.reloadBlocking(what, server: server) }.whenComplete { result in
                     let reply: Data
-                    switch result {
-                    case .success(let outcome) where outcome.errors.isEmpty:
-                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: outcome.summaries + server.scopeNote))) ?? Data()
-                    case .success(let outcome):
-                        reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: outcome.errors.joined(separator: "\n") + "\nthe previous hooks keep running"))) ?? Data()
+                    switch result.flatMap({ $0.mapError { $0 as any Error } }) {
+                    case .success(let changes):
+                        reply = (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: changes))) ?? Data()
                     case .failure(let error):
                         reply = (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "\(error)"))) ?? Data()
                     }

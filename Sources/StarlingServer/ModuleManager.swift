@@ -34,6 +34,8 @@ final class HostModules: Sendable {
     let components: [ComponentRegistration]
     /// HTTP handlers by path prefix (`/<prefix>/<host>/…`).
     let httpHandlers: [String: ModuleHTTPHandler]
+    /// Module commands for the admin API, by name.
+    let adminCommands: [String: AdminCommandRegistration]
     /// Some module looks at stanzas on their way to this host's sessions (`HookPoint.stanzaToUser`).
     let screensDeliveries: Bool
 
@@ -62,7 +64,14 @@ final class HostModules: Sendable {
         var preAuth: [XMLElement] = [], bound: [XMLElement] = []
         var components: [ComponentRegistration] = []
         var httpHandlers: [String: (module: String, handler: ModuleHTTPHandler)] = [:]
+        var adminCommands: [String: (module: String, command: AdminCommandRegistration)] = [:]
         for registrar in registrars {
+            for command in registrar.adminCommands {
+                if let existing = adminCommands[command.name] {
+                    throw ModuleError("modules '\(existing.module)' and '\(registrar.module)' both offer the admin command '\(command.name)' on \(domain)")
+                }
+                adminCommands[command.name] = (registrar.module, command)
+            }
             components += registrar.components
             for registration in registrar.httpHandlers {
                 if let existing = httpHandlers[registration.prefix] {
@@ -107,6 +116,7 @@ final class HostModules: Sendable {
         self.iqHandlers = iqHandlers
         self.components = components
         self.httpHandlers = httpHandlers.mapValues(\.handler)
+        self.adminCommands = adminCommands.mapValues(\.command)
         screensDeliveries = self.hooks[HookPoint<StanzaEvent>.stanzaToUser.name] != nil
     }
 

@@ -229,7 +229,13 @@ public final class Router: @unchecked Sendable {
         let available = registry.resources(of: to).filter(\.available)
         if stanza.name == "message" {
             let top = available.filter { $0.priority >= 0 }.map(\.priority).max()
-            _ = deliver(stanza, to: available.filter { $0.priority == top })
+            let delivered = deliver(stanza, to: available.filter { $0.priority == top })
+            // Nobody online to take it (an invitation, an announcement): kept like a user's message would be.
+            let type = stanza[attribute: "type"] ?? "normal"
+            if delivered == 0, type == "chat" || type == "normal", stanza.child("body") != nil {
+                _ = run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: stanza[attribute: "from"].flatMap { JID($0) }, recipient: to.bare),
+                        on: to.domainpart)
+            }
         } else {
             _ = deliver(stanza, to: available)
         }

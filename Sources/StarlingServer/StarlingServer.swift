@@ -91,10 +91,11 @@ public final class StarlingServer: Service, @unchecked Sendable {
                 logger.notice("listening", metadata: ["listener": "c2s-\(listener.tls.rawValue)", "address": "\(listener.address)", "port": "\(port)"])
                 print("starling: listening c2s-\(listener.tls.rawValue) \(listener.address) \(port)")
             }
+            let administration = ServerAdministration(server: context, store: store, startedAt: startedAt)
             for listener in configuration.httpListeners {
-                let (port, task) = try await startHTTP(listener, context: context)
+                let (port, task) = try await startHTTP(listener, context: context, administration: administration)
                 httpListeners.append(task)
-                let name = listener.directTLS ? "http-direct" : "http-none"
+                let name = (listener.servesXMPP ? "http-" : "admin-") + (listener.directTLS ? "direct" : "none")
                 logger.notice("listening", metadata: ["listener": "\(name)", "address": "\(listener.address)", "port": "\(port)"])
                 print("starling: listening \(name) \(listener.address) \(port)")
             }
@@ -233,17 +234,26 @@ public final class StarlingServer: Service, @unchecked Sendable {
     }
 
     /// Starts an HTTP listener and returns its port once it accepts connections, with the task serving it.
-    private func startHTTP(_ listener: HTTPListenerConfiguration, context: ServerContext) async throws -> (Int, Task<Void, any Error>) {
+    private func startHTTP(_ listener: HTTPListenerConfiguration, context: ServerContext,
+                           administration: ServerAdministration) async throws -> (Int, Task<Void, any Error>) {
         let limits = configuration.limits
         var metrics: (@Sendable () -> String)?
         if listener.metrics { metrics = { ServerMetrics.render(context) } }
-        let settings = HTTPListenerSettings(
+        var settings = HTTPListenerSettings(
             address: listener.address, port: listener.port, backlog: listener.backlog,
             tls: listener.directTLS ? context.tls.context : nil, trustedProxies: Set(listener.trustedProxies),
             maxMessageBytes: limits.maxStanzaSize, idleTimeout: Int64(limits.idleTimeout),
             publicWebSocketURL: listener.publicWebSocketURL,
             metrics: metrics
         )
+        settings.servesXMPP = listener.servesXMPP
+        if let tokenFile = listener.adminTokenFile {
+            // Checked when the configuration was read; read here so a new token applies at restart.
+            guard let token = try? String(contentsOfFile: tokenFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines), token.count >= 32 else {
+                throw TLSSetupError("cannot read the admin token from \(tokenFile) (at least 32 characters)")
+            }
+            settings.admin = AdminAPISettings(backend: administration, token: token)
+        }
         let (started, announce) = AsyncStream<Int>.makeStream()
         let service = HTTPListener(settings: settings, eventLoopGroup: group, logger: logger, installSession: { channel, peer, kind in
             let sync = channel.pipeline.syncOperations

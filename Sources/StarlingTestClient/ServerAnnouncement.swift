@@ -7,6 +7,8 @@ public struct ServerAnnouncement: Sendable, Equatable {
     /// HTTP listeners (`http-none` plaintext, `http-direct` HTTPS), 0 when there are none.
     public var httpPort = 0
     public var httpsPort = 0
+    /// The admin API's listener (`admin-none` or `admin-direct`), 0 when there is none.
+    public var adminPort = 0
 
     /// nil until the `starling: ready` line is in `output`.
     public init?(output: String) {
@@ -19,6 +21,7 @@ public struct ServerAnnouncement: Sendable, Equatable {
             case "c2s-direct": directTLSPort = port
             case "http-none": httpPort = port
             case "http-direct": httpsPort = port
+            case "admin-none", "admin-direct": adminPort = port
             default: break
             }
         }

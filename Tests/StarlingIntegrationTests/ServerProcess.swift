@@ -16,6 +16,7 @@ final class ServerProcess {
     private(set) var directTLSPort = 0
     private(set) var httpPort = 0
     private(set) var httpsPort = 0
+    private(set) var adminPort = 0
     private let output = Pipe()
     private let errors: FileHandle
     let errorLogPath: String
@@ -116,6 +117,7 @@ final class ServerProcess {
                 directTLSPort = announcement.directTLSPort
                 httpPort = announcement.httpPort
                 httpsPort = announcement.httpsPort
+                adminPort = announcement.adminPort
                 return
             }
             guard Date() < deadline, process.isRunning else {

@@ -67,7 +67,20 @@ final class ConfigurationTests: XCTestCase {
         XCTAssertEqual(try parse("").httpListeners, [], "no HTTP unless configured")
         expectError("listeners:\n  - type: http\n    tls: starttls\n", line: 3, key: "listeners[0].tls", contains: "not one of: none, direct")
         expectError("listeners:\n  - type: http\n    proxy_protocol: true\n", line: 3, key: "listeners[0].proxy_protocol", contains: "unknown option")
-        expectError("listeners:\n  - type: ftp\n", line: 2, key: "listeners[0].type", contains: "not one of: c2s, http")
+        expectError("listeners:\n  - type: ftp\n", line: 2, key: "listeners[0].type", contains: "not one of: c2s, http, admin")
+    }
+
+    func testAdminListenerIsLoopbackWithAToken() throws {
+        let token = FileManager.default.temporaryDirectory.appendingPathComponent("admin-token-\(UUID().uuidString)").path
+        try (String(repeating: "t", count: 32) + "\n").write(toFile: token, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: token) }
+        let configuration = try parse("listeners:\n  - { type: admin, token_file: \(token) }\n")
+        XCTAssertEqual(configuration.httpListeners, [
+            HTTPListenerConfiguration(address: "127.0.0.1", port: 5281, directTLS: false, backlog: 1024, trustedProxies: [], servesXMPP: false, adminTokenFile: token),
+        ])
+        expectError("listeners:\n  - type: admin\n", line: 2, key: "listeners[0].token_file", contains: "needs a token_file")
+        expectError("listeners:\n  - type: admin\n    token_file: /nonexistent/token\n", line: 3, key: "listeners[0].token_file", contains: "cannot read")
+        expectError("listeners:\n  - type: admin\n    token_file: \(token)\n    websocket_url: x\n", line: 4, key: "listeners[0].websocket_url", contains: "unknown option")
     }
 
     func testErrorsNameFileLineAndKey() {

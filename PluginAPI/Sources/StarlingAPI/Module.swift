@@ -505,9 +505,12 @@ public final class ModuleRegistrar: @unchecked Sendable {
 
     /// HTTP paths the module serves (see `http(_:_:)`).
     public private(set) var httpHandlers: [HTTPRegistration] = []
+    /// Commands the module offers the admin API (see `adminCommand(_:doc:_:)`).
+    public private(set) var adminCommands: [AdminCommandRegistration] = []
 
     func addComponent(_ registration: ComponentRegistration) { components.append(registration) }
     func addHTTP(_ registration: HTTPRegistration) { httpHandlers.append(registration) }
+    func addAdminCommand(_ registration: AdminCommandRegistration) { adminCommands.append(registration) }
 
     public init(module: String) { self.module = module }
 
@@ -577,7 +580,7 @@ public enum StarlingAPIVersion {
     public static var api: Int { compiledAPI }
     /// The API version compiled into the caller. It is emitted into each plugin's own binary, so it
     /// records what the plugin was built against, not what happens to be loaded.
-    @_alwaysEmitIntoClient public static var compiledAPI: Int { 5 }
+    @_alwaysEmitIntoClient public static var compiledAPI: Int { 6 }
     public static let serverVersion = "0.1.0"
 }
 
