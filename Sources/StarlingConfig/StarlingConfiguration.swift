@@ -183,7 +183,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let listenerType = ConfigOption<String>("type", default: "c2s", oneOf: ["c2s", "http", "admin"], doc: "Listener kind: c2s (XMPP over TCP), http (XMPP over WebSocket at /xmpp-websocket, BOSH, XEP-0156 at /.well-known/host-meta) or admin (the JSON admin API at /api/v1/, see docs/admin-api.yaml).")
     static let adminListenerAddress = ConfigOption<String>("address", default: "127.0.0.1", doc: "Address an admin listener binds: loopback unless the operators' network is trusted as much.")
     static let adminListenerPort = ConfigOption<Int>("port", default: 5281, range: 0...65535, doc: "TCP port of an admin listener (0 picks a free one, reported on standard output).")
-    static let adminTokenFile = ConfigOption<String?>("token_file", default: nil, doc: "File holding the admin API's bearer token (at least 32 characters), relative to the config file; requests without it get 401.")
+    static let adminTokenFile = ConfigOption<String?>("token_file", default: nil, doc: "File holding the admin API's bearer token (at least 32 characters), relative to the config file; requests without it get 401. An admin listener binds 127.0.0.1:5281 unless address and port say otherwise.")
     static let httpListenerPort = ConfigOption<Int>("port", default: 5280, range: 0...65535, doc: "TCP port of an http listener (0 picks a free one, reported on standard output).")
     static let httpListenerTLS = ConfigOption<String>("tls", default: "none", oneOf: ["none", "direct"], doc: "An http listener's TLS: none (plaintext, usually behind a TLS-terminating proxy) or direct (HTTPS with the server's certificate).")
     static let httpTrustedProxies = ConfigOption<[String]>("trusted_proxies", default: [], doc: "Addresses of proxies in front of an http listener whose X-Forwarded-For (the client's address, for logs and limits) and X-Forwarded-Proto (https makes the connection count as encrypted) are believed.")
@@ -291,12 +291,13 @@ public struct StarlingConfiguration: Sendable, Equatable {
         let listenerSections = try top.sections("listeners") ?? []
         reference.record(key: "listeners", type: "section", defaultText: "", doc: "Client listeners (list). Default: STARTTLS on 5222 and direct TLS on 5223.")
         var httpListeners: [HTTPListenerConfiguration] = []
+        // Token files are read once every option is (so the reference lists them all), before the end.
+        var tokenChecks: [(section: ConfigSection, path: String?)] = []
         for section in listenerSections {
             let type = try section.read(listenerType)
             if type == "admin" {
-                guard let tokenFile = try section.read(adminTokenFile) else { throw section.error("token_file", "an admin listener needs a token_file") }
-                let tokenPath = resolve(tokenFile, against: baseDirectory)
-                _ = try readSecret(tokenPath, minimumLength: 32, section: section, key: "token_file")
+                let tokenPath = try section.read(adminTokenFile).map { resolve($0, against: baseDirectory) }
+                tokenChecks.append((section, tokenPath))
                 httpListeners.append(HTTPListenerConfiguration(
                     address: try section.read(adminListenerAddress),
                     port: try section.read(adminListenerPort),
@@ -449,6 +450,10 @@ public struct StarlingConfiguration: Sendable, Equatable {
         }
 
         try top.rejectUnknownKeys()
+        for check in tokenChecks {
+            guard let path = check.path else { throw check.section.error("token_file", "an admin listener needs a token_file") }
+            _ = try readSecret(path, minimumLength: 32, section: check.section, key: "token_file")
+        }
         var configuration = StarlingConfiguration(
             hosts: hosts.map { JID($0)!.domainpart }, dataDirectory: dataDirectory, logLevel: logLevel,
             listeners: listeners, tls: tls, auth: auth, limits: limits, storage: storage, admin: admin,
@@ -516,7 +521,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     /// The documentation of every option, generated from the declarations.
     public static func referenceText(moduleCatalog: [ModuleDescriptor]) -> String {
         let reference = ConfigReference()
-        let example = "listeners:\n  - port: 5222\n  - type: http\nmodules:\n" + moduleCatalog.map { "  \($0.name): {}\n" }.joined()
+        let example = "listeners:\n  - port: 5222\n  - type: http\n  - type: admin\nmodules:\n" + moduleCatalog.map { "  \($0.name): {}\n" }.joined()
         _ = try? parse(yaml: example, file: "(reference)", moduleCatalog: moduleCatalog, reference: reference)
         return reference.text
     }

@@ -115,7 +115,7 @@ final class ConfigurationTests: XCTestCase {
 
     func testReferenceDocumentsEveryOption() {
         let reference = StarlingConfiguration.referenceText(moduleCatalog: BuiltinModules.descriptors)
-        for key in ["hosts", "listeners[].port", "listeners[].backlog", "listeners[].trusted_proxies", "listeners[].websocket_url", "tls.certificate", "auth.scram_iterations", "limits.max_stanza_size", "limits.max_sessions_per_user", "storage.path", "admin.socket"] {
+        for key in ["hosts", "listeners[].port", "listeners[].backlog", "listeners[].trusted_proxies", "listeners[].websocket_url", "listeners[].token_file", "tls.certificate", "auth.scram_iterations", "limits.max_stanza_size", "limits.max_sessions_per_user", "storage.path", "admin.socket"] {
             XCTAssertTrue(reference.contains("  \(key)  ("), "\(key) missing from the reference")
         }
     }
