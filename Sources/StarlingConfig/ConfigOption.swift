@@ -170,6 +170,9 @@ public final class ConfigSection {
         return result
     }
 
+    /// Marks `key` as read by hand (its value is not an option's).
+    func claim(_ key: String) { known.insert(key) }
+
     /// Fails on any key that no option claimed: a typo must not silently fall back to a default.
     public func rejectUnknownKeys() throws(ConfigError) {
         guard let mapping = node?.mapping else { return }

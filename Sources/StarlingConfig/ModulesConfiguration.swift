@@ -12,9 +12,9 @@ extension StarlingConfiguration {
     /// mappings from module name to its options (`{}` for defaults). Unknown modules, missing
     /// dependencies, unknown hosts and bad options fail here, with file and line.
     /// `leavingOut`: plugin modules that could not be loaded; they are skipped, not errors.
-    static func readModules(_ top: ConfigSection, hosts: [String], catalog: [ModuleDescriptor], leavingOut: Set<String> = []) throws(ConfigError) -> (all: [ModuleConfiguration], perHost: [String: [ModuleConfiguration]]) {
+    static func readModules(_ top: ConfigSection, hosts: [String], catalog: [ModuleDescriptor], leavingOut: Set<String> = [], accessRules: Set<String> = AccessControl.builtinRules) throws(ConfigError) -> (all: [ModuleConfiguration], perHost: [String: [ModuleConfiguration]]) {
         let section = try top.section("modules", doc: "Modules enabled on every host, each with its options. Default: \(defaultModules.joined(separator: ", ")).")
-        let all = try readModuleSet(section, catalog: catalog, defaults: defaultModules, leavingOut: leavingOut)
+        let all = try readModuleSet(section, catalog: catalog, defaults: defaultModules, leavingOut: leavingOut, accessRules: accessRules)
         let hostSection = try top.section("host_modules", doc: "Per host, a module set that replaces `modules` on that host (same format).")
         var perHost: [String: [ModuleConfiguration]] = [:]
         for (key, _) in hostSection.node?.mapping ?? [:] {
@@ -22,13 +22,13 @@ extension StarlingConfiguration {
             guard let domain = JID(host)?.domainpart, hosts.contains(domain) else {
                 throw hostSection.error(host, "not one of the configured hosts (\(hosts.joined(separator: ", ")))", at: key)
             }
-            perHost[domain] = try readModuleSet(try hostSection.section(host, doc: "modules of \(host)"), catalog: catalog, defaults: [], leavingOut: leavingOut)
+            perHost[domain] = try readModuleSet(try hostSection.section(host, doc: "modules of \(host)"), catalog: catalog, defaults: [], leavingOut: leavingOut, accessRules: accessRules)
         }
         try hostSection.rejectUnknownKeys()
         return (all, perHost)
     }
 
-    private static func readModuleSet(_ section: ConfigSection, catalog: [ModuleDescriptor], defaults: [String], leavingOut: Set<String>) throws(ConfigError) -> [ModuleConfiguration] {
+    private static func readModuleSet(_ section: ConfigSection, catalog: [ModuleDescriptor], defaults: [String], leavingOut: Set<String>, accessRules: Set<String>) throws(ConfigError) -> [ModuleConfiguration] {
         let byName = Dictionary(uniqueKeysWithValues: catalog.map { ($0.name, $0) })
         var names: [String] = []
         if section.node == nil {
@@ -44,7 +44,7 @@ extension StarlingConfiguration {
             let options = try section.section(name, doc: descriptor.summary)
             var values: [String: ModuleOptionValue] = [:]
             for spec in descriptor.options {
-                values[spec.key] = try options.readModuleOption(spec)
+                values[spec.key] = try options.readModuleOption(spec, accessRules: accessRules)
             }
             try options.rejectUnknownKeys()
             result.append(ModuleConfiguration(name: name, options: ModuleOptions(values)))
@@ -73,7 +73,7 @@ extension ConfigSection {
         node?.mapping?.first { $0.key.string == key }?.value
     }
 
-    func readModuleOption(_ spec: ModuleOptionSpec) throws(ConfigError) -> ModuleOptionValue {
+    func readModuleOption(_ spec: ModuleOptionSpec, accessRules: Set<String>) throws(ConfigError) -> ModuleOptionValue {
         switch spec.kind {
         case .integer(let range):
             guard case .integer(let fallback) = spec.defaultValue else { preconditionFailure("default of \(spec.key) is not an integer") }
@@ -91,6 +91,11 @@ extension ConfigSection {
         case .stringList:
             guard case .stringList(let fallback) = spec.defaultValue else { preconditionFailure("default of \(spec.key) is not a list") }
             return .stringList(try read(ConfigOption<[String]>(spec.key, default: fallback, doc: spec.doc)))
+        case .accessRule:
+            guard case .string(let fallback) = spec.defaultValue else { preconditionFailure("default of \(spec.key) is not a rule name") }
+            return .string(try read(ConfigOption<String>(spec.key, default: fallback, doc: spec.doc + " (an access rule)") { name in
+                accessRules.contains(name) ? nil : "no access rule '\(name)' (rules: \(accessRules.sorted().joined(separator: ", ")))"
+            }))
         }
     }
 }

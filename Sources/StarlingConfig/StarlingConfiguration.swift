@@ -65,6 +65,10 @@ public struct AuthConfiguration: Sendable, Equatable {
     /// authenticates (`lua`, or a plugin); `hostMethods` overrides it per host.
     public var method = "internal"
     public var hostMethods: [String: String] = [:]
+    /// The access rule deciding who may log in, and from where (`auth.access`).
+    public var access = "all"
+    /// Per mechanism, the access rule deciding which client addresses it is offered to (`auth.mechanism_access`).
+    public var mechanismAccess: [String: String] = [:]
 
     /// The method used on `host`.
     public func method(for host: String) -> String { hostMethods[host] ?? method }
@@ -153,6 +157,8 @@ public struct StarlingConfiguration: Sendable, Equatable {
     public var admin: AdminConfiguration
     /// Nil when this node runs alone.
     public var cluster: ClusterConfiguration? = nil
+    /// `acl:` and `access_rules:`; applied again by `reload-config`.
+    public var access = AccessControl()
     /// Modules enabled on every host, in config order.
     public var modules: [ModuleConfiguration]
     /// Hosts with a module set of their own (`host_modules:`).
@@ -208,6 +214,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         "account_failures_before_lockout", default: 10, range: 0...100_000,
         doc: "Failed logins for one account within failure_window, from any addresses, after which only addresses it logged in from before may try until the window ends (others get temporary-auth-failure); 0 turns this off.")
     static let authMethod = ConfigOption<String>("method", default: "internal", doc: "Who decides passwords: internal (stored SCRAM keys), or an enabled module that authenticates (lua, or a plugin such as external_auth). Hosts using a module offer PLAIN only, over TLS.")
+    static let authAccess = ConfigOption<String>("access", default: "all", doc: "The access rule deciding who may log in, by account and client address (access_rules; `all` lets everyone with the right password in).")
     static let authPlainWithoutTLS = ConfigOption<Bool>("plain_without_tls", default: false, doc: "Offer PLAIN on connections without TLS when tls.required is false. It sends passwords in the clear: for load tests on loopback only.")
 
     static let maxStanzaSize = ConfigOption<Int>("max_stanza_size", default: 262_144, range: 1024...16_777_216, doc: "Largest stanza in bytes; larger gets <policy-violation/>.")
@@ -352,6 +359,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         }
         try tlsSection.rejectUnknownKeys()
 
+        let access = try readAccessControl(top)
         let authSection = try top.section("auth", doc: "Authentication.")
         var auth = AuthConfiguration(
             mechanisms: try authSection.read(authMechanisms),
@@ -363,6 +371,21 @@ public struct StarlingConfiguration: Sendable, Equatable {
         )
         auth.accountFailuresBeforeLockout = try authSection.read(authAccountLockout)
         auth.method = try authSection.read(authMethod)
+        let rules = access.ruleNames
+        let ruleExists: @Sendable (String) -> String? = { rules.contains($0) ? nil : "no access rule '\($0)' (rules: \(rules.sorted().joined(separator: ", ")))" }
+        auth.access = try authSection.read(ConfigOption<String>("access", default: "all", doc: authAccess.doc, validate: ruleExists))
+        let mechanismSection = try authSection.section("mechanism_access", doc: "Per SASL mechanism, the access rule deciding which client addresses it is offered to (the account is not known yet when mechanisms are offered): `PLAIN: lan`.")
+        for (key, value) in mechanismSection.node?.mapping ?? [:] {
+            let mechanism = key.string ?? ""
+            guard supportedMechanisms.contains(mechanism) else {
+                throw mechanismSection.error(mechanism, "unknown mechanism (known: \(supportedMechanisms.joined(separator: ", ")))", at: key)
+            }
+            guard let rule = value.string, ruleExists(rule) == nil else {
+                throw mechanismSection.error(mechanism, ruleExists(value.string ?? "") ?? "expected a rule name", at: value)
+            }
+            mechanismSection.claim(mechanism)
+            auth.mechanismAccess[mechanism] = rule
+        }
         let hostMethodsSection = try authSection.section("host_methods", doc: "Per host, an auth method that replaces auth.method there.")
         for (key, value) in hostMethodsSection.node?.mapping ?? [:] {
             guard let host = key.string.flatMap({ JID($0)?.domainpart }), let method = value.string, !method.isEmpty else {
@@ -438,7 +461,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
             }
         }
         let unavailable = Set(plugins.keys).subtracting(catalog.map(\.name))
-        let modules = try readModules(top, hosts: hosts.map { JID($0)!.domainpart }, catalog: catalog, leavingOut: unavailable)
+        let modules = try readModules(top, hosts: hosts.map { JID($0)!.domainpart }, catalog: catalog, leavingOut: unavailable, accessRules: access.ruleNames)
 
         for host in hosts.map({ JID($0)!.domainpart }) {
             let method = auth.method(for: host)
@@ -463,6 +486,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         configuration.plugins = plugins
         configuration.pluginFailures = pluginFailures
         configuration.cluster = cluster
+        configuration.access = access
         return configuration
     }
 

@@ -30,7 +30,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
         "stanza-in", "message-in", "presence-in", "iq-in",
         "stanza-out", "message-out", "presence-out", "iq-out",
         "message-offline", "session-bound", "session-closed", "authenticate",
-        "connect", "login", "login-failed", "user-registered",
+        "connect", "login", "login-failed", "user-registered", "access",
         "muc-create", "muc-configure", "muc-join", "muc-message", "muc-private-message", "muc-subject", "muc-nick",
         "muc-moderate", "muc-destroy",
     ]
@@ -117,7 +117,14 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             let attempt = XMLElement(name: "auth", namespace: Namespace.client, attributes: [
                 "username": request.username, "host": request.host, "password": request.password, "address": request.address,
             ])
-            return allows(attempt)
+            return allows("authenticate", attempt)
+        }
+        // ACL lists of kind lua: a handler returning "allow" puts the subject in the list named event.list.
+        registrar.hook(.accessPredicate, priority: priority) { [self] event in
+            var subject = XMLElement(name: "access", namespace: Namespace.client, attributes: ["list": event.predicate])
+            if let user = event.user { subject[attribute: "jid"] = user.description }
+            if let address = event.address { subject[attribute: "address"] = address }
+            return allows("access", subject) ? .handled : .pass
         }
         registrar.hook(.connectionOpened, priority: priority) { [self] event in
             run(["connect"], XMLElement(name: "connection", namespace: Namespace.client, attributes: ["address": event.address]))
@@ -291,14 +298,14 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
         ])
     }
 
-    /// Runs the `authenticate` handlers: the first "allow" accepts; a failure, anything else or no
-    /// handler refuses (authentication always fails closed).
-    private func allows(_ attempt: XMLElement) -> Bool {
-        guard let (generation, states) = states(), let entries = generation.dispatch["authenticate"] else { return false }
+    /// Runs an event's handlers that decide yes or no (`authenticate`, `access`): the first "allow" says yes;
+    /// a failure, anything else or no handler says no (they fail closed).
+    private func allows(_ event: String, _ subject: XMLElement) -> Bool {
+        guard let (generation, states) = states(), let entries = generation.dispatch[event] else { return false }
         for entry in entries {
             let state = states[entry.script]
-            let verdict = state.call(event: "authenticate", priority: entry.priority, stanza: attempt)
-            watch(state, event: "authenticate")
+            let verdict = state.call(event: event, priority: entry.priority, stanza: subject)
+            watch(state, event: event)
             switch verdict {
             case .allow: return true
             case .pass: continue

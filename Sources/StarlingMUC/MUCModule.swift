@@ -13,6 +13,8 @@ public final class MUCModule: ServerModule, StatusReportingModule, ActivatableMo
             ModuleOptionSpec("name", .string(choices: nil), default: .string("Chatrooms"), doc: "The service's name in service discovery."),
             ModuleOptionSpec("room_creation", .string(choices: RoomCreation.allCases.map(\.rawValue)), default: .string("local"),
                              doc: "Who may create rooms: anyone, local (users of this server), listed (room_creators), admins."),
+            ModuleOptionSpec("access_create", .accessRule, default: .string("all"),
+                             doc: "An access rule the creator must also pass (besides room_creation); the service's admins always may."),
             ModuleOptionSpec("room_creators", .stringList, default: .stringList([]), doc: "JIDs and domains that may create rooms when room_creation is listed."),
             ModuleOptionSpec("admins", .stringList, default: .stringList([]), doc: "JIDs that own every room of the service (they may configure, moderate and destroy any room)."),
             ModuleOptionSpec("max_rooms", .integer(1...10_000_000), default: .integer(10_000), doc: "Rooms the service holds at most (persistent ones included)."),
@@ -50,6 +52,7 @@ public final class MUCModule: ServerModule, StatusReportingModule, ActivatableMo
         guard settings.domain != host.domain else { throw ModuleStartError("muc: the service needs a domain of its own, not \(host.domain)") }
         settings.name = options.string("name")
         settings.creation = RoomCreation(rawValue: options.string("room_creation")) ?? .local
+        settings.createAccess = options.string("access_create")
         settings.creators = Set(try options.stringList("room_creators").map { try Self.jid($0, option: "room_creators") })
         settings.maxRooms = options.integer("max_rooms")
         settings.maxRoomsPerSession = options.integer("max_rooms_per_session")

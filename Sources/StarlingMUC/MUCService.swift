@@ -22,6 +22,8 @@ struct ServiceSettings {
     var name = "Chatrooms"
     var creation = RoomCreation.local
     var creators: Set<JID> = []
+    /// The access rule a creator must pass too (`access_create`).
+    var createAccess = "all"
     var maxRooms = 10_000
     var maxRoomsPerSession = 100
     var lockNewRooms = true
@@ -267,7 +269,7 @@ final class MUCService: @unchecked Sendable {
         case .listed: allowed = settings.creators.contains(creator) || settings.creators.contains(creator.domain)
         case .admins: allowed = false
         }
-        guard allowed || admin else { return refuse(input, .notAllowed, text: "you may not create rooms on this service") }
+        guard allowed && host.allows(settings.createAccess, user: creator, address: nil) || admin else { return refuse(input, .notAllowed, text: "you may not create rooms on this service") }
         guard roomCount.load(ordering: .relaxed) < settings.maxRooms else {
             return refuse(input, .resourceConstraint, text: "this service has as many rooms as it may", type: "wait")
         }

@@ -16,6 +16,7 @@ public final class HTTPUploadModule: ServerModule, ActivatableModule {
             ModuleOptionSpec("name", .string(choices: nil), default: .string("HTTP File Upload"), doc: "The service's name in service discovery."),
             ModuleOptionSpec("directory", .string(choices: nil), default: .string("upload"),
                              doc: "Where files are kept, relative to data_dir; one folder per host below it. Share it between the nodes of a cluster."),
+            ModuleOptionSpec("access", .accessRule, default: .string("all"), doc: "Which of the host's users may request upload slots."),
             ModuleOptionSpec("max_file_size", .integer(1...1 << 40), default: .integer(104_857_600), doc: "Largest file in bytes."),
             ModuleOptionSpec("quota", .integer(0...1 << 50), default: .integer(1_073_741_824), doc: "Bytes one user may keep stored (0: no quota)."),
             ModuleOptionSpec("expire_after", .integer(0...315_360_000), default: .integer(604_800),
@@ -32,6 +33,8 @@ public final class HTTPUploadModule: ServerModule, ActivatableModule {
     private let baseURL: String
     private let files: UploadFiles
     private let signer: UploadSlotSigner
+    /// The access rule a user must pass to get slots.
+    private let access: String
     private let maxFileSize: Int
     private let quota: Int
     private let expireAfter: Int
@@ -60,6 +63,7 @@ public final class HTTPUploadModule: ServerModule, ActivatableModule {
             throw ModuleStartError("http_upload cannot use \(root.path): \(error)")
         }
         signer = UploadSlotSigner(secret: try Self.secret(options.string("secret_file"), configDirectory: paths?.configDirectory, dataDirectory: dataDirectory))
+        access = options.string("access")
         maxFileSize = options.integer("max_file_size")
         quota = options.integer("quota")
         expireAfter = options.integer("expire_after")
@@ -146,6 +150,7 @@ public final class HTTPUploadModule: ServerModule, ActivatableModule {
     private func slot(for request: XMLElement, from: JID) -> IQResponse {
         // Users of this host only: the quota and the storage are theirs.
         guard from.domainpart == host.domain, from.localpart != nil else { return .error(.forbidden, text: "only users of \(host.domain) may upload here") }
+        guard host.allows(access, user: from.bare, address: nil) else { return .error(.forbidden, text: "you may not upload files here") }
         guard let filename = request[attribute: "filename"], let size = request[attribute: "size"].flatMap({ Int($0) }), size > 0 else {
             return .error(.badRequest, text: "a slot request needs a filename and a positive size")
         }

@@ -11,6 +11,7 @@ public final class RegistrationModule: ServerModule {
         name: "register", summary: "In-band registration.", xeps: ["XEP-0077"],
         options: [
             ModuleOptionSpec("allow_registration", .boolean, default: .boolean(false), doc: "Let anyone create an account from their client."),
+            ModuleOptionSpec("access", .accessRule, default: .string("all"), doc: "Who may register in-band, by the new account and the client's address (with allow_registration)."),
             ModuleOptionSpec("min_interval", .number(0...86400), default: .number(60), doc: "Seconds between two registrations from one IP address."),
             ModuleOptionSpec("min_password_length", .integer(1...1024), default: .integer(8), doc: "Shortest password accepted."),
             ModuleOptionSpec("scram_iterations", .integer(4096...1_000_000), default: .integer(4096), doc: "PBKDF2 iterations for the stored keys."),
@@ -20,6 +21,7 @@ public final class RegistrationModule: ServerModule {
     private let host: any ModuleHost
     private let accounts: any AccountStore
     private let allowRegistration: Bool
+    private let access: String
     private let minInterval: Double
     private let minPasswordLength: Int
     private let iterations: Int
@@ -29,6 +31,7 @@ public final class RegistrationModule: ServerModule {
         self.host = host
         accounts = try host.require((any AccountStore).self, "account storage")
         allowRegistration = host.options.boolean("allow_registration")
+        access = host.options.string("access")
         minInterval = host.options.number("min_interval")
         minPasswordLength = host.options.integer("min_password_length")
         iterations = host.options.integer("scram_iterations")
@@ -91,6 +94,10 @@ public final class RegistrationModule: ServerModule {
             }
             guard let jid = try? JID(localpart: username, domainpart: event.domain) else {
                 return iq.errorReply(.jidMalformed, text: "that username is not allowed")
+            }
+            guard host.allows(access, user: jid, address: event.address) else {
+                host.log(.info, "in-band registration of \(jid) from \(event.address) refused by the access rule '\(access)'")
+                return iq.errorReply(.forbidden, text: "registration is not allowed from here")
             }
             guard password.count >= minPasswordLength else {
                 return iq.errorReply(.notAcceptable, text: "the password must have at least \(minPasswordLength) characters")

@@ -134,6 +134,7 @@ final class C2SHandler: ChannelInboundHandler {
     private func start(context: ChannelHandlerContext) {
         remoteAddress = proxiedSource?.address ?? context.remoteAddress?.ipAddress ?? "unknown"
         remotePort = proxiedSource?.port ?? context.remoteAddress?.port ?? 0
+        machine.refusedMechanisms = server.router.refusedMechanisms(for: remoteAddress, on: server.configuration.hosts[0])
         // Connection policies (rate limits per address): refused before any byte is read.
         if case .reject = server.router.run(.connectionOpened, ConnectionEvent(address: remoteAddress), on: server.configuration.hosts[0]) {
             logger.info("connection refused by policy")
@@ -492,6 +493,10 @@ final class C2SHandler: ChannelInboundHandler {
     private func refuseLogin(username: String, host: String, mechanism: String) -> Bool {
         let login = LoginEvent(username: username, host: host, address: remoteAddress, mechanism: mechanism)
         currentLogin = login
+        if let user = try? JID(localpart: username, domainpart: host), !server.router.allowsLogin(user, from: remoteAddress) {
+            logger.info("login refused by the access rules (auth.access)", metadata: ["username": "\(username)"])
+            return true
+        }
         guard case .reject = server.router.run(.loginAttempt, login, on: host) else { return false }
         logger.info("login refused by policy", metadata: ["username": "\(username)"])
         return true

@@ -101,6 +101,8 @@ public struct C2SStateMachine {
     private var headerSent = false
     public private(set) var tlsActive: Bool
     private var channelBinding: ChannelBinding?
+    /// Mechanisms this client is not offered (`auth.mechanism_access` refuses its address).
+    public var refusedMechanisms: Set<String> = []
     public private(set) var host: String
     /// Bare JID once SASL succeeded.
     public private(set) var authenticatedUser: JID?
@@ -302,7 +304,7 @@ public struct C2SStateMachine {
         if !tlsActive && settings.tlsRequired { return [] }
         let moduleDecides = settings.moduleAuthenticatedHosts.contains(host)
         return settings.mechanisms.filter { mechanism in
-            if moduleDecides && mechanism != "PLAIN" { return false }
+            if moduleDecides && mechanism != "PLAIN" || refusedMechanisms.contains(mechanism) { return false }
             if mechanism.hasSuffix("-PLUS") { return tlsActive && channelBinding != nil }
             if mechanism == "PLAIN" { return tlsActive || settings.plainWithoutTLS }
             return true

@@ -79,18 +79,28 @@ final class LiveReloads: @unchecked Sendable {
             compare("log_level", \.logLevel)
             compare("listeners", \.listeners)
             compare("tls", \.tls)
-            compare("auth", \.auth)
+            // The access rules (auth.access and auth.mechanism_access among them) apply live, below.
+            var currentAuth = current.auth, nextAuth = next.auth
+            (currentAuth.access, currentAuth.mechanismAccess, nextAuth.access, nextAuth.mechanismAccess) = ("", [:], "", [:])
+            if currentAuth != nextAuth { restart.append("auth") }
             compare("limits", \.limits)
             compare("storage", \.storage)
             compare("admin", \.admin)
             compare("plugins", \.plugins)
-            let (tables, changes) = try ModuleLoader.reconfiguring(router.modules, from: current, to: next, catalog: catalog,
+            let accessChanged = current.access != next.access || current.auth.access != next.auth.access
+                || current.auth.mechanismAccess != next.auth.mechanismAccess
+            var (tables, changes) = try ModuleLoader.reconfiguring(router.modules, from: current, to: next, catalog: catalog,
                                                                     logger: logger, router: router, services: services)
+            if accessChanged { changes.append("access rules (acl, access_rules, auth.access, auth.mechanism_access)") }
             if !dryRun {
                 try install(tables)
+                if accessChanged { router.access.withLockedValue { $0 = AccessPolicy(next) } }
                 running.withLockedValue { configuration in
                     configuration.modules = next.modules
                     configuration.hostModules = next.hostModules
+                    configuration.access = next.access
+                    configuration.auth.access = next.auth.access
+                    configuration.auth.mechanismAccess = next.auth.mechanismAccess
                 }
                 logger.notice("configuration reloaded", metadata: ["applied": "\(changes.joined(separator: "; "))", "needs_restart": "\(restart.joined(separator: ", "))"])
             }

@@ -213,6 +213,10 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
         router.registry.localSession(session)?.holdReads()
     }
 
+    func allows(_ rule: String, user: JID?, address: String?) -> Bool {
+        router.allows(rule, AccessSubject(user: user, address: address), on: domain)
+    }
+
     func closeSessions(of bare: JID) {
         for resource in router.registry.resources(of: bare.bare) {
             switch resource.location {

@@ -2,6 +2,7 @@ import Logging
 import NIOConcurrencyHelpers
 import StarlingAPI
 import StarlingCluster
+import StarlingConfig
 
 /// Every host's module tables, one immutable value.
 final class ModuleTables: Sendable {
@@ -71,10 +72,13 @@ public final class Router: @unchecked Sendable {
     /// component; changed (under `claims`) only when a node claims a domain or is lost.
     private let owners = Swappable(ComponentOwners([:]))
     private let claims: NIOLockedValueBox<ComponentClaims>
+    /// The access rules in effect (see `AccessPolicy`).
+    let access: NIOLockedValueBox<AccessPolicy>
 
-    public init(registry: SessionRegistry, hosts: Set<String>, logger: Logger, cluster: ClusterNode? = nil) {
+    init(registry: SessionRegistry, configuration: StarlingConfiguration, logger: Logger, cluster: ClusterNode? = nil) {
         self.registry = registry
-        self.hosts = hosts
+        hosts = Set(configuration.hosts)
+        access = NIOLockedValueBox(AccessPolicy(configuration))
         self.logger = logger
         self.cluster = cluster
         claims = NIOLockedValueBox(ComponentClaims(node: cluster?.name ?? ""))

@@ -38,7 +38,7 @@ public final class ServerContext: Sendable {
             case .unbound(let jid, let boundAt): cluster?.broadcast(.unbound(jid, boundAt: boundAt))
             }
         }
-        router = Router(registry: registry, hosts: Set(configuration.hosts), logger: logger, cluster: cluster)
+        router = Router(registry: registry, configuration: configuration, logger: logger, cluster: cluster)
         failures = AuthFailureTracker(
             baseDelay: configuration.auth.failureDelay,
             threshold: configuration.auth.failuresBeforeSlowdown,

@@ -19,4 +19,5 @@ extension QuietModuleHost {
     func service<Service>(_ type: Service.Type) -> Service? { nil }
     func run<Event>(_ point: HookPoint<Event>, _ event: Event) -> HookResult { .pass }
     func closeSessions(of bare: JID) {}
+    func allows(_ rule: String, user: JID?, address: String?) -> Bool { rule != "none" }
 }

@@ -55,6 +55,9 @@ public struct ModuleOptionSpec: Sendable {
         case boolean
         case string(choices: [String]?)
         case stringList
+        /// The name of an access rule (`access_rules:`, or the built-in `all` and `none`), checked at load;
+        /// the value is a `.string`, for `ModuleHost.allows(_:user:address:)`.
+        case accessRule
     }
 
     public var key: String
@@ -170,6 +173,9 @@ public protocol ModuleHost: Sendable {
     /// Stops reading from a local session (full JID) until the hold is released: backpressure for a
     /// module whose work for that session's stanzas piles up. Nil when no such session is bound here.
     func holdReads(of session: JID) -> (any ReadHold)?
+    /// Whether the access rule `rule` (`access_rules:`, or the built-in `all` and `none`) allows this
+    /// account and/or client address; name rules in options of kind `.accessRule` so they are checked at load.
+    func allows(_ rule: String, user: JID?, address: String?) -> Bool
 }
 
 /// A pause in reading from one session (see `ModuleHost.holdReads`). Reading resumes once every hold
@@ -355,6 +361,24 @@ public struct PreAuthIQEvent: Sendable {
 extension HookPoint where Event == PreAuthIQEvent {
     /// Unless a handler takes it, the IQ gets `<service-unavailable/>`.
     public static let preAuthIQ = HookPoint("pre-auth-iq")
+}
+
+/// An access rule asks whether a subject is in an ACL list of kind `lua` (or another module's predicate).
+public struct AccessPredicateEvent: Sendable {
+    /// The predicate's name, as the list names it.
+    public let predicate: String
+    public let user: JID?
+    public let address: String?
+    public init(predicate: String, user: JID?, address: String?) {
+        self.predicate = predicate
+        self.user = user
+        self.address = address
+    }
+}
+
+extension HookPoint where Event == AccessPredicateEvent {
+    /// `.handled` means the subject is in the list; anything else, that it is not.
+    public static let accessPredicate = HookPoint("access-predicate")
 }
 
 extension HookPoint where Event == SessionEvent {
