@@ -1,4 +1,5 @@
 import Logging
+import Metrics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOSSL
@@ -26,11 +27,19 @@ public final class NodeLink: @unchecked Sendable {
     /// Unflushed bytes above which the link counts as backlogged.
     static let highWaterMark = 16 << 20
 
-    init(channel: any Channel, dialedBy: String, dialedAddress: String?, giveUpAfter: TimeAmount) {
+    /// Frames and bytes each way, by peer (`starling_cluster_link_*_total`; no-ops without metrics).
+    private let framesSent: Metrics.Counter
+    private let bytesSent: Metrics.Counter
+    let framesReceived: Metrics.Counter
+
+    init(channel: any Channel, dialedBy: String, dialedAddress: String?, giveUpAfter: TimeAmount, peer: String) {
         self.channel = channel
         self.dialedBy = dialedBy
         self.dialedAddress = dialedAddress
         self.giveUpAfter = giveUpAfter
+        framesSent = Metrics.Counter(label: "starling_cluster_link_frames_sent_total", dimensions: [("peer", peer)])
+        bytesSent = Metrics.Counter(label: "starling_cluster_link_bytes_sent_total", dimensions: [("peer", peer)])
+        framesReceived = Metrics.Counter(label: "starling_cluster_link_frames_received_total", dimensions: [("peer", peer)])
     }
 
     /// Encodes and sends `frame`; false when the link is closed.
@@ -65,6 +74,8 @@ public final class NodeLink: @unchecked Sendable {
         } else {
             backloggedSince = nil
         }
+        framesSent.increment()
+        bytesSent.increment(by: buffer.readableBytes)
         channel.write(buffer, promise: nil)
         guard !flushScheduled else { return }
         flushScheduled = true
@@ -127,6 +138,7 @@ final class NodeLinkHandler: ChannelInboundHandler {
         let frame = unwrapInboundIn(data)
         if let link {
             link.lastHeard.store(NIODeadline.now().uptimeNanoseconds, ordering: .relaxed)
+            link.framesReceived.increment()
             handleEstablished(frame, link: link, context: context)
             return
         }
@@ -143,7 +155,7 @@ final class NodeLinkHandler: ChannelInboundHandler {
             context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
         case .established(let peer):
             let link = NodeLink(channel: context.channel, dialedBy: dialer ? node.name : peer, dialedAddress: dialedAddress,
-                                giveUpAfter: .milliseconds(Int64(node.settings.deadAfter * 1000)))
+                                giveUpAfter: .milliseconds(Int64(node.settings.deadAfter * 1000)), peer: peer)
             guard node.established(link, peer: peer) else {
                 context.close(promise: nil)
                 return

@@ -1,7 +1,8 @@
 import Foundation
 import NIOConcurrencyHelpers
 import NIOPosix
-public import StarlingAPI
+internal import Metrics
+import StarlingAPI
 import StarlingStorage
 import Synchronization
 
@@ -93,7 +94,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
         limits = LuaLimits(instructions: host.options.integer("instruction_limit"), memory: host.options.integer("memory_limit"),
                            timeLimit: Double(host.options.integer("time_limit_ms")) / 1000,
                            watchdog: Double(host.options.integer("watchdog_ms")) / 1000)
-        services = LuaServices { [host] level, message in host.log(level, message) }
+        services = LuaServices(host: host.domain) { [host] level, message in host.log(level, message) }
         for path in failClosed where !paths.contains(path) {
             throw LuaScriptError(message: "lua: fail_closed names \(path), which is not in scripts")
         }
@@ -277,7 +278,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
                         }
                     }
                 case .failed(let message):
-                    services.reportFailure(script: state.script.path, message)
+                    services.reportFailure(script: state.script.path, message, reason: state.lastFailure)
                     if state.script.failClosed { return Outcome(result: .reject(.policyViolation, text: nil), tables: changedTables) }
                 }
             }
@@ -288,6 +289,8 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
     /// The watchdog: a call that took longer than `watchdog_ms` is logged with where it was and counted.
     private func watch(_ state: LuaScriptState, event: String) {
         let (seconds, location) = state.lastCall
+        state.calls &+= 1
+        if state.calls % LuaServices.sampleEvery == 1 { services.meters(state.script.path).duration.record(duration: .nanoseconds(Int64(seconds * 1e9))) }
         guard seconds > limits.watchdog else { return }
         services.reportSlow(script: state.script.path, event: event, seconds: seconds, location: location, watchdog: limits.watchdog)
     }
@@ -310,7 +313,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             case .allow: return true
             case .pass: continue
             case .failed(let message):
-                services.reportFailure(script: state.script.path, message)
+                services.reportFailure(script: state.script.path, message, reason: state.lastFailure)
                 return false
             case .drop, .error, .modify, .kick: return false
             }
@@ -356,8 +359,12 @@ public final class LuaServices: LuaScriptServices, Sendable {
     /// Errors are reported at most once per script every few seconds, with how many were suppressed.
     private let lastReport = ShardedDictionary<String, (time: Double, suppressed: Int)>()
 
+    /// The host whose scripts these are, for their metrics.
+    private let host: String
+
     /// `log` receives what scripts log and their errors.
-    public init(log: @escaping @Sendable (ModuleLogLevel, String) -> Void) {
+    public init(host: String = "", log: @escaping @Sendable (ModuleLogLevel, String) -> Void) {
+        self.host = host
         sink = log
     }
 
@@ -405,12 +412,39 @@ public final class LuaServices: LuaScriptServices, Sendable {
     /// Hook calls made; calls stopped or failed (budget, time, memory, errors); and calls the watchdog saw
     /// run long; since start, over every script of this module.
     public let calls = Synchronization.Atomic<Int>(0)
+
+    /// One call in this many has its duration recorded (per thread, so sampling costs no shared write).
+    static let sampleEvery = 16
+
+    /// Per script: durations (`starling_lua_call_duration_seconds`, sampled) and failures by reason
+    /// (`starling_lua_failures_total`), through swift-metrics (no-ops unless the server serves metrics).
+    struct ScriptMeters: Sendable {
+        let duration: Metrics.Timer
+        let failures: [String: Metrics.Counter]
+    }
+
+    private let scriptMeters = Synchronization.Mutex<[String: ScriptMeters]>([:])
+
+    func meters(_ script: String) -> ScriptMeters {
+        scriptMeters.withLock { meters in
+            if let existing = meters[script] { return existing }
+            let dimensions = [("host", host), ("script", script)]
+            let made = ScriptMeters(
+                duration: Metrics.Timer(label: "starling_lua_call_duration_seconds", dimensions: dimensions),
+                failures: Dictionary(uniqueKeysWithValues: ["budget", "time", "memory", "error"].map {
+                    ($0, Metrics.Counter(label: "starling_lua_failures_total", dimensions: dimensions + [("reason", $0)]))
+                }))
+            meters[script] = made
+            return made
+        }
+    }
     public let failedCalls = Synchronization.Atomic<Int>(0)
     public let slowCalls = Synchronization.Atomic<Int>(0)
 
-    /// Counts and logs a failed call (see `report`).
-    public func reportFailure(script: String, _ message: String) {
+    /// Counts and logs a failed call (see `report`); `reason` is budget, time, memory or error.
+    public func reportFailure(script: String, _ message: String, reason: String = "error") {
         failedCalls.add(1, ordering: .relaxed)
+        meters(script).failures[reason]?.increment()
         report(script: script, message)
     }
 

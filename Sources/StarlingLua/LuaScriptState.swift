@@ -84,6 +84,10 @@ public final class LuaScriptState {
     private let bridge: LuaBridge
     /// How long the last call took, and where it was seen running past the watchdog (file:line), if it did.
     public private(set) var lastCall: (seconds: Double, slowLocation: String?) = (0, nil)
+    /// Why the last failed call stopped: budget, time, memory or error.
+    public private(set) var lastFailure = "error"
+    /// Calls made in this state (it belongs to one thread), for sampling their durations.
+    var calls = 0
 
     /// Opens the sandbox and runs the script's top level. Throws the error (with file and line) if the
     /// script does not compile or its top level fails.
@@ -210,6 +214,12 @@ public final class LuaScriptState {
         let status = starling_lua_sandbox_invoke(sandbox, &call)
         lastCall = (call.elapsed, call.slow_location.map { String(cString: $0) })
         if status != 0 {
+            lastFailure = switch call.stop {
+            case STARLING_LUA_STOPPED_BUDGET: "budget"
+            case STARLING_LUA_STOPPED_TIME: "time"
+            case STARLING_LUA_STOPPED_MEMORY: "memory"
+            default: "error"
+            }
             let message = call.error.map { String(cString: $0) } ?? "error"
             if call.stop == STARLING_LUA_STOPPED_MEMORY {
                 return .failed("\(script.path): memory limit of \(starling_lua_sandbox_memory_cap(sandbox)) bytes reached (\(message))")

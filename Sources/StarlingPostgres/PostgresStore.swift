@@ -242,7 +242,11 @@ public final class PostgresStore: Sendable {
     /// gets its answer at the deadline even if the operation itself cannot be interrupted (a connection
     /// lease waiting for a database that is gone): that one is cancelled and left to finish on its own.
     @discardableResult
-    func run<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws(StorageError) -> T {
+    func run<T: Sendable>(file: String = #fileID, function: String = #function, _ body: @escaping @Sendable () async throws -> T) async throws(StorageError) -> T {
+        try await StorageMetrics.measure(backend: "postgresql", file: file, function: function) { () throws(StorageError) in try await runWithDeadline(body) }
+    }
+
+    private func runWithDeadline<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws(StorageError) -> T {
         activity.withLock { $0 = ($0.running + 1, .now) }
         defer { activity.withLock { $0.running -= 1 } }
         let timeout = self.timeout

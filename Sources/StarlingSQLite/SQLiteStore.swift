@@ -215,7 +215,11 @@ public final class SQLiteStore: Sendable {
     }
 
     /// Runs one store operation with the connection to itself, mapping failures to `StorageError`.
-    func run<T>(_ body: () async throws -> T) async throws(StorageError) -> T {
+    func run<T>(file: String = #fileID, function: String = #function, _ body: () async throws -> T) async throws(StorageError) -> T {
+        try await StorageMetrics.measure(backend: "sqlite", file: file, function: function) { () throws(StorageError) in try await runGated(body) }
+    }
+
+    private func runGated<T>(_ body: () async throws -> T) async throws(StorageError) -> T {
         await gate.acquire()
         if await gate.isClosed {
             await gate.release()

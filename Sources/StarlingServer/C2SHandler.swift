@@ -31,6 +31,10 @@ final class C2SHandler: ChannelInboundHandler {
     private var session: ClientSession?
     private var remoteAddress = "unknown"
     private var proxiedSource: ProxyHeader.Source?
+    /// When the TLS handshake under way began (direct TLS: the connection; STARTTLS: `<proceed/>`).
+    private var tlsHandshakeStarted: ContinuousClock.Instant?
+    /// A direct TLS connection: its handshake starts with the connection.
+    private let directTLSHandshake: Bool
     private var remotePort = 0
     private var authenticatedUser: JID?
     /// The login being checked, for the login-failed hook.
@@ -99,11 +103,14 @@ final class C2SHandler: ChannelInboundHandler {
         }
         switch transport {
         case .tcp(let directTLS):
+            directTLSHandshake = directTLS
             machine = C2SStateMachine(settings: settings, tlsActive: directTLS, channelBinding: directTLS ? server.tls.channelBinding : nil)
         case .bosh(let peer):
+            directTLSHandshake = false
             machine = C2SStateMachine(settings: settings, tlsActive: peer.secure)
             proxiedSource = .init(address: peer.address, port: peer.port)
         case .webSocket(let peer):
+            directTLSHandshake = false
             machine = C2SStateMachine(settings: settings, tlsActive: peer.secure, framing: .webSocket)
             proxiedSource = .init(address: peer.address, port: peer.port)
             // Every message is one element: the parser reads them all as the children of one document
@@ -153,6 +160,7 @@ final class C2SHandler: ChannelInboundHandler {
         countedByAddress = true
         countedUnauthenticated = true
         ServerMetrics.connections[transportMetric]?.increment()
+        if directTLSHandshake { tlsHandshakeStarted = .now }
         let loop = context.eventLoop
         let id = ObjectIdentifier(self)
         let bound = NIOLoopBound(self, eventLoop: loop)
@@ -165,6 +173,7 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        if tlsHandshakeStarted != nil { finishTLSHandshake(.abandoned) }
         if countedByAddress {
             countedByAddress = false
             server.addressLimits.closed(remoteAddress, authenticated: !countedUnauthenticated)
@@ -268,6 +277,7 @@ final class C2SHandler: ChannelInboundHandler {
             return
         }
         if let tlsEvent = event as? TLSUserEvent, case .handshakeCompleted = tlsEvent {
+            finishTLSHandshake(.success)
             if !machine.tlsActive { perform(machine.tlsEstablished(channelBinding: server.tls.channelBinding)) }
             return
         }
@@ -294,8 +304,16 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if tlsHandshakeStarted != nil { finishTLSHandshake(.failure) }
         logger.debug("connection error", metadata: ["error": "\(error)"])
         context.close(promise: nil)
+    }
+
+    private func finishTLSHandshake(_ result: ServerMetrics.HandshakeResult) {
+        guard let started = tlsHandshakeStarted else { return }
+        tlsHandshakeStarted = nil
+        ServerMetrics.tlsHandshakes[result]?.increment()
+        if result == .success { ServerMetrics.tlsHandshakeDuration.record(duration: .now - started) }
     }
 
     // MARK: Carrying out actions
@@ -336,6 +354,7 @@ final class C2SHandler: ChannelInboundHandler {
             case .startTLS:
                 context.flush()
                 let handler = NIOSSLServerHandler(context: server.tls.context)
+                tlsHandshakeStarted = .now
                 discardRemainingEvents = true
                 parser.reset()
                 do { try context.pipeline.syncOperations.addHandler(handler, position: .first) } catch {

@@ -26,8 +26,9 @@ final class HostModules: Sendable {
     let preAuthStreamFeatures: [XMLElement]
     let boundStreamFeatures: [XMLElement]
     let iqHandlers: [ModuleRegistrar.IQKey: IQEntry]
-    /// Per hook name, handlers in the order they run (priority descending, then registration order).
-    let hooks: [String: [ModuleRegistrar.HookRegistration]]
+    /// Per hook name, handlers in the order they run (priority descending, then registration order), each
+    /// with its meter when metrics are on.
+    let hooks: [String: [(registration: ModuleRegistrar.HookRegistration, meter: HookMeter?)]]
     /// Decides passwords when `auth.method` names a module; nil means the stored SCRAM keys.
     let passwordCheck: PasswordCheck?
     /// Domains modules of this host serve as components.
@@ -60,7 +61,7 @@ final class HostModules: Sendable {
         var serverIdentities = Set<DiscoIdentity>(), accountIdentities = Set<DiscoIdentity>()
         var discoItemProviders: [(provider: DiscoItemsProvider, target: IQTarget)] = []
         var iqHandlers: [ModuleRegistrar.IQKey: IQEntry] = [:]
-        var hooks: [String: [ModuleRegistrar.HookRegistration]] = [:]
+        var hooks: [String: [(registration: ModuleRegistrar.HookRegistration, meter: HookMeter?)]] = [:]
         var preAuth: [XMLElement] = [], bound: [XMLElement] = []
         var components: [ComponentRegistration] = []
         var httpHandlers: [String: (module: String, handler: ModuleHTTPHandler)] = [:]
@@ -100,11 +101,14 @@ final class HostModules: Sendable {
                 }
                 iqHandlers[registration.key] = IQEntry(module: registrar.module, target: registration.target, handler: registration.handler)
             }
-            for hook in registrar.hooks { hooks[hook.name, default: []].append(hook) }
+            for hook in registrar.hooks {
+                let meter = ServerMetrics.enabled ? HookMeter(host: domain, hook: hook.name, module: registrar.module) : nil
+                hooks[hook.name, default: []].append((hook, meter))
+            }
         }
         // Stable sort keeps registration order among equal priorities.
         self.hooks = hooks.mapValues { list in
-            list.enumerated().sorted { ($0.element.priority, -$0.offset) > ($1.element.priority, -$1.offset) }.map(\.element)
+            list.enumerated().sorted { ($0.element.registration.priority, -$0.offset) > ($1.element.registration.priority, -$1.offset) }.map(\.element)
         }
         self.preAuthStreamFeatures = preAuth
         self.boundStreamFeatures = bound
@@ -131,8 +135,9 @@ final class HostModules: Sendable {
         guard let handlers = hooks[point.name] else { return .pass }
         var event = event
         var modified: XMLElement?
-        for handler in handlers {
-            switch handler.handler(event) {
+        for (handler, meter) in handlers {
+            let result = meter?.measure { handler.handler(event) } ?? handler.handler(event)
+            switch result {
             case .pass:
                 continue
             case .modify(let stanza):

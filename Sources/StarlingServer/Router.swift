@@ -414,7 +414,9 @@ public final class Router: @unchecked Sendable {
             if type == "chat" || type == "normal" {
                 // Offline storage, if enabled, takes it here.
                 switch run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: origin.jid, recipient: target), on: target.domainpart) {
-                case .handled, .modify: return
+                case .handled, .modify:
+                    ServerMetrics.routing[.offline]?.increment()
+                    return
                 case .reject(let condition, let text):
                     bounce(stanza, condition, text: text, to: origin)
                     return
@@ -533,6 +535,7 @@ public final class Router: @unchecked Sendable {
 
     private func bounce(_ stanza: XMLElement, _ error: StanzaError, to origin: Origin) {
         guard stanza[attribute: "type"] != "error", stanza[attribute: "type"] != "result" else { return }
+        ServerMetrics.routing[.bounced]?.increment()
         switch origin {
         case .session(let sender):
             sender.deliver(addressedReply(stanza.errorReply(error), to: sender))

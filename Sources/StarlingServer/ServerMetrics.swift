@@ -1,5 +1,7 @@
 import Foundation
 import Metrics
+import StarlingAPI
+import Synchronization
 private import struct Prometheus.PrometheusMetricsFactory
 private import class Prometheus.PrometheusCollectorRegistry
 
@@ -13,10 +15,43 @@ enum ServerMetrics {
     /// Routes swift-metrics (ours and the libraries') into `registry`; once per process, before any metric
     /// object below is first used.
     static let bootstrapped: Void = {
-        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        var factory = PrometheusMetricsFactory(registry: registry)
+        // Hooks and Lua calls take microseconds, storage operations milliseconds: buckets from 1 µs to 10 s.
+        factory.defaultDurationHistogramBuckets = [
+            .microseconds(1), .microseconds(5), .microseconds(10), .microseconds(25), .microseconds(50), .microseconds(100),
+            .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2.5), .milliseconds(5), .milliseconds(10),
+            .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5),
+            .seconds(10),
+        ]
+        MetricsSystem.bootstrap(factory)
+        enabledFlag.store(true, ordering: .releasing)
         // Every series exists from the start (at 0), so dashboards and alerts see it before its first event.
-        _ = (connections, logins, received, delivered, refused)
+        _ = (connections, logins, received, delivered, refused, routing, tlsHandshakes, tlsHandshakeDuration)
     }()
+
+    private static let enabledFlag = Atomic<Bool>(false)
+    /// Whether metrics are collected (some listener serves them): meters that cost something exist only then.
+    static var enabled: Bool { enabledFlag.load(ordering: .acquiring) }
+
+    /// What happened to stanzas that did not reach a session: kept offline, or answered with an error.
+    enum RoutingOutcome: String, CaseIterable {
+        case offline, bounced
+    }
+
+    static let routing = Dictionary(uniqueKeysWithValues: RoutingOutcome.allCases.map {
+        ($0, Metrics.Counter(label: "starling_routing_outcomes_total", dimensions: [("outcome", $0.rawValue)]))
+    })
+
+    /// TLS handshakes of client connections (STARTTLS and direct TLS) by result: success, failure (an
+    /// error during the handshake), abandoned (the connection closed before it finished).
+    enum HandshakeResult: String, CaseIterable {
+        case success, failure, abandoned
+    }
+
+    static let tlsHandshakes = Dictionary(uniqueKeysWithValues: HandshakeResult.allCases.map {
+        ($0, Metrics.Counter(label: "starling_tls_handshakes_total", dimensions: [("result", $0.rawValue)]))
+    })
+    static let tlsHandshakeDuration = Metrics.Timer(label: "starling_tls_handshake_duration_seconds")
 
     enum Transport: String, CaseIterable {
         case tcp, websocket, bosh
@@ -92,8 +127,20 @@ enum ServerMetrics {
     private static let startTime = Gauge(label: "process_start_time_seconds")
     private static let startedAt = Date()
 
+    private static let linkUp = Gauge(label: "starling_cluster_links_up")
+
     /// The text format, with the gauges that are read rather than kept up to date set first.
     static func render(_ server: ServerContext) -> String {
+        if let cluster = server.router.cluster {
+            let peers = cluster.status()
+            linkUp.record(peers.filter { $0.state == "up" }.count)
+            for peer in peers {
+                Gauge(label: "starling_cluster_link_up", dimensions: [("peer", peer.node)]).record(peer.state == "up" ? 1 : 0)
+                if let rtt = peer.roundTripMilliseconds {
+                    Gauge(label: "starling_cluster_link_round_trip_seconds", dimensions: [("peer", peer.node)]).record(rtt / 1000)
+                }
+            }
+        }
         sessions.record(server.registry.sessionCount)
         detachedSessions.record(server.detached.count)
         if let rss = ProcessMemory.residentBytes() { residentMemory.record(rss) }
@@ -118,5 +165,30 @@ enum ServerMetrics {
         // After the command: state is field 3; utime and stime are fields 14 and 15.
         guard fields.count > 13, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
         return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+}
+
+/// One module's handler of one hook on one host: its calls, and the duration of one call in
+/// `sampleEvery` (timing every call would cost a clock read pair and a histogram lock on every stanza).
+final class HookMeter: Sendable {
+    static let sampleEvery = 16
+    private let calls: Metrics.Counter
+    private let durations: Metrics.Timer
+    private let sequence = Atomic<Int>(0)
+
+    init(host: String, hook: String, module: String) {
+        let dimensions = [("host", host), ("hook", hook), ("module", module)]
+        calls = Metrics.Counter(label: "starling_hook_calls_total", dimensions: dimensions)
+        durations = Metrics.Timer(label: "starling_hook_duration_seconds", dimensions: dimensions)
+    }
+
+    @inline(__always)
+    func measure(_ body: () -> HookResult) -> HookResult {
+        calls.increment()
+        guard sequence.wrappingAdd(1, ordering: .relaxed).oldValue % Self.sampleEvery == 0 else { return body() }
+        let start = ContinuousClock.now
+        let result = body()
+        durations.record(duration: ContinuousClock.now - start)
+        return result
     }
 }

@@ -22,9 +22,10 @@ final class MetricsTests: XCTestCase {
     }
 
     func testCountersFollowTrafficAndTheDashboardAsksForExistingSeries() async throws {
-        let server = try ServerProcess(extraConfig: "modules:\n  disco: {}\n  roster: {}\n  presence: {}\n  mam: {}\n  muc: {}\n  lua: { scripts: [count.lua] }\n",
-                                       users: [("m1", "pw1"), ("m2", "pw2")],
-                                       files: ["count.lua": "starling.hook('message-in', function(stanza) end)\n"],
+        let server = try ServerProcess(extraConfig: "modules:\n  disco: {}\n  roster: {}\n  presence: {}\n  offline: {}\n  mam: {}\n  muc: {}\n  lua: { scripts: [count.lua, boom.lua] }\n",
+                                       users: [("m1", "pw1"), ("m2", "pw2"), ("m3", "pw3")],
+                                       files: ["count.lua": "starling.hook('message-in', function(stanza) end)\n",
+                                               "boom.lua": "starling.hook('message-in', function(stanza) if stanza.body == 'boom' then error('boom') end end)\n"],
                                        extraListeners: ["{ type: http, address: 127.0.0.1, port: 0, metrics: true }"])
         defer { XCTAssertEqual(server.stop(), 0) }
         let before = try await scrape(server.httpPort)
@@ -53,6 +54,25 @@ final class MetricsTests: XCTestCase {
         let luaCalls = "starling_module_value{host=\"localhost\",module=\"lua\",name=\"calls\"}"
         XCTAssertEqual(before[luaCalls], 0)
         XCTAssertGreaterThanOrEqual(after[luaCalls] ?? 0, 5)
+
+        // Latencies and outcomes: hooks per module, Lua scripts, storage operations, TLS handshakes, routing.
+        a.send("<message to='m3@localhost' type='chat'><body>boom</body></message>")
+        _ = try await a.iq("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", id: "sync")
+        let later = try await scrape(server.httpPort)
+        let hook = "{host=\"localhost\",hook=\"stanza-from-client\",module=\"lua\"}"
+        XCTAssertGreaterThanOrEqual(later["starling_hook_calls_total\(hook)"] ?? 0, 6)
+        XCTAssertGreaterThanOrEqual(later["starling_hook_duration_seconds_count\(hook)"] ?? 0, 1)
+        XCTAssertNotNil(later["starling_hook_duration_seconds_bucket{host=\"localhost\",hook=\"stanza-from-client\",module=\"lua\",le=\"0.000001\"}"],
+                        later.keys.filter { $0.hasPrefix("starling_hook_duration_seconds_bucket") }.sorted().prefix(3).description)
+        XCTAssertEqual(later["starling_lua_failures_total{host=\"localhost\",script=\"boom.lua\",reason=\"error\"}"], 1)
+        XCTAssertEqual(later["starling_lua_failures_total{host=\"localhost\",script=\"count.lua\",reason=\"error\"}"] ?? 0, 0)
+        XCTAssertGreaterThanOrEqual(later["starling_lua_call_duration_seconds_count{host=\"localhost\",script=\"count.lua\"}"] ?? 0, 1)
+        XCTAssertGreaterThanOrEqual(later["starling_routing_outcomes_total{outcome=\"offline\"}"] ?? 0, 1, "the message to m3, who is away")
+        XCTAssertGreaterThanOrEqual(later["starling_tls_handshakes_total{result=\"success\"}"] ?? 0, 3)
+        XCTAssertGreaterThanOrEqual(later["starling_tls_handshake_duration_seconds_count"] ?? 0, 3)
+        let credentialLookups = later.filter { $0.key.hasPrefix("starling_storage_operation_duration_seconds_count{") && $0.key.contains("store=\"account\",operation=\"credentials\"") }
+        XCTAssertGreaterThanOrEqual(credentialLookups.values.first ?? 0, 3, later.keys.filter { $0.contains("storage") }.sorted().description)
+        XCTAssertEqual(later.filter { $0.key.hasPrefix("starling_storage_errors_total{") }.values.reduce(0, +), 0)
         XCTAssertGreaterThan(after["process_resident_memory_bytes"] ?? 0, 1_000_000)
         XCTAssertGreaterThan(after["process_open_fds"] ?? 0, 5)
 
@@ -63,13 +83,14 @@ final class MetricsTests: XCTestCase {
         let expressions = (dashboard["panels"] as? [[String: Any]] ?? []).flatMap { ($0["targets"] as? [[String: Any]] ?? []).compactMap { $0["expr"] as? String } }
         XCTAssertGreaterThan(expressions.count, 8)
         let served = Set(after.keys.map { String($0.prefix { $0 != "{" }) })
-        let functions: Set = ["sum", "by", "rate", "irate", "increase", "avg", "max", "min"]
+        let functions: Set = ["sum", "by", "rate", "irate", "increase", "avg", "max", "min", "histogram_quantile"]
         for expression in expressions {
-            let identifiers = try NSRegularExpression(pattern: "[a-z_]+(?=[{\\[() ]|$)")
+            let identifiers = try NSRegularExpression(pattern: "[a-z_]+(?=[{\\[() ,]|$)")
             let names = identifiers.matches(in: expression, range: NSRange(expression.startIndex..., in: expression))
                 .map { String(expression[Range($0.range, in: expression)!]) }.filter { !functions.contains($0) && $0.contains("_") }
             XCTAssertFalse(names.isEmpty, expression)
-            for name in names { XCTAssertTrue(served.contains(name), "\(name) (in \(expression)) is not served") }
+            // A histogram's series are its name with _bucket, _sum and _count.
+            for name in names { XCTAssertTrue(served.contains(name) || served.contains(name + "_count"), "\(name) (in \(expression)) is not served") }
         }
         await a.close()
         await b.close()
