@@ -192,3 +192,25 @@ final class HookMeter: Sendable {
         return result
     }
 }
+
+/// What metering costs a hook call, for `starling-bench metrics-cost`: nanoseconds per call of a no-op
+/// handler called plainly and through a `HookMeter`, on `threads` threads at once (they share the meter,
+/// as event loops do), with metrics bootstrapped into the Prometheus registry.
+public enum HookMeteringCost {
+    public static func nanosecondsPerCall(calls: Int, threads: Int) -> (plain: Double, metered: Double) {
+        ServerMetrics.bootstrapped
+        let meter = HookMeter(host: "bench.example", hook: "stanza-from-client", module: "bench")
+        let handler: @Sendable (Any) -> HookResult = { _ in .pass }
+        let event: Any = 0
+        func time(_ body: @escaping @Sendable () -> Void) -> Double {
+            let start = DispatchTime.now().uptimeNanoseconds
+            DispatchQueue.concurrentPerform(iterations: threads) { _ in
+                for _ in 0..<calls { body() }
+            }
+            return Double(DispatchTime.now().uptimeNanoseconds - start) * Double(threads) / Double(calls * threads)
+        }
+        let plain = time { if case .handled = handler(event) { preconditionFailure() } }
+        let metered = time { if case .handled = meter.measure({ handler(event) }) { preconditionFailure() } }
+        return (plain, metered)
+    }
+}
