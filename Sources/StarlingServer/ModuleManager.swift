@@ -186,10 +186,16 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     func deliver(_ stanza: XMLElement, to recipients: [JID]) { router.deliver(stanza, to: recipients) }
 
     func resources(of bare: JID) -> [ResourceInfo] {
-        router.registry.resources(of: bare).map {
-            ResourceInfo(jid: $0.jid, available: $0.available, priority: $0.priority, isLocal: $0.session != nil,
-                         presence: $0.available ? $0.presence : nil, flags: $0.flags)
-        }
+        router.registry.resources(of: bare).map(Self.info)
+    }
+
+    func boundResources() -> [ResourceInfo] {
+        router.registry.allResources.filter { $0.jid.domainpart == domain }.map(Self.info)
+    }
+
+    private static func info(_ state: ResourceState) -> ResourceInfo {
+        ResourceInfo(jid: state.jid, available: state.available, priority: state.priority, isLocal: state.session != nil,
+                     presence: state.available ? state.presence : nil, flags: state.flags)
     }
 
     func setAvailability(of full: JID, available: Bool, priority: Int) {

@@ -37,6 +37,7 @@ final class AccessRulesTests: XCTestCase {
           presence: {}
           register: { allow_registration: true, access: register_here, min_interval: 0 }
           muc: { access_create: make_rooms }
+          announce: { access: make_rooms }
           lua: { scripts: [acl.lua] }
         """
     }
@@ -89,6 +90,18 @@ final class AccessRulesTests: XCTestCase {
         try await MUC.createInstantRoom(boss, "bosses", nick: "boss")
         let bobs = try await MUC.refusedJoin(bob, "bobs", nick: "bob")
         XCTAssertEqual(bobs, "not-allowed")
+
+        // Announcements: the vip may, to every online session (as a headline from the host); bob may not.
+        alice.send("<message to='localhost/announce/online' id='a1'><subject>News</subject><body>tea in the lobby</body></message>")
+        for client in [alice, bob, boss] {
+            let news = try await client.expect("the announcement") { $0.name == "message" && $0.child("body")?.text == "tea in the lobby" }
+            XCTAssertEqual(news[attribute: "from"], "localhost")
+            XCTAssertEqual(news[attribute: "type"], "headline")
+            XCTAssertEqual(news.child("subject")?.text, "News")
+        }
+        bob.send("<message to='localhost/announce/online' id='b1'><body>spam</body></message>")
+        let refusal = try await bob.expect("the refusal") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(MUC.errorCondition(refusal), "forbidden")
 
         // New rules, live: registration from loopback, logins only from 10/8.
         let original = try String(contentsOfFile: server.configPath, encoding: .utf8)

@@ -11,6 +11,7 @@ extension QuietModuleHost {
     func identities(for target: IQTarget) -> [DiscoIdentity] { [] }
     func discoItems(_ request: IQRequest) async -> [XMLElement]? { [] }
     func resources(of bare: JID) -> [ResourceInfo] { [] }
+    func boundResources() -> [ResourceInfo] { [] }
     func setAvailability(of full: JID, available: Bool, priority: Int) {}
     func setFlag(_ flag: String, _ on: Bool, for full: JID) {}
     func broadcastToCluster(_ message: XMLElement) {}

@@ -140,6 +140,8 @@ public protocol ModuleHost: Sendable {
     func features(for target: IQTarget) -> [String]
     /// The bound resources of an account (on any host this server serves), on every node of a cluster.
     func resources(of bare: JID) -> [ResourceInfo]
+    /// Every bound resource of this module's host, on every node of a cluster.
+    func boundResources() -> [ResourceInfo]
     /// Marks a resource (bound on this node) with a flag other nodes see too in `ResourceInfo.flags`:
     /// per-session state a module needs wherever the account's stanzas are routed (carbons enabled, roster
     /// requested). Flags go when the session goes.
