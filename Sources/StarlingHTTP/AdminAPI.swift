@@ -15,6 +15,8 @@ public protocol AdminBackend: Sendable {
     /// Deletes the account and everything it owns, closing its sessions; returns how many were closed.
     func unregister(user: String, host: String) async throws(AdminCommandError) -> Int
     func changePassword(user: String, host: String, password: String) async throws(AdminCommandError)
+    /// An account's sessions, roster size and waiting offline messages.
+    func userInfo(user: String, host: String) async throws(AdminCommandError) -> AdminUserInfo
     /// Deletes the account's offline messages; returns how many there were.
     func purgeOffline(user: String, host: String) async throws(AdminCommandError) -> Int
     /// Bound sessions, of every node, of one host or all.
@@ -69,6 +71,21 @@ public struct AdminHostStats: Codable, Sendable {
         self.onlineUsers = onlineUsers
         self.registeredUsers = registeredUsers
         self.modules = modules
+    }
+}
+
+public struct AdminUserInfo: Codable, Sendable {
+    public var jid: String
+    /// Its bound resources' full JIDs, of every node.
+    public var sessions: [String]
+    public var rosterItems: Int
+    public var offlineMessages: Int
+
+    public init(jid: String, sessions: [String], rosterItems: Int, offlineMessages: Int) {
+        self.jid = jid
+        self.sessions = sessions
+        self.rosterItems = rosterItems
+        self.offlineMessages = offlineMessages
     }
 }
 
@@ -171,6 +188,11 @@ enum AdminAPI {
                 let body = try await decode(RegisterRequest.self, request, context)
                 let jid = try await backend.register(user: body.username, host: try parameter("host", context), password: body.password)
                 return try json(["jid": jid], status: .created)
+            }
+        }
+        hosts.get("users/{user}") { _, context in
+            try await run { () throws(AdminCommandError) in
+                try json(await backend.userInfo(user: try parameter("user", context), host: try parameter("host", context)))
             }
         }
         hosts.delete("users/{user}") { _, context in

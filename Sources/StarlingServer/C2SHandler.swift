@@ -403,13 +403,25 @@ final class C2SHandler: ChannelInboundHandler {
                     let credential = stored.flatMap { $0.first(where: { $0.hash == .sha256 }) ?? $0.first }
                     // PBKDF2 takes milliseconds: keep it off the event loops and the cooperative pool. An
                     // unknown account costs the same, so timing does not tell which accounts exist.
-                    return try await pool.runIfActive {
+                    let valid = try await pool.runIfActive {
                         guard let credential else {
                             _ = SCRAMCredentials.derive(password: password, hash: .sha256, salt: [0], iterations: 4096)
                             return false
                         }
                         return credential.verify(password: password)
                     }
+                    // An imported account may have keys for SCRAM-SHA-1 only: with the password at hand, the
+                    // other hashes' keys are made, so its clients can use SCRAM-SHA-256 from now on.
+                    if valid, let stored, let credential {
+                        let missing = SCRAMHash.allCases.filter { hash in !stored.contains { $0.hash == hash } }
+                        if !missing.isEmpty {
+                            let added = try await pool.runIfActive {
+                                missing.map { SCRAMCredentials.generate(password: password, hash: $0, iterations: credential.iterations) }
+                            }
+                            try? await accounts.setCredentials(username: username, host: host, credentials: stored + added)
+                        }
+                    }
+                    return valid
                 }
                 future.whenComplete { result in
                     switch result {

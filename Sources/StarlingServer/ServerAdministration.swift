@@ -70,6 +70,14 @@ final class ServerAdministration: AdminBackend {
         try await storage { try await self.store.changePassword(username: jid.localpart!, host: host, password: password, iterations: iterations) }
     }
 
+    func userInfo(user: String, host: String) async throws(AdminCommandError) -> AdminUserInfo {
+        let jid = try await existingAccount(user, host)
+        let roster = try await storage { try await self.store.roster(of: jid).items.count }
+        let offline = try await storage { try await self.store.offlineCount(for: jid) }
+        return AdminUserInfo(jid: jid.description, sessions: server.registry.resources(of: jid).map(\.jid.description).sorted(),
+                             rosterItems: roster, offlineMessages: offline)
+    }
+
     func purgeOffline(user: String, host: String) async throws(AdminCommandError) -> Int {
         let jid = try await existingAccount(user, host)
         return try await storage { try await self.store.takeOffline(for: jid).count }

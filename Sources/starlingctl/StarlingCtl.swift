@@ -12,7 +12,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ClusterStatus.self, JoinCluster.self, LeaveCluster.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, PurgeArchives.self, PurgeUploads.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ClusterStatus.self, JoinCluster.self, LeaveCluster.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, ImportProsody.self, PurgeArchives.self, PurgeUploads.self]
     )
 }
 
@@ -136,17 +136,50 @@ struct Export: AsyncParsableCommand {
 }
 
 struct Import: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Create accounts from a XEP-0227 file (from Starling, ejabberd or Prosody). Existing accounts are skipped.")
+    static let configuration = CommandConfiguration(
+        abstract: "Create accounts from a XEP-0227 export: Starling's, or ejabberd's export_piefxis (a <server-data/> file and the host files it includes), or one <host/> file. Existing accounts are skipped.")
     @OptionGroup var options: ConfigOption
-    @Argument(help: "The XEP-0227 file.") var file: String
+    @Argument(help: "The <server-data/> file (the host files it includes are read from its folder) or a <host/> file.") var file: String
+    @OptionGroup var flags: ImportFlags
 
     func run() async throws {
         let configuration = try options.load()
-        let text: String
-        do { text = try String(contentsOfFile: file, encoding: .utf8) } catch { throw ValidationError("cannot read \(file): \(error.localizedDescription)") }
-        try await withStore(configuration, failure: "cannot import \(file)") { store in
-            let summary = try await PortableData.import(text, into: store, hosts: configuration.hosts)
-            print("imported \(summary)")
+        let accounts: [ImportedAccount]
+        do { accounts = try PortableImport.read(path: file) } catch { throw ValidationError("cannot import: \(error)") }
+        try await flags.run(accounts, configuration: configuration, source: file)
+    }
+}
+
+struct ImportProsody: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "import-prosody",
+        abstract: "Create accounts from a Prosody data folder (its internal storage, data_path): accounts with their SCRAM keys, rosters, vCards, private XML, offline messages, blocklists and archives, for every host configured here. Existing accounts are skipped.")
+    @OptionGroup var options: ConfigOption
+    @Argument(help: "Prosody's data_path (e.g. /var/lib/prosody); stop Prosody first so its files are complete.") var dataDirectory: String
+    @OptionGroup var flags: ImportFlags
+
+    func run() async throws {
+        let configuration = try options.load()
+        let accounts: [ImportedAccount]
+        do { accounts = try ProsodyImport.read(dataDirectory: dataDirectory) } catch { throw ValidationError("cannot import: \(error)") }
+        try await flags.run(accounts, configuration: configuration, source: dataDirectory)
+    }
+}
+
+struct ImportFlags: ParsableArguments {
+    @Flag(help: "Read and check everything and say what would be imported, without writing anything.") var dryRun = false
+    @Flag(help: "Replace accounts that exist already (deleting everything they own first) instead of skipping them.") var replace = false
+
+    func run(_ accounts: [ImportedAccount], configuration: StarlingConfiguration, source: String) async throws {
+        var options = ImportOptions()
+        options.dryRun = dryRun
+        options.replace = replace
+        options.iterations = configuration.auth.scramIterations
+        options.progress = { done, total in
+            FileHandle.standardError.write(Data("\(dryRun ? "checked" : "imported") \(done) of \(total) accounts\n".utf8))
+        }
+        try await withStore(configuration, failure: "cannot import \(source)") { store in
+            print(try await AccountImport.run(accounts, into: store, hosts: configuration.hosts, options: options))
         }
     }
 }

@@ -52,6 +52,15 @@ final class AdminAPITests: XCTestCase {
             return Answer(status: http.statusCode, json: json)
         }
 
+        /// Asks for the account until `count` offline messages are stored for it (a few seconds at most).
+        func waitForOfflineMessages(_ count: Int, of user: String) async throws {
+            for _ in 0..<200 {
+                if try await call("GET", "/hosts/localhost/users/\(user)").object["offline_messages"] as? Int == count { return }
+                try await Task.sleep(for: .milliseconds(25))
+            }
+            XCTFail("\(user) never had \(count) offline message(s)")
+        }
+
         /// A call that must be answered with `status`.
         func expect(_ status: Int, _ method: String, _ path: String, query: String = "", body: Any? = nil, rawBody: String? = nil,
                     token: String? = AdminAPITests.token, file: StaticString = #filePath, line: UInt = #line) async throws {
@@ -126,9 +135,15 @@ final class AdminAPITests: XCTestCase {
             XCTAssertEqual(answer.object["recipients"] as? Int, 3)
             message = try await newbie.expect(note) { $0.name == "message" && $0.child("body")?.text == note }
         }
+        // Offline storage writes after the announcement is answered: wait until both are stored.
+        try await api.waitForOfflineMessages(2, of: "a1")
         answer = try await api.call("DELETE", "/hosts/localhost/users/a1/offline")
         XCTAssertEqual(answer.object["deleted"] as? Int, 2)
         _ = try await api.call("POST", "/hosts/localhost/announce", query: "offline=true", body: ["body": "third note"])
+        try await api.waitForOfflineMessages(1, of: "a1")
+        answer = try await api.call("GET", "/hosts/localhost/users/a1")
+        XCTAssertEqual(answer.object["jid"] as? String, "a1@localhost")
+        XCTAssertEqual(answer.object["sessions"] as? [String], [])
         let a1 = try await TestClient.login(port: server.directTLSPort, domain: "localhost", tls: .direct, username: "a1", password: "pw1", resource: "r")
         a1.send("<presence/>")
         message = try await a1.expect("the offline message") { $0.name == "message" }

@@ -133,4 +133,11 @@ void starling_lua_call_free(starling_lua_call *call);
 /// the limits. For tests that compare the two. Returns a malloc'd result or error text; *failed says which.
 char *starling_lua_pattern_compare(const starling_lua_limits *limits, starling_lua_string source, int *failed);
 
+/// Reads a Lua data file, as Prosody's internal storage writes them (`return { ... };`, or `item({ ... });`
+/// once per entry of a list), in a state with no libraries and at most `instruction_limit` VM instructions.
+/// Returns a malloc'd JSON text of the value (the returned one, or the list of items), in which a table is
+/// `{"t": [[key, value], ...]}` (keys of any type), a string is a JSON string whose characters U+0000..U+00FF
+/// are its bytes, and nil is null; or NULL with *error set to a malloc'd message naming the line.
+char *starling_lua_read_data(starling_lua_string source, const char *chunk_name, long long instruction_limit, char **error);
+
 #endif
