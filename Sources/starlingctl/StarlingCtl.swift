@@ -143,10 +143,7 @@ struct Import: AsyncParsableCommand {
     @OptionGroup var flags: ImportFlags
 
     func run() async throws {
-        let configuration = try options.load()
-        let accounts: [ImportedAccount]
-        do { accounts = try PortableImport.read(path: file) } catch { throw ValidationError("cannot import: \(error)") }
-        try await flags.run(accounts, configuration: configuration, source: file)
+        try await flags.run(configuration: try options.load(), source: file) { () throws(ImportError) in try PortableImport.read(path: file) }
     }
 }
 
@@ -159,10 +156,9 @@ struct ImportProsody: AsyncParsableCommand {
     @OptionGroup var flags: ImportFlags
 
     func run() async throws {
-        let configuration = try options.load()
-        let accounts: [ImportedAccount]
-        do { accounts = try ProsodyImport.read(dataDirectory: dataDirectory) } catch { throw ValidationError("cannot import: \(error)") }
-        try await flags.run(accounts, configuration: configuration, source: dataDirectory)
+        try await flags.run(configuration: try options.load(), source: dataDirectory) { () throws(ImportError) in
+            try ProsodyImport.read(dataDirectory: dataDirectory)
+        }
     }
 }
 
@@ -170,7 +166,10 @@ struct ImportFlags: ParsableArguments {
     @Flag(help: "Read and check everything and say what would be imported, without writing anything.") var dryRun = false
     @Flag(help: "Replace accounts that exist already (deleting everything they own first) instead of skipping them.") var replace = false
 
-    func run(_ accounts: [ImportedAccount], configuration: StarlingConfiguration, source: String) async throws {
+    /// Reads the accounts with `read` (a failure names file and line) and writes them into the configured store.
+    func run(configuration: StarlingConfiguration, source: String, read: () throws(ImportError) -> [ImportedAccount]) async throws {
+        let accounts: [ImportedAccount]
+        do { accounts = try read() } catch { throw ValidationError("cannot import: \(error)") }
         var options = ImportOptions()
         options.dryRun = dryRun
         options.replace = replace

@@ -4,20 +4,7 @@ import StarlingModules
 import XCTest
 
 /// `acl:` and `access_rules:` as read from YAML and as decided, without a server.
-final class AccessControlTests: XCTestCase {
-    func parse(_ yaml: String) throws -> StarlingConfiguration {
-        try StarlingConfiguration.parse(yaml: yaml, file: "/etc/starling/starling.yml", moduleCatalog: BuiltinModules.descriptors)
-    }
-
-    func expectError(_ yaml: String, line: Int, key: String, contains text: String, file: StaticString = #filePath, lineNumber: UInt = #line) {
-        XCTAssertThrowsError(try parse(yaml), file: file, line: lineNumber) { error in
-            guard let error = error as? ConfigError else { return XCTFail("\(error)", file: file, line: lineNumber) }
-            XCTAssertEqual(error.line, line, "\(error)", file: file, line: lineNumber)
-            XCTAssertEqual(error.key, key, "\(error)", file: file, line: lineNumber)
-            XCTAssertTrue(error.description.contains(text), "\(error)", file: file, line: lineNumber)
-        }
-    }
-
+final class AccessControlTests: XCTestCase, ConfigParsing {
     static let yaml = """
     hosts: [example.org]
     acl:

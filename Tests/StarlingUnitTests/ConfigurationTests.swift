@@ -3,21 +3,7 @@ import Foundation
 import StarlingModules
 import XCTest
 
-final class ConfigurationTests: XCTestCase {
-    func parse(_ yaml: String) throws -> StarlingConfiguration {
-        try StarlingConfiguration.parse(yaml: yaml, file: "/etc/starling/starling.yml", moduleCatalog: BuiltinModules.descriptors)
-    }
-
-    func expectError(_ yaml: String, line: Int?, key: String?, contains text: String, file: StaticString = #filePath, lineNumber: UInt = #line) {
-        XCTAssertThrowsError(try parse(yaml), file: file, line: lineNumber) { error in
-            guard let error = error as? ConfigError else { return XCTFail("\(error)", file: file, line: lineNumber) }
-            XCTAssertEqual(error.line, line, "\(error)", file: file, line: lineNumber)
-            XCTAssertEqual(error.key, key, "\(error)", file: file, line: lineNumber)
-            XCTAssertTrue(error.description.contains(text), "\(error)", file: file, line: lineNumber)
-            XCTAssertTrue(error.description.hasPrefix("/etc/starling/starling.yml:"), "\(error)", file: file, line: lineNumber)
-        }
-    }
-
+final class ConfigurationTests: XCTestCase, ConfigParsing {
     func testDefaultsFromAnEmptyFile() throws {
         let configuration = try parse("")
         XCTAssertEqual(configuration.hosts, ["localhost"])
