@@ -3,9 +3,11 @@ import StarlingAPI
 import StarlingConfig
 import StarlingHTTP
 import StarlingModules
+import StarlingSASL
 import StarlingStorage
 
-/// What the admin API (and `starlingctl` over the local socket) does to the running server.
+/// What the admin API does to the running server (`starlingctl`'s reloads over the local socket share
+/// `reloadBlocking`).
 final class ServerAdministration: AdminBackend {
     private let server: ServerContext
     private let store: any StarlingStore
@@ -48,10 +50,11 @@ final class ServerAdministration: AdminBackend {
         if try await storage({ try await self.store.accountExists(username: jid.localpart!, host: host) }) {
             throw AdminCommandError(.conflict, "\(jid) exists already")
         }
-        let iterations = configuration.auth.scramIterations
-        // PBKDF2 takes milliseconds of CPU: not on a cooperative thread's time.
-        try await storage {
-            try await self.store.register(username: jid.localpart!, host: host, password: password, iterations: iterations)
+        let credentials = await keys(for: password)
+        do { try await store.createAccount(username: jid.localpart!, host: host, credentials: credentials) } catch StorageError.accountExists {
+            throw AdminCommandError(.conflict, "\(jid) exists already")
+        } catch {
+            throw AdminCommandError(.unavailable, "storage: \(error)")
         }
         return jid.description
     }
@@ -66,8 +69,8 @@ final class ServerAdministration: AdminBackend {
     func changePassword(user: String, host: String, password: String) async throws(AdminCommandError) {
         let jid = try await existingAccount(user, host)
         guard !password.isEmpty else { throw AdminCommandError(.invalid, "the password is empty") }
-        let iterations = configuration.auth.scramIterations
-        try await storage { try await self.store.changePassword(username: jid.localpart!, host: host, password: password, iterations: iterations) }
+        let credentials = await keys(for: password)
+        try await storage { try await self.store.setCredentials(username: jid.localpart!, host: host, credentials: credentials) }
     }
 
     func userInfo(user: String, host: String) async throws(AdminCommandError) -> AdminUserInfo {
@@ -234,6 +237,16 @@ final class ServerAdministration: AdminBackend {
         if let subject = message.subject { stanza.append(XMLElement(name: "subject", namespace: Namespace.client).with(text: subject)) }
         stanza.append(XMLElement(name: "body", namespace: Namespace.client).with(text: message.body))
         return stanza
+    }
+
+    /// SCRAM keys for every hash. PBKDF2 takes milliseconds of CPU: on the thread pool, not a cooperative thread.
+    private func keys(for password: String) async -> [SCRAMCredentials] {
+        let iterations = configuration.auth.scramIterations
+        return await withCheckedContinuation { continuation in
+            server.threadPool.submit { _ in
+                continuation.resume(returning: SCRAMHash.allCases.map { SCRAMCredentials.generate(password: password, hash: $0, iterations: iterations) })
+            }
+        }
     }
 
     /// Runs a storage operation; its failure is the API's 503.
