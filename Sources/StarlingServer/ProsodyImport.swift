@@ -94,7 +94,14 @@ public enum ProsodyImport {
                                                  askSubscribe: entry["ask"]?.text == "subscribe", preApproved: entry["approved"] == .bool(true)))
             }
         }
-        if let vCard = try load(folder, "vcard", user) { account.vCard = element(vCard, inherited: "vcard-temp") }
+        if let vCard = try load(folder, "vcard", user) {
+            account.vCard = element(vCard, inherited: "vcard-temp")
+        } else if let card = try load(folder, vCard4Store, user, list: true)?.array.last.flatMap({ element($0, inherited: "") }) {
+            // mod_vcard_legacy (Debian's default) keeps the vCard as XEP-0292 in PEP, and the avatar as XEP-0084.
+            let avatar = try load(folder, avatarMetadataStore, user, list: true)?.array.last.flatMap { element($0, inherited: "") }
+            let data = try load(folder, avatarDataStore, user, list: true)?.array.last.flatMap { element($0, inherited: "") }
+            account.vCard = vCardTemp(from: card, photoType: avatar?.child("info")?[attribute: "type"], photoData: data?.text)
+        }
         if let documents = try load(folder, "private", user) {
             account.privateDocuments = documents.fields.compactMap { element($0.value, inherited: "") }
         }
@@ -130,7 +137,8 @@ public enum ProsodyImport {
             }
         }
         let stores = (try? FileManager.default.contentsOfDirectory(atPath: folder.path)) ?? []
-        for store in stores.sorted() where !["accounts", "roster", "vcard", "private", "blocklist", "offline", "archive"].contains(store) {
+        let read = ["accounts", "roster", "vcard", "private", "blocklist", "offline", "archive", vCard4Store, avatarDataStore, avatarMetadataStore]
+        for store in stores.sorted() where !read.contains(store) {
             let base = decode(store)
             let has = FileManager.default.fileExists(atPath: folder.appendingPathComponent(store).appendingPathComponent(encode(user) + ".dat").path)
                 || FileManager.default.fileExists(atPath: folder.appendingPathComponent(store).appendingPathComponent(encode(user) + ".list").path)
@@ -139,6 +147,57 @@ public enum ProsodyImport {
             if !what.isEmpty { account.skipped.append("\(what) (not imported)") }
         }
         return account
+    }
+
+    static let vCard4Store = "pep_urn%3axmpp%3avcard4"
+    static let avatarDataStore = "pep_urn%3axmpp%3aavatar%3adata"
+    static let avatarMetadataStore = "pep_urn%3axmpp%3aavatar%3ametadata"
+
+    /// A XEP-0292 vCard as vcard-temp (XEP-0054), field by field, with the avatar as its photo.
+    public static func vCardTemp(from card: XMLElement, photoType: String?, photoData: String?) -> XMLElement {
+        let temp = "vcard-temp"
+        var vCard = XMLElement(name: "vCard", namespace: temp)
+        func value(_ child: XMLElement) -> String? {
+            child.elements.first { ["text", "uri", "date", "date-time", "timestamp"].contains($0.name) }?.text
+        }
+        for field in card.elements {
+            switch field.name {
+            case "fn", "nickname", "bday", "note", "title", "role", "url":
+                guard let text = value(field) else { continue }
+                let name = field.name == "fn" ? "FN" : field.name.uppercased()
+                vCard.append(XMLElement(name: name, namespace: temp).with(text: text))
+            case "n":
+                var n = XMLElement(name: "N", namespace: temp)
+                for (from, to) in [("surname", "FAMILY"), ("given", "GIVEN"), ("additional", "MIDDLE"), ("prefix", "PREFIX"), ("suffix", "SUFFIX")] {
+                    if let text = field.child(from)?.text, !text.isEmpty { n.append(XMLElement(name: to, namespace: temp).with(text: text)) }
+                }
+                if !n.elements.isEmpty { vCard.append(n) }
+            case "email":
+                guard let text = value(field) else { continue }
+                var email = XMLElement(name: "EMAIL", namespace: temp)
+                email.append(XMLElement(name: "USERID", namespace: temp).with(text: text))
+                vCard.append(email)
+            case "tel":
+                guard let text = value(field) else { continue }
+                var tel = XMLElement(name: "TEL", namespace: temp)
+                tel.append(XMLElement(name: "NUMBER", namespace: temp).with(text: text.hasPrefix("tel:") ? String(text.dropFirst(4)) : text))
+                vCard.append(tel)
+            case "org":
+                guard let text = value(field) else { continue }
+                var org = XMLElement(name: "ORG", namespace: temp)
+                org.append(XMLElement(name: "ORGNAME", namespace: temp).with(text: text))
+                vCard.append(org)
+            default:
+                continue
+            }
+        }
+        if let photoData = photoData?.filter({ !$0.isWhitespace }), !photoData.isEmpty {
+            var photo = XMLElement(name: "PHOTO", namespace: temp)
+            photo.append(XMLElement(name: "TYPE", namespace: temp).with(text: photoType ?? "image/png"))
+            photo.append(XMLElement(name: "BINVAL", namespace: temp).with(text: photoData))
+            vCard.append(photo)
+        }
+        return vCard
     }
 
     /// A stanza as Prosody stores it (`{ name = ..., attr = { xmlns = ..., ... }, child, "text", ... }`).

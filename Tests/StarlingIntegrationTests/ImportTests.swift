@@ -91,7 +91,8 @@ final class ImportTests: XCTestCase {
         }
     }
 
-    /// A private Prosody on loopback serving example.test, with its internal storage in `data`.
+    /// A private Prosody on loopback serving example.test, with its internal storage in `data`; vCards go
+    /// through mod_vcard_legacy into PEP (XEP-0292), as in Debian's default configuration.
     final class Prosody {
         let directory: URL
         let port: Int
@@ -114,7 +115,7 @@ final class ImportTests: XCTestCase {
             allow_unencrypted_plain_auth = true
             authentication = "internal_hashed"
             storage = "internal"
-            modules_enabled = { "roster"; "saslauth"; "disco"; "vcard"; "private"; "blocklist"; "offline"; "ping"; "mam" }
+            modules_enabled = { "roster"; "saslauth"; "disco"; "vcard_legacy"; "private"; "blocklist"; "offline"; "ping"; "mam" }
             modules_disabled = { "s2s" }
             daemonize = false
             VirtualHost "example.test"

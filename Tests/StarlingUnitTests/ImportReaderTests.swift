@@ -113,6 +113,19 @@ final class ImportReaderTests: XCTestCase {
         XCTAssertThrowsError(try LuaDataFile.parse(Data("return {".utf8), name: "cut.dat"))
     }
 
+    func testAVCard4FromPEPBecomesVCardTempWithItsPhoto() throws {
+        let item = try LuaDataFile.parse(Data("""
+        item({ { { "Alice Liddell"; ["attr"] = {}; ["name"] = "text"; }; ["attr"] = {}; ["name"] = "fn"; };
+               { { "Liddell"; ["attr"] = {}; ["name"] = "surname"; }; { "Alice"; ["attr"] = {}; ["name"] = "given"; }; ["attr"] = {}; ["name"] = "n"; };
+               { { "alice@example.test"; ["attr"] = {}; ["name"] = "text"; }; ["attr"] = {}; ["name"] = "email"; };
+               ["key"] = "current"; ["attr"] = { ["xmlns"] = "urn:ietf:params:xml:ns:vcard-4.0"; }; ["name"] = "vcard"; });
+        """.utf8), name: "alice.list")
+        let card = try XCTUnwrap(item.array.last.flatMap { ProsodyImport.element($0, inherited: "") })
+        let vCard = ProsodyImport.vCardTemp(from: card, photoType: "image/jpeg", photoData: "aGVsbG8=\n")
+        XCTAssertEqual(vCard.serialized(), "<vCard xmlns='vcard-temp'><FN>Alice Liddell</FN><N><FAMILY>Liddell</FAMILY><GIVEN>Alice</GIVEN></N>"
+                       + "<EMAIL><USERID>alice@example.test</USERID></EMAIL><PHOTO><TYPE>image/jpeg</TYPE><BINVAL>aGVsbG8=</BINVAL></PHOTO></vCard>")
+    }
+
     func testProsodyStanzasBecomeElementsInTheirNamespaces() throws {
         let stored = try LuaDataFile.parse(Data("""
         return { ["name"] = "vCard"; ["attr"] = { ["xmlns"] = "vcard-temp"; }; { ["name"] = "FN"; ["attr"] = {}; "Alice"; }; };
