@@ -32,6 +32,8 @@ public struct ClusterPeerStatus: Sendable, Codable, Equatable {
     public var roundTripMilliseconds: Double?
     /// Seconds since its last database heartbeat, when the registry lists it.
     public var heartbeatAge: Double?
+    /// The link holds more unsent bytes than its high water mark (the peer is not keeping up).
+    public var backlogged = false
 }
 
 /// This node's membership in a cluster: the link listener, links to every other node (dialled by the
@@ -224,7 +226,8 @@ public final class ClusterNode: @unchecked Sendable {
                 let rtt = peer?.link.map { Double($0.roundTrip.load(ordering: .relaxed)) / 1000 }
                 let linkState = peer?.link != nil ? "up" : peer?.lost == true ? "lost" : "down"
                 return ClusterPeerStatus(node: name, link: peer?.address ?? member?.link, state: linkState,
-                                         roundTripMilliseconds: rtt, heartbeatAge: member?.silence)
+                                         roundTripMilliseconds: rtt, heartbeatAge: member?.silence,
+                                         backlogged: peer?.link.map { !$0.channel.isWritable } ?? false)
             }
         }
     }

@@ -135,5 +135,7 @@ public final class MUCModule: ServerModule, StatusReportingModule, ActivatableMo
         }
     }
 
-    public var statusCounters: [String: Int] { service.archiveCounters.merging(["rooms": service.liveRooms]) { $1 } }
+    public var statusCounters: [String: Int] {
+        service.archiveCounters.merging(["rooms": service.liveRooms, "pending_writes": service.pendingWrites]) { $1 }
+    }
 }

@@ -495,6 +495,8 @@ final class MUCService: @unchecked Sendable {
     }
 
     var archiveCounters: [String: Int] { archive?.writer.statusCounters ?? [:] }
+    /// Room changes waiting to be stored.
+    var pendingWrites: Int { writes.pending }
 
     // MARK: Sessions and shutdown
 

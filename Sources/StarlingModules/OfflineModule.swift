@@ -4,7 +4,7 @@ import StarlingStorage
 
 /// XEP-0160: chat and normal messages for an account with no available resource are stored (with a
 /// XEP-0203 delay stamp) and delivered at the next initial presence, up to a per-account quota.
-public final class OfflineModule: ServerModule {
+public final class OfflineModule: StatusReportingModule {
     public static let descriptor = ModuleDescriptor(
         name: "offline", summary: "Stores messages for offline accounts.", xeps: ["XEP-0160", "XEP-0203"],
         dependencies: ["presence"],
@@ -25,6 +25,9 @@ public final class OfflineModule: ServerModule {
         accounts = try host.require((any AccountStore).self, "account storage")
         limit = host.options.integer("max_messages")
     }
+
+    /// Stores and deliveries of offline messages waiting their turn (`starling_module_value{name="pending"}`).
+    public var statusCounters: [String: Int] { ["pending": queue.pending] }
 
     public func register(_ registrar: ModuleRegistrar) {
         registrar.feature("msgoffline")

@@ -136,6 +136,7 @@ enum ServerMetrics {
             linkUp.record(peers.filter { $0.state == "up" }.count)
             for peer in peers {
                 Gauge(label: "starling_cluster_link_up", dimensions: [("peer", peer.node)]).record(peer.state == "up" ? 1 : 0)
+                Gauge(label: "starling_cluster_link_backlogged", dimensions: [("peer", peer.node)]).record(peer.backlogged ? 1 : 0)
                 if let rtt = peer.roundTripMilliseconds {
                     Gauge(label: "starling_cluster_link_round_trip_seconds", dimensions: [("peer", peer.node)]).record(rtt / 1000)
                 }

@@ -6,16 +6,22 @@ import Synchronization
 public final class KeyedSerialQueue: Sendable {
     private let tails = Mutex<[JID: (id: Int, task: Task<Void, Never>)]>([:])
     private let counter = Atomic<Int>(0)
+    private let waiting = Atomic<Int>(0)
 
     public init() {}
 
+    /// Work items submitted and not finished yet, over every key: the queue's depth, for status counters.
+    public var pending: Int { waiting.load(ordering: .relaxed) }
+
     public func enqueue(_ key: JID, _ work: @escaping @Sendable () async -> Void) {
         let id = counter.add(1, ordering: .relaxed).newValue
+        waiting.add(1, ordering: .relaxed)
         tails.withLock { tails in
             let previous = tails[key]?.task
             let task = Task {
                 await previous?.value
                 await work()
+                self.waiting.subtract(1, ordering: .relaxed)
                 self.finished(key, id: id)
             }
             tails[key] = (id, task)
