@@ -15,6 +15,8 @@ public struct C2SSettings: Sendable {
     public var maxSASLAttempts: Int
     /// PLAIN may be offered without TLS (an explicit, load-test-only choice).
     public var plainWithoutTLS = false
+    /// Offer XEP-0388 SASL2 (with XEP-0386 Bind2 inline) next to RFC 6120 SASL.
+    public var offersSASL2 = true
     /// Hosts whose passwords a module decides: no stored keys there, so PLAIN is the only mechanism.
     public var moduleAuthenticatedHosts: Set<String> = []
     /// Stream features modules add, per host and phase.
@@ -103,6 +105,10 @@ public struct C2SStateMachine {
     private var channelBinding: ChannelBinding?
     /// Mechanisms this client is not offered (`auth.mechanism_access` refuses its address).
     public var refusedMechanisms: Set<String> = []
+    /// The SASL2 authentication under way (XEP-0388): its answers are SASL2's, and what it asked for inline.
+    private var sasl2: SASL2Request?
+    /// SASL2 succeeded with Bind2: its `<success/>` waits for the resource (`additional-data`, if any).
+    private var sasl2SuccessPending: [UInt8]??
     public private(set) var host: String
     /// Bare JID once SASL succeeded.
     public private(set) var authenticatedUser: JID?
@@ -223,7 +229,7 @@ public struct C2SStateMachine {
         switch server.receiveCredentials(chosen) {
         case .challenge(let data):
             state = .authenticating(.scram(server, awaitingCredentials: false))
-            return [.sendElement(Self.saslElement("challenge", data: data))]
+            return [.sendElement(challengeElement(data))]
         case .success, .fail:
             return saslFailure(.notAuthorized)
         }
@@ -238,12 +244,18 @@ public struct C2SStateMachine {
     public mutating func authenticationUnavailable() -> [Action] {
         guard case .authenticating = state else { return [] }
         state = .negotiating
-        return [.sendElement(Self.saslFailureElement(.temporaryAuthFailure))]
+        let reply = failureElement(.temporaryAuthFailure)
+        sasl2 = nil
+        return [.sendElement(reply)]
     }
 
     public mutating func resourceBound(_ jid: JID, iq: XMLElement) -> [Action] {
         guard case .binding = state else { return [] }
         state = .bound(jid)
+        if let additionalData = sasl2SuccessPending {
+            sasl2SuccessPending = nil
+            return [.sendElement(SASL2.success(additionalData: additionalData, identifier: jid, bound: true))]
+        }
         var bind = XMLElement(name: "bind", namespace: Namespace.bind)
         bind.append(XMLElement(name: "jid", namespace: Namespace.bind).with(text: jid.description))
         var result = iq.iqResult(payload: bind)
@@ -269,6 +281,14 @@ public struct C2SStateMachine {
     public mutating func bindFailed(_ condition: StanzaErrorCondition, iq: XMLElement) -> [Action] {
         guard case .binding = state else { return [] }
         state = .negotiating
+        if sasl2SuccessPending != nil {
+            // Authenticated, but no resource: the client may still bind the RFC 6120 way on this stream.
+            sasl2SuccessPending = nil
+            var failure = XMLElement(name: "failure", namespace: SASL2.namespace)
+            failure.append(XMLElement(name: SASLFailure.temporaryAuthFailure.rawValue, namespace: Namespace.sasl))
+            failure.append(XMLElement(name: "text", namespace: SASL2.namespace).with(text: "no resource could be bound (\(condition.rawValue))"))
+            return [.sendElement(failure)]
+        }
         return [.sendElement(iq.errorReply(condition))]
     }
 
@@ -332,6 +352,16 @@ public struct C2SStateMachine {
                 list.append(XMLElement(name: "mechanism", namespace: Namespace.sasl).with(text: mechanism))
             }
             features.append(list)
+            if settings.offersSASL2 {
+                var authentication = XMLElement(name: "authentication", namespace: SASL2.namespace)
+                for mechanism in mechanisms {
+                    authentication.append(XMLElement(name: "mechanism", namespace: SASL2.namespace).with(text: mechanism))
+                }
+                var inline = XMLElement(name: "inline", namespace: SASL2.namespace)
+                inline.append(XMLElement(name: "bind", namespace: SASL2.bind2))
+                authentication.append(inline)
+                features.append(authentication)
+            }
             if let channelBinding {
                 // XEP-0440: say which channel-binding types we support.
                 var types = XMLElement(name: "sasl-channel-binding", namespace: Namespace.saslChannelBinding)
@@ -353,7 +383,13 @@ public struct C2SStateMachine {
             state = .tlsHandshake
             return [.sendElement(XMLElement(name: "proceed", namespace: Namespace.tls)), .startTLS]
         case (Namespace.sasl, "auth"):
-            return startAuthentication(element)
+            sasl2 = nil
+            return startAuthentication(element, initialResponse: element)
+        case (SASL2.namespace, "authenticate") where settings.offersSASL2:
+            sasl2 = SASL2Request(bind: element.child("bind", namespace: SASL2.bind2))
+            // No <initial-response/> is no initial response; an empty one is an empty response.
+            let initial = element.child("initial-response", namespace: SASL2.namespace) ?? XMLElement(name: "initial-response", namespace: SASL2.namespace)
+            return startAuthentication(element, initialResponse: initial)
         case (Namespace.client, "iq") where authenticatedUser != nil:
             return iqBeforeBind(element)
         case (StreamManagement.namespace, "resume") where authenticatedUser != nil:
@@ -387,29 +423,30 @@ public struct C2SStateMachine {
         return streamError(.notAuthorized, "bind a resource first")
     }
 
-    private mutating func startAuthentication(_ element: XMLElement) -> [Action] {
+    /// `initialResponse` holds the base64 text (the `<auth/>` itself, or SASL2's `<initial-response/>`).
+    private mutating func startAuthentication(_ element: XMLElement, initialResponse: XMLElement) -> [Action] {
         guard authenticatedUser == nil else { return streamError(.policyViolation, "already authenticated") }
         saslAttempts += 1
         if saslAttempts > settings.maxSASLAttempts {
             return streamError(.policyViolation, "too many authentication attempts")
         }
         if !tlsActive && settings.tlsRequired {
-            return [.sendElement(Self.saslFailureElement(.encryptionRequired))]
+            return [.sendElement(failureElement(.encryptionRequired))]
         }
         let mechanism = element[attribute: "mechanism"] ?? ""
         let offered = offeredMechanisms()
         guard offered.contains(mechanism) else {
-            return [.sendElement(Self.saslFailureElement(.invalidMechanism))]
+            return [.sendElement(failureElement(.invalidMechanism))]
         }
         let initial: [UInt8]?
-        switch Self.decodeSASLData(element) {
+        switch Self.decodeSASLData(initialResponse) {
         case .success(let data): initial = data
-        case .failure: return [.sendElement(Self.saslFailureElement(.incorrectEncoding))]
+        case .failure: return [.sendElement(failureElement(.incorrectEncoding))]
         }
         if mechanism == "PLAIN" {
             state = .authenticating(.plain)
             guard let initial else {
-                return [.sendElement(Self.saslElement("challenge", data: []))]
+                return [.sendElement(challengeElement([]))]
             }
             return receivePlain(initial)
         }
@@ -419,18 +456,20 @@ public struct C2SStateMachine {
                                  advertisedPlus: offered.contains { $0.hasSuffix("-PLUS") })
         state = .authenticating(.scram(server, awaitingCredentials: false))
         guard let initial else {
-            return [.sendElement(Self.saslElement("challenge", data: []))]
+            return [.sendElement(challengeElement([]))]
         }
         return receiveSCRAMFirst(server, initial)
     }
 
     private mutating func continueAuthentication(_ exchange: SASLExchange, _ element: XMLElement) -> [Action] {
-        guard element.namespace == Namespace.sasl else {
+        guard element.namespace == (sasl2 == nil ? Namespace.sasl : SASL2.namespace) else {
             return streamError(.notAuthorized, "authentication in progress")
         }
         if element.name == "abort" {
             state = .negotiating
-            return [.sendElement(Self.saslFailureElement(.aborted))]
+            let reply = failureElement(.aborted)
+            sasl2 = nil
+            return [.sendElement(reply)]
         }
         guard element.name == "response" else { return streamError(.notAuthorized, "expected <response/>") }
         let data: [UInt8]
@@ -482,14 +521,27 @@ public struct C2SStateMachine {
     private mutating func saslSuccess(username: String, additionalData: [UInt8]?) -> [Action] {
         guard let user = try? JID(localpart: username, domainpart: host) else { return saslFailure(.notAuthorized) }
         authenticatedUser = user
-        state = .awaitingHeader
-        headerSent = false
-        return [.sendElement(Self.saslElement("success", data: additionalData)), .authenticated(user), .resetParser]
+        guard let request = sasl2 else {
+            state = .awaitingHeader
+            headerSent = false
+            return [.sendElement(Self.saslElement("success", data: additionalData)), .authenticated(user), .resetParser]
+        }
+        // SASL2 keeps the stream (no restart). With Bind2 the success waits for the resource and names it.
+        sasl2 = nil
+        guard let bind = request.bind else {
+            state = .negotiating
+            return [.sendElement(SASL2.success(additionalData: additionalData, identifier: user, bound: false)), .authenticated(user)]
+        }
+        state = .binding
+        sasl2SuccessPending = .some(additionalData)
+        let synthetic = XMLElement(name: "iq", namespace: Namespace.client, attributes: ["type": "set", "id": "bind2"])
+        return [.authenticated(user), .bindResource(user: user, requested: SASL2.resource(tag: bind.child("tag", namespace: SASL2.bind2)?.text), iq: synthetic)]
     }
 
     private mutating func saslFailure(_ failure: SASLFailure) -> [Action] {
         state = .negotiating
-        let reply = Self.saslFailureElement(failure)
+        let reply = failureElement(failure)
+        sasl2 = nil
         if failure == .notAuthorized || failure == .invalidAuthzid {
             return [.authenticationFailed(reply: reply)]
         }
@@ -609,6 +661,20 @@ public struct C2SStateMachine {
         return element
     }
 
+    /// A challenge in the namespace of the authentication under way.
+    private func challengeElement(_ data: [UInt8]) -> XMLElement {
+        guard sasl2 != nil else { return Self.saslElement("challenge", data: data) }
+        return XMLElement(name: "challenge", namespace: SASL2.namespace).with(text: data.isEmpty ? "=" : Data(data).base64EncodedString())
+    }
+
+    /// A failure as the authentication under way words it: RFC 6120's, or SASL2's wrapping the same condition.
+    private func failureElement(_ failure: SASLFailure) -> XMLElement {
+        guard sasl2 != nil else { return Self.saslFailureElement(failure) }
+        var element = XMLElement(name: "failure", namespace: SASL2.namespace)
+        element.append(XMLElement(name: failure.rawValue, namespace: Namespace.sasl))
+        return element
+    }
+
     static func saslFailureElement(_ failure: SASLFailure) -> XMLElement {
         var element = XMLElement(name: "failure", namespace: Namespace.sasl)
         element.append(XMLElement(name: failure.rawValue, namespace: Namespace.sasl))
@@ -624,5 +690,35 @@ public struct C2SStateMachine {
         if text == "=" { return .success([]) }
         guard let data = Data(base64Encoded: text) else { return .failure(.invalid) }
         return .success(Array(data))
+    }
+}
+
+/// What a SASL2 `<authenticate/>` asked for inline.
+struct SASL2Request: Equatable {
+    /// XEP-0386 `<bind/>`: bind a resource as part of authenticating.
+    var bind: XMLElement?
+}
+
+/// XEP-0388 (SASL2) and XEP-0386 (Bind2) wire forms.
+enum SASL2 {
+    static let namespace = "urn:xmpp:sasl:2"
+    static let bind2 = "urn:xmpp:bind:0"
+
+    /// `<success/>`: the SCRAM server signature, and who the client now is (a full JID once bound).
+    static func success(additionalData: [UInt8]?, identifier: JID, bound: Bool) -> XMLElement {
+        var success = XMLElement(name: "success", namespace: namespace)
+        if let additionalData {
+            success.append(XMLElement(name: "additional-data", namespace: namespace).with(text: Data(additionalData).base64EncodedString()))
+        }
+        success.append(XMLElement(name: "authorization-identifier", namespace: namespace).with(text: identifier.description))
+        if bound { success.append(XMLElement(name: "bound", namespace: bind2)) }
+        return success
+    }
+
+    /// XEP-0386 §4: the client names its software with a tag; the resource is the tag and something unique.
+    static func resource(tag: String?) -> String? {
+        let unique = String(UUID().uuidString.prefix(8)).lowercased()
+        guard let tag = tag?.trimmingCharacters(in: .whitespacesAndNewlines), !tag.isEmpty else { return nil }
+        return "\(tag.prefix(64)).\(unique)"
     }
 }

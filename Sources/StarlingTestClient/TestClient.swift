@@ -221,6 +221,43 @@ public final class TestClient: @unchecked Sendable {
         try await finishSASL { data in try scram.verify(serverFinal: data) }
     }
 
+    /// XEP-0388 SASL2 on the open stream, with XEP-0386 Bind2 when `bindTag` is given: returns the
+    /// `<success/>`, whose `<authorization-identifier/>` is the full JID when a resource was bound. The
+    /// stream is not restarted.
+    @discardableResult
+    public func authenticateSASL2(username: String, password: String, mechanism: String, bindTag: String? = nil) async throws -> XMLElement {
+        let sasl2 = "urn:xmpp:sasl:2"
+        let bind = bindTag.map { "<bind xmlns='urn:xmpp:bind:0'><tag>\($0)</tag></bind>" } ?? ""
+        let userAgent = "<user-agent id='d4565fa7-4d72-4749-b3d3-740edbf87770'><software>StarlingTestClient</software></user-agent>"
+        func authenticate(_ initial: [UInt8]) {
+            send("<authenticate xmlns='\(sasl2)' mechanism='\(mechanism)'><initial-response>\(Data(initial).base64EncodedString())</initial-response>\(userAgent)\(bind)</authenticate>")
+        }
+        var verify: (([UInt8]) throws -> Void)?
+        if mechanism == "PLAIN" {
+            authenticate([0] + Array(username.utf8) + [0] + Array(password.utf8))
+        } else {
+            let plus = mechanism.hasSuffix("-PLUS")
+            if plus && channelBinding == nil { channelBinding = try await serverEndPointBinding() }
+            var scram = SCRAMClient(hash: mechanism.hasPrefix("SCRAM-SHA-256") ? .sha256 : .sha1, username: username, password: password,
+                                    authzid: nil, channelBinding: plus ? channelBinding : nil)
+            authenticate(scram.clientFirst())
+            let challenge = try await nextElement()
+            guard challenge.name == "challenge", challenge.namespace == sasl2 else { throw Self.failure(challenge) }
+            let final = try scram.clientFinal(serverFirst: Array(Data(base64Encoded: challenge.text) ?? Data()))
+            send("<response xmlns='\(sasl2)'>\(Data(final).base64EncodedString())</response>")
+            verify = { data in try scram.verify(serverFinal: data) }
+        }
+        let outcome = try await nextElement()
+        guard outcome.name == "success", outcome.namespace == sasl2 else { throw Self.failure(outcome) }
+        if let verify {
+            try verify(Array(Data(base64Encoded: outcome.child("additional-data")?.text ?? "") ?? Data()))
+        }
+        if outcome.child("bound", namespace: "urn:xmpp:bind:0") != nil, let jid = outcome.child("authorization-identifier").flatMap({ JID($0.text) }) {
+            boundJID = jid
+        }
+        return outcome
+    }
+
     private func finishSASL(verify: (([UInt8]) throws -> Void)?) async throws {
         let outcome = try await nextElement()
         guard outcome.name == "success" else { throw Self.failure(outcome) }

@@ -70,6 +70,54 @@ final class C2SStateMachineTests: XCTestCase {
         XCTAssertTrue(after.contains("<sasl-channel-binding xmlns='urn:xmpp:sasl-cb:0'><channel-binding type='tls-server-end-point'/></sasl-channel-binding>"), after)
     }
 
+    /// XEP-0388 SASL2 with XEP-0386 Bind2: offered next to SASL, answered in its own namespace, no stream
+    /// restart, and the success waits for the resource and names it.
+    func testSASL2WithBind2() throws {
+        var machine = machineAfterTLS()
+        let (h, ns) = header()
+        var probe = C2SStateMachine(settings: settings, tlsActive: true, channelBinding: binding, streamID: { "s1" })
+        let features = sentText(probe.streamOpened(header: h, defaultNamespace: ns))
+        XCTAssertTrue(features.contains("<authentication xmlns='urn:xmpp:sasl:2'><mechanism>SCRAM-SHA-256-PLUS</mechanism><mechanism>SCRAM-SHA-256</mechanism>"
+                                        + "<mechanism>PLAIN</mechanism><inline><bind xmlns='urn:xmpp:bind:0'/></inline></authentication>"), features)
+
+        let wrong = Data("\u{0}juliet\u{0}wrong".utf8).base64EncodedString()
+        let authenticate = "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>%@</initial-response><user-agent id='u1'/>"
+            + "<bind xmlns='urn:xmpp:bind:0'><tag>Phone</tag></bind></authenticate>"
+        XCTAssertEqual(machine.elementReceived(element(authenticate.replacingOccurrences(of: "%@", with: wrong))),
+                       [.verifyPlain(username: "juliet", host: "example.com", password: "wrong")])
+        guard case .authenticationFailed(let reply)? = machine.plainVerified(username: "juliet", success: false).first else { return XCTFail("no failure") }
+        XCTAssertEqual(reply.serialized(), "<failure xmlns='urn:xmpp:sasl:2'><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>")
+
+        let right = Data("\u{0}juliet\u{0}r0meo".utf8).base64EncodedString()
+        _ = machine.elementReceived(element(authenticate.replacingOccurrences(of: "%@", with: right)))
+        let user = JID("juliet@example.com")!
+        let actions = machine.plainVerified(username: "juliet", success: true)
+        XCTAssertEqual(actions.first, .authenticated(user))
+        guard case .bindResource(user, let requested?, let iq)? = actions.last else { return XCTFail("\(actions)") }
+        XCTAssertTrue(requested.hasPrefix("Phone."), requested)
+        XCTAssertFalse(actions.contains(.resetParser), "SASL2 keeps the stream")
+        let bound = JID("juliet@example.com/\(requested)")!
+        XCTAssertEqual(sentText(machine.resourceBound(bound, iq: iq)),
+                       "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>\(bound)</authorization-identifier><bound xmlns='urn:xmpp:bind:0'/></success>")
+        XCTAssertEqual(machine.boundJID, bound)
+        XCTAssertEqual(machine.elementReceived(element("<message to='romeo@example.com'><body>hi</body></message>")).count, 1)
+    }
+
+    /// SASL2 without Bind2: the success names the account, and the client binds as RFC 6120 says, unrestarted.
+    func testSASL2ThenClassicBind() throws {
+        var machine = machineAfterTLS()
+        let plain = Data("\u{0}juliet\u{0}r0meo".utf8).base64EncodedString()
+        _ = machine.elementReceived(element("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>\(plain)</initial-response></authenticate>"))
+        XCTAssertEqual(sentText(machine.plainVerified(username: "juliet", success: true)),
+                       "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>juliet@example.com</authorization-identifier></success>")
+        let bind = element("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>desk</resource></bind></iq>")
+        XCTAssertEqual(machine.elementReceived(bind), [.bindResource(user: JID("juliet@example.com")!, requested: "desk", iq: bind)])
+        // An unknown mechanism is refused in SASL2's words.
+        var other = machineAfterTLS()
+        XCTAssertEqual(sentText(other.elementReceived(element("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='DIGEST-MD5'/>"))),
+                       "<failure xmlns='urn:xmpp:sasl:2'><invalid-mechanism xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>")
+    }
+
     /// XEP-0198: after authentication, `<resume/>` takes the place of bind; a failed resumption leaves
     /// binding open, and enabling before a resource is bound is refused.
     func testResumeInsteadOfBind() throws {
