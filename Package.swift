@@ -190,6 +190,16 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Moving accounts between servers: XEP-0227 export and import (with ejabberd's XIncludes), Prosody's
+        // data folder, and the one writer they share. starlingctl uses it; the server does not.
+        .target(
+            name: "StarlingPortable",
+            dependencies: [
+                "StarlingXML", "StarlingSASL", "StarlingStorage", "StarlingModules", "StarlingLua",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .target(
             name: "StarlingServer",
             dependencies: [
@@ -223,7 +233,7 @@ let package = Package(
         .executableTarget(
             name: "starlingctl",
             dependencies: [
-                "StarlingServer",
+                "StarlingServer", "StarlingPortable",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swiftSettings
@@ -268,7 +278,7 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingMUC", "StarlingMAM", "StarlingPubSub", "StarlingCluster", "StarlingHTTP", "ExampleModules",
+                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingMUC", "StarlingMAM", "StarlingPubSub", "StarlingCluster", "StarlingHTTP", "StarlingPortable", "ExampleModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

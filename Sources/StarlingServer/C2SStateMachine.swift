@@ -653,8 +653,8 @@ public struct C2SStateMachine {
         return actions
     }
 
-    static func saslElement(_ name: String, data: [UInt8]?) -> XMLElement {
-        var element = XMLElement(name: name, namespace: Namespace.sasl)
+    static func saslElement(_ name: String, data: [UInt8]?, namespace: String = Namespace.sasl) -> XMLElement {
+        var element = XMLElement(name: name, namespace: namespace)
         if let data {
             element.append(text: data.isEmpty ? "=" : Data(data).base64EncodedString())
         }
@@ -663,8 +663,7 @@ public struct C2SStateMachine {
 
     /// A challenge in the namespace of the authentication under way.
     private func challengeElement(_ data: [UInt8]) -> XMLElement {
-        guard sasl2 != nil else { return Self.saslElement("challenge", data: data) }
-        return XMLElement(name: "challenge", namespace: SASL2.namespace).with(text: data.isEmpty ? "=" : Data(data).base64EncodedString())
+        Self.saslElement("challenge", data: data, namespace: sasl2 == nil ? Namespace.sasl : SASL2.namespace)
     }
 
     /// A failure as the authentication under way words it: RFC 6120's, or SASL2's wrapping the same condition.

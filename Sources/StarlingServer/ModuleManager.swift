@@ -229,12 +229,7 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     }
 
     func closeSessions(of bare: JID) {
-        for resource in router.registry.resources(of: bare.bare) {
-            switch resource.location {
-            case .local(let session): session.close(.notAuthorized)
-            case .remote(let node): router.cluster?.send(.closeSession(resource.jid, condition: StreamErrorCondition.notAuthorized.rawValue), to: node)
-            }
-        }
+        router.closeSessions(of: bare.bare, .notAuthorized)
     }
 
     func service<Service>(_ type: Service.Type) -> Service? { services.lookup(type) }

@@ -93,6 +93,19 @@ public final class Router: @unchecked Sendable {
         tables.replace(try ModuleTables(modules.merging(hosts) { $1 }))
     }
 
+    /// Closes the session of a full JID, or every session of a bare one, on whichever node holds it; returns how many.
+    @discardableResult
+    func closeSessions(of jid: JID, _ condition: StreamErrorCondition) -> Int {
+        let resources = registry.resources(of: jid.bare).filter { jid.resourcepart == nil || $0.jid == jid }
+        for resource in resources {
+            switch resource.location {
+            case .local(let session): session.close(condition)
+            case .remote(let node): cluster?.send(.closeSession(resource.jid, condition: condition.rawValue), to: node)
+            }
+        }
+        return resources.count
+    }
+
     /// Runs a hook on `domain`'s modules.
     func run<Event>(_ point: HookPoint<Event>, _ event: Event, on domain: String) -> HookResult {
         modules[domain]?.run(point, event) ?? .pass

@@ -61,7 +61,7 @@ final class ServerAdministration: AdminBackend {
 
     func unregister(user: String, host: String) async throws(AdminCommandError) -> Int {
         let jid = try await existingAccount(user, host)
-        let closed = close(jid, .notAuthorized)
+        let closed = server.router.closeSessions(of: jid, .notAuthorized)
         try await storage { try await self.store.deleteAccount(username: jid.localpart!, host: host) }
         return closed
     }
@@ -97,7 +97,7 @@ final class ServerAdministration: AdminBackend {
     func kick(jid text: String, reason: String?) async throws(AdminCommandError) -> Int {
         guard let jid = JID(text), jid.localpart != nil else { throw AdminCommandError(.invalid, "'\(text)' is not a user's JID") }
         try requireHost(jid.domainpart)
-        let kicked = close(jid, .policyViolation)
+        let kicked = server.router.closeSessions(of: jid, .policyViolation)
         guard kicked > 0 else { throw AdminCommandError(.notFound, "\(jid) has no session") }
         server.logger.notice("sessions kicked by the admin API", metadata: ["jid": "\(jid)", "sessions": "\(kicked)", "reason": "\(reason ?? "")"])
         return kicked
@@ -207,18 +207,6 @@ final class ServerAdministration: AdminBackend {
             throw AdminCommandError(.notFound, "no account \(jid)")
         }
         return jid
-    }
-
-    /// Closes the session of a full JID, or every session of a bare one, on whichever node holds it.
-    private func close(_ jid: JID, _ condition: StreamErrorCondition) -> Int {
-        let resources = server.registry.resources(of: jid.bare).filter { jid.resourcepart == nil || $0.jid == jid }
-        for resource in resources {
-            switch resource.location {
-            case .local(let session): session.close(condition)
-            case .remote(let node): server.router.cluster?.send(.closeSession(resource.jid, condition: condition.rawValue), to: node)
-            }
-        }
-        return resources.count
     }
 
     private func makeMessage(_ message: AdminMessage, to: JID, host: String, defaultType: String) throws(AdminCommandError) -> XMLElement {

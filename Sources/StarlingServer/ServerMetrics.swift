@@ -1,6 +1,7 @@
 import Foundation
 import Metrics
 import StarlingAPI
+import StarlingStorage
 import Synchronization
 private import struct Prometheus.PrometheusMetricsFactory
 private import class Prometheus.PrometheusCollectorRegistry
@@ -25,6 +26,7 @@ enum ServerMetrics {
         ]
         MetricsSystem.bootstrap(factory)
         enabledFlag.store(true, ordering: .releasing)
+        StorageMetrics.enabled = true
         // Every series exists from the start (at 0), so dashboards and alerts see it before its first event.
         _ = (connections, logins, received, delivered, refused, routing, tlsHandshakes, tlsHandshakeDuration)
     }()

@@ -2,8 +2,8 @@ import Metrics
 import Synchronization
 
 /// Durations and failures of storage operations, by backend, store and operation, through swift-metrics:
-/// `starling_storage_operation_duration_seconds` and `starling_storage_errors_total`. No-ops unless the server
-/// serves metrics (swift-metrics is not bootstrapped then).
+/// `starling_storage_operation_duration_seconds` and `starling_storage_errors_total`, once the server turns
+/// them on (it does when it serves metrics).
 public enum StorageMetrics {
     private struct Meters: Sendable {
         let duration: Metrics.Timer
@@ -14,12 +14,21 @@ public enum StorageMetrics {
     /// database anyway.
     private static let meters = Mutex<[String: Meters]>([:])
 
+    private static let enabledFlag = Atomic<Bool>(false)
+
+    /// Set once the server serves metrics: until then operations run unmeasured (no clock, no lock).
+    public static var enabled: Bool {
+        get { enabledFlag.load(ordering: .acquiring) }
+        set { enabledFlag.store(newValue, ordering: .releasing) }
+    }
+
     /// Runs `body`, timing it and counting its failure.
     /// - Parameters:
     ///   - file: the backend file the operation is written in (`#fileID`), which names its store.
     ///   - function: the store method (`#function`), whose name up to `(` is the operation.
     public static func measure<T>(backend: String, file: String, function: String,
                                   _ body: () async throws(StorageError) -> T) async throws(StorageError) -> T {
+        guard enabled else { return try await body() }
         let meters = self.meters(backend: backend, file: file, function: function)
         let start = ContinuousClock.now
         do {

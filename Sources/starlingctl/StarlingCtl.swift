@@ -4,6 +4,7 @@ import Logging
 import StarlingAPI
 import StarlingConfig
 import StarlingModules
+import StarlingPortable
 import StarlingServer
 import StarlingStorage
 

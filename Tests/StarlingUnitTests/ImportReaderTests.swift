@@ -2,7 +2,7 @@ import Foundation
 import StarlingAPI
 import StarlingLua
 import StarlingSASL
-import StarlingServer
+import StarlingPortable
 import XCTest
 
 /// The importers' readers, on files made here: XEP-0227 with XInclude (and what they refuse), SCRAM keys in
