@@ -128,6 +128,25 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Federation (RFC 6120 server-to-server): s2s stream state machines, TLS with SASL EXTERNAL (XEP-0178)
+        // or Server Dialback (XEP-0220), outgoing streams per domain pair. The server supplies routing.
+        .target(
+            name: "StarlingS2S",
+            dependencies: [
+                "StarlingXML",
+                .product(name: "StarlingAPI", package: "PluginAPI"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Built-in modules: written against the plugin API only, like any plugin.
         .target(
             name: "StarlingModules",
@@ -203,7 +222,7 @@ let package = Package(
         .target(
             name: "StarlingServer",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingCluster", "StarlingHTTP",
+                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingCluster", "StarlingHTTP", "StarlingS2S",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -278,7 +297,7 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingMUC", "StarlingMAM", "StarlingPubSub", "StarlingCluster", "StarlingHTTP", "StarlingPortable", "ExampleModules",
+                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingMUC", "StarlingMAM", "StarlingPubSub", "StarlingCluster", "StarlingHTTP", "StarlingPortable", "StarlingS2S", "ExampleModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -138,6 +138,25 @@ public struct ClusterConfiguration: Sendable, Equatable {
     public var deadAfter: Double
 }
 
+/// Federation (`s2s:` and the `type: s2s` listeners); absent when no s2s listener is configured.
+public struct S2SConfiguration: Sendable, Equatable {
+    public var listeners: [ListenerConfiguration]
+    public var requireTLS: Bool
+    public var dialback: Bool
+    /// PEM bundle of the authorities whose certificates authenticate peers with SASL EXTERNAL.
+    public var caFile: String?
+    /// The dialback secret's file; nil: the cluster's secret, or a random one per start on a single node.
+    public var dialbackSecretFile: String?
+    /// Remote domain → `HOST:PORT` endpoints, tried in order, instead of DNS.
+    public var routes: [String: [String]]
+    public var blockedDomains: [String]
+    public var queueLimit: Int
+    public var connectTimeout: Double
+    public var negotiationTimeout: Double
+    public var idleTimeout: Double
+    public var maxIncomingPerDomain: Int
+}
+
 public struct AdminConfiguration: Sendable, Equatable {
     /// Unix socket `starlingctl` talks to.
     public var socketPath: String
@@ -157,6 +176,8 @@ public struct StarlingConfiguration: Sendable, Equatable {
     public var admin: AdminConfiguration
     /// Nil when this node runs alone.
     public var cluster: ClusterConfiguration? = nil
+    /// Federation; nil when no `type: s2s` listener is configured.
+    public var s2s: S2SConfiguration? = nil
     /// `acl:` and `access_rules:`; applied again by `reload-config`.
     public var access = AccessControl()
     /// Modules enabled on every host, in config order.
@@ -186,7 +207,8 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let listenerTLS = ConfigOption<String>("tls", default: "starttls", oneOf: ["starttls", "direct"], doc: "starttls (RFC 6120) or direct TLS (XEP-0368).")
     static let listenerBacklog = ConfigOption<Int>("backlog", default: 1024, range: 1...65535, doc: "Listen backlog.")
     static let listenerProxyProtocol = ConfigOption<Bool>("proxy_protocol", default: false, doc: "Every connection starts with a PROXY protocol header (v1 or v2, HAProxy's send-proxy/send-proxy-v2) naming the client: logs, limits and connection hooks see the client's address. Only for listeners that nothing but the load balancer can reach.")
-    static let listenerType = ConfigOption<String>("type", default: "c2s", oneOf: ["c2s", "http", "admin"], doc: "Listener kind: c2s (XMPP over TCP), http (XMPP over WebSocket at /xmpp-websocket, BOSH, XEP-0156 at /.well-known/host-meta) or admin (the JSON admin API at /api/v1/, see docs/admin-api.yaml).")
+    static let listenerType = ConfigOption<String>("type", default: "c2s", oneOf: ["c2s", "s2s", "http", "admin"], doc: "Listener kind: c2s (XMPP over TCP), s2s (other servers; configuring one turns federation on, see s2s:), http (XMPP over WebSocket at /xmpp-websocket, BOSH, XEP-0156 at /.well-known/host-meta) or admin (the JSON admin API at /api/v1/, see docs/admin-api.yaml).")
+    static let s2sListenerPort = ConfigOption<Int>("port", default: 5269, range: 0...65535, doc: "TCP port of an s2s listener (0 picks a free one, reported on standard output).")
     static let adminListenerAddress = ConfigOption<String>("address", default: "127.0.0.1", doc: "Address an admin listener binds: loopback unless the operators' network is trusted as much.")
     static let adminListenerPort = ConfigOption<Int>("port", default: 5281, range: 0...65535, doc: "TCP port of an admin listener (0 picks a free one, reported on standard output).")
     static let adminTokenFile = ConfigOption<String?>("token_file", default: nil, doc: "File holding the admin API's bearer token (at least 32 characters), relative to the config file; requests without it get 401. An admin listener binds 127.0.0.1:5281 unless address and port say otherwise.")
@@ -251,6 +273,17 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let clusterHeartbeat = ConfigOption<Double>("heartbeat", default: 1, range: 0.1...60, doc: "Seconds between link pings and database heartbeats.")
     static let clusterDeadAfter = ConfigOption<Double>("dead_after", default: 5, range: 0.5...600, doc: "Seconds a node may stay unreachable before the others drop its sessions (its users' messages then go to offline storage).")
 
+    static let s2sRequireTLS = ConfigOption<Bool>("require_tls", default: true, doc: "Refuse server-to-server streams without TLS, in both directions.")
+    static let s2sDialback = ConfigOption<Bool>("dialback", default: true, doc: "Server Dialback (XEP-0220) for peers whose certificate does not verify against ca_file (self-signed ones, say). Off: only SASL EXTERNAL with verified certificates.")
+    static let s2sCAFile = ConfigOption<String?>("ca_file", default: "/etc/ssl/certs/ca-certificates.crt", doc: "PEM bundle of the certificate authorities that authenticate peer servers with SASL EXTERNAL (XEP-0178); relative to the config file. Empty: none (dialback only).")
+    static let s2sDialbackSecret = ConfigOption<String?>("dialback_secret_file", default: nil, doc: "File with the dialback key secret (at least 16 characters). Unset: the cluster's secret, or a random secret per start on a single node.")
+    static let s2sBlocked = ConfigOption<[String]>("blocked_domains", default: [], doc: "Remote domains this server neither connects to nor accepts streams from.")
+    static let s2sQueueLimit = ConfigOption<Int>("queue_limit", default: 1000, range: 1...1_000_000, doc: "Stanzas that may wait for one remote domain's stream to come up; more are bounced with resource-constraint.")
+    static let s2sConnectTimeout = ConfigOption<Double>("connect_timeout", default: 10, range: 0.1...300, doc: "Seconds a TCP connection to a remote server may take (each address in turn).")
+    static let s2sNegotiationTimeout = ConfigOption<Double>("negotiation_timeout", default: 30, range: 1...600, doc: "Seconds from connection to authenticated stream; slower streams end with connection-timeout and their stanzas bounce with remote-server-timeout.")
+    static let s2sIdleTimeout = ConfigOption<Double>("idle_timeout", default: 600, range: 5...86400, doc: "Seconds without data after which a server-to-server stream is closed (whitespace keepalives go every 90 s).")
+    static let s2sMaxIncoming = ConfigOption<Int>("max_incoming_per_domain", default: 8, range: 1...1000, doc: "Incoming streams one remote domain may hold open at once.")
+
     static let adminSocket = ConfigOption<String>("socket", default: "starling.sock", doc: "Unix socket for starlingctl, relative to data_dir (mode 0600).")
 
     // MARK: Loading
@@ -298,6 +331,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         let listenerSections = try top.sections("listeners") ?? []
         reference.record(key: "listeners", type: "section", defaultText: "", doc: "Client listeners (list). Default: STARTTLS on 5222 and direct TLS on 5223.")
         var httpListeners: [HTTPListenerConfiguration] = []
+        var s2sListeners: [ListenerConfiguration] = []
         // Token files are read once every option is (so the reference lists them all), before the end.
         var tokenChecks: [(section: ConfigSection, path: String?)] = []
         for section in listenerSections {
@@ -314,6 +348,16 @@ public struct StarlingConfiguration: Sendable, Equatable {
                     metrics: try section.read(httpMetrics),
                     servesXMPP: false,
                     adminTokenFile: tokenPath
+                ))
+                try section.rejectUnknownKeys()
+                continue
+            }
+            if type == "s2s" {
+                s2sListeners.append(ListenerConfiguration(
+                    address: try section.read(listenerAddress),
+                    port: try section.read(s2sListenerPort),
+                    tls: ListenerTLS(rawValue: try section.read(listenerTLS))!,
+                    backlog: try section.read(listenerBacklog)
                 ))
                 try section.rejectUnknownKeys()
                 continue
@@ -432,6 +476,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         try storageSection.rejectUnknownKeys()
 
         let cluster = try readCluster(top, storage: storage, baseDirectory: baseDirectory)
+        let s2s = try readS2S(top, listeners: s2sListeners, hosts: hosts, baseDirectory: baseDirectory)
 
         let adminSection = try top.section("admin", doc: "The local admin interface used by starlingctl.")
         let admin = AdminConfiguration(socketPath: resolve(try adminSection.read(adminSocket), against: dataDirectory))
@@ -486,6 +531,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         configuration.plugins = plugins
         configuration.pluginFailures = pluginFailures
         configuration.cluster = cluster
+        configuration.s2s = s2s
         configuration.access = access
         return configuration
     }
@@ -520,6 +566,41 @@ public struct StarlingConfiguration: Sendable, Equatable {
         if deadAfter < 2 * heartbeat { throw section.error("dead_after", "must be at least twice heartbeat (\(heartbeat))", at: section.valueNode("dead_after")) }
         return ClusterConfiguration(name: name, node: node, linkHost: linkHost, linkPort: linkPort, secretFile: secretPath,
                                     discovery: discovery, peers: peers, heartbeat: heartbeat, deadAfter: deadAfter)
+    }
+
+    private static func readS2S(_ top: ConfigSection, listeners: [ListenerConfiguration], hosts: [String], baseDirectory: String) throws(ConfigError) -> S2SConfiguration? {
+        let section = try top.section("s2s", doc: "Federation with other servers; on when a `type: s2s` listener is configured.")
+        let caFile = try section.read(s2sCAFile).flatMap { $0.isEmpty ? nil : resolve($0, against: baseDirectory) }
+        let secretFile = try section.read(s2sDialbackSecret).map { resolve($0, against: baseDirectory) }
+        var configuration = S2SConfiguration(
+            listeners: listeners, requireTLS: try section.read(s2sRequireTLS), dialback: try section.read(s2sDialback), caFile: caFile,
+            dialbackSecretFile: secretFile, routes: [:], blockedDomains: try section.read(s2sBlocked).map { $0.lowercased() },
+            queueLimit: try section.read(s2sQueueLimit), connectTimeout: try section.read(s2sConnectTimeout),
+            negotiationTimeout: try section.read(s2sNegotiationTimeout), idleTimeout: try section.read(s2sIdleTimeout),
+            maxIncomingPerDomain: try section.read(s2sMaxIncoming)
+        )
+        let routes = try section.section("routes", doc: "Remote domain → HOST:PORT (or a list of them, tried in order) to connect to instead of looking the domain up in DNS.")
+        for (key, value) in routes.node?.mapping ?? [:] {
+            guard let domain = key.string.flatMap({ JID($0) }), domain.localpart == nil, domain.resourcepart == nil else {
+                throw routes.error(key.string, "expected a domain", at: key)
+            }
+            let endpoints = value.sequence?.compactMap(\.string) ?? value.string.map { [$0] } ?? []
+            guard !endpoints.isEmpty, endpoints.allSatisfy({ hostAndPort($0) != nil }) else {
+                throw routes.error(domain.domainpart, "expected HOST:PORT or a list of them", at: value)
+            }
+            if hosts.contains(domain.domainpart) { throw routes.error(domain.domainpart, "is a host of this server", at: key) }
+            routes.claim(key.string!)
+            configuration.routes[domain.domainpart] = endpoints
+        }
+        try section.rejectUnknownKeys()
+        if let secretFile { _ = try readSecret(secretFile, minimumLength: 16, section: section, key: "dialback_secret_file") }
+        if let caFile, !FileManager.default.fileExists(atPath: caFile), section.valueNode("ca_file") != nil {
+            throw section.error("ca_file", "cannot read \(caFile)", at: section.valueNode("ca_file"))
+        }
+        if !configuration.dialback && caFile == nil {
+            throw section.error("dialback", "without dialback, peers can only authenticate with certificates: set ca_file", at: section.valueNode("dialback"))
+        }
+        return listeners.isEmpty ? nil : configuration
     }
 
     /// The trimmed contents of a secret file `key` names, which must hold at least `minimumLength` characters.

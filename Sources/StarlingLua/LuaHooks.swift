@@ -32,6 +32,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
         "stanza-out", "message-out", "presence-out", "iq-out",
         "message-offline", "session-bound", "session-closed", "authenticate",
         "connect", "login", "login-failed", "user-registered", "access",
+        "s2s-in", "s2s-out", "s2s-stream",
         "muc-create", "muc-configure", "muc-join", "muc-message", "muc-private-message", "muc-subject", "muc-nick",
         "muc-moderate", "muc-destroy",
     ]
@@ -112,6 +113,20 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
         }
         registrar.hook(.messageUndeliverable, priority: priority) { [self] event in
             run(["message-offline"], event.stanza)
+        }
+        // Federation: stanzas arriving from and leaving for other domains, and streams with them.
+        registrar.hook(.stanzaFromRemote, priority: priority) { [self] event in
+            run(["s2s-in"], event.stanza)
+        }
+        registrar.hook(.stanzaToRemote, priority: priority) { [self] event in
+            run(["s2s-out"], event.stanza)
+        }
+        registrar.hook(.remoteStream, priority: priority) { [self] event in
+            var stream = XMLElement(name: "stream", namespace: Namespace.client, attributes: [
+                "domain": event.domain, "direction": event.incoming ? "in" : "out",
+            ])
+            if let address = event.address { stream[attribute: "address"] = address }
+            return run(["s2s-stream"], stream)
         }
         // Used when auth.method names this module: a handler returning "allow" accepts the password.
         registrar.authenticator { [self] request in

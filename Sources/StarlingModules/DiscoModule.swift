@@ -38,7 +38,7 @@ public final class DiscoModule: ServerModule {
         let host = self.host
         let serverName = self.serverName
         let contactForm = self.contactForm
-        registrar.iq(.get, "query", Self.infoNamespace, target: .both) { request in
+        registrar.iq(.get, "query", Self.infoNamespace, target: .both, fromRemote: true) { request in
             // Only the root node exists for now; entity-caps nodes are answered by clients themselves.
             if request.payload[attribute: "node"] != nil { return .error(.itemNotFound) }
             var query = XMLElement(name: "query", namespace: Self.infoNamespace)
@@ -68,7 +68,7 @@ public final class DiscoModule: ServerModule {
             if request.to.localpart == nil, let contactForm { query.append(contactForm) }
             return .result(query)
         }
-        registrar.iq(.get, "query", Self.itemsNamespace, target: .both) { request in
+        registrar.iq(.get, "query", Self.itemsNamespace, target: .both, fromRemote: true) { request in
             let node = request.payload[attribute: "node"]
             var query = XMLElement(name: "query", namespace: Self.itemsNamespace)
             query[attribute: "node"] = node

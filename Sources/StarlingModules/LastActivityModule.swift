@@ -23,7 +23,7 @@ public final class LastActivityModule: ServerModule {
 
     public func register(_ registrar: ModuleRegistrar) {
         registrar.feature(Self.namespace, for: .both)
-        registrar.iq(.get, "query", Self.namespace, target: .both) { [self] request in
+        registrar.iq(.get, "query", Self.namespace, target: .both, fromRemote: true) { [self] request in
             if request.to.localpart == nil {
                 return .result(Self.answer(seconds: Int(Date().timeIntervalSince(started)), status: nil))
             }

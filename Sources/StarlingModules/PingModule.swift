@@ -8,6 +8,6 @@ public final class PingModule: ServerModule {
 
     public func register(_ registrar: ModuleRegistrar) {
         registrar.feature(Namespace.ping, for: .both)
-        registrar.iq(.get, "ping", Namespace.ping, target: .both) { _ in .result() }
+        registrar.iq(.get, "ping", Namespace.ping, target: .both, fromRemote: true) { _ in .result() }
     }
 }

@@ -49,6 +49,25 @@ public final class PresenceModule: ServerModule {
                 return .reject(.badRequest, text: "unknown presence type")
             }
         }
+        // From contacts at other domains: their side of subscriptions, probes, and presence to an account.
+        registrar.hook(.stanzaFromRemote, priority: 100) { event in
+            guard event.stanza.name == "presence", let from = event.origin, let to = event.recipient, to.localpart != nil else { return .pass }
+            let stanza = event.stanza
+            switch stanza[attribute: "type"] {
+            case let type? where ["subscribe", "subscribed", "unsubscribe", "unsubscribed"].contains(type):
+                engine.inbound(type, from: from.bare, to: to.bare, stanza: stanza)
+                return .handled
+            case "probe":
+                engine.answerProbe(from: from, to: to.bare)
+                return .handled
+            case nil, "unavailable":
+                guard to.resourcepart == nil else { return .pass }
+                engine.deliverToAvailable(stanza, of: to)
+                return .handled
+            default:
+                return .pass
+            }
+        }
         registrar.hook(.sessionClosed) { event in
             engine.sessionClosed(event.jid)
             return .pass

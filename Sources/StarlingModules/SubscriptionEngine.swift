@@ -142,9 +142,13 @@ final class SubscriptionEngine: Sendable {
 
     // MARK: Inbound subscription stanzas (the contact's side), run on the contact's queue
 
-    private func inbound(_ type: String, from user: JID, to contact: JID, stanza: XMLElement) {
+    /// - Note: `contact` of another domain: the stanza goes there (over s2s), whose server does this part.
+    func inbound(_ type: String, from user: JID, to contact: JID, stanza: XMLElement) {
         guard host.isLocal(contact.domainpart) else {
-            host.log(.debug, "no route to \(contact) for \(type): remote domains are not reachable yet")
+            var routed = stanza
+            routed[attribute: "from"] = user.bare.description
+            routed[attribute: "to"] = contact.bare.description
+            host.route(routed)
             return
         }
         enqueue(for: contact, "inbound \(type)") { [self] in
@@ -258,6 +262,13 @@ final class SubscriptionEngine: Sendable {
                 if priority >= 0 { _ = host.run(.initialPresence, SessionEvent(jid: resource)) }
                 // Initial presence: probe contacts (answered locally) and replay pending requests.
                 for item in items where item.subscription.userReceivesPresence {
+                    if !host.isLocal(item.jid.domainpart) {
+                        // Another domain answers for its accounts (RFC 6121 §4.3).
+                        host.route(XMLElement(name: "presence", namespace: Namespace.client, attributes: [
+                            "type": "probe", "from": user.description, "to": item.jid.bare.description,
+                        ]))
+                        continue
+                    }
                     for (contactResource, presence) in currentPresence(of: item.jid) {
                         var copy = presence
                         copy[attribute: "from"] = contactResource.description
@@ -286,6 +297,26 @@ final class SubscriptionEngine: Sendable {
         guard host.isLocal(target.domainpart) else { return false }
         if target.resourcepart != nil { host.route(stanza) } else { deliverToAvailable(stanza, of: target, stamped: resource) }
         return true
+    }
+
+    /// A probe from another domain (RFC 6121 §4.3.2): the current presence of `user`'s resources if
+    /// `prober` is subscribed to it, unavailable if none is online; nothing if it is not subscribed.
+    func answerProbe(from prober: JID, to user: JID) {
+        enqueue(for: user, "presence probe") { [self] in
+            guard try await store.item(of: user.bare, contact: prober.bare)?.subscription.contactReceivesPresence == true else { return }
+            let current = currentPresence(of: user)
+            if current.isEmpty {
+                host.route(XMLElement(name: "presence", namespace: Namespace.client, attributes: [
+                    "type": "unavailable", "from": user.bare.description, "to": prober.description,
+                ]))
+            }
+            for (resource, presence) in current {
+                var copy = presence
+                copy[attribute: "from"] = resource.description
+                copy[attribute: "to"] = prober.description
+                host.route(copy)
+            }
+        }
     }
 
     /// The resource went away without saying so: broadcast unavailable for it.
@@ -338,9 +369,16 @@ final class SubscriptionEngine: Sendable {
         }
     }
 
-    /// Delivers to each available resource of a local account, `from` set to `stamped` when given.
-    private func deliverToAvailable(_ stanza: XMLElement, of recipient: JID, stamped: JID? = nil) {
-        guard host.isLocal(recipient.domainpart) else { return }
+    /// Delivers to each available resource of a local account, `from` set to `stamped` when given; an
+    /// account of another domain gets it once, at its bare JID, and its server broadcasts it.
+    func deliverToAvailable(_ stanza: XMLElement, of recipient: JID, stamped: JID? = nil) {
+        guard host.isLocal(recipient.domainpart) else {
+            var copy = stanza
+            if let stamped { copy[attribute: "from"] = stamped.description }
+            copy[attribute: "to"] = recipient.bare.description
+            host.route(copy)
+            return
+        }
         for resource in host.resources(of: recipient.bare) where resource.available {
             var copy = stanza
             if let stamped { copy[attribute: "from"] = stamped.description }

@@ -10,7 +10,7 @@ public final class TimeModule: ServerModule {
 
     public func register(_ registrar: ModuleRegistrar) {
         registrar.feature(Self.namespace)
-        registrar.iq(.get, "time", Self.namespace) { _ in
+        registrar.iq(.get, "time", Self.namespace, fromRemote: true) { _ in
             var time = XMLElement(name: "time", namespace: Self.namespace)
             time.append(XMLElement(name: "tzo", namespace: Self.namespace).with(text: "+00:00"))
             time.append(XMLElement(name: "utc", namespace: Self.namespace).with(text: Self.utcNow()))

@@ -29,7 +29,7 @@ public final class VCardModule: ServerModule {
 
     public func register(_ registrar: ModuleRegistrar) {
         registrar.feature(Self.namespace, for: .both)
-        registrar.iq(.get, "vCard", Self.namespace, target: .account) { [store] request in
+        registrar.iq(.get, "vCard", Self.namespace, target: .account, fromRemote: true) { [store] request in
             // Anyone may read a vCard; unknown or empty accounts answer with an empty one.
             if let stored = try await store.vCard(of: request.to), let element = StoredXML.parse(stored.xml) {
                 return .result(element)

@@ -20,7 +20,7 @@ public final class VersionModule: ServerModule {
     public func register(_ registrar: ModuleRegistrar) {
         registrar.feature(Self.namespace)
         let showOS = self.showOS
-        registrar.iq(.get, "query", Self.namespace) { _ in
+        registrar.iq(.get, "query", Self.namespace, fromRemote: true) { _ in
             var query = XMLElement(name: "query", namespace: Self.namespace)
             query.append(XMLElement(name: "name", namespace: Self.namespace).with(text: "Starling"))
             query.append(XMLElement(name: "version", namespace: Self.namespace).with(text: StarlingAPIVersion.serverVersion))

@@ -63,7 +63,7 @@ public final class PEPModule: ServerModule {
         for feature in Self.features + [AvatarConversion.feature] { registrar.feature(feature, for: .account) }
         for type in [IQType.get, .set] {
             for namespace in [PubSubNamespace.pubsub, PubSubNamespace.owner] {
-                registrar.iq(type, "pubsub", namespace, target: .account) { [engine] request in
+                registrar.iq(type, "pubsub", namespace, target: .account, fromRemote: true) { [engine] request in
                     try await engine.handle(request, type: type, service: request.to.bare)
                 }
             }

@@ -46,6 +46,23 @@ enum AdminProtocol {
         var sessions: Int
     }
 
+    struct S2SConnection: Codable {
+        var direction: String
+        var remote: String
+        var pairs: [String]
+        var address: String
+        var tls: Bool
+        var ready: Bool
+        var method: String?
+        var stanzasIn: Int
+        var stanzasOut: Int
+    }
+
+    struct S2SReply: Codable {
+        var ok: Bool
+        var connections: [S2SConnection]
+    }
+
     struct UsersReply: Codable {
         var ok: Bool
         var users: [String]
@@ -145,6 +162,23 @@ final class AdminHandler: ChannelInboundHandler {
                     let reply = lines.isEmpty
                         ? (try? encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "http_upload is not enabled on any host"))) ?? Data()
                         : (try? encoder.encode(AdminProtocol.ReloadReply(ok: true, reloaded: lines))) ?? Data()
+                    Self.write(reply, to: bound.value)
+                }
+                return
+            case "s2s-connections":
+                guard let federation = server.router.federation else {
+                    reply = try encoder.encode(AdminProtocol.ErrorReply(ok: false, error: "federation is off (no type: s2s listener)"))
+                    break
+                }
+                let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                let loop = context.eventLoop
+                loop.makeFutureWithTask { await federation.connections() }.whenSuccess { connections in
+                    let rows = connections.map { info in
+                        AdminProtocol.S2SConnection(direction: info.direction.rawValue, remote: info.remote, pairs: info.pairs.map(\.description),
+                                                    address: info.address, tls: info.tls, ready: info.ready, method: info.method,
+                                                    stanzasIn: info.stanzasIn, stanzasOut: info.stanzasOut)
+                    }
+                    let reply = (try? encoder.encode(AdminProtocol.S2SReply(ok: true, connections: rows))) ?? Data()
                     Self.write(reply, to: bound.value)
                 }
                 return

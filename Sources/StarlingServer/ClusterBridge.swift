@@ -1,4 +1,5 @@
 import StarlingAPI
+import StarlingXML
 import StarlingCluster
 
 /// Connects this node's cluster membership to its session table and router: applies what peers announce,

@@ -1,6 +1,7 @@
 import NIOConcurrencyHelpers
 import Logging
 import StarlingAPI
+import StarlingXML
 import StarlingConfig
 
 /// The modules enabled on one host and the dispatch tables built from their registrations. Built
@@ -9,6 +10,7 @@ final class HostModules: Sendable {
     struct IQEntry: Sendable {
         let module: String
         let target: IQTarget
+        let fromRemote: Bool
         let handler: IQHandler
     }
 
@@ -99,7 +101,7 @@ final class HostModules: Sendable {
                 if let existing = iqHandlers[registration.key] {
                     throw ModuleError("modules '\(existing.module)' and '\(registrar.module)' both handle <\(registration.key.name) xmlns='\(registration.key.namespace)'/> \(registration.key.type.rawValue)")
                 }
-                iqHandlers[registration.key] = IQEntry(module: registrar.module, target: registration.target, handler: registration.handler)
+                iqHandlers[registration.key] = IQEntry(module: registrar.module, target: registration.target, fromRemote: registration.fromRemote, handler: registration.handler)
             }
             for hook in registrar.hooks {
                 let meter = ServerMetrics.enabled ? HookMeter(host: domain, hook: hook.name, module: registrar.module) : nil

@@ -1,8 +1,10 @@
 import Logging
 import NIOConcurrencyHelpers
 import StarlingAPI
+import StarlingXML
 import StarlingCluster
 import StarlingConfig
+import StarlingS2S
 
 /// Every host's module tables, one immutable value.
 final class ModuleTables: Sendable {
@@ -74,6 +76,8 @@ public final class Router: @unchecked Sendable {
     private let claims: NIOLockedValueBox<ComponentClaims>
     /// The access rules in effect (see `AccessPolicy`).
     let access: NIOLockedValueBox<AccessPolicy>
+    /// Federation, when an s2s listener is configured. Set once at start, before any stream opens.
+    var federation: Federation?
 
     init(registry: SessionRegistry, configuration: StarlingConfiguration, logger: Logger, cluster: ClusterNode? = nil) {
         self.registry = registry
@@ -114,7 +118,7 @@ public final class Router: @unchecked Sendable {
     /// Routes a stanza whose `from` the c2s layer has stamped with `sender`'s full JID.
     public func route(_ stanza: XMLElement, from sender: ClientSession) {
         var stanza = stanza
-        guard proceeds(run(.stanzaFromClient, StanzaEvent(stanza: stanza, origin: sender.jid), on: sender.jid.domainpart), &stanza, sender: sender) else {
+        guard proceeds(run(.stanzaFromClient, StanzaEvent(stanza: stanza, origin: sender.jid), on: sender.jid.domainpart), &stanza, origin: .session(sender)) else {
             return
         }
         let kind = StanzaKind(rawValue: stanza.name)!
@@ -131,16 +135,16 @@ public final class Router: @unchecked Sendable {
                 toComponent(ComponentStanza(stanza: stanza, from: sender.jid, to: target), component)
                 return
             }
-            // No server-to-server yet: every other domain is unreachable.
-            bounce(stanza, .remoteServerNotFound, to: .session(sender))
+            stanza[attribute: "to"] = target.description
+            toRemote(stanza, origin: .session(sender))
             return
         }
         if kind == .message && target.localpart != nil,
-           !proceeds(run(.messageToAccount, StanzaEvent(stanza: stanza, origin: sender.jid, recipient: target), on: target.domainpart), &stanza, sender: sender) {
+           !proceeds(run(.messageToAccount, StanzaEvent(stanza: stanza, origin: sender.jid, recipient: target), on: target.domainpart), &stanza, origin: .session(sender)) {
             return
         }
         if target.localpart == nil {
-            if kind == .iq { handleServerIQ(stanza, target: target, sender: sender) }
+            if kind == .iq { handleServerIQ(stanza, target: target, origin: .session(sender)) }
         } else if target.resourcepart != nil {
             toFullJID(stanza, kind: kind, target: target, origin: .session(sender))
         } else {
@@ -150,7 +154,7 @@ public final class Router: @unchecked Sendable {
 
     /// Carries out a stanza hook's verdict; false when the stanza goes no further (taken, or refused and
     /// bounced to the sender).
-    private func proceeds(_ result: HookResult, _ stanza: inout XMLElement, sender: ClientSession) -> Bool {
+    private func proceeds(_ result: HookResult, _ stanza: inout XMLElement, origin: Origin) -> Bool {
         switch result {
         case .pass:
             return true
@@ -160,12 +164,58 @@ public final class Router: @unchecked Sendable {
         case .handled:
             return false
         case .reject(let condition, let text):
-            bounce(stanza, condition, text: text, to: .session(sender))
+            bounce(stanza, condition, text: text, to: origin)
             return false
         case .refuse(let error):
-            bounce(stanza, error, to: .session(sender))
+            bounce(stanza, error, to: origin)
             return false
         }
+    }
+
+    // MARK: Other domains (s2s)
+
+    /// A stanza for another domain, `from` and `to` set: over federation, or bounced without it.
+    private func toRemote(_ stanza: XMLElement, origin: Origin) {
+        guard let federation, let to = stanza[attribute: "to"].flatMap({ JID($0) }) else {
+            bounce(stanza, .remoteServerNotFound, text: "this server does not federate with other domains", to: origin)
+            return
+        }
+        var stanza = stanza
+        let local = origin.jid.domainpart
+        guard proceeds(run(.stanzaToRemote, StanzaEvent(stanza: stanza, origin: origin.jid, recipient: to), on: tables.current.componentHosts[local] ?? local),
+                       &stanza, origin: origin) else { return }
+        federation.send(stanza, from: local, to: to.domainpart)
+    }
+
+    /// A stanza an authenticated remote domain sent to one of ours (the s2s stream checked both domains).
+    func routeFromRemote(_ stanza: XMLElement) {
+        guard let from = stanza[attribute: "from"].flatMap({ JID($0) }), let to = stanza[attribute: "to"].flatMap({ JID($0) }),
+              let kind = StanzaKind(rawValue: stanza.name) else { return }
+        let origin = Origin.address(from)
+        if let component = components[to.domainpart] {
+            toComponent(ComponentStanza(stanza: stanza, from: from, to: to), component)
+            return
+        }
+        guard hosts.contains(to.domainpart) else { return bounce(stanza, .itemNotFound, to: origin) }
+        var stanza = stanza
+        guard proceeds(run(.stanzaFromRemote, StanzaEvent(stanza: stanza, origin: from, recipient: to), on: to.domainpart), &stanza, origin: origin) else { return }
+        if kind == .message && to.localpart != nil,
+           !proceeds(run(.messageToAccount, StanzaEvent(stanza: stanza, origin: from, recipient: to), on: to.domainpart), &stanza, origin: origin) {
+            return
+        }
+        if to.localpart == nil {
+            if kind == .iq { handleServerIQ(stanza, target: to, origin: origin) }
+        } else if to.resourcepart != nil {
+            toFullJID(stanza, kind: kind, target: to, origin: origin)
+        } else {
+            toBareJID(stanza, kind: kind, target: to, origin: origin)
+        }
+    }
+
+    /// A stanza federation could not deliver: its local sender hears why.
+    func undeliverable(_ stanza: XMLElement, _ failure: S2SFailure) {
+        guard let from = stanza[attribute: "from"].flatMap({ JID($0) }) else { return }
+        bounce(stanza, StanzaError(failure.condition, text: failure.reason), to: .address(from))
     }
 
     private func recordOwnPresence(_ stanza: XMLElement, sender: ClientSession) {
@@ -184,17 +234,18 @@ public final class Router: @unchecked Sendable {
 
     /// IQs the server answers itself, for its domain or on behalf of an account's bare JID, through
     /// the enabled modules' handlers.
-    private func handleServerIQ(_ iq: XMLElement, target: JID, sender: ClientSession) {
+    private func handleServerIQ(_ iq: XMLElement, target: JID, origin: Origin) {
         let type = iq[attribute: "type"]
         guard let iqType = type.flatMap(IQType.init(rawValue:)), let payload = iq.elements.first else { return }
         let key = ModuleRegistrar.IQKey(type: iqType, name: payload.name, namespace: payload.namespace)
         guard let entry = modules[target.domainpart]?.iqHandlers[key],
-              entry.target == .both || entry.target == (target.localpart == nil ? IQTarget.server : IQTarget.account)
+              entry.target == .both || entry.target == (target.localpart == nil ? IQTarget.server : IQTarget.account),
+              entry.fromRemote || isLocal(origin.jid.domainpart)
         else {
-            bounce(iq, .serviceUnavailable, to: .session(sender))
+            bounce(iq, .serviceUnavailable, to: origin)
             return
         }
-        let request = IQRequest(stanza: iq, from: sender.jid, to: target)
+        let request = IQRequest(stanza: iq, from: origin.jid, to: target)
         let logger = self.logger
         Task {
             let reply: XMLElement
@@ -211,9 +262,20 @@ public final class Router: @unchecked Sendable {
                 logger.error("IQ handler failed", metadata: ["module": "\(entry.module)", "error": "\(error)"])
                 reply = iq.errorReply(.internalServerError)
             }
-            sender.deliver(self.addressedReply(reply, to: sender, from: target))
+            switch origin {
+            case .session(let sender):
+                sender.deliver(self.addressedReply(reply, to: sender, from: target))
+            case .address(let requester):
+                var addressed = reply
+                addressed[attribute: "to"] = requester.description
+                addressed[attribute: "from"] = target.description
+                self.routeFromServer(addressed)
+            }
         }
     }
+
+    /// One of this server's hosts or component domains.
+    func isLocal(_ domain: String) -> Bool { hosts.contains(domain) || components[domain] != nil }
 
     /// Delivers a stanza a module sends (roster pushes, offline messages, room traffic, ...) to local
     /// sessions or to a component.
@@ -227,7 +289,15 @@ public final class Router: @unchecked Sendable {
             toComponent(ComponentStanza(stanza: stanza, from: from, to: to), component)
             return
         }
-        guard hosts.contains(to.domainpart), to.localpart != nil else {
+        guard hosts.contains(to.domainpart) else {
+            if let from = stanza[attribute: "from"].flatMap({ JID($0) }), isLocal(from.domainpart) {
+                toRemote(stanza, origin: .address(from))
+            } else {
+                logger.debug("dropping a module's stanza for another domain without a local sender")
+            }
+            return
+        }
+        guard to.localpart != nil else {
             logger.debug("dropping a module's stanza without a local recipient")
             return
         }
@@ -409,8 +479,7 @@ public final class Router: @unchecked Sendable {
         switch kind {
         case .iq:
             // An IQ to a bare JID is answered by the server on the account's behalf (RFC 6121 §8.5.1).
-            guard case .session(let sender) = origin else { return bounce(stanza, .serviceUnavailable, to: origin) }
-            handleServerIQ(stanza, target: target, sender: sender)
+            handleServerIQ(stanza, target: target, origin: origin)
         case .presence:
             _ = deliver(stanza, to: resources.filter(\.available))
         case .message:

@@ -1,5 +1,6 @@
 import Foundation
 import StarlingAPI
+import StarlingXML
 import StarlingConfig
 import StarlingHTTP
 import StarlingModules

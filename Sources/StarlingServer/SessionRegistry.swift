@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import StarlingAPI
+import StarlingXML
 import StarlingCluster
 import Synchronization
 

@@ -9,6 +9,7 @@ import StarlingCluster
 import StarlingConfig
 import StarlingHTTP
 import StarlingModules
+import StarlingS2S
 import StarlingSQLite
 import StarlingStorage
 
@@ -70,6 +71,15 @@ public final class StarlingServer: Service, @unchecked Sendable {
             await store.close()
             throw error
         }
+        let federation: Federation?
+        do {
+            federation = try FederationBridge.makeFederation(configuration, tls: tls, router: router, group: group, logger: logger)
+        } catch {
+            await store.close()
+            throw error
+        }
+        router.federation = federation
+        federation?.start(delegate: FederationBridge(router: router))
         context.reloads.withLockedValue {
             $0 = LiveReloads(configuration: configuration, pluginModules: pluginModules, logger: logger, router: router, services: services)
         }
@@ -90,6 +100,14 @@ public final class StarlingServer: Service, @unchecked Sendable {
                 // One machine-readable line per listener: tests and scripts wait for these.
                 logger.notice("listening", metadata: ["listener": "c2s-\(listener.tls.rawValue)", "address": "\(listener.address)", "port": "\(port)"])
                 print("starling: listening c2s-\(listener.tls.rawValue) \(listener.address) \(port)")
+            }
+            for listener in configuration.s2s?.listeners ?? [] {
+                guard let federation else { break }
+                let channel = try await bindS2S(listener, federation: federation)
+                channels.append(channel)
+                let port = channel.localAddress?.port ?? listener.port
+                logger.notice("listening", metadata: ["listener": "s2s-\(listener.tls.rawValue)", "address": "\(listener.address)", "port": "\(port)"])
+                print("starling: listening s2s-\(listener.tls.rawValue) \(listener.address) \(port)")
             }
             let administration = ServerAdministration(server: context, store: store, startedAt: startedAt)
             for listener in configuration.httpListeners {
@@ -132,6 +150,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
         // Modules say goodbye first (MUC rooms tell their occupants, status 332), then every stream closes.
         for host in configuration.hosts { _ = router.run(.serverStopping, ServerStoppingEvent(), on: host) }
         context.connections.shutdownAll()
+        await federation?.shutdown()
         // Give clients a moment to receive the stream error and close their side.
         for _ in 0..<50 where context.connections.count > 0 { try? await Task.sleep(for: .milliseconds(20)) }
         // The HTTP listeners stopped accepting with the graceful shutdown and end once their connections
@@ -214,6 +233,23 @@ public final class StarlingServer: Service, @unchecked Sendable {
                     // C2SHandler's own business: IdleStateHandler would make a promise for every write.
                     try sync.addHandler(IdleStateHandler(readTimeout: .milliseconds(Int64(limits.idleTimeout * 500))))
                     try sync.addHandler(C2SHandler(server: context, settings: settings, transport: .tcp(directTLS: listener.tls == .direct)))
+                }
+            }
+        do {
+            return try await bootstrap.bind(host: listener.address, port: listener.port).get()
+        } catch {
+            throw TLSSetupError("cannot listen on \(listener.address):\(listener.port): \(error)")
+        }
+    }
+
+    private func bindS2S(_ listener: ListenerConfiguration, federation: Federation) async throws -> any Channel {
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: Int32(listener.backlog))
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try federation.initializeIncoming(channel, directTLS: listener.tls == .direct)
                 }
             }
         do {

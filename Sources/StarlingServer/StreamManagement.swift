@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import StarlingAPI
+import StarlingXML
 
 /// XEP-0198's counting for one stream, as a plain value: what the client handled (what `<a h/>` says),
 /// what was sent to it, and what it has not acknowledged yet (resent on resumption). Counters wrap at

@@ -12,6 +12,9 @@ import X509
 public struct TLSIdentity: Sendable {
     public let context: NIOSSLContext
     public let channelBinding: ChannelBinding
+    /// The certificate chain and key themselves, for the contexts federation builds (it presents them as a client too).
+    public let certificateChain: [NIOSSLCertificate]
+    public let privateKey: NIOSSLPrivateKey
 
     /// Loads the configured certificate, or creates (once) and reuses a self-signed one in `data_dir`.
     public static func load(_ configuration: StarlingConfiguration, logger: Logger) throws -> TLSIdentity {
@@ -49,7 +52,8 @@ public struct TLSIdentity: Sendable {
             throw TLSSetupError("certificate \(certificatePath) and key \(keyPath) are unusable together: \(error)")
         }
         let der = try leaf.toDERBytes()
-        return TLSIdentity(context: context, channelBinding: ChannelBinding(type: "tls-server-end-point", data: serverEndPointHash(der: der)))
+        return TLSIdentity(context: context, channelBinding: ChannelBinding(type: "tls-server-end-point", data: serverEndPointHash(der: der)),
+                           certificateChain: chain, privateKey: key)
     }
 
     /// RFC 5929 §4.1: the certificate's own signature hash, with MD5 and SHA-1 upgraded to SHA-256.

@@ -9,6 +9,8 @@ public struct ServerAnnouncement: Sendable, Equatable {
     public var httpsPort = 0
     /// The admin API's listener (`admin-none` or `admin-direct`), 0 when there is none.
     public var adminPort = 0
+    /// The first s2s listener, 0 when there is none.
+    public var s2sPort = 0
 
     /// nil until the `starling: ready` line is in `output`.
     public init?(output: String) {
@@ -22,6 +24,7 @@ public struct ServerAnnouncement: Sendable, Equatable {
             case "http-none": httpPort = port
             case "http-direct": httpsPort = port
             case "admin-none", "admin-direct": adminPort = port
+            case "s2s-starttls", "s2s-direct": if s2sPort == 0 { s2sPort = port }
             default: break
             }
         }

@@ -13,7 +13,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, ClusterStatus.self, JoinCluster.self, LeaveCluster.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, ImportProsody.self, PurgeArchives.self, PurgeUploads.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, S2SConnections.self, ClusterStatus.self, JoinCluster.self, LeaveCluster.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, ImportProsody.self, PurgeArchives.self, PurgeUploads.self]
     )
 }
 
@@ -243,6 +243,34 @@ struct ConnectedUsers: ParsableCommand {
               let users = object["users"] as? [String]
         else { throw ValidationError("unexpected reply: \(reply)") }
         for user in users { print(user) }
+    }
+}
+
+struct S2SConnections: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "s2s-connections",
+        abstract: "List server-to-server streams: direction, remote domain, authenticated domain pairs, how they authenticated, stanzas each way."
+    )
+    @OptionGroup var options: ConfigOption
+    @Flag(help: "Print the server's JSON reply.") var json = false
+
+    func run() throws {
+        let reply = try AdminClient(path: options.load().admin.socketPath).request("s2s-connections")
+        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else { throw ValidationError("unexpected reply: \(reply)") }
+        guard object["ok"] as? Bool == true else { throw ValidationError(object["error"] as? String ?? reply) }
+        if json {
+            print(reply)
+            return
+        }
+        let connections = object["connections"] as? [[String: Any]] ?? []
+        print("\(connections.count) s2s stream(s)")
+        for connection in connections {
+            let pairs = (connection["pairs"] as? [String] ?? []).joined(separator: ",")
+            let state = connection["ready"] as? Bool == true ? "ready" : "negotiating"
+            let tls = connection["tls"] as? Bool == true ? "tls" : "plaintext"
+            print("\(connection["direction"] ?? "?") \(connection["remote"] ?? "?") [\(pairs)] \(state) \(tls) \(connection["method"] ?? "-") "
+                  + "\(connection["address"] ?? "?") in=\(connection["stanzasIn"] ?? 0) out=\(connection["stanzasOut"] ?? 0)")
+        }
     }
 }
 

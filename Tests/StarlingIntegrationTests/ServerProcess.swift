@@ -17,6 +17,7 @@ final class ServerProcess {
     private(set) var httpPort = 0
     private(set) var httpsPort = 0
     private(set) var adminPort = 0
+    private(set) var s2sPort = 0
     private let output = Pipe()
     private let errors: FileHandle
     let errorLogPath: String
@@ -47,8 +48,10 @@ final class ServerProcess {
 
     /// `files` are written into the server's directory (next to its config) before it starts.
     /// `database`: a PostgreSQL URL to use instead of a fresh database (nodes of one cluster share one).
+    /// `users` are registered on the first of `hosts`.
     init(extraConfig: String = "", users: [(String, String)], backend: Backend = ServerProcess.defaultBackend, storageTimeout: Double = 5,
-         files: [String: String] = [:], database: String? = nil, listenerOptions: String = "", extraListeners: [String] = []) throws {
+         files: [String: String] = [:], database: String? = nil, listenerOptions: String = "", extraListeners: [String] = [],
+         hosts: [String] = ["localhost", "example.test"]) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         for (path, contents) in files { try Self.write(contents, to: directory.appendingPathComponent(path)) }
@@ -61,9 +64,9 @@ final class ServerProcess {
             storage = "storage: { backend: postgresql, url: \"\(try Self.freshDatabase(base))\", timeout: \(storageTimeout) }"
         }
         let config = """
-        hosts: [localhost, example.test]
+        hosts: [\(hosts.joined(separator: ", "))]
         data_dir: data
-        log_level: info
+        log_level: \(ProcessInfo.processInfo.environment["STARLING_TEST_LOG_LEVEL"] ?? "info")
         listeners:
           - { address: 127.0.0.1, port: 0, tls: starttls\(listenerOptions) }
           - { address: 127.0.0.1, port: 0, tls: direct\(listenerOptions) }\(extraListeners.map { "\n  - \($0)" }.joined())
@@ -73,7 +76,7 @@ final class ServerProcess {
         """
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
         for (user, password) in users {
-            let (status, text) = try Self.run(Self.executable("starlingctl"), ["register", user, "localhost", password, "--config", configPath])
+            let (status, text) = try Self.run(Self.executable("starlingctl"), ["register", user, hosts[0], password, "--config", configPath])
             XCTAssertEqual(status, 0, text)
         }
         errorLogPath = directory.appendingPathComponent("server.log").path
@@ -118,6 +121,7 @@ final class ServerProcess {
                 httpPort = announcement.httpPort
                 httpsPort = announcement.httpsPort
                 adminPort = announcement.adminPort
+                s2sPort = announcement.s2sPort
                 return
             }
             guard Date() < deadline, process.isRunning else {
@@ -194,7 +198,8 @@ final class ServerProcess {
 
     deinit {
         if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        if ownsDirectory { try? FileManager.default.removeItem(at: directory) }
+        // STARLING_TEST_KEEP=1 leaves the directories (configuration, server.log) for a look after a failure.
+        if ownsDirectory && ProcessInfo.processInfo.environment["STARLING_TEST_KEEP"] == nil { try? FileManager.default.removeItem(at: directory) }
     }
 
     static func run(_ executable: String, _ arguments: [String], stdin: String? = nil) throws -> (Int32, String) {

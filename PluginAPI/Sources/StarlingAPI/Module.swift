@@ -337,6 +337,34 @@ extension HookPoint where Event == StanzaEvent {
 }
 
 extension HookPoint where Event == StanzaEvent {
+    /// A stanza from another domain (over s2s) for a local account or the server, before routing; `origin`
+    /// is the remote sender, `recipient` the addressed JID. The presence module takes subscriptions and
+    /// probes here; `.reject` bounces it to the remote sender.
+    public static let stanzaFromRemote = HookPoint("stanza-from-remote")
+    /// A stanza leaving for another domain (over s2s), `from` set; `.reject` bounces it to the local sender.
+    public static let stanzaToRemote = HookPoint("stanza-to-remote")
+}
+
+/// A server-to-server stream about to open with another domain.
+public struct RemoteStreamEvent: Sendable {
+    public let domain: String
+    /// True for a stream the remote server opened to us.
+    public let incoming: Bool
+    /// The remote server's address, for incoming streams.
+    public let address: String?
+    public init(domain: String, incoming: Bool, address: String?) {
+        self.domain = domain
+        self.incoming = incoming
+        self.address = address
+    }
+}
+
+extension HookPoint where Event == RemoteStreamEvent {
+    /// `.reject` (or `.handled`) refuses federation with the domain: no stream is opened or accepted.
+    public static let remoteStream = HookPoint("remote-stream")
+}
+
+extension HookPoint where Event == StanzaEvent {
     /// A top-level element from a bound client that is not a stanza (a "nonza", e.g. XEP-0352's
     /// `<active/>`). Unless a handler takes it, the stream ends with `<unsupported-stanza-type/>`.
     public static let nonzaFromClient = HookPoint("nonza-from-client")
@@ -500,6 +528,8 @@ public final class ModuleRegistrar: @unchecked Sendable {
     public struct IQRegistration: Sendable {
         public let key: IQKey
         public let target: IQTarget
+        /// Whether entities of other domains (over s2s) may send it; otherwise they get `<service-unavailable/>`.
+        public let fromRemote: Bool
         public let handler: IQHandler
     }
 
@@ -564,8 +594,10 @@ public final class ModuleRegistrar: @unchecked Sendable {
     public func streamFeature(_ element: XMLElement, phase: StreamPhase) { streamFeatures.append((element, phase)) }
 
     /// Handles IQs of `type` whose payload is `<name xmlns=namespace/>`.
-    public func iq(_ type: IQType, _ name: String, _ namespace: String, target: IQTarget = .server, _ handler: @escaping IQHandler) {
-        iqHandlers.append(IQRegistration(key: IQKey(type: type, name: name, namespace: namespace), target: target, handler: handler))
+    /// - Parameter fromRemote: also answer entities of other domains (over s2s). Off by default: a handler
+    ///   written for local accounts (credentials, registration, settings) never sees a remote requester.
+    public func iq(_ type: IQType, _ name: String, _ namespace: String, target: IQTarget = .server, fromRemote: Bool = false, _ handler: @escaping IQHandler) {
+        iqHandlers.append(IQRegistration(key: IQKey(type: type, name: name, namespace: namespace), target: target, fromRemote: fromRemote, handler: handler))
     }
 
     /// Runs `handler` on `point` with `priority` (higher runs first).
@@ -606,7 +638,7 @@ public enum StarlingAPIVersion {
     public static var api: Int { compiledAPI }
     /// The API version compiled into the caller. It is emitted into each plugin's own binary, so it
     /// records what the plugin was built against, not what happens to be loaded.
-    @_alwaysEmitIntoClient public static var compiledAPI: Int { 6 }
+    @_alwaysEmitIntoClient public static var compiledAPI: Int { 7 }
     public static let serverVersion = "0.1.0"
 }
 

@@ -1,0 +1,205 @@
+import Foundation
+import StarlingAPI
+import StarlingTestClient
+import XCTest
+
+/// Federation between two real `starling` servers on loopback, each with its own domain and a static
+/// route to the other: subscriptions, presence, messages and IQs both ways, with dialback (self-signed
+/// certificates) and with SASL EXTERNAL (certificates from a test CA); bounces when the peer is gone.
+final class S2STests: XCTestCase {
+    /// Two servers that route to each other; `extra(domain)` is added to each one's `s2s:` section.
+    private func startPair(files: (String) -> [String: String] = { _ in [:] }, tls: (String) -> String = { _ in "" },
+                           s2s: (String) -> String = { _ in "  ca_file: \"\"" }) throws -> (ServerProcess, ServerProcess) {
+        let portA = try ServerProcess.freePort()
+        let portB = try ServerProcess.freePort()
+        func start(_ domain: String, user: (String, String), own: Int, other: String, otherPort: Int) throws -> ServerProcess {
+            try ServerProcess(extraConfig: """
+            \(tls(domain))
+            s2s:
+            \(s2s(domain))
+              routes: { \(other): "127.0.0.1:\(otherPort)" }
+            """, users: [user], files: files(domain), extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(own) }"], hosts: [domain])
+        }
+        let a = try start("a.test", user: ("alice", "alice-pass"), own: portA, other: "b.test", otherPort: portB)
+        let b = try start("b.test", user: ("bob", "bob-pass"), own: portB, other: "a.test", otherPort: portA)
+        return (a, b)
+    }
+
+    private func login(_ server: ServerProcess, _ domain: String, _ user: String, resource: String) async throws -> TestClient {
+        try await TestClient.login(port: server.starttlsPort, domain: domain, tls: .starttls, username: user, password: "\(user)-pass", resource: resource)
+    }
+
+    private func request(_ client: TestClient, _ iq: String, id: String, timeout: Double = 10) async throws -> XMLElement {
+        client.send(iq)
+        return try await client.expect("answer to \(id)", timeout: timeout) { $0.name == "iq" && $0[attribute: "id"] == id }
+    }
+
+    private func s2sConnections(_ server: ServerProcess) throws -> String {
+        let (status, text) = try server.ctl(["s2s-connections"])
+        XCTAssertEqual(status, 0, text)
+        return text
+    }
+
+    func testSubscriptionPresenceMessagesAndIQsOverDialback() async throws {
+        let (a, b) = try startPair()
+        defer { _ = a.stop(); _ = b.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+
+        // Subscription both ways, as clients do it; each then sees the other online.
+        try await befriend(alice, "alice@a.test", bob, "bob@b.test")
+        let roster = try await request(alice, "<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>", id: "r1")
+        let item = roster.child("query", namespace: "jabber:iq:roster")?.child("item", namespace: "jabber:iq:roster")
+        XCTAssertEqual(item?[attribute: "jid"], "bob@b.test")
+        XCTAssertEqual(item?[attribute: "subscription"], "both")
+
+        // A message each way.
+        send(alice, to: "bob@b.test", "hello from a.test")
+        let atBob = try await nextMessage(bob)
+        XCTAssertEqual(atBob.child("body")?.text, "hello from a.test")
+        XCTAssertEqual(atBob[attribute: "from"], "alice@a.test/phone")
+        send(bob, to: "alice@a.test/phone", "hello back")
+        let atAlice = try await nextMessage(alice)
+        XCTAssertEqual(atAlice.child("body")?.text, "hello back")
+        XCTAssertEqual(atAlice[attribute: "from"], "bob@b.test/desk")
+
+        // IQ round trips: the remote server answers for itself, and a remote client answers a ping.
+        let version = try await request(alice, "<iq type='get' id='v1' to='b.test'><query xmlns='jabber:iq:version'/></iq>", id: "v1")
+        XCTAssertEqual(version[attribute: "type"], "result")
+        XCTAssertEqual(version[attribute: "from"], "b.test")
+        XCTAssertEqual(version.child("query", namespace: "jabber:iq:version")?.child("name", namespace: "jabber:iq:version")?.text, "Starling")
+        alice.send("<iq type='get' id='p1' to='bob@b.test/desk'><ping xmlns='urn:xmpp:ping'/></iq>")
+        let ping = try await bob.expect("ping from alice") { $0.name == "iq" && $0[attribute: "id"] == "p1" }
+        XCTAssertEqual(ping[attribute: "from"], "alice@a.test/phone")
+        bob.send("<iq type='result' id='p1' to='alice@a.test/phone'/>")
+        let pong = try await alice.expect("ping answer") { $0.name == "iq" && $0[attribute: "id"] == "p1" }
+        XCTAssertEqual(pong[attribute: "type"], "result")
+        XCTAssertEqual(pong[attribute: "from"], "bob@b.test/desk")
+
+        // What only local accounts may ask stays refused to remote ones.
+        let roster2 = try await request(alice, "<iq type='get' id='r2' to='bob@b.test'><query xmlns='jabber:iq:roster'/></iq>", id: "r2")
+        XCTAssertEqual(roster2[attribute: "type"], "error")
+
+        // Going offline reaches the remote contact.
+        bob.send("<presence type='unavailable'/>")
+        let gone = try await alice.expect("bob offline") { $0.name == "presence" && $0[attribute: "type"] == "unavailable" }
+        XCTAssertEqual(gone[attribute: "from"], "bob@b.test/desk")
+
+        // Both servers list a stream each way, authenticated with dialback (self-signed certificates).
+        let fromA = try s2sConnections(a)
+        XCTAssertTrue(fromA.contains("outgoing b.test [a.test→b.test] ready tls dialback"), fromA)
+        XCTAssertTrue(fromA.contains("incoming b.test [a.test→b.test] ready tls dialback") || fromA.contains("incoming b.test"), fromA)
+    }
+
+    func testProbeOnLoginShowsRemoteContactOnline() async throws {
+        let (a, b) = try startPair()
+        defer { _ = a.stop(); _ = b.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "one")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        try await befriend(alice, "alice@a.test", bob, "bob@b.test")
+        await alice.close()
+        // A new session of alice probes bob's server, which answers with bob's presence.
+        let again = try await login(a, "a.test", "alice", resource: "two")
+        let presence = try await again.expect("bob's presence from the probe") {
+            $0.name == "presence" && $0[attribute: "type"] == nil && $0[attribute: "from"] == "bob@b.test/desk"
+        }
+        XCTAssertEqual(presence[attribute: "to"], "alice@a.test/two")
+    }
+
+    func testSASLExternalWithCertificatesFromATestCA() async throws {
+        let ca = try TestCertificates()
+        let (a, b) = try startPair(files: { ca.files(for: $0) }, tls: { _ in "tls: { certificate: cert.pem, key: key.pem }" },
+                                   s2s: { _ in "  ca_file: ca.pem" })
+        defer { _ = a.stop(); _ = b.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        send(alice, to: "bob@b.test", "signed and sealed")
+        let atBob = try await nextMessage(bob)
+        XCTAssertEqual(atBob.child("body")?.text, "signed and sealed")
+        send(bob, to: "alice@a.test", "received")
+        let atAlice = try await nextMessage(alice)
+        XCTAssertEqual(atAlice.child("body")?.text, "received")
+        let fromA = try s2sConnections(a)
+        XCTAssertTrue(fromA.contains("outgoing b.test [a.test→b.test] ready tls SASL EXTERNAL"), fromA)
+        let fromB = try s2sConnections(b)
+        XCTAssertTrue(fromB.contains("outgoing a.test [b.test→a.test] ready tls SASL EXTERNAL"), fromB)
+    }
+
+    func testStanzasToAnUnreachableOrVanishedPeerBounce() async throws {
+        let (a, b) = try startPair()
+        defer { _ = a.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        // No route and no such domain in DNS.
+        send(alice, to: "nobody@unknown.invalid", "anyone?")
+        let unknown = try await alice.expect("bounce for an unknown domain") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertNotNil(unknown.child("error")?.child("remote-server-not-found", namespace: Namespace.stanzaErrors), unknown.serialized())
+
+        // The peer answers, then goes away: the next message bounces too, and an IQ gets its error.
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        send(alice, to: "bob@b.test", "first")
+        _ = try await nextMessage(bob)
+        await bob.close()
+        XCTAssertEqual(b.stop(), 0)
+        send(alice, to: "bob@b.test", "second")
+        let gone = try await alice.expect("bounce once b.test is gone", timeout: 30) { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(gone[attribute: "from"], "bob@b.test")
+        let condition = gone.child("error")?.elements.first { $0.namespace == Namespace.stanzaErrors }?.name
+        XCTAssertTrue(condition == "remote-server-not-found" || condition == "remote-server-timeout", gone.serialized())
+        let iq = try await request(alice, "<iq type='get' id='t1' to='b.test'><time xmlns='urn:xmpp:time'/></iq>", id: "t1", timeout: 30)
+        XCTAssertEqual(iq[attribute: "type"], "error")
+    }
+
+    func testBlockedDomainsAreRefusedBothWays() async throws {
+        let (a, b) = try startPair(s2s: { domain in domain == "a.test" ? "  ca_file: \"\"\n  blocked_domains: [b.test]" : "  ca_file: \"\"" })
+        defer { _ = a.stop(); _ = b.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        send(alice, to: "bob@b.test", "out")
+        let outBounce = try await alice.expect("refused outgoing") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertNotNil(outBounce.child("error")?.child("remote-server-not-found", namespace: Namespace.stanzaErrors))
+        send(bob, to: "alice@a.test", "in")
+        let inBounce = try await bob.expect("refused incoming", timeout: 30) { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(inBounce[attribute: "from"], "alice@a.test")
+    }
+}
+
+/// A private CA and a certificate per domain, made with openssl for the test.
+struct TestCertificates {
+    let directory: URL
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("starling-ca-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        try openssl(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                     "-subj", "/CN=Starling test CA", "-keyout", "ca-key.pem", "-out", "ca.pem",
+                     "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+    }
+
+    private func openssl(_ arguments: [String]) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        process.arguments = arguments
+        process.currentDirectoryURL = directory
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw TestClientError.unexpected("openssl \(arguments.joined(separator: " ")) failed") }
+    }
+
+    /// `ca.pem`, `cert.pem` and `key.pem` for a server of `domain`.
+    func files(for domain: String) -> [String: String] {
+        do {
+            try openssl(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=\(domain)",
+                         "-keyout", "\(domain)-key.pem", "-out", "\(domain).csr"])
+            try "subjectAltName=DNS:\(domain)\nextendedKeyUsage=serverAuth,clientAuth\n".write(to: directory.appendingPathComponent("\(domain).ext"), atomically: true, encoding: .utf8)
+            try openssl(["x509", "-req", "-in", "\(domain).csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "2",
+                         "-extfile", "\(domain).ext", "-out", "\(domain).pem"])
+            func read(_ name: String) throws -> String { try String(contentsOf: directory.appendingPathComponent(name), encoding: .utf8) }
+            return ["ca.pem": try read("ca.pem"), "cert.pem": try read("\(domain).pem"), "key.pem": try read("\(domain)-key.pem")]
+        } catch {
+            XCTFail("cannot make test certificates: \(error)")
+            return [:]
+        }
+    }
+}
