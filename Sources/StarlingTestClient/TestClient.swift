@@ -289,8 +289,9 @@ public final class TestClient: @unchecked Sendable {
 
     /// STARTTLS (unless direct), SASL, bind, initial presence.
     public static func login(port: Int, domain: String, tls: TLSMode, username: String, password: String,
-                             mechanism: String = "SCRAM-SHA-256", resource: String? = nil, presence: Bool = true, source: String? = nil) async throws -> TestClient {
-        let client = try await connect(port: port, domain: domain, tls: tls, source: source)
+                             mechanism: String = "SCRAM-SHA-256", resource: String? = nil, presence: Bool = true, source: String? = nil,
+                             host: String = "127.0.0.1") async throws -> TestClient {
+        let client = try await connect(host: host, port: port, domain: domain, tls: tls, source: source)
         try await client.openStream()
         if tls == .starttls { try await client.startTLS() }
         try await client.authenticate(username: username, password: password, mechanism: mechanism)

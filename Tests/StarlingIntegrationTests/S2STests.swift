@@ -29,11 +29,6 @@ final class S2STests: XCTestCase {
         try await TestClient.login(port: server.starttlsPort, domain: domain, tls: .starttls, username: user, password: "\(user)-pass", resource: resource)
     }
 
-    private func request(_ client: TestClient, _ iq: String, id: String, timeout: Double = 10) async throws -> XMLElement {
-        client.send(iq)
-        return try await client.expect("answer to \(id)", timeout: timeout) { $0.name == "iq" && $0[attribute: "id"] == id }
-    }
-
     private func s2sConnections(_ server: ServerProcess) throws -> String {
         let (status, text) = try server.ctl(["s2s-connections"])
         XCTAssertEqual(status, 0, text)
@@ -48,7 +43,7 @@ final class S2STests: XCTestCase {
 
         // Subscription both ways, as clients do it; each then sees the other online.
         try await befriend(alice, "alice@a.test", bob, "bob@b.test")
-        let roster = try await request(alice, "<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>", id: "r1")
+        let roster = try await alice.iq("<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>", id: "r1")
         let item = roster.child("query", namespace: "jabber:iq:roster")?.child("item", namespace: "jabber:iq:roster")
         XCTAssertEqual(item?[attribute: "jid"], "bob@b.test")
         XCTAssertEqual(item?[attribute: "subscription"], "both")
@@ -64,7 +59,7 @@ final class S2STests: XCTestCase {
         XCTAssertEqual(atAlice[attribute: "from"], "bob@b.test/desk")
 
         // IQ round trips: the remote server answers for itself, and a remote client answers a ping.
-        let version = try await request(alice, "<iq type='get' id='v1' to='b.test'><query xmlns='jabber:iq:version'/></iq>", id: "v1")
+        let version = try await alice.iq("<iq type='get' id='v1' to='b.test'><query xmlns='jabber:iq:version'/></iq>", id: "v1")
         XCTAssertEqual(version[attribute: "type"], "result")
         XCTAssertEqual(version[attribute: "from"], "b.test")
         XCTAssertEqual(version.child("query", namespace: "jabber:iq:version")?.child("name", namespace: "jabber:iq:version")?.text, "Starling")
@@ -77,7 +72,7 @@ final class S2STests: XCTestCase {
         XCTAssertEqual(pong[attribute: "from"], "bob@b.test/desk")
 
         // What only local accounts may ask stays refused to remote ones.
-        let roster2 = try await request(alice, "<iq type='get' id='r2' to='bob@b.test'><query xmlns='jabber:iq:roster'/></iq>", id: "r2")
+        let roster2 = try await alice.iq("<iq type='get' id='r2' to='bob@b.test'><query xmlns='jabber:iq:roster'/></iq>", id: "r2")
         XCTAssertEqual(roster2[attribute: "type"], "error")
 
         // Going offline reaches the remote contact.
@@ -145,7 +140,7 @@ final class S2STests: XCTestCase {
         XCTAssertEqual(gone[attribute: "from"], "bob@b.test")
         let condition = gone.child("error")?.elements.first { $0.namespace == Namespace.stanzaErrors }?.name
         XCTAssertTrue(condition == "remote-server-not-found" || condition == "remote-server-timeout", gone.serialized())
-        let iq = try await request(alice, "<iq type='get' id='t1' to='b.test'><time xmlns='urn:xmpp:time'/></iq>", id: "t1", timeout: 30)
+        let iq = try await alice.iq("<iq type='get' id='t1' to='b.test'><time xmlns='urn:xmpp:time'/></iq>", id: "t1", timeout: 30)
         XCTAssertEqual(iq[attribute: "type"], "error")
     }
 
