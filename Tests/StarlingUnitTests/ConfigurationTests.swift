@@ -53,7 +53,7 @@ final class ConfigurationTests: XCTestCase, ConfigParsing {
         XCTAssertEqual(try parse("").httpListeners, [], "no HTTP unless configured")
         expectError("listeners:\n  - type: http\n    tls: starttls\n", line: 3, key: "listeners[0].tls", contains: "not one of: none, direct")
         expectError("listeners:\n  - type: http\n    proxy_protocol: true\n", line: 3, key: "listeners[0].proxy_protocol", contains: "unknown option")
-        expectError("listeners:\n  - type: ftp\n", line: 2, key: "listeners[0].type", contains: "not one of: c2s, http, admin")
+        expectError("listeners:\n  - type: ftp\n", line: 2, key: "listeners[0].type", contains: "not one of: c2s, s2s, http, admin")
     }
 
     func testAdminListenerIsLoopbackWithAToken() throws {
@@ -99,9 +99,35 @@ final class ConfigurationTests: XCTestCase, ConfigParsing {
         expectError(postgres + "cluster:\n  node: n1\n  link: h:1\n  secret_file: \(secret)\n  heartbeat: 2\n  dead_after: 3\n", line: 7, key: "cluster.dead_after", contains: "twice heartbeat")
     }
 
+    func testFederationIsOnWithAnS2SListener() throws {
+        XCTAssertNil(try parse("hosts: [a.test]\ns2s:\n  ca_file: \"\"\n").s2s)
+        let configuration = try parse("""
+        hosts: [a.test]
+        listeners:
+          - { port: 5222 }
+          - { type: s2s, tls: direct }
+        s2s:
+          ca_file: ""
+          blocked_domains: [Spam.Example]
+          routes: { b.test: "10.0.0.2:5269", c.test: ["10.0.0.3:5270", "10.0.0.4:5269"] }
+        """)
+        let s2s = try XCTUnwrap(configuration.s2s)
+        XCTAssertEqual(s2s.listeners, [ListenerConfiguration(address: "0.0.0.0", port: 5269, tls: .direct, backlog: 1024)])
+        XCTAssertEqual(s2s.routes, ["b.test": ["10.0.0.2:5269"], "c.test": ["10.0.0.3:5270", "10.0.0.4:5269"]])
+        XCTAssertEqual(s2s.blockedDomains, ["spam.example"])
+        XCTAssertTrue(s2s.requireTLS)
+        XCTAssertNil(s2s.caFile)
+        let listener = "hosts: [a.test]\nlisteners:\n  - { type: s2s }\n"
+        expectError(listener + "s2s:\n  ca_file: \"\"\n  routes: { b.test: nowhere }\n", line: 6, key: "s2s.routes.b.test", contains: "HOST:PORT")
+        expectError(listener + "s2s:\n  ca_file: \"\"\n  routes: { a.test: \"h:1\" }\n", line: 6, key: "s2s.routes.a.test", contains: "host of this server")
+        expectError(listener + "s2s:\n  ca_file: \"\"\n  dialback: false\n", line: 6, key: "s2s.dialback", contains: "set ca_file")
+        expectError(listener + "s2s:\n  ca_file: /nonexistent/ca.pem\n", line: 5, key: "s2s.ca_file", contains: "cannot read")
+        expectError(listener + "s2s:\n  queue_limit: 0\n", line: 5, key: "s2s.queue_limit", contains: "out of range")
+    }
+
     func testReferenceDocumentsEveryOption() {
         let reference = StarlingConfiguration.referenceText(moduleCatalog: BuiltinModules.descriptors)
-        for key in ["hosts", "listeners[].port", "listeners[].backlog", "listeners[].trusted_proxies", "listeners[].websocket_url", "listeners[].token_file", "tls.certificate", "auth.scram_iterations", "limits.max_stanza_size", "limits.max_sessions_per_user", "storage.path", "admin.socket"] {
+        for key in ["hosts", "listeners[].port", "listeners[].backlog", "listeners[].trusted_proxies", "listeners[].websocket_url", "listeners[].token_file", "s2s.ca_file", "s2s.dialback", "s2s.blocked_domains", "tls.certificate", "auth.scram_iterations", "limits.max_stanza_size", "limits.max_sessions_per_user", "storage.path", "admin.socket"] {
             XCTAssertTrue(reference.contains("  \(key)  ("), "\(key) missing from the reference")
         }
     }
