@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Metrics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -90,6 +91,10 @@ public final class Federation: @unchecked Sendable {
     private let routes = NIOLockedValueBox<[DomainPair: OutgoingRoute]>([:])
     private let open = NIOLockedValueBox<[ObjectIdentifier: S2SHandler]>([:])
     private let verifications = NIOLockedValueBox<[ObjectIdentifier: EventLoopPromise<DialbackOutcome>]>([:])
+    /// Authenticated incoming streams per remote domain (`max_incoming_per_domain`).
+    private let incomingPerDomain = NIOLockedValueBox<[String: Int]>([:])
+    private let streamsGauge = (incoming: Gauge(label: "starling_s2s_streams", dimensions: [("direction", "incoming")]),
+                                outgoing: Gauge(label: "starling_s2s_streams", dimensions: [("direction", "outgoing")]))
     private let stopping = NIOLockedValueBox(false)
 
     /// - Parameters:
@@ -137,12 +142,38 @@ public final class Federation: @unchecked Sendable {
 
     func opened(_ handler: S2SHandler) {
         open.withLockedValue { $0[ObjectIdentifier(handler)] = handler }
+        updateStreamGauges()
     }
 
     func closed(_ handler: S2SHandler) {
         _ = open.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(handler)) }
+        updateStreamGauges()
         if let promise = verifications.withLockedValue({ $0.removeValue(forKey: ObjectIdentifier(handler)) }) {
             promise.succeed(.error(.remoteServerNotFound))
+        }
+    }
+
+    private func updateStreamGauges() {
+        let (incoming, outgoing) = open.withLockedValue { open in
+            open.values.reduce(into: (0, 0)) { counts, handler in if handler.isIncoming { counts.0 += 1 } else { counts.1 += 1 } }
+        }
+        streamsGauge.incoming.record(incoming)
+        streamsGauge.outgoing.record(outgoing)
+    }
+
+    /// Counts an authenticated incoming stream of `domain`; false when it already has `max_incoming_per_domain`.
+    func admitIncoming(from domain: String) -> Bool {
+        incomingPerDomain.withLockedValue { counts in
+            guard counts[domain, default: 0] < settings.maxIncomingPerDomain else { return false }
+            counts[domain, default: 0] += 1
+            return true
+        }
+    }
+
+    func releaseIncoming(from domain: String) {
+        incomingPerDomain.withLockedValue { counts in
+            counts[domain, default: 1] -= 1
+            if counts[domain] == 0 { counts[domain] = nil }
         }
     }
 
@@ -200,6 +231,8 @@ public final class Federation: @unchecked Sendable {
     }
 
     func bounce(_ stanzas: [XMLElement], _ failure: S2SFailure) {
+        guard !stanzas.isEmpty else { return }
+        Counter(label: "starling_s2s_bounced_total", dimensions: [("condition", failure.condition.rawValue)]).increment(by: stanzas.count)
         for stanza in stanzas { delegate?.undeliverable(stanza, failure) }
     }
 

@@ -1,4 +1,5 @@
 import Logging
+import Metrics
 import NIOCore
 import NIOSSL
 import NIOTLS
@@ -36,6 +37,23 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
     private(set) var stanzasIn = 0
     private(set) var stanzasOut = 0
     private var method: String?
+    /// Remote domains this incoming stream counts against in `max_incoming_per_domain`.
+    private var admitted: Set<String> = []
+    /// Per remote domain, once it is known (counters are looked up once, not per stanza).
+    private var stanzaCounters: (in: Counter, out: Counter)?
+
+    var isIncoming: Bool {
+        if case .incoming = role { return true }
+        return false
+    }
+
+    private func countStanzas(for domain: String) -> (in: Counter, out: Counter) {
+        if let stanzaCounters { return stanzaCounters }
+        let counters = (in: Counter(label: "starling_s2s_stanzas_total", dimensions: [("direction", "in"), ("domain", domain)]),
+                        out: Counter(label: "starling_s2s_stanzas_total", dimensions: [("direction", "out"), ("domain", domain)]))
+        stanzaCounters = counters
+        return counters
+    }
 
     init(federation: Federation, role: Role, loop: any EventLoop) {
         self.federation = federation
@@ -133,12 +151,19 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
             }
             route?.closed(self)
         }
+        for domain in admitted { federation.releaseIncoming(from: domain) }
+        admitted = []
         federation.closed(self)
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        logger.info("s2s connection error", metadata: ["error": "\(error)"])
+        // Servers commonly end TLS without close_notify once the stream is closed: not worth more than debug.
+        if let tls = error as? NIOSSLError, case .uncleanShutdown = tls {
+            logger.debug("s2s connection closed without TLS close_notify")
+        } else {
+            logger.info("s2s connection error", metadata: ["error": "\(error)"])
+        }
         context.close(promise: nil)
     }
 
@@ -231,9 +256,18 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
             case .authenticated(let pair, let method):
                 negotiationTimeout?.cancel()
                 self.method = method
+                if !admitted.contains(pair.remote) {
+                    guard federation.admitIncoming(from: pair.remote) else {
+                        logger.warning("s2s: too many incoming streams from one domain", metadata: ["domain": "\(pair.remote)"])
+                        closeStream(.resourceConstraint, "\(pair.remote) already has \(federation.settings.maxIncomingPerDomain) streams open here")
+                        return true
+                    }
+                    admitted.insert(pair.remote)
+                }
                 logger.notice("s2s: remote domain authenticated", metadata: ["pair": "\(pair)", "method": "\(method)"])
             case .deliver(let stanza):
                 stanzasIn += 1
+                if let domain = stanza[attribute: "from"].flatMap({ JID($0)?.domainpart }) { countStanzas(for: domain).in.increment() }
                 if federation.logger.logLevel <= .debug { logger.debug("s2s: stanza in", metadata: ["stanza": "\(stanza.serialized())"]) }
                 federation.received(stanza.movingNamespace(Namespace.server, to: Namespace.client))
             case .close:
@@ -289,6 +323,7 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
     func send(_ stanza: XMLElement) {
         guard let context else { return }
         stanzasOut += 1
+        if case .outgoing(let machine, _) = role { countStanzas(for: machine.pair.remote).out.increment() }
         if federation.logger.logLevel <= .debug { logger.debug("s2s: stanza out", metadata: ["stanza": "\(stanza.serialized())"]) }
         write(stanza.movingNamespace(Namespace.client, to: Namespace.server).serialized(inheritedNamespace: Namespace.server), context: context)
         context.flush()

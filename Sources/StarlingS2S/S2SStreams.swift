@@ -138,7 +138,8 @@ public struct S2SIncomingMachine {
         case resetParser
         /// Ask the originating domain's authoritative server whether the key is one it gave out.
         case verifyDialback(DialbackRequest)
-        /// The peer may now send stanzas from `pair.remote` to `pair.local`.
+        /// The peer may now send stanzas from `pair.remote` to `pair.local`; it comes before the answer
+        /// that tells the peer so, so the handler can still refuse (limits) instead.
         case authenticated(DomainPair, method: String)
         /// A stanza from an authenticated domain to one of ours, namespace as received.
         case deliver(XMLElement)
@@ -276,7 +277,8 @@ public struct S2SIncomingMachine {
         let pair = DomainPair(local: localDomain, remote: domain)
         authenticated.insert(pair)
         state = .awaitingHeader
-        return [.send("<success xmlns='\(Namespace.sasl)'/>"), .resetParser, .authenticated(pair, method: "SASL EXTERNAL")]
+        // Admission (limits) first: a refused peer must not hear success.
+        return [.authenticated(pair, method: "SASL EXTERNAL"), .send("<success xmlns='\(Namespace.sasl)'/>"), .resetParser]
     }
 
     private mutating func dialbackResult(_ element: XMLElement) -> [Action] {
@@ -306,7 +308,7 @@ public struct S2SIncomingMachine {
         switch outcome {
         case .valid:
             authenticated.insert(pair)
-            return [.send(S2SHeader.dialback("result", from: pair.local, to: pair.remote, type: "valid")), .authenticated(pair, method: "dialback")]
+            return [.authenticated(pair, method: "dialback"), .send(S2SHeader.dialback("result", from: pair.local, to: pair.remote, type: "valid"))]
         case .invalid:
             return [.send(S2SHeader.dialback("result", from: pair.local, to: pair.remote, type: "invalid"))]
                 + streamError(.notAuthorized, "the dialback key for \(pair.remote) is not valid")

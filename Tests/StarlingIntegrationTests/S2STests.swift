@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
 import StarlingAPI
 import StarlingTestClient
 import XCTest
@@ -18,7 +21,8 @@ final class S2STests: XCTestCase {
             s2s:
             \(s2s(domain))
               routes: { \(other): "127.0.0.1:\(otherPort)" }
-            """, users: [user], files: files(domain), extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(own) }"], hosts: [domain])
+            """, users: [user], files: files(domain), extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(own) }",
+                                                                 "{ type: http, address: 127.0.0.1, port: 0, metrics: true }"], hosts: [domain])
         }
         let a = try start("a.test", user: ("alice", "alice-pass"), own: portA, other: "b.test", otherPort: portB)
         let b = try start("b.test", user: ("bob", "bob-pass"), own: portB, other: "a.test", otherPort: portA)
@@ -83,7 +87,14 @@ final class S2STests: XCTestCase {
         // Both servers list a stream each way, authenticated with dialback (self-signed certificates).
         let fromA = try s2sConnections(a)
         XCTAssertTrue(fromA.contains("outgoing b.test [a.test→b.test] ready tls dialback"), fromA)
-        XCTAssertTrue(fromA.contains("incoming b.test [a.test→b.test] ready tls dialback") || fromA.contains("incoming b.test"), fromA)
+        XCTAssertTrue(fromA.contains("incoming b.test [a.test→b.test] ready tls dialback"), fromA)
+
+        // Per remote domain in the metrics.
+        let (data, _) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(a.httpPort)/metrics")!)
+        let metrics = String(decoding: data, as: UTF8.self)
+        XCTAssertTrue(metrics.contains(#"starling_s2s_streams{direction="outgoing"} 1"#), metrics)
+        XCTAssertTrue(metrics.contains(#"starling_s2s_stanzas_total{direction="out",domain="b.test"}"#), metrics)
+        XCTAssertTrue(metrics.contains(#"starling_s2s_stanzas_total{direction="in",domain="b.test"}"#), metrics)
     }
 
     func testProbeOnLoginShowsRemoteContactOnline() async throws {
@@ -142,6 +153,29 @@ final class S2STests: XCTestCase {
         XCTAssertTrue(condition == "remote-server-not-found" || condition == "remote-server-timeout", gone.serialized())
         let iq = try await alice.iq("<iq type='get' id='t1' to='b.test'><time xmlns='urn:xmpp:time'/></iq>", id: "t1", timeout: 30)
         XCTAssertEqual(iq[attribute: "type"], "error")
+    }
+
+    func testIncomingStreamsPerDomainAreLimited() async throws {
+        let portA = try ServerProcess.freePort()
+        let portB = try ServerProcess.freePort()
+        let b = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  max_incoming_per_domain: 1\n  routes: { a.test: \"127.0.0.1:\(portA)\" }",
+                                  users: [("bob", "bob-pass")], extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portB) }"], hosts: ["b.test", "b2.test"])
+        defer { _ = b.stop() }
+        let a = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  routes: { b.test: \"127.0.0.1:\(portB)\", b2.test: \"127.0.0.1:\(portB)\" }",
+                                  users: [("alice", "alice-pass")], extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portA) }"], hosts: ["a.test"])
+        defer { _ = a.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        send(alice, to: "bob@b.test", "first stream")
+        _ = try await nextMessage(bob)
+        // a.test→b2.test needs a second stream from a.test into the same server: one too many.
+        send(alice, to: "someone@b2.test", "second stream")
+        let refused = try await alice.expect("bounce for the second stream", timeout: 30) { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(refused[attribute: "from"], "someone@b2.test")
+        // The first stream carries on.
+        send(alice, to: "bob@b.test", "still here")
+        let still = try await nextMessage(bob)
+        XCTAssertEqual(still.child("body")?.text, "still here")
     }
 
     func testBlockedDomainsAreRefusedBothWays() async throws {
