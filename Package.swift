@@ -128,12 +128,14 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // C: DNS SRV and address lookups through glibc's resolver, for federation only.
+        .target(name: "CResolv", linkerSettings: [.linkedLibrary("resolv")]),
         // Federation (RFC 6120 server-to-server): s2s stream state machines, TLS with SASL EXTERNAL (XEP-0178)
         // or Server Dialback (XEP-0220), outgoing streams per domain pair. The server supplies routing.
         .target(
             name: "StarlingS2S",
             dependencies: [
-                "StarlingXML",
+                "StarlingXML", "CResolv",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -149,6 +149,8 @@ public struct S2SConfiguration: Sendable, Equatable {
     public var dialbackSecretFile: String?
     /// Remote domain → `HOST:PORT` endpoints, tried in order, instead of DNS.
     public var routes: [String: [String]]
+    /// `HOST:PORT` of a name server to ask instead of /etc/resolv.conf's.
+    public var dnsServer: String?
     public var blockedDomains: [String]
     public var queueLimit: Int
     public var connectTimeout: Double
@@ -277,6 +279,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
     static let s2sDialback = ConfigOption<Bool>("dialback", default: true, doc: "Server Dialback (XEP-0220) for peers whose certificate does not verify against ca_file (self-signed ones, say). Off: only SASL EXTERNAL with verified certificates.")
     static let s2sCAFile = ConfigOption<String?>("ca_file", default: "/etc/ssl/certs/ca-certificates.crt", doc: "PEM bundle of the certificate authorities that authenticate peer servers with SASL EXTERNAL (XEP-0178); relative to the config file. Empty: none (dialback only).")
     static let s2sDialbackSecret = ConfigOption<String?>("dialback_secret_file", default: nil, doc: "File with the dialback key secret (at least 16 characters). Unset: the cluster's secret, or a random secret per start on a single node.")
+    static let s2sDNSServer = ConfigOption<String?>("dns_server", default: nil, doc: "IPv4 HOST:PORT of the name server for SRV (_xmpps-server and _xmpp-server) and address lookups, instead of /etc/resolv.conf's.")
     static let s2sBlocked = ConfigOption<[String]>("blocked_domains", default: [], doc: "Remote domains this server neither connects to nor accepts streams from.")
     static let s2sQueueLimit = ConfigOption<Int>("queue_limit", default: 1000, range: 1...1_000_000, doc: "Stanzas that may wait for one remote domain's stream to come up; more are bounced with resource-constraint.")
     static let s2sConnectTimeout = ConfigOption<Double>("connect_timeout", default: 10, range: 0.1...300, doc: "Seconds a TCP connection to a remote server may take (each address in turn).")
@@ -574,7 +577,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
         let secretFile = try section.read(s2sDialbackSecret).map { resolve($0, against: baseDirectory) }
         var configuration = S2SConfiguration(
             listeners: listeners, requireTLS: try section.read(s2sRequireTLS), dialback: try section.read(s2sDialback), caFile: caFile,
-            dialbackSecretFile: secretFile, routes: [:], blockedDomains: try section.read(s2sBlocked).map { $0.lowercased() },
+            dialbackSecretFile: secretFile, routes: [:], dnsServer: try section.read(s2sDNSServer), blockedDomains: try section.read(s2sBlocked).map { $0.lowercased() },
             queueLimit: try section.read(s2sQueueLimit), connectTimeout: try section.read(s2sConnectTimeout),
             negotiationTimeout: try section.read(s2sNegotiationTimeout), idleTimeout: try section.read(s2sIdleTimeout),
             maxIncomingPerDomain: try section.read(s2sMaxIncoming)
@@ -593,6 +596,11 @@ public struct StarlingConfiguration: Sendable, Equatable {
             configuration.routes[domain.domainpart] = endpoints
         }
         try section.rejectUnknownKeys()
+        if let server = configuration.dnsServer {
+            guard let (host, _) = hostAndPort(server), host.split(separator: ".").count == 4, host.split(separator: ".").allSatisfy({ UInt8($0) != nil }) else {
+                throw section.error("dns_server", "expected an IPv4 address and port, HOST:PORT", at: section.valueNode("dns_server"))
+            }
+        }
         if let secretFile { _ = try readSecret(secretFile, minimumLength: 16, section: section, key: "dialback_secret_file") }
         if let caFile, !FileManager.default.fileExists(atPath: caFile), section.valueNode("ca_file") != nil {
             throw section.error("ca_file", "cannot read \(caFile)", at: section.valueNode("ca_file"))

@@ -39,6 +39,8 @@ public struct FederationSettings: Sendable {
     public var keys: DialbackKeys
     /// Remote domains reached at fixed addresses instead of through DNS.
     public var routes: [String: [S2SEndpoint]] = [:]
+    /// A name server (IPv4 address and port) to ask instead of the system's.
+    public var nameServer: (host: String, port: Int)?
     /// Certificate authorities for SASL EXTERNAL; nil: every peer uses dialback.
     public var trustRoots: TrustRoots?
     public var blockedDomains: Set<String> = []
@@ -121,7 +123,7 @@ public final class Federation: @unchecked Sendable {
         } catch {
             throw S2SSetupError("cannot set up TLS for s2s: \(error)")
         }
-        resolver = S2SResolver(routes: settings.routes)
+        resolver = S2SResolver(routes: settings.routes, nameServer: settings.nameServer)
     }
 
     public func start(delegate: any FederationDelegate) {
@@ -247,7 +249,9 @@ public final class Federation: @unchecked Sendable {
             case .success(let endpoints) where !endpoints.isEmpty:
                 self.tryEndpoints(endpoints[...], pair: pair, purpose: purpose, route: route, verification: verification, loop: loop, lastError: nil)
             case .success:
-                self.connectFailed(route, verification, S2SFailure(.remoteServerNotFound, "\(pair.remote) has no s2s service in DNS"))
+                self.connectFailed(route, verification, S2SFailure(.remoteServerNotFound, "\(pair.remote) has no address in DNS"))
+            case .failure(let failure as S2SFailure):
+                self.connectFailed(route, verification, failure)
             case .failure(let error):
                 self.connectFailed(route, verification, S2SFailure(.remoteServerNotFound, "cannot resolve \(pair.remote): \(error)"))
             }

@@ -46,6 +46,7 @@ final class FederationBridge: FederationDelegate {
         settings.routes = s2s.routes.mapValues { endpoints in
             endpoints.compactMap { StarlingConfiguration.hostAndPort($0).map { S2SEndpoint(host: $0.0, port: $0.1) } }
         }
+        settings.nameServer = s2s.dnsServer.flatMap { StarlingConfiguration.hostAndPort($0) }.map { (host: $0.0, port: $0.1) }
         if let caFile = s2s.caFile { settings.trustRoots = try TrustRoots(pemFile: caFile) }
         settings.blockedDomains = Set(s2s.blockedDomains)
         settings.queueLimit = s2s.queueLimit

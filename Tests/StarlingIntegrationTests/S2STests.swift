@@ -10,7 +10,7 @@ import XCTest
 /// route to the other: subscriptions, presence, messages and IQs both ways, with dialback (self-signed
 /// certificates) and with SASL EXTERNAL (certificates from a test CA); bounces when the peer is gone.
 final class S2STests: XCTestCase {
-    /// Two servers that route to each other; `extra(domain)` is added to each one's `s2s:` section.
+    /// Two servers that route to each other (and to each other's MUC service); `s2s(domain)` goes into each one's `s2s:` section.
     private func startPair(files: (String) -> [String: String] = { _ in [:] }, tls: (String) -> String = { _ in "" },
                            s2s: (String) -> String = { _ in "  ca_file: \"\"" }) throws -> (ServerProcess, ServerProcess) {
         let portA = try ServerProcess.freePort()
@@ -20,7 +20,7 @@ final class S2STests: XCTestCase {
             \(tls(domain))
             s2s:
             \(s2s(domain))
-              routes: { \(other): "127.0.0.1:\(otherPort)" }
+              routes: { \(other): "127.0.0.1:\(otherPort)", conference.\(other): "127.0.0.1:\(otherPort)" }
             """, users: [user], files: files(domain), extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(own) }",
                                                                  "{ type: http, address: 127.0.0.1, port: 0, metrics: true }"], hosts: [domain])
         }
@@ -95,6 +95,31 @@ final class S2STests: XCTestCase {
         XCTAssertTrue(metrics.contains(#"starling_s2s_streams{direction="outgoing"} 1"#), metrics)
         XCTAssertTrue(metrics.contains(#"starling_s2s_stanzas_total{direction="out",domain="b.test"}"#), metrics)
         XCTAssertTrue(metrics.contains(#"starling_s2s_stanzas_total{direction="in",domain="b.test"}"#), metrics)
+    }
+
+    func testAnOccupantFromAnotherServerInARoom() async throws {
+        let (a, b) = try startPair()
+        defer { _ = a.stop(); _ = b.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        let room = "tea@conference.a.test"
+        let muc = "http://jabber.org/protocol/muc"
+        alice.send("<presence to='\(room)/alice'><x xmlns='\(muc)'/></presence>")
+        _ = try await alice.expect("alice in the new room") { $0.name == "presence" && $0[attribute: "from"] == "\(room)/alice" }
+        let configured = try await alice.iq("<iq type='set' id='cfg' to='\(room)'><query xmlns='\(muc)#owner'><x xmlns='jabber:x:data' type='submit'/></query></iq>", id: "cfg")
+        XCTAssertEqual(configured[attribute: "type"], "result", configured.serialized())
+
+        // bob joins from b.test: his server reaches conference.a.test, and the room's traffic comes back to him.
+        bob.send("<presence to='\(room)/bob'><x xmlns='\(muc)'/></presence>")
+        let own = try await bob.expect("bob's own presence in the room", timeout: 20) { $0.name == "presence" && $0[attribute: "from"] == "\(room)/bob" }
+        XCTAssertEqual(own[attribute: "to"], "bob@b.test/desk")
+        _ = try await alice.expect("bob joining, seen by alice") { $0.name == "presence" && $0[attribute: "from"] == "\(room)/bob" }
+        alice.send("<message to='\(room)' type='groupchat'><body>welcome, bob</body></message>")
+        let atBob = try await bob.expect("groupchat at bob") { $0.name == "message" && $0.child("body")?.text == "welcome, bob" }
+        XCTAssertEqual(atBob[attribute: "from"], "\(room)/alice")
+        bob.send("<message to='\(room)' type='groupchat'><body>thanks</body></message>")
+        let atAlice = try await alice.expect("groupchat at alice") { $0.name == "message" && $0.child("body")?.text == "thanks" }
+        XCTAssertEqual(atAlice[attribute: "from"], "\(room)/bob")
     }
 
     func testProbeOnLoginShowsRemoteContactOnline() async throws {
@@ -176,6 +201,43 @@ final class S2STests: XCTestCase {
         send(alice, to: "bob@b.test", "still here")
         let still = try await nextMessage(bob)
         XCTAssertEqual(still.child("body")?.text, "still here")
+    }
+
+    func testSRVRecordsPickTheServerAndPreferDirectTLS() async throws {
+        let dnsPort = try ServerProcess.freePort()
+        let portA = try ServerProcess.freePort()
+        let starttlsPort = try ServerProcess.freePort()
+        let directPort = try ServerProcess.freePort()
+        // XEP-0368: both services at the same priority, so the direct TLS one is tried first. c.test says "no service".
+        let dns = try ServerProcess.nameServer(zone: """
+        _xmpp-server._tcp.b.test. 60 IN SRV 0 5 \(starttlsPort) b-host.test.
+        _xmpps-server._tcp.b.test. 60 IN SRV 0 5 \(directPort) b-host.test.
+        b-host.test. 60 IN A 127.0.0.1
+        _xmpp-server._tcp.c.test. 60 IN SRV 0 0 0 .
+        """, port: dnsPort)
+        defer {
+            dns.terminate()
+            dns.waitUntilExit()
+        }
+        let b = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  routes: { a.test: \"127.0.0.1:\(portA)\" }", users: [("bob", "bob-pass")],
+                                  extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(starttlsPort) }",
+                                                   "{ type: s2s, address: 127.0.0.1, port: \(directPort), tls: direct }"], hosts: ["b.test"])
+        defer { _ = b.stop() }
+        let a = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  dns_server: \"127.0.0.1:\(dnsPort)\"", users: [("alice", "alice-pass")],
+                                  extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portA) }"], hosts: ["a.test"])
+        defer { _ = a.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        send(alice, to: "bob@b.test", "found through SRV")
+        let atBob = try await nextMessage(bob)
+        XCTAssertEqual(atBob.child("body")?.text, "found through SRV")
+        let streams = try s2sConnections(a)
+        XCTAssertTrue(streams.contains("outgoing b.test [a.test→b.test] ready tls dialback 127.0.0.1:\(directPort)"), streams)
+
+        send(alice, to: "carol@c.test", "anyone?")
+        let none = try await alice.expect("bounce for a domain without the service") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertNotNil(none.child("error")?.child("remote-server-not-found", namespace: Namespace.stanzaErrors), none.serialized())
+        XCTAssertTrue(none.child("error")?.child("text", namespace: Namespace.stanzaErrors)?.text.contains("announces no server-to-server service") == true, none.serialized())
     }
 
     func testBlockedDomainsAreRefusedBothWays() async throws {

@@ -257,6 +257,27 @@ final class ServerProcess {
         return (process, output)
     }
 
+    /// A name server on 127.0.0.1:`port` answering from `zone` (Tests/Interop/dns_server.py), running once
+    /// it says READY; terminate the process when done.
+    static func nameServer(zone: String, port: Int) throws -> Process {
+        let interop = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Interop")
+        let zoneFile = FileManager.default.temporaryDirectory.appendingPathComponent("zone-\(UUID().uuidString)").path
+        try zone.write(toFile: zoneFile, atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", interop.appendingPathComponent("dns_server.py").path, zoneFile, "\(port)"]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        var output = ""
+        while !output.contains("READY") {
+            let data = pipe.fileHandleForReading.availableData
+            if data.isEmpty { throw TestClientError.unexpected("the name server did not start (is dnslib installed? scripts/bootstrap)") }
+            output += String(decoding: data, as: UTF8.self)
+        }
+        return process
+    }
+
     /// Runs the slixmpp client script (Tests/Interop/slixmpp_client.py).
     static func slixmpp(_ arguments: [String]) throws -> (Int32, String) {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()

@@ -123,6 +123,8 @@ final class ConfigurationTests: XCTestCase, ConfigParsing {
         expectError(listener + "s2s:\n  ca_file: \"\"\n  dialback: false\n", line: 6, key: "s2s.dialback", contains: "set ca_file")
         expectError(listener + "s2s:\n  ca_file: /nonexistent/ca.pem\n", line: 5, key: "s2s.ca_file", contains: "cannot read")
         expectError(listener + "s2s:\n  queue_limit: 0\n", line: 5, key: "s2s.queue_limit", contains: "out of range")
+        expectError(listener + "s2s:\n  ca_file: \"\"\n  dns_server: \"dns.example:53\"\n", line: 6, key: "s2s.dns_server", contains: "IPv4 address")
+        XCTAssertEqual(try parse(listener + "s2s:\n  ca_file: \"\"\n  dns_server: \"127.0.0.53:53\"\n").s2s?.dnsServer, "127.0.0.53:53")
     }
 
     func testReferenceDocumentsEveryOption() {
