@@ -240,6 +240,73 @@ final class S2STests: XCTestCase {
         XCTAssertTrue(none.child("error")?.child("text", namespace: Namespace.stanzaErrors)?.text.contains("announces no server-to-server service") == true, none.serialized())
     }
 
+    func testASpoofedFromEndsTheStream() async throws {
+        // A hostile server that passes dialback for its own domain (evil.test) then claims to speak for b.test.
+        let evilPort = try ServerProcess.freePort()
+        let a = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  require_tls: false\n  routes: { evil.test: \"127.0.0.1:\(evilPort)\" }",
+                                  users: [("alice", "alice-pass")], extraListeners: ["{ type: s2s, address: 127.0.0.1, port: 0 }"], hosts: ["a.test"])
+        defer { _ = a.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Interop/s2s_spoofer.py").path
+        let (status, output) = try ServerProcess.run("/usr/bin/env", ["python3", script, "\(a.s2sPort)", "\(evilPort)", "alice@a.test/phone", "b.test"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertEqual(output.split(separator: "\n").map(String.init), ["VERIFIED", "AUTHENTICATED", "invalid-from"], output)
+        let honest = try await nextMessage(alice)
+        XCTAssertEqual(honest.child("body")?.text, "honest")
+        XCTAssertEqual(honest[attribute: "from"], "mallory@evil.test/x")
+        // The spoofed one never arrives: the next message alice gets is a later one from her own server.
+        send(alice, to: "alice@a.test/phone", "after")
+        let next = try await nextMessage(alice)
+        XCTAssertEqual(next.child("body")?.text, "after")
+    }
+
+    func testLuaPolicyRefusesADomainAndAStanza() async throws {
+        let portA = try ServerProcess.freePort()
+        let portB = try ServerProcess.freePort()
+        let policy = """
+        starling.hook("s2s-stream", function(stream)
+          if stream.attr.domain == "c.test" then return "error" end
+        end)
+        starling.hook("s2s-out", function(stanza)
+          if stanza.body and stanza.body:find("secret") then return "error" end
+        end)
+        """
+        let a = try ServerProcess(extraConfig: """
+        s2s:
+          ca_file: ""
+          routes: { b.test: "127.0.0.1:\(portB)", c.test: "127.0.0.1:\(portB)" }
+        modules:
+          disco: {}
+          roster: {}
+          presence: {}
+          lua: { scripts: [policy.lua] }
+        """, users: [("alice", "alice-pass")], files: ["policy.lua": policy],
+        extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portA) }"], hosts: ["a.test"])
+        defer { _ = a.stop() }
+        let b = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  routes: { a.test: \"127.0.0.1:\(portA)\" }", users: [("bob", "bob-pass")],
+                                  extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portB) }"], hosts: ["b.test", "c.test"])
+        defer { _ = b.stop() }
+        let (registered, output) = try b.ctl(["register", "carol", "c.test", "carol-pass"])
+        XCTAssertEqual(registered, 0, output)
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        let carol = try await login(b, "c.test", "carol", resource: "desk")
+        // a.test's policy refuses c.test (a stream c.test opens, and one to it): carol's message bounces at her server, alice's at hers.
+        send(carol, to: "alice@a.test", "let me in")
+        let refused = try await carol.expect("bounce from a.test's policy", timeout: 30) { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(refused[attribute: "from"], "alice@a.test")
+        send(alice, to: "carol@c.test", "no")
+        let notSent = try await alice.expect("refused outgoing") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(notSent[attribute: "from"], "carol@c.test")
+        // b.test is fine, and the s2s-out hook screens what leaves.
+        send(alice, to: "bob@b.test", "a secret")
+        let screened = try await alice.expect("bounce from the s2s-out hook") { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(screened[attribute: "from"], "bob@b.test")
+        send(alice, to: "bob@b.test", "nothing to hide")
+        let atBob = try await nextMessage(bob)
+        XCTAssertEqual(atBob.child("body")?.text, "nothing to hide")
+    }
+
     func testBlockedDomainsAreRefusedBothWays() async throws {
         let (a, b) = try startPair(s2s: { domain in domain == "a.test" ? "  ca_file: \"\"\n  blocked_domains: [b.test]" : "  ca_file: \"\"" })
         defer { _ = a.stop(); _ = b.stop() }
