@@ -73,6 +73,8 @@ public struct S2SConnectionInfo: Sendable, Equatable {
     public let ready: Bool
     /// How the peer (incoming) or we (outgoing) authenticated: "SASL EXTERNAL" or "dialback".
     public let method: String?
+    /// The peer's certificate chains to the CA bundle and names its domain.
+    public let certificateVerified: Bool
     public let stanzasIn: Int
     public let stanzasOut: Int
 }

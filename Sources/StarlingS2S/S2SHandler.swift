@@ -37,6 +37,8 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
     private(set) var stanzasIn = 0
     private(set) var stanzasOut = 0
     private var method: String?
+    /// Whether the peer's certificate verified for its domain (nil: no TLS yet, or not checked).
+    private var peerVerified: Bool?
     /// Remote domains this incoming stream counts against in `max_incoming_per_domain`.
     private var admitted: Set<String> = []
     /// Per remote domain, once it is known (counters are looked up once, not per stanza).
@@ -77,10 +79,13 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
         switch role {
         case .incoming(let machine):
             return S2SConnectionInfo(direction: .incoming, remote: machine.remoteDomain ?? "?", pairs: machine.authenticated.sorted { $0.description < $1.description },
-                                     address: peerAddress, tls: machine.tlsActive, ready: !machine.authenticated.isEmpty, method: method, stanzasIn: stanzasIn, stanzasOut: stanzasOut)
+                                     address: peerAddress, tls: machine.tlsActive, ready: !machine.authenticated.isEmpty, method: method,
+                                     certificateVerified: machine.remoteDomain.flatMap { machine.peerIdentity?.covers($0) } ?? false,
+                                     stanzasIn: stanzasIn, stanzasOut: stanzasOut)
         case .outgoing(let machine, _):
             return S2SConnectionInfo(direction: .outgoing, remote: machine.pair.remote, pairs: [machine.pair], address: peerAddress, tls: machine.tlsActive,
-                                     ready: machine.isReady, method: method, stanzasIn: stanzasIn, stanzasOut: stanzasOut)
+                                     ready: machine.isReady, method: method, certificateVerified: peerVerified ?? false,
+                                     stanzasIn: stanzasIn, stanzasOut: stanzasOut)
         }
     }
 
@@ -377,7 +382,9 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
                 machine.peerIdentity = identity
                 role = .incoming(machine)
             case .outgoing(var machine, let route):
-                let actions = machine.tlsEstablished()
+                let verified = identity?.covers(machine.pair.remote) ?? false
+                peerVerified = verified
+                let actions = machine.tlsEstablished(peerVerified: verified)
                 role = .outgoing(machine, route)
                 perform(actions)
             }
@@ -386,7 +393,8 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
                 process(events)
             }
         }
-        guard !chain.isEmpty, let roots = federation.settings.trustRoots, case .incoming = role else {
+        // Incoming: whether to offer SASL EXTERNAL. Outgoing: whether the receiving server is who it says.
+        guard !chain.isEmpty, let roots = federation.settings.trustRoots else {
             finish(nil)
             return
         }

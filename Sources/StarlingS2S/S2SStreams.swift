@@ -57,7 +57,8 @@ public struct S2SStreamSettings: Sendable {
     public var defaultDomain: String
     /// STARTTLS before anything else (RFC 6120 §5.3.1 makes it mandatory to offer; we also require it).
     public var requireTLS: Bool
-    /// Server Dialback (XEP-0220) when the peer's certificate does not authenticate it.
+    /// Server Dialback (XEP-0220) when the peer's certificate does not authenticate it. Without it,
+    /// every peer must present a certificate that verifies for its domain, in both directions.
     public var dialback: Bool
 
     public init(defaultDomain: String, requireTLS: Bool = true, dialback: Bool = true, serves: @escaping @Sendable (String) -> Bool) {
@@ -569,9 +570,14 @@ public struct S2SOutgoingMachine {
         return [.send(S2SHeader.dialback("result", from: pair.local, to: pair.remote, key: key))]
     }
 
-    /// The TLS handshake after `<proceed/>` finished: a new stream on top of it.
-    public mutating func tlsEstablished() -> [Action] {
+    /// The TLS handshake after `<proceed/>` finished: a new stream on top of it. `peerVerified`: the
+    /// receiving server's certificate verified for its domain; without dialback nothing else will do.
+    public mutating func tlsEstablished(peerVerified: Bool) -> [Action] {
         guard case .tlsHandshake = state else { return [] }
+        if !settings.dialback && !peerVerified {
+            // No stream is open on the new TLS layer yet: nothing to say, only to close.
+            return fail(.remoteServerNotFound, "the certificate of \(pair.remote) does not verify for it, and dialback is off", streamError: nil, farewell: false)
+        }
         tlsActive = true
         state = .awaitingHeader
         return [.resetParser, .send(S2SHeader.open(from: pair.local, to: pair.remote, id: nil))]
@@ -605,13 +611,15 @@ public struct S2SOutgoingMachine {
         }
     }
 
-    private mutating func fail(_ condition: StanzaErrorCondition, _ reason: String, streamError: StreamErrorCondition?) -> [Action] {
+    /// - Parameter farewell: end our stream in words (its end tag, after the error if any); false when
+    ///   no stream of ours is open to end.
+    private mutating func fail(_ condition: StanzaErrorCondition, _ reason: String, streamError: StreamErrorCondition?, farewell: Bool = true) -> [Action] {
         if case .closed = state { return [] }
         let verifying: Bool
         if case .verify = purpose { verifying = true } else { verifying = false }
         state = .closed
         var actions: [Action] = verifying ? [.verified(.error(condition))] : [.failed(S2SFailure(condition, reason))]
-        if let streamError { actions.append(.send(streamError.element(text: nil) + "</stream:stream>")) } else { actions.append(.send("</stream:stream>")) }
+        if farewell { actions.append(.send((streamError?.element(text: nil) ?? "") + "</stream:stream>")) }
         actions.append(.close)
         return actions
     }

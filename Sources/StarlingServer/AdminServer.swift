@@ -54,6 +54,7 @@ enum AdminProtocol {
         var tls: Bool
         var ready: Bool
         var method: String?
+        var certificateVerified: Bool
         var stanzasIn: Int
         var stanzasOut: Int
     }
@@ -176,7 +177,7 @@ final class AdminHandler: ChannelInboundHandler {
                     let rows = connections.map { info in
                         AdminProtocol.S2SConnection(direction: info.direction.rawValue, remote: info.remote, pairs: info.pairs.map(\.description),
                                                     address: info.address, tls: info.tls, ready: info.ready, method: info.method,
-                                                    stanzasIn: info.stanzasIn, stanzasOut: info.stanzasOut)
+                                                    certificateVerified: info.certificateVerified, stanzasIn: info.stanzasIn, stanzasOut: info.stanzasOut)
                     }
                     let reply = (try? encoder.encode(AdminProtocol.S2SReply(ok: true, connections: rows))) ?? Data()
                     Self.write(reply, to: bound.value)

@@ -151,9 +151,27 @@ final class S2STests: XCTestCase {
         let atAlice = try await nextMessage(alice)
         XCTAssertEqual(atAlice.child("body")?.text, "received")
         let fromA = try s2sConnections(a)
-        XCTAssertTrue(fromA.contains("outgoing b.test [a.test→b.test] ready tls SASL EXTERNAL"), fromA)
+        XCTAssertTrue(fromA.contains("outgoing b.test [a.test→b.test] ready tls(verified) SASL EXTERNAL"), fromA)
+        XCTAssertTrue(fromA.contains("incoming b.test [a.test→b.test] ready tls(verified) SASL EXTERNAL"), fromA)
         let fromB = try s2sConnections(b)
-        XCTAssertTrue(fromB.contains("outgoing a.test [b.test→a.test] ready tls SASL EXTERNAL"), fromB)
+        XCTAssertTrue(fromB.contains("outgoing a.test [b.test→a.test] ready tls(verified) SASL EXTERNAL"), fromB)
+    }
+
+    func testWithoutDialbackAPeerWithoutAVerifiedCertificateIsRefused() async throws {
+        // a.test trusts only the test CA and does no dialback; b.test has a self-signed certificate.
+        let ca = try TestCertificates()
+        let (a, b) = try startPair(files: { $0 == "a.test" ? ca.files(for: $0) : [:] },
+                                   tls: { $0 == "a.test" ? "tls: { certificate: cert.pem, key: key.pem }" : "" },
+                                   s2s: { $0 == "a.test" ? "  ca_file: ca.pem\n  dialback: false" : "  ca_file: \"\"" })
+        defer { _ = a.stop(); _ = b.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        send(alice, to: "bob@b.test", "out")
+        let outgoing = try await alice.expect("refused: b.test's certificate does not verify", timeout: 30) { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertTrue(outgoing.child("error")?.child("text", namespace: Namespace.stanzaErrors)?.text.contains("does not verify") == true, outgoing.serialized())
+        send(bob, to: "alice@a.test", "in")
+        let incoming = try await bob.expect("refused: no dialback at a.test", timeout: 30) { $0.name == "message" && $0[attribute: "type"] == "error" }
+        XCTAssertEqual(incoming[attribute: "from"], "alice@a.test")
     }
 
     func testStanzasToAnUnreachableOrVanishedPeerBounce() async throws {

@@ -29,6 +29,8 @@ final class S2SStreamTests: XCTestCase {
         var closed = false
         /// What the incoming side learns of the peer's certificate once TLS is up.
         var peerIdentity: PeerIdentity?
+        /// Whether the receiving server's certificate verified, as the outgoing side sees it.
+        var receiverVerified = false
 
         /// Carries out the actions, then puts what they sent on the wire (a peer reads it only afterwards, as over a network).
         mutating func run(_ actions: [S2SOutgoingMachine.Action]) {
@@ -54,7 +56,7 @@ final class S2SStreamTests: XCTestCase {
                 }
             }
             if !sent.isEmpty { feedIncoming(sent) }
-            if pendingTLS { run(outgoing.tlsEstablished()) }
+            if pendingTLS { run(outgoing.tlsEstablished(peerVerified: receiverVerified)) }
         }
 
         mutating func feedIncoming(_ text: String) {
@@ -183,6 +185,25 @@ final class S2SStreamTests: XCTestCase {
                                 receiving: settings(serving: ["b.test"], dialback: false))
         XCTAssertEqual(strict.outgoingFailure?.condition, .remoteServerNotFound)
         XCTAssertTrue(strict.closed)
+    }
+
+    func testWithoutDialbackBothSidesNeedVerifiedCertificates() {
+        let strict = settings(serving: ["a.test"], dialback: false)
+        // The receiving server's certificate does not verify: the originating server gives up after TLS.
+        let unverified = connection(from: "a.test", to: "b.test", identity: PeerIdentity(names: ["a.test"]), originating: strict,
+                                    receiving: settings(serving: ["b.test"], dialback: false))
+        XCTAssertEqual(unverified.outgoingFailure?.condition, .remoteServerNotFound)
+        XCTAssertTrue(unverified.outgoingFailure?.reason.contains("does not verify") == true, "\(String(describing: unverified.outgoingFailure))")
+        // Both verify: SASL EXTERNAL, no dialback anywhere.
+        var verified = Connection(
+            outgoing: S2SOutgoingMachine(pair: DomainPair(local: "a.test", remote: "b.test"), purpose: .stanzas, settings: strict, keys: secret),
+            incoming: S2SIncomingMachine(settings: settings(serving: ["b.test"], dialback: false), keys: secret, tlsActive: false)
+        )
+        verified.peerIdentity = PeerIdentity(names: ["a.test"])
+        verified.receiverVerified = true
+        verified.run(verified.outgoing.start())
+        XCTAssertEqual(verified.outgoingReady, "SASL EXTERNAL", verified.transcript)
+        XCTAssertFalse(verified.transcript.contains("<db:") || verified.transcript.contains(DialbackNamespace.feature), verified.transcript)
     }
 
     func testTLSIsRequiredBeforeDialback() {
