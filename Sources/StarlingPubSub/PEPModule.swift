@@ -37,6 +37,8 @@ public final class PEPModule: ServerModule {
     private let engine: PubSubEngine
     /// Per local resource, the capabilities it was last sent items for (so a status change sends nothing).
     private let served = Mutex<[JID: String]>([:])
+    /// Contacts at other domains: the available resources whose presence reached our accounts.
+    private let remote = RemoteResources()
 
     public init(host: any ModuleHost) throws {
         self.host = host
@@ -49,12 +51,13 @@ public final class PEPModule: ServerModule {
         let rules = PubSubRules(subscriptions: false, maxNodes: host.options.integer("max_nodes"), maxItems: host.options.integer("max_items"),
                                 maxItemSize: host.options.integer("max_item_size"), mayCreate: { requester, service in requester == service }, admins: [])
         let caps = self.caps
+        let remote = self.remote
         engine = PubSubEngine(host: host, store: store, rosters: rosters, rules: rules, cachedServices: host.options.integer("cached_accounts"),
                               clusterNamespace: Self.clusterNamespace, published: { engine, owner, node, item in
                                   guard node == AvatarConversion.metadataNode else { return }
                                   await avatars.published(item, owner: owner, engine: engine)
                               }) { owner, node, cached in
-            await Self.recipients(owner: owner, node: node, config: cached.config, host: host, rosters: rosters, caps: caps)
+            await Self.recipients(owner: owner, node: node, config: cached.config, host: host, rosters: rosters, caps: caps, remote: remote)
         }
     }
 
@@ -84,6 +87,30 @@ public final class PEPModule: ServerModule {
             guard stanza.name == "presence", stanza[attribute: "type"] == nil, stanza[attribute: "to"] == nil, let origin = event.origin,
                   let advertised = EntityCaps.Advertised(stanza) else { return .pass }
             Task { await presenceArrived(origin, advertised) }
+            return .pass
+        }
+        // Contacts at other domains (over s2s): the answers to our disco#info queries, and their presence,
+        // with capabilities, as it reaches our accounts.
+        registrar.hook(.stanzaFromRemote, priority: 1100) { [host, caps] event in
+            let stanza = event.stanza
+            guard stanza.name == "iq", let origin = event.origin, stanza[attribute: "to"] == host.domain,
+                  stanza[attribute: "type"] == "result" || stanza[attribute: "type"] == "error", caps.answer(stanza, from: origin) else { return .pass }
+            return .handled
+        }
+        registrar.hook(.stanzaFromRemote, priority: 150) { [self] event in
+            let stanza = event.stanza
+            guard stanza.name == "presence", let contact = event.origin, contact.resourcepart != nil,
+                  let owner = event.recipient?.bare, owner.localpart != nil else { return .pass }
+            switch stanza[attribute: "type"] {
+            case nil:
+                guard let advertised = EntityCaps.Advertised(stanza), remote.available(contact, presence: stanza) else { return .pass }
+                Task { await remotePresenceArrived(contact, advertised, owner: owner) }
+            case "unavailable":
+                remote.unavailable(contact)
+                caps.forget(contact)
+            default:
+                break
+            }
             return .pass
         }
         registrar.hook(.sessionClosed) { [self] event in
@@ -126,7 +153,7 @@ public final class PEPModule: ServerModule {
     /// Every available resource that may read the node and wants it (`+notify`): the owner's own, and
     /// those of contacts who see the owner's presence.
     private static func recipients(owner: JID, node: String, config: PubSubNodeConfig, host: any ModuleHost, rosters: any RosterStore,
-                                   caps: EntityCaps) async -> [JID] {
+                                   caps: EntityCaps, remote: RemoteResources) async -> [JID] {
         let wanted = node + "+notify"
         var recipients: [JID] = []
         func add(_ resources: [ResourceInfo]) {
@@ -137,9 +164,8 @@ public final class PEPModule: ServerModule {
         add(host.resources(of: owner))
         do {
             for item in try await rosters.roster(of: owner).items
-            where item.subscription.contactReceivesPresence && item.jid.localpart != nil && host.isLocal(item.jid.domainpart)
-                && mayRead(item, config: config) {
-                add(host.resources(of: item.jid))
+            where item.subscription.contactReceivesPresence && item.jid.localpart != nil && mayRead(item, config: config) {
+                add(host.isLocal(item.jid.domainpart) ? host.resources(of: item.jid) : remote.resources(of: item.jid))
             }
         } catch {
             host.log(.warning, "PEP notifications for \(owner) went to its own resources only: the roster could not be read: \(error)")
@@ -184,6 +210,20 @@ public final class PEPModule: ServerModule {
         }
     }
 
+    /// A contact at another domain came online (or changed capabilities) for `owner`: once its features
+    /// are known, it gets the newest items of `owner`'s nodes it wants, if it may see `owner`'s presence.
+    private func remotePresenceArrived(_ contact: JID, _ advertised: EntityCaps.Advertised, owner: JID) async {
+        guard let (features, _) = await caps.resolve(contact, caps: advertised, from: host.domain, send: { host.route($0) }) else { return }
+        let interests = Self.interests(features)
+        guard !interests.isEmpty else { return }
+        do {
+            guard try await rosters.item(of: owner, contact: contact.bare)?.subscription.contactReceivesPresence == true else { return }
+            try await sendNewestItems(of: owner, to: contact, interests: interests)
+        } catch {
+            host.log(.warning, "PEP: could not send the newest items of \(owner) to \(contact): \(error)")
+        }
+    }
+
     /// The nodes a client's features say `+notify` for.
     private static func interests(_ features: Set<String>) -> Set<String> {
         Set(features.filter { $0.hasSuffix("+notify") }.map { String($0.dropLast("+notify".count)) })
@@ -200,3 +240,43 @@ public final class PEPModule: ServerModule {
     }
 }
 
+/// The available resources of contacts at other domains, as their presence reached this host's
+/// accounts: PEP notifications go to those that want them. Bounded: past `limit` resources, new ones
+/// are not tracked (they still get items they ask for).
+final class RemoteResources: Sendable {
+    private let resources = Mutex<[JID: [JID: XMLElement]]>([:])
+    private let count = Mutex(0)
+    let limit: Int
+
+    init(limit: Int = 100_000) { self.limit = limit }
+
+    /// Records the presence; false when the table is full and it was not recorded.
+    func available(_ resource: JID, presence: XMLElement) -> Bool {
+        resources.withLock { table in
+            if table[resource.bare]?[resource] == nil {
+                let full = count.withLock { count in
+                    guard count < limit else { return true }
+                    count += 1
+                    return false
+                }
+                if full { return false }
+            }
+            table[resource.bare, default: [:]][resource] = presence
+            return true
+        }
+    }
+
+    func unavailable(_ resource: JID) {
+        resources.withLock { table in
+            guard table[resource.bare]?.removeValue(forKey: resource) != nil else { return }
+            if table[resource.bare]?.isEmpty == true { table[resource.bare] = nil }
+            count.withLock { $0 -= 1 }
+        }
+    }
+
+    func resources(of contact: JID) -> [ResourceInfo] {
+        resources.withLock { table in
+            (table[contact.bare] ?? [:]).map { ResourceInfo(jid: $0.key, available: true, priority: 0, isLocal: false, presence: $0.value) }
+        }
+    }
+}

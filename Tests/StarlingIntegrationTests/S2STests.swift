@@ -122,6 +122,48 @@ final class S2STests: XCTestCase {
         XCTAssertEqual(atAlice[attribute: "from"], "\(room)/bob")
     }
 
+    func testPEPNotificationsReachAContactAtAnotherServer() async throws {
+        let (a, b) = try startPair()
+        defer { _ = a.stop(); _ = b.stop() }
+        let alice = try await login(a, "a.test", "alice", resource: "phone")
+        let bob = try await TestClient.login(port: b.starttlsPort, domain: "b.test", tls: .starttls, username: "bob", password: "bob-pass",
+                                             resource: "desk", presence: false)
+        bob.send("<presence/>")
+        try await befriend(alice, "alice@a.test", bob, "bob@b.test")
+        func publish(_ title: String, id: String) async throws {
+            let published = try await alice.iq("<iq type='set' id='\(id)'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='urn:xmpp:tune'><item id='current'><tune xmlns='urn:xmpp:tune'><title>\(title)</title></tune></item></publish></pubsub></iq>", id: id)
+            XCTAssertEqual(published[attribute: "type"], "result", published.serialized())
+        }
+        func isTune(_ title: String) -> (XMLElement) -> Bool {
+            { $0.name == "message" && $0[attribute: "from"] == "alice@a.test"
+                && $0.child("event", namespace: "http://jabber.org/protocol/pubsub#event")?.child("items", namespace: "http://jabber.org/protocol/pubsub#event")?
+                    .child("item", namespace: "http://jabber.org/protocol/pubsub#event")?.child("tune", namespace: "urn:xmpp:tune")?.child("title", namespace: "urn:xmpp:tune")?.text == title }
+        }
+        try await publish("First", id: "p1")
+
+        // bob's client says it wants tunes; both servers ask it what its capabilities mean, and alice's
+        // server then sends alice's newest tune across.
+        let features = ["http://jabber.org/protocol/caps", "http://jabber.org/protocol/disco#info", "urn:xmpp:tune+notify", "urn:starling:test:\(UUID().uuidString)"]
+        let ver = PubSubTests.capsVer(identity: "client/pc//Starling test", features: features)
+        bob.send("<presence><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='https://starling.example/test' ver='\(ver)'/></presence>")
+        var askedBy: Set<String> = []
+        while true {
+            let next = try await bob.expect("a disco#info query or alice's tune", timeout: 20) {
+                ($0.name == "iq" && $0[attribute: "type"] == "get" && $0.child("query", namespace: "http://jabber.org/protocol/disco#info") != nil) || isTune("First")($0)
+            }
+            if next.name == "message" { break }
+            askedBy.insert(next[attribute: "from"] ?? "?")
+            var answer = "<iq type='result' id='\(next[attribute: "id"]!)' to='\(next[attribute: "from"]!)'><query xmlns='http://jabber.org/protocol/disco#info' node='\(next.child("query")?[attribute: "node"] ?? "")'>"
+            answer += "<identity category='client' type='pc' name='Starling test'/>"
+            for feature in features { answer += "<feature var='\(feature)'/>" }
+            bob.send(answer + "</query></iq>")
+        }
+        XCTAssertTrue(askedBy.contains("a.test"), "\(askedBy)")
+        // A new tune is pushed to bob as it is published.
+        try await publish("Second", id: "p2")
+        _ = try await bob.expect("alice's new tune", timeout: 20, where: isTune("Second"))
+    }
+
     func testProbeOnLoginShowsRemoteContactOnline() async throws {
         let (a, b) = try startPair()
         defer { _ = a.stop(); _ = b.stop() }
