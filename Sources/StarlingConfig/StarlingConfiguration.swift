@@ -143,6 +143,8 @@ public struct S2SConfiguration: Sendable, Equatable {
     public var listeners: [ListenerConfiguration]
     public var requireTLS: Bool
     public var dialback: Bool
+    /// XEP-0288 bidirectional streams.
+    public var bidi = true
     /// PEM bundle of the authorities whose certificates authenticate peers with SASL EXTERNAL.
     public var caFile: String?
     /// The dialback secret's file; nil: the cluster's secret, or a random one per start on a single node.
@@ -277,6 +279,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
 
     static let s2sRequireTLS = ConfigOption<Bool>("require_tls", default: true, doc: "Refuse server-to-server streams without TLS, in both directions.")
     static let s2sDialback = ConfigOption<Bool>("dialback", default: true, doc: "Server Dialback (XEP-0220) for peers whose certificate does not verify against ca_file (self-signed ones, say). Off: only SASL EXTERNAL with verified certificates.")
+    static let s2sBidi = ConfigOption<Bool>("bidi", default: true, doc: "Bidirectional streams (XEP-0288): offer them, and ask for them, so one connection carries stanzas both ways.")
     static let s2sCAFile = ConfigOption<String?>("ca_file", default: "/etc/ssl/certs/ca-certificates.crt", doc: "PEM bundle of the certificate authorities that authenticate peer servers with SASL EXTERNAL (XEP-0178); relative to the config file. Empty: none (dialback only).")
     static let s2sDialbackSecret = ConfigOption<String?>("dialback_secret_file", default: nil, doc: "File with the dialback key secret (at least 16 characters). Unset: the cluster's secret, or a random secret per start on a single node.")
     static let s2sDNSServer = ConfigOption<String?>("dns_server", default: nil, doc: "IPv4 HOST:PORT of the name server for SRV (_xmpps-server and _xmpp-server) and address lookups, instead of /etc/resolv.conf's.")
@@ -582,6 +585,7 @@ public struct StarlingConfiguration: Sendable, Equatable {
             negotiationTimeout: try section.read(s2sNegotiationTimeout), idleTimeout: try section.read(s2sIdleTimeout),
             maxIncomingPerDomain: try section.read(s2sMaxIncoming)
         )
+        configuration.bidi = try section.read(s2sBidi)
         let routes = try section.section("routes", doc: "Remote domain → HOST:PORT (or a list of them, tried in order) to connect to instead of looking the domain up in DNS.")
         for (key, value) in routes.node?.mapping ?? [:] {
             guard let domain = key.string.flatMap({ JID($0) }), domain.localpart == nil, domain.resourcepart == nil else {

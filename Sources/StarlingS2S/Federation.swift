@@ -75,6 +75,8 @@ public struct S2SConnectionInfo: Sendable, Equatable {
     public let method: String?
     /// The peer's certificate chains to the CA bundle and names its domain.
     public let certificateVerified: Bool
+    /// XEP-0288: the stream carries stanzas both ways.
+    public let bidirectional: Bool
     public let stanzasIn: Int
     public let stanzasOut: Int
 }
@@ -225,6 +227,19 @@ public final class Federation: @unchecked Sendable {
             route.submit(stanza)
             if new { self.connect(route, purpose: .stanzas) }
         }
+    }
+
+    /// An incoming stream that became bidirectional (XEP-0288) for `pair`: our stanzas for `pair.remote`
+    /// go out on it, unless a stream of our own already serves the pair (or is coming up). Called on its loop.
+    func bidirectional(_ handler: S2SHandler, for pair: DomainPair) -> OutgoingRoute? {
+        let route = routes.withLockedValue { routes -> OutgoingRoute? in
+            guard routes[pair] == nil else { return nil }
+            let route = OutgoingRoute(pair: pair, loop: handler.loop, federation: self)
+            routes[pair] = route
+            return route
+        }
+        route?.ready(handler)
+        return route
     }
 
     /// Forgets a route that failed or closed, so the next stanza opens a new one.

@@ -39,6 +39,8 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
     private var method: String?
     /// Whether the peer's certificate verified for its domain (nil: no TLS yet, or not checked).
     private var peerVerified: Bool?
+    /// Routes for our stanzas that this incoming stream carries (XEP-0288).
+    private var bidiRoutes: [OutgoingRoute] = []
     /// Remote domains this incoming stream counts against in `max_incoming_per_domain`.
     private var admitted: Set<String> = []
     /// Per remote domain, once it is known (counters are looked up once, not per stanza).
@@ -81,11 +83,11 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
             return S2SConnectionInfo(direction: .incoming, remote: machine.remoteDomain ?? "?", pairs: machine.authenticated.sorted { $0.description < $1.description },
                                      address: peerAddress, tls: machine.tlsActive, ready: !machine.authenticated.isEmpty, method: method,
                                      certificateVerified: machine.remoteDomain.flatMap { machine.peerIdentity?.covers($0) } ?? false,
-                                     stanzasIn: stanzasIn, stanzasOut: stanzasOut)
+                                     bidirectional: !bidiRoutes.isEmpty, stanzasIn: stanzasIn, stanzasOut: stanzasOut)
         case .outgoing(let machine, _):
             return S2SConnectionInfo(direction: .outgoing, remote: machine.pair.remote, pairs: [machine.pair], address: peerAddress, tls: machine.tlsActive,
                                      ready: machine.isReady, method: method, certificateVerified: peerVerified ?? false,
-                                     stanzasIn: stanzasIn, stanzasOut: stanzasOut)
+                                     bidirectional: machine.bidirectional, stanzasIn: stanzasIn, stanzasOut: stanzasOut)
         }
     }
 
@@ -147,6 +149,8 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
         case .incoming(var machine):
             _ = machine.streamClosed()
             role = .incoming(machine)
+            for route in bidiRoutes { route.closed(self) }
+            bidiRoutes = []
         case .outgoing(var machine, let route):
             let actions = machine.streamClosed()
             role = .outgoing(machine, route)
@@ -271,10 +275,12 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
                 }
                 logger.notice("s2s: remote domain authenticated", metadata: ["pair": "\(pair)", "method": "\(method)"])
             case .deliver(let stanza):
-                stanzasIn += 1
-                if let domain = stanza[attribute: "from"].flatMap({ JID($0)?.domainpart }) { countStanzas(for: domain).in.increment() }
-                if federation.logger.logLevel <= .debug { logger.debug("s2s: stanza in", metadata: ["stanza": "\(stanza.serialized())"]) }
-                federation.received(stanza.movingNamespace(Namespace.server, to: Namespace.client))
+                received(stanza)
+            case .bidirectional(let pair):
+                if let route = federation.bidirectional(self, for: pair) {
+                    logger.notice("s2s: stream is bidirectional (XEP-0288)", metadata: ["pair": "\(pair)"])
+                    bidiRoutes.append(route)
+                }
             case .close:
                 context.flush()
                 context.close(promise: nil)
@@ -305,6 +311,8 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
                 route?.ready(self)
             case .verified(let outcome):
                 federation.verificationFinished(self, outcome)
+            case .deliver(let stanza):
+                received(stanza)
             case .failed(let failure):
                 logger.warning("s2s: outgoing stream failed", metadata: ["reason": "\(failure.reason)"])
                 route?.failed(failure)
@@ -317,6 +325,14 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
         return restarted
     }
 
+    /// A stanza from the peer that the machine let through: into the server, in `jabber:client`.
+    private func received(_ stanza: XMLElement) {
+        stanzasIn += 1
+        if let domain = stanza[attribute: "from"].flatMap({ JID($0)?.domainpart }) { countStanzas(for: domain).in.increment() }
+        if federation.logger.logLevel <= .debug { logger.debug("s2s: stanza in", metadata: ["stanza": "\(stanza.serialized())"]) }
+        federation.received(stanza.movingNamespace(Namespace.server, to: Namespace.client))
+    }
+
     private func write(_ text: String, context: ChannelHandlerContext) {
         var buffer = context.channel.allocator.buffer(capacity: text.utf8.count)
         buffer.writeString(text)
@@ -324,11 +340,15 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
         wroteSinceKeepalive = true
     }
 
-    /// A stanza for the remote domain, on a ready outgoing stream (the caller checked), on this loop.
+    /// A stanza for the remote domain, on a ready outgoing stream or a bidirectional incoming one (the
+    /// route checked), on this loop.
     func send(_ stanza: XMLElement) {
         guard let context else { return }
         stanzasOut += 1
-        if case .outgoing(let machine, _) = role { countStanzas(for: machine.pair.remote).out.increment() }
+        switch role {
+        case .outgoing(let machine, _): countStanzas(for: machine.pair.remote).out.increment()
+        case .incoming(let machine): if let remote = machine.remoteDomain { countStanzas(for: remote).out.increment() }
+        }
         if federation.logger.logLevel <= .debug { logger.debug("s2s: stanza out", metadata: ["stanza": "\(stanza.serialized())"]) }
         write(stanza.movingNamespace(Namespace.client, to: Namespace.server).serialized(inheritedNamespace: Namespace.server), context: context)
         context.flush()

@@ -14,6 +14,12 @@ public struct DomainPair: Hashable, Sendable, CustomStringConvertible {
     public var description: String { "\(local)→\(remote)" }
 }
 
+/// XEP-0288's namespaces.
+public enum BidiNamespace {
+    public static let feature = "urn:xmpp:features:bidi"
+    public static let request = "urn:xmpp:bidi"
+}
+
 /// A key an originating server gave us on an incoming stream, to be checked with its authoritative server.
 public struct DialbackRequest: Hashable, Sendable {
     public let pair: DomainPair
@@ -60,6 +66,8 @@ public struct S2SStreamSettings: Sendable {
     /// Server Dialback (XEP-0220) when the peer's certificate does not authenticate it. Without it,
     /// every peer must present a certificate that verifies for its domain, in both directions.
     public var dialback: Bool
+    /// XEP-0288: offer and request bidirectional streams (stanzas both ways on one connection).
+    public var bidi = true
 
     public init(defaultDomain: String, requireTLS: Bool = true, dialback: Bool = true, serves: @escaping @Sendable (String) -> Bool) {
         self.defaultDomain = defaultDomain
@@ -144,6 +152,9 @@ public struct S2SIncomingMachine {
         case authenticated(DomainPair, method: String)
         /// A stanza from an authenticated domain to one of ours, namespace as received.
         case deliver(XMLElement)
+        /// XEP-0288: the peer asked for a bidirectional stream and `pair` is authenticated: stanzas from
+        /// `pair.local` to `pair.remote` may go out on this stream too.
+        case bidirectional(DomainPair)
         case close
     }
 
@@ -152,6 +163,9 @@ public struct S2SIncomingMachine {
         case open
         case closed
     }
+
+    /// The peer sent `<bidi/>` (XEP-0288) before authenticating.
+    public private(set) var bidiRequested = false
 
     public let settings: S2SStreamSettings
     private let keys: DialbackKeys
@@ -230,6 +244,9 @@ public struct S2SIncomingMachine {
             dialback.append(XMLElement(name: "errors", namespace: DialbackNamespace.feature))
             features.append(dialback)
         }
+        if settings.bidi && !saslDone && authenticated.isEmpty {
+            features.append(XMLElement(name: "bidi", namespace: BidiNamespace.feature))
+        }
         return features
     }
 
@@ -247,6 +264,11 @@ public struct S2SIncomingMachine {
             return [.send("<proceed xmlns='\(Namespace.tls)'/>"), .startTLS]
         case (Namespace.sasl, "auth"):
             return external(element)
+        case (BidiNamespace.request, "bidi"):
+            // XEP-0288 §2.2: asked for before authentication; nothing is said back.
+            guard settings.bidi, authenticated.isEmpty else { return streamError(.unsupportedStanzaType, "bidirectional streams are asked for before authenticating") }
+            bidiRequested = true
+            return []
         case (DialbackNamespace.stream, "result"):
             return dialbackResult(element)
         case (DialbackNamespace.stream, "verify"):
@@ -280,6 +302,7 @@ public struct S2SIncomingMachine {
         state = .awaitingHeader
         // Admission (limits) first: a refused peer must not hear success.
         return [.authenticated(pair, method: "SASL EXTERNAL"), .send("<success xmlns='\(Namespace.sasl)'/>"), .resetParser]
+            + (bidiRequested ? [.bidirectional(pair)] : [])
     }
 
     private mutating func dialbackResult(_ element: XMLElement) -> [Action] {
@@ -310,6 +333,7 @@ public struct S2SIncomingMachine {
         case .valid:
             authenticated.insert(pair)
             return [.authenticated(pair, method: "dialback"), .send(S2SHeader.dialback("result", from: pair.local, to: pair.remote, type: "valid"))]
+                + (bidiRequested ? [.bidirectional(pair)] : [])
         case .invalid:
             return [.send(S2SHeader.dialback("result", from: pair.local, to: pair.remote, type: "invalid"))]
                 + streamError(.notAuthorized, "the dialback key for \(pair.remote) is not valid")
@@ -408,6 +432,8 @@ public struct S2SOutgoingMachine {
         case ready(method: String)
         /// The verification asked for (purpose `.verify`) has its answer.
         case verified(DialbackOutcome)
+        /// XEP-0288: a stanza the receiving server sent back on this bidirectional stream, from its domain to ours.
+        case deliver(XMLElement)
         /// The stream cannot be used; what waits for it is bounced.
         case failed(S2SFailure)
         case close
@@ -436,6 +462,8 @@ public struct S2SOutgoingMachine {
     private var saslDone = false
     private var externalFailed = false
     private var dialbackOffered = false
+    /// We asked for a bidirectional stream (XEP-0288): the receiving server may send stanzas back on it.
+    public private(set) var bidirectional = false
 
     public init(pair: DomainPair, purpose: S2SPurpose, settings: S2SStreamSettings, keys: DialbackKeys, tlsActive: Bool = false) {
         self.pair = pair
@@ -520,8 +548,7 @@ public struct S2SOutgoingMachine {
             state = .closed
             return [.verified(outcome), .send("</stream:stream>"), .close]
         case .ready:
-            // Without XEP-0288 nothing but keepalives comes back on a stream we opened.
-            return []
+            return stanzaBack(element)
         case .awaitingHeader, .tlsHandshake:
             return fail(.remoteServerNotFound, "\(pair.remote) sent <\(element.name)/> before its stream header", streamError: .notWellFormed)
         case .closed:
@@ -529,8 +556,33 @@ public struct S2SOutgoingMachine {
         }
     }
 
+    /// A stanza on a stream we opened: only on a bidirectional one, and only from the domain we
+    /// connected to (reached through its DNS, or its verified certificate) to the domain we authenticated as.
+    private mutating func stanzaBack(_ stanza: XMLElement) -> [Action] {
+        guard bidirectional, [Namespace.server].contains(stanza.namespace), ["message", "presence", "iq"].contains(stanza.name) else {
+            return fail(.remoteServerNotFound, "\(pair.remote) sent <\(stanza.name)/> on a stream that is not bidirectional", streamError: .unsupportedStanzaType)
+        }
+        guard let from = stanza[attribute: "from"].flatMap({ JID($0) }), from.domainpart == pair.remote else {
+            return fail(.remoteServerNotFound, "\(pair.remote) sent a stanza from another domain", streamError: .invalidFrom)
+        }
+        guard let to = stanza[attribute: "to"].flatMap({ JID($0) }), to.domainpart == pair.local else {
+            return fail(.remoteServerNotFound, "\(pair.remote) sent a stanza for another domain than \(pair.local)", streamError: .improperAddressing)
+        }
+        return [.deliver(stanza)]
+    }
+
     private mutating func negotiate(_ features: XMLElement) -> [Action] {
         dialbackOffered = features.child("dialback", namespace: DialbackNamespace.feature) != nil
+        var actions: [Action] = []
+        if tlsActive, settings.bidi, !bidirectional, purpose == .stanzas, features.child("bidi", namespace: BidiNamespace.feature) != nil {
+            // XEP-0288 §2.2: asked for before authenticating, without an answer.
+            bidirectional = true
+            actions.append(.send("<bidi xmlns='\(BidiNamespace.request)'/>"))
+        }
+        return actions + negotiateAuthentication(features)
+    }
+
+    private mutating func negotiateAuthentication(_ features: XMLElement) -> [Action] {
         if !tlsActive {
             if features.child("starttls", namespace: Namespace.tls) != nil {
                 state = .awaitingProceed

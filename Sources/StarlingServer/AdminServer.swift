@@ -55,6 +55,7 @@ enum AdminProtocol {
         var ready: Bool
         var method: String?
         var certificateVerified: Bool
+        var bidirectional: Bool
         var stanzasIn: Int
         var stanzasOut: Int
     }
@@ -177,7 +178,7 @@ final class AdminHandler: ChannelInboundHandler {
                     let rows = connections.map { info in
                         AdminProtocol.S2SConnection(direction: info.direction.rawValue, remote: info.remote, pairs: info.pairs.map(\.description),
                                                     address: info.address, tls: info.tls, ready: info.ready, method: info.method,
-                                                    certificateVerified: info.certificateVerified, stanzasIn: info.stanzasIn, stanzasOut: info.stanzasOut)
+                                                    certificateVerified: info.certificateVerified, bidirectional: info.bidirectional, stanzasIn: info.stanzasIn, stanzasOut: info.stanzasOut)
                     }
                     let reply = (try? encoder.encode(AdminProtocol.S2SReply(ok: true, connections: rows))) ?? Data()
                     Self.write(reply, to: bound.value)

@@ -39,9 +39,10 @@ final class FederationBridge: FederationDelegate {
             // A single node verifies only keys it gave out itself, while it runs.
             secret = (0..<32).map { _ in UInt8.random(in: 0...255) }
         }
-        let stream = S2SStreamSettings(defaultDomain: configuration.hosts[0], requireTLS: s2s.requireTLS, dialback: s2s.dialback) { [weak router] domain in
+        var stream = S2SStreamSettings(defaultDomain: configuration.hosts[0], requireTLS: s2s.requireTLS, dialback: s2s.dialback) { [weak router] domain in
             router?.isLocal(domain) ?? false
         }
+        stream.bidi = s2s.bidi
         var settings = FederationSettings(stream: stream, keys: DialbackKeys(secret: secret))
         settings.routes = s2s.routes.mapValues { endpoints in
             endpoints.compactMap { StarlingConfiguration.hostAndPort($0).map { S2SEndpoint(host: $0.0, port: $0.1) } }

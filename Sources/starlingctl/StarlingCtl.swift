@@ -268,7 +268,8 @@ struct S2SConnections: ParsableCommand {
             let pairs = (connection["pairs"] as? [String] ?? []).joined(separator: ",")
             let state = connection["ready"] as? Bool == true ? "ready" : "negotiating"
             let tls = connection["tls"] as? Bool != true ? "plaintext" : connection["certificateVerified"] as? Bool == true ? "tls(verified)" : "tls"
-            print("\(connection["direction"] ?? "?") \(connection["remote"] ?? "?") [\(pairs)] \(state) \(tls) \(connection["method"] ?? "-") "
+            let direction = "\(connection["direction"] ?? "?")" + (connection["bidirectional"] as? Bool == true ? "+bidi" : "")
+            print("\(direction) \(connection["remote"] ?? "?") [\(pairs)] \(state) \(tls) \(connection["method"] ?? "-") "
                   + "\(connection["address"] ?? "?") in=\(connection["stanzasIn"] ?? 0) out=\(connection["stanzasOut"] ?? 0)")
         }
     }

@@ -84,10 +84,12 @@ final class S2STests: XCTestCase {
         let gone = try await alice.expect("bob offline") { $0.name == "presence" && $0[attribute: "type"] == "unavailable" }
         XCTAssertEqual(gone[attribute: "from"], "bob@b.test/desk")
 
-        // Both servers list a stream each way, authenticated with dialback (self-signed certificates).
+        // One connection carried everything both ways (XEP-0288), authenticated with dialback (self-signed
+        // certificates): a.test opened it, b.test answered on it.
         let fromA = try s2sConnections(a)
-        XCTAssertTrue(fromA.contains("outgoing b.test [a.test→b.test] ready tls dialback"), fromA)
-        XCTAssertTrue(fromA.contains("incoming b.test [a.test→b.test] ready tls dialback"), fromA)
+        XCTAssertTrue(fromA.hasPrefix("1 s2s stream(s)\noutgoing+bidi b.test [a.test→b.test] ready tls dialback"), fromA)
+        let fromB = try s2sConnections(b)
+        XCTAssertTrue(fromB.hasPrefix("1 s2s stream(s)\nincoming+bidi a.test [b.test→a.test] ready tls dialback"), fromB)
 
         // Per remote domain in the metrics.
         let (data, _) = try await URLSession.shared.data(from: URL(string: "http://127.0.0.1:\(a.httpPort)/metrics")!)
@@ -181,8 +183,9 @@ final class S2STests: XCTestCase {
 
     func testSASLExternalWithCertificatesFromATestCA() async throws {
         let ca = try TestCertificates()
+        // Without XEP-0288, so that each server authenticates to the other on a stream of its own.
         let (a, b) = try startPair(files: { ca.files(for: $0) }, tls: { _ in "tls: { certificate: cert.pem, key: key.pem }" },
-                                   s2s: { _ in "  ca_file: ca.pem" })
+                                   s2s: { _ in "  ca_file: ca.pem\n  bidi: false" })
         defer { _ = a.stop(); _ = b.stop() }
         let alice = try await login(a, "a.test", "alice", resource: "phone")
         let bob = try await login(b, "b.test", "bob", resource: "desk")
@@ -292,7 +295,7 @@ final class S2STests: XCTestCase {
         let atBob = try await nextMessage(bob)
         XCTAssertEqual(atBob.child("body")?.text, "found through SRV")
         let streams = try s2sConnections(a)
-        XCTAssertTrue(streams.contains("outgoing b.test [a.test→b.test] ready tls dialback 127.0.0.1:\(directPort)"), streams)
+        XCTAssertTrue(streams.contains("outgoing+bidi b.test [a.test→b.test] ready tls dialback 127.0.0.1:\(directPort)"), streams)
 
         send(alice, to: "carol@c.test", "anyone?")
         let none = try await alice.expect("bounce for a domain without the service") { $0.name == "message" && $0[attribute: "type"] == "error" }

@@ -116,6 +116,7 @@ final class ConfigurationTests: XCTestCase, ConfigParsing {
         XCTAssertEqual(s2s.routes, ["b.test": ["10.0.0.2:5269"], "c.test": ["10.0.0.3:5270", "10.0.0.4:5269"]])
         XCTAssertEqual(s2s.blockedDomains, ["spam.example"])
         XCTAssertTrue(s2s.requireTLS)
+        XCTAssertTrue(s2s.bidi)
         XCTAssertNil(s2s.caFile)
         let listener = "hosts: [a.test]\nlisteners:\n  - { type: s2s }\n"
         expectError(listener + "s2s:\n  ca_file: \"\"\n  routes: { b.test: nowhere }\n", line: 6, key: "s2s.routes.b.test", contains: "HOST:PORT")

@@ -25,6 +25,9 @@ final class S2SStreamTests: XCTestCase {
         var verification: DialbackOutcome?
         var incomingAuthenticated: [DomainPair] = []
         var delivered: [XMLElement] = []
+        /// Stanzas the receiving server sent back on a bidirectional stream (XEP-0288).
+        var deliveredBack: [XMLElement] = []
+        var bidirectional: [DomainPair] = []
         var dialbackRequests: [DialbackRequest] = []
         var closed = false
         /// What the incoming side learns of the peer's certificate once TLS is up.
@@ -49,6 +52,8 @@ final class S2SStreamTests: XCTestCase {
                     outgoingReady = method
                 case .verified(let outcome):
                     verification = outcome
+                case .deliver(let stanza):
+                    deliveredBack.append(stanza)
                 case .failed(let failure):
                     outgoingFailure = failure
                 case .close:
@@ -90,6 +95,8 @@ final class S2SStreamTests: XCTestCase {
                     incomingAuthenticated.append(pair)
                 case .deliver(let stanza):
                     delivered.append(stanza)
+                case .bidirectional(let pair):
+                    bidirectional.append(pair)
                 case .close:
                     closed = true
                 }
@@ -147,6 +154,28 @@ final class S2SStreamTests: XCTestCase {
         XCTAssertTrue(stream.transcript.contains("<invalid-from xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"), stream.transcript)
         XCTAssertTrue(stream.closed)
         XCTAssertTrue(stream.incoming.isClosed)
+    }
+
+    func testBidirectionalStreams() {
+        var stream = connection(from: "a.test", to: "b.test", identity: PeerIdentity(names: ["a.test"]))
+        XCTAssertTrue(stream.transcript.contains("<bidi xmlns='urn:xmpp:features:bidi'/>"), stream.transcript)
+        XCTAssertTrue(stream.transcript.contains("<bidi xmlns='urn:xmpp:bidi'/>"), stream.transcript)
+        XCTAssertEqual(stream.bidirectional, [DomainPair(local: "b.test", remote: "a.test")])
+        XCTAssertTrue(stream.outgoing.bidirectional)
+        // b.test's stanzas come back on the stream a.test opened; one from a third domain ends it.
+        stream.feedOutgoing("<message from='bob@b.test/desk' to='alice@a.test' type='chat'><body>back</body></message>")
+        XCTAssertEqual(stream.deliveredBack.first?.child("body")?.text, "back")
+        stream.feedOutgoing("<message from='mallory@c.test' to='alice@a.test'><body>no</body></message>")
+        XCTAssertEqual(stream.deliveredBack.count, 1)
+        XCTAssertEqual(stream.outgoingFailure?.condition, .remoteServerNotFound)
+        // Without it on either side, nothing comes back.
+        var plain = connection(from: "a.test", to: "b.test", identity: PeerIdentity(names: ["a.test"]),
+                               receiving: { var settings = settings(serving: ["b.test"]); settings.bidi = false; return settings }())
+        XCTAssertFalse(plain.transcript.contains("urn:xmpp:bidi"), plain.transcript)
+        XCTAssertTrue(plain.bidirectional.isEmpty)
+        plain.feedOutgoing("<message from='bob@b.test/desk' to='alice@a.test'><body>back</body></message>")
+        XCTAssertTrue(plain.deliveredBack.isEmpty)
+        XCTAssertNotNil(plain.outgoingFailure)
     }
 
     func testAForgedKeyIsInvalid() {
