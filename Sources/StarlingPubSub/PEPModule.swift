@@ -74,13 +74,16 @@ public final class PEPModule: ServerModule {
         registrar.discoItems(for: .account) { [engine] request in
             try await engine.discoItems(node: request.payload[attribute: "node"], for: request.from.bare, service: request.to.bare)
         }
-        // Our disco#info queries' answers, before anything else routes them.
-        registrar.hook(.stanzaFromClient, priority: 1100) { [host, caps] event in
+        // Our disco#info queries' answers (from local clients, and from contacts at other domains), before
+        // anything else routes them.
+        let takeAnswer: @Sendable (StanzaEvent) -> HookResult = { [host, caps] event in
             let stanza = event.stanza
             guard stanza.name == "iq", let origin = event.origin, stanza[attribute: "to"] == host.domain,
                   stanza[attribute: "type"] == "result" || stanza[attribute: "type"] == "error", caps.answer(stanza, from: origin) else { return .pass }
             return .handled
         }
+        registrar.hook(.stanzaFromClient, priority: 1100, takeAnswer)
+        registrar.hook(.stanzaFromRemote, priority: 1100, takeAnswer)
         // Available presence with capabilities: learn them, then send the newest items it wants.
         registrar.hook(.stanzaFromClient, priority: 150) { [self] event in
             let stanza = event.stanza
@@ -89,14 +92,7 @@ public final class PEPModule: ServerModule {
             Task { await presenceArrived(origin, advertised) }
             return .pass
         }
-        // Contacts at other domains (over s2s): the answers to our disco#info queries, and their presence,
-        // with capabilities, as it reaches our accounts.
-        registrar.hook(.stanzaFromRemote, priority: 1100) { [host, caps] event in
-            let stanza = event.stanza
-            guard stanza.name == "iq", let origin = event.origin, stanza[attribute: "to"] == host.domain,
-                  stanza[attribute: "type"] == "result" || stanza[attribute: "type"] == "error", caps.answer(stanza, from: origin) else { return .pass }
-            return .handled
-        }
+        // Contacts at other domains (over s2s): their presence, with capabilities, as it reaches our accounts.
         registrar.hook(.stanzaFromRemote, priority: 150) { [self] event in
             let stanza = event.stanza
             guard stanza.name == "presence", let contact = event.origin, contact.resourcepart != nil,

@@ -195,34 +195,19 @@ final class S2SHandler: ChannelInboundHandler, RemovableChannelHandler, @uncheck
 
     /// Returns true when the parser was reset (what is still in hand is void).
     private func handle(_ event: XMLStreamEvent) -> Bool {
-        switch (event, role) {
-        case (.streamOpen(let header, let namespace), .incoming(var machine)):
-            if let from = header[attribute: "from"], !federation.allowsStream(with: from, incoming: true, address: peerAddress) {
-                perform(machine.streamError(.policyViolation, "this server does not federate with \(from)"))
-                role = .incoming(machine)
-                return false
+        switch role {
+        case .incoming(var machine):
+            let actions: [S2SIncomingMachine.Action]
+            if case .streamOpen(let header, _) = event, let from = header[attribute: "from"],
+               !federation.allowsStream(with: from, incoming: true, address: peerAddress) {
+                actions = machine.streamError(.policyViolation, "this server does not federate with \(from)")
+            } else {
+                actions = machine.received(event)
             }
-            let actions = machine.streamOpened(header: header, defaultNamespace: namespace)
             role = .incoming(machine)
             return perform(actions)
-        case (.stanza(let element), .incoming(var machine)):
-            let actions = machine.elementReceived(element)
-            role = .incoming(machine)
-            return perform(actions)
-        case (.streamClose, .incoming(var machine)):
-            let actions = machine.streamClosed()
-            role = .incoming(machine)
-            return perform(actions)
-        case (.streamOpen(let header, let namespace), .outgoing(var machine, let route)):
-            let actions = machine.streamOpened(header: header, defaultNamespace: namespace)
-            role = .outgoing(machine, route)
-            return perform(actions)
-        case (.stanza(let element), .outgoing(var machine, let route)):
-            let actions = machine.elementReceived(element)
-            role = .outgoing(machine, route)
-            return perform(actions)
-        case (.streamClose, .outgoing(var machine, let route)):
-            let actions = machine.streamClosed()
+        case .outgoing(var machine, let route):
+            let actions = machine.received(event)
             role = .outgoing(machine, route)
             return perform(actions)
         }

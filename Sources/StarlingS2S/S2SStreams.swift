@@ -133,12 +133,31 @@ extension XMLElement {
     }
 }
 
+/// What both directions' machines take from the parser.
+public protocol S2SStreamMachine {
+    associatedtype Action
+    mutating func streamOpened(header: XMLElement, defaultNamespace: String?) -> [Action]
+    mutating func elementReceived(_ element: XMLElement) -> [Action]
+    mutating func streamClosed() -> [Action]
+}
+
+extension S2SStreamMachine {
+    /// One parser event, whichever it is.
+    public mutating func received(_ event: XMLStreamEvent) -> [Action] {
+        switch event {
+        case .streamOpen(let header, let namespace): return streamOpened(header: header, defaultNamespace: namespace)
+        case .stanza(let element): return elementReceived(element)
+        case .streamClose: return streamClosed()
+        }
+    }
+}
+
 // MARK: Incoming streams
 
 /// An s2s stream another server opened to us (RFC 6120, XEP-0178, XEP-0220): TLS, then SASL EXTERNAL
 /// for a peer whose certificate verifies or dialback for one whose does not, then stanzas from the
 /// domains it authenticated. The handler carries out the actions.
-public struct S2SIncomingMachine {
+public struct S2SIncomingMachine: S2SStreamMachine {
     public enum Action: Equatable {
         case send(String)
         /// `<proceed/>` is out: put TLS under the stream and start a new document.
@@ -422,7 +441,7 @@ public struct S2SFailure: Error, Equatable, Sendable, CustomStringConvertible {
 
 /// An s2s stream we open to another server: TLS, then SASL EXTERNAL when the peer offers it (our
 /// certificate satisfied it) or dialback, then stanzas; or a dialback verification only.
-public struct S2SOutgoingMachine {
+public struct S2SOutgoingMachine: S2SStreamMachine {
     public enum Action: Equatable {
         case send(String)
         /// `<proceed/>` arrived: put client TLS under the stream; then call `tlsEstablished()`.

@@ -29,6 +29,15 @@ final class S2STests: XCTestCase {
         return (a, b)
     }
 
+    /// One server for `hosts` (its user registered on the first) with `s2s` lines in its `s2s:` section (after
+    /// `ca_file: ""`, so dialback) and an s2s listener on 127.0.0.1 at each port (0: any; `direct` ones use direct TLS).
+    private func federating(_ hosts: [String], user: String, s2s: String, ports: [Int], direct: Set<Int> = [], extraConfig: String = "",
+                            files: [String: String] = [:]) throws -> ServerProcess {
+        try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n" + s2s.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n" + extraConfig,
+                          users: [(user, "\(user)-pass")], files: files,
+                          extraListeners: ports.map { "{ type: s2s, address: 127.0.0.1, port: \($0)\(direct.contains($0) ? ", tls: direct" : "") }" }, hosts: hosts)
+    }
+
     private func login(_ server: ServerProcess, _ domain: String, _ user: String, resource: String) async throws -> TestClient {
         try await TestClient.login(port: server.starttlsPort, domain: domain, tls: .starttls, username: user, password: "\(user)-pass", resource: resource)
     }
@@ -246,11 +255,9 @@ final class S2STests: XCTestCase {
     func testIncomingStreamsPerDomainAreLimited() async throws {
         let portA = try ServerProcess.freePort()
         let portB = try ServerProcess.freePort()
-        let b = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  max_incoming_per_domain: 1\n  routes: { a.test: \"127.0.0.1:\(portA)\" }",
-                                  users: [("bob", "bob-pass")], extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portB) }"], hosts: ["b.test", "b2.test"])
+        let b = try federating(["b.test", "b2.test"], user: "bob", s2s: "max_incoming_per_domain: 1\nroutes: { a.test: \"127.0.0.1:\(portA)\" }", ports: [portB])
         defer { _ = b.stop() }
-        let a = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  routes: { b.test: \"127.0.0.1:\(portB)\", b2.test: \"127.0.0.1:\(portB)\" }",
-                                  users: [("alice", "alice-pass")], extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portA) }"], hosts: ["a.test"])
+        let a = try federating(["a.test"], user: "alice", s2s: "routes: { b.test: \"127.0.0.1:\(portB)\", b2.test: \"127.0.0.1:\(portB)\" }", ports: [portA])
         defer { _ = a.stop() }
         let alice = try await login(a, "a.test", "alice", resource: "phone")
         let bob = try await login(b, "b.test", "bob", resource: "desk")
@@ -282,12 +289,9 @@ final class S2STests: XCTestCase {
             dns.terminate()
             dns.waitUntilExit()
         }
-        let b = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  routes: { a.test: \"127.0.0.1:\(portA)\" }", users: [("bob", "bob-pass")],
-                                  extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(starttlsPort) }",
-                                                   "{ type: s2s, address: 127.0.0.1, port: \(directPort), tls: direct }"], hosts: ["b.test"])
+        let b = try federating(["b.test"], user: "bob", s2s: "routes: { a.test: \"127.0.0.1:\(portA)\" }", ports: [starttlsPort, directPort], direct: [directPort])
         defer { _ = b.stop() }
-        let a = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  dns_server: \"127.0.0.1:\(dnsPort)\"", users: [("alice", "alice-pass")],
-                                  extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portA) }"], hosts: ["a.test"])
+        let a = try federating(["a.test"], user: "alice", s2s: "dns_server: \"127.0.0.1:\(dnsPort)\"", ports: [portA])
         defer { _ = a.stop() }
         let alice = try await login(a, "a.test", "alice", resource: "phone")
         let bob = try await login(b, "b.test", "bob", resource: "desk")
@@ -306,8 +310,7 @@ final class S2STests: XCTestCase {
     func testASpoofedFromEndsTheStream() async throws {
         // A hostile server that passes dialback for its own domain (evil.test) then claims to speak for b.test.
         let evilPort = try ServerProcess.freePort()
-        let a = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  require_tls: false\n  routes: { evil.test: \"127.0.0.1:\(evilPort)\" }",
-                                  users: [("alice", "alice-pass")], extraListeners: ["{ type: s2s, address: 127.0.0.1, port: 0 }"], hosts: ["a.test"])
+        let a = try federating(["a.test"], user: "alice", s2s: "require_tls: false\nroutes: { evil.test: \"127.0.0.1:\(evilPort)\" }", ports: [0])
         defer { _ = a.stop() }
         let alice = try await login(a, "a.test", "alice", resource: "phone")
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Interop/s2s_spoofer.py").path
@@ -334,20 +337,10 @@ final class S2STests: XCTestCase {
           if stanza.body and stanza.body:find("secret") then return "error" end
         end)
         """
-        let a = try ServerProcess(extraConfig: """
-        s2s:
-          ca_file: ""
-          routes: { b.test: "127.0.0.1:\(portB)", c.test: "127.0.0.1:\(portB)" }
-        modules:
-          disco: {}
-          roster: {}
-          presence: {}
-          lua: { scripts: [policy.lua] }
-        """, users: [("alice", "alice-pass")], files: ["policy.lua": policy],
-        extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portA) }"], hosts: ["a.test"])
+        let a = try federating(["a.test"], user: "alice", s2s: "routes: { b.test: \"127.0.0.1:\(portB)\", c.test: \"127.0.0.1:\(portB)\" }", ports: [portA],
+                               extraConfig: "modules: { disco: {}, roster: {}, presence: {}, lua: { scripts: [policy.lua] } }", files: ["policy.lua": policy])
         defer { _ = a.stop() }
-        let b = try ServerProcess(extraConfig: "s2s:\n  ca_file: \"\"\n  routes: { a.test: \"127.0.0.1:\(portA)\" }", users: [("bob", "bob-pass")],
-                                  extraListeners: ["{ type: s2s, address: 127.0.0.1, port: \(portB) }"], hosts: ["b.test", "c.test"])
+        let b = try federating(["b.test", "c.test"], user: "bob", s2s: "routes: { a.test: \"127.0.0.1:\(portA)\" }", ports: [portB])
         defer { _ = b.stop() }
         let (registered, output) = try b.ctl(["register", "carol", "c.test", "carol-pass"])
         XCTAssertEqual(registered, 0, output)

@@ -248,13 +248,18 @@ final class ServerProcess {
         let pipe = Pipe()
         process.standardOutput = pipe
         try process.run()
+        return (process, readUntilReady(pipe))
+    }
+
+    /// What a helper process printed up to its READY line (or up to its end, if it stopped first).
+    private static func readUntilReady(_ pipe: Pipe) -> String {
         var output = ""
         while !output.contains("READY") {
             let data = pipe.fileHandleForReading.availableData
             if data.isEmpty { break }
             output += String(decoding: data, as: UTF8.self)
         }
-        return (process, output)
+        return output
     }
 
     /// A name server on 127.0.0.1:`port` answering from `zone` (Tests/Interop/dns_server.py), running once
@@ -269,11 +274,8 @@ final class ServerProcess {
         let pipe = Pipe()
         process.standardOutput = pipe
         try process.run()
-        var output = ""
-        while !output.contains("READY") {
-            let data = pipe.fileHandleForReading.availableData
-            if data.isEmpty { throw TestClientError.unexpected("the name server did not start (is dnslib installed? scripts/bootstrap)") }
-            output += String(decoding: data, as: UTF8.self)
+        guard readUntilReady(pipe).contains("READY") else {
+            throw TestClientError.unexpected("the name server did not start (is dnslib installed? scripts/bootstrap)")
         }
         return process
     }

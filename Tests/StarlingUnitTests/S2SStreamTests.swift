@@ -66,15 +66,7 @@ final class S2SStreamTests: XCTestCase {
 
         mutating func feedIncoming(_ text: String) {
             guard let events = try? toIncoming.feed(text) else { return XCTFail("incoming cannot parse \(text)") }
-            for event in events {
-                let actions: [S2SIncomingMachine.Action]
-                switch event {
-                case .streamOpen(let header, let namespace): actions = incoming.streamOpened(header: header, defaultNamespace: namespace)
-                case .stanza(let element): actions = incoming.elementReceived(element)
-                case .streamClose: actions = incoming.streamClosed()
-                }
-                runIncoming(actions)
-            }
+            for event in events { runIncoming(incoming.received(event)) }
         }
 
         mutating func runIncoming(_ actions: [S2SIncomingMachine.Action]) {
@@ -106,15 +98,7 @@ final class S2SStreamTests: XCTestCase {
 
         mutating func feedOutgoing(_ text: String) {
             guard let events = try? toOutgoing.feed(text) else { return XCTFail("outgoing cannot parse \(text)") }
-            for event in events {
-                let actions: [S2SOutgoingMachine.Action]
-                switch event {
-                case .streamOpen(let header, let namespace): actions = outgoing.streamOpened(header: header, defaultNamespace: namespace)
-                case .stanza(let element): actions = outgoing.elementReceived(element)
-                case .streamClose: actions = outgoing.streamClosed()
-                }
-                run(actions)
-            }
+            for event in events { run(outgoing.received(event)) }
         }
     }
 
@@ -242,13 +226,7 @@ final class S2SStreamTests: XCTestCase {
         let wire = XMLStreamParser()
         var failed: S2SFailure?
         for event in try! wire.feed("<stream:stream xmlns='jabber:server' xmlns:stream='\(Namespace.stream)' id='x' from='b.test' version='1.0'><stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>") {
-            let actions: [S2SOutgoingMachine.Action]
-            switch event {
-            case .streamOpen(let header, let namespace): actions = outgoing.streamOpened(header: header, defaultNamespace: namespace)
-            case .stanza(let element): actions = outgoing.elementReceived(element)
-            case .streamClose: actions = outgoing.streamClosed()
-            }
-            for case .failed(let failure) in actions { failed = failure }
+            for case .failed(let failure) in outgoing.received(event) { failed = failure }
         }
         XCTAssertEqual(failed?.condition, .remoteServerNotFound)
         XCTAssertFalse(outgoing.isReady)
