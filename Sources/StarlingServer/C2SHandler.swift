@@ -454,6 +454,8 @@ final class C2SHandler: ChannelInboundHandler {
                 logger.debug("authenticated")
             case .bindResource(let user, let requested, let iq):
                 bind(user: user, requested: requested, iq: iq)
+            case .bind2Bound(let success, let inline):
+                finishBind2(success, inline: inline)
             case .resumeSession(let user, let previd, let h):
                 resumeSession(user: user, previd: previd, h: h)
             case .route(let stanza):
@@ -560,6 +562,57 @@ final class C2SHandler: ChannelInboundHandler {
             _ = server.router.run(.sessionBound, SessionEvent(jid: jid), on: jid.domainpart)
         case .failed(let condition):
             perform(machine.bindFailed(condition, iq: iq))
+        }
+    }
+
+    /// XEP-0386 §5: what the Bind2 request enabled inline, done before `<success/>` goes out: stream
+    /// management here (its `<enabled/>` goes into `<bound/>`), a module's `<enable/>` IQ (carbons) through the
+    /// module's own handler, a nonza (client state) through the nonza hook. Reading waits until all are done.
+    private func finishBind2(_ success: XMLElement, inline: [XMLElement]) {
+        guard let session, let context else { return }
+        let host = session.jid.domainpart
+        var answers: [XMLElement] = []
+        var moduleRequests: [(handler: IQHandler, element: XMLElement)] = []
+        for element in inline {
+            if element.namespace == StreamManagement.namespace {
+                let settings = streamManagementSettings(for: host)
+                switch sm.received(element, resumeTimeout: settings?.resumeTimeout, newID: Self.streamID) {
+                case .send(let answer): answers.append(answer)
+                case .streamError, .nothing: answers.append(StreamManagement.failed(.badRequest))
+                }
+                if sm.enabled, let settings { smQueueLimit = settings.maxQueue }
+            } else if let entry = server.router.modules[host]?.iqHandlers[ModuleRegistrar.IQKey(type: .set, name: element.name, namespace: element.namespace)] {
+                moduleRequests.append((entry.handler, element))
+            } else {
+                _ = server.router.run(.nonzaFromClient, StanzaEvent(stanza: element, origin: session.jid), on: host)
+            }
+        }
+        let send = { (handler: C2SHandler) in
+            var success = success
+            if let index = success.children.firstIndex(where: { if case .element(let child) = $0 { return child.name == "bound" } else { return false } }) {
+                var bound = XMLElement(name: "bound", namespace: SASL2.bind2)
+                for answer in answers { bound.append(answer) }
+                success.children[index] = .element(bound)
+            }
+            handler.writeElement(success)
+            handler.flushSoon()
+        }
+        guard !moduleRequests.isEmpty else { return send(self) }
+        suspend()
+        let jid = session.jid
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let done = context.eventLoop.makePromise(of: Void.self)
+        done.completeWithTask {
+            for (handler, element) in moduleRequests {
+                var iq = XMLElement(name: "iq", namespace: Namespace.client, attributes: ["type": "set", "id": "bind2-inline"])
+                iq.append(element)
+                // What the module says is not the client's to see: Bind2 has no place for it but <bound/>.
+                _ = try? await handler(IQRequest(stanza: iq, from: jid, to: jid.bare))
+            }
+        }
+        done.futureResult.whenComplete { _ in
+            send(bound.value)
+            bound.value.resume()
         }
     }
 

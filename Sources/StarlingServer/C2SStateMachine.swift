@@ -21,6 +21,9 @@ public struct C2SSettings: Sendable {
     public var moduleAuthenticatedHosts: Set<String> = []
     /// Stream features modules add, per host and phase.
     public var preAuthFeatures: [String: [XMLElement]] = [:]
+    /// XEP-0386 §5: per host, the namespaces of what a Bind2 request may enable inline (stream management,
+    /// carbons, client state), in the order advertised.
+    public var bind2Inline: [String: [String]] = [:]
     public var boundFeatures: [String: [XMLElement]] = [:]
 
     public init(hosts: Set<String>, defaultHost: String, mechanisms: [String], tlsRequired: Bool, offersStartTLS: Bool, maxSASLAttempts: Int = 5) {
@@ -64,6 +67,9 @@ public struct C2SStateMachine {
         /// Authentication failed: send `reply` after the failure delay (longer for repeat offenders).
         case authenticationFailed(reply: XMLElement)
         case authenticated(JID)
+        /// Bind2 bound the resource: carry out `inline` (each an element the client put in `<bind/>` for a
+        /// feature advertised inline), put what they answer into `success`'s `<bound/>`, then send it.
+        case bind2Bound(success: XMLElement, inline: [XMLElement])
         /// Ask the session registry for a resource, then call `resourceBound` or `bindFailed`.
         case bindResource(user: JID, requested: String?, iq: XMLElement)
         /// XEP-0198: resume the detached session `previd` instead of binding; `h` is what the client handled.
@@ -107,6 +113,8 @@ public struct C2SStateMachine {
     public var refusedMechanisms: Set<String> = []
     /// The SASL2 authentication under way (XEP-0388): its answers are SASL2's, and what it asked for inline.
     private var sasl2: SASL2Request?
+    /// What the Bind2 request asked to enable inline, kept until the resource is bound.
+    private var bind2Requests: [XMLElement] = []
     /// SASL2 succeeded with Bind2: its `<success/>` waits for the resource (`additional-data`, if any).
     private var sasl2SuccessPending: [UInt8]??
     public private(set) var host: String
@@ -254,7 +262,9 @@ public struct C2SStateMachine {
         state = .bound(jid)
         if let additionalData = sasl2SuccessPending {
             sasl2SuccessPending = nil
-            return [.sendElement(SASL2.success(additionalData: additionalData, identifier: jid, bound: true))]
+            let inline = bind2Requests
+            bind2Requests = []
+            return [.bind2Bound(success: SASL2.success(additionalData: additionalData, identifier: jid, bound: true), inline: inline)]
         }
         var bind = XMLElement(name: "bind", namespace: Namespace.bind)
         bind.append(XMLElement(name: "jid", namespace: Namespace.bind).with(text: jid.description))
@@ -358,7 +368,13 @@ public struct C2SStateMachine {
                     authentication.append(XMLElement(name: "mechanism", namespace: SASL2.namespace).with(text: mechanism))
                 }
                 var inline = XMLElement(name: "inline", namespace: SASL2.namespace)
-                inline.append(XMLElement(name: "bind", namespace: SASL2.bind2))
+                var bind = XMLElement(name: "bind", namespace: SASL2.bind2)
+                if let enabled = settings.bind2Inline[host], !enabled.isEmpty {
+                    var bindInline = XMLElement(name: "inline", namespace: SASL2.bind2)
+                    for namespace in enabled { bindInline.append(XMLElement(name: "feature", namespace: SASL2.bind2, attributes: ["var": namespace])) }
+                    bind.append(bindInline)
+                }
+                inline.append(bind)
                 authentication.append(inline)
                 features.append(authentication)
             }
@@ -534,6 +550,9 @@ public struct C2SStateMachine {
         }
         state = .binding
         sasl2SuccessPending = .some(additionalData)
+        // Only what was advertised for this host; anything else in <bind/> is ignored (XEP-0386 §5).
+        let offered = Set(settings.bind2Inline[host] ?? [])
+        bind2Requests = bind.elements.filter { $0.namespace != SASL2.bind2 && offered.contains($0.namespace) }
         let synthetic = XMLElement(name: "iq", namespace: Namespace.client, attributes: ["type": "set", "id": "bind2"])
         return [.authenticated(user), .bindResource(user: user, requested: SASL2.resource(tag: bind.child("tag", namespace: SASL2.bind2)?.text), iq: synthetic)]
     }

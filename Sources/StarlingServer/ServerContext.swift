@@ -5,6 +5,7 @@ import NIOPosix
 import StarlingAPI
 import StarlingCluster
 import StarlingConfig
+import StarlingModules
 import StarlingStorage
 
 /// What every connection shares: configuration, stores, routing and TLS. Immutable or internally
@@ -87,6 +88,18 @@ public final class ServerContext: Sendable {
         return counters
     }
 
+    /// What Bind2 can enable inline on a host: stream management where its module runs, and every module's
+    /// `<enable/>` IQ (carbons) and nonzas it takes (client state indication) that a client would otherwise
+    /// send right after binding.
+    static func bind2Inline(_ modules: HostModules) -> [String] {
+        var namespaces: [String] = []
+        if modules.adapters["stream_management"] != nil { namespaces.append(StreamManagement.namespace) }
+        let enableIQs = modules.iqHandlers.keys.filter { $0.type == .set && $0.name == "enable" }.map(\.namespace)
+        namespaces += enableIQs.filter { $0 != StreamManagement.namespace }.sorted()
+        if modules.adapters["csi"] != nil { namespaces.append(ClientStateModule.namespace) }
+        return namespaces
+    }
+
     /// Settings for a listener's streams; call after the modules are installed (they add features).
     func settings(for listener: ListenerConfiguration) -> C2SSettings {
         settings(offeringStartTLS: listener.tls == .starttls)
@@ -110,6 +123,7 @@ public final class ServerContext: Sendable {
         for (host, modules) in router.modules {
             settings.preAuthFeatures[host] = modules.preAuthStreamFeatures
             settings.boundFeatures[host] = modules.boundStreamFeatures
+            settings.bind2Inline[host] = Self.bind2Inline(modules)
         }
         return settings
     }

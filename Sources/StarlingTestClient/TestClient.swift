@@ -225,9 +225,10 @@ public final class TestClient: @unchecked Sendable {
     /// `<success/>`, whose `<authorization-identifier/>` is the full JID when a resource was bound. The
     /// stream is not restarted.
     @discardableResult
-    public func authenticateSASL2(username: String, password: String, mechanism: String, bindTag: String? = nil) async throws -> XMLElement {
+    /// - Parameter bindInline: what to enable inline in Bind2 (XEP-0386 §5), e.g. `<enable xmlns='urn:xmpp:sm:3'/>`.
+    public func authenticateSASL2(username: String, password: String, mechanism: String, bindTag: String? = nil, bindInline: String = "") async throws -> XMLElement {
         let sasl2 = "urn:xmpp:sasl:2"
-        let bind = bindTag.map { "<bind xmlns='urn:xmpp:bind:0'><tag>\($0)</tag></bind>" } ?? ""
+        let bind = bindTag.map { "<bind xmlns='urn:xmpp:bind:0'><tag>\($0)</tag>\(bindInline)</bind>" } ?? ""
         let userAgent = "<user-agent id='d4565fa7-4d72-4749-b3d3-740edbf87770'><software>StarlingTestClient</software></user-agent>"
         func authenticate(_ initial: [UInt8]) {
             send("<authenticate xmlns='\(sasl2)' mechanism='\(mechanism)'><initial-response>\(Data(initial).base64EncodedString())</initial-response>\(userAgent)\(bind)</authenticate>")

@@ -31,6 +31,7 @@ final class C2SStateMachineTests: XCTestCase {
             switch action {
             case .send(let text): return text
             case .sendElement(let element): return element.serialized(inheritedNamespace: Namespace.client)
+            case .bind2Bound(let success, _): return success.serialized(inheritedNamespace: Namespace.client)
             default: return ""
             }
         }.joined()
@@ -101,6 +102,26 @@ final class C2SStateMachineTests: XCTestCase {
                        "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>\(bound)</authorization-identifier><bound xmlns='urn:xmpp:bind:0'/></success>")
         XCTAssertEqual(machine.boundJID, bound)
         XCTAssertEqual(machine.elementReceived(element("<message to='romeo@example.com'><body>hi</body></message>")).count, 1)
+    }
+
+    /// XEP-0386 §5: what the host can enable inline is advertised, and what the client asks of it (and only
+    /// that) is handed over with the bound resource.
+    func testBind2InlineFeatures() throws {
+        var inlineSettings = settings
+        inlineSettings.bind2Inline["example.com"] = ["urn:xmpp:sm:3", "urn:xmpp:carbons:2"]
+        var machine = C2SStateMachine(settings: inlineSettings, tlsActive: true, channelBinding: binding, streamID: { "s1" })
+        let (h, ns) = header()
+        let features = sentText(machine.streamOpened(header: h, defaultNamespace: ns))
+        XCTAssertTrue(features.contains("<inline><bind xmlns='urn:xmpp:bind:0'><inline><feature var='urn:xmpp:sm:3'/><feature var='urn:xmpp:carbons:2'/></inline></bind></inline>"), features)
+        let plain = Data("\u{0}juliet\u{0}r0meo".utf8).base64EncodedString()
+        _ = machine.elementReceived(element("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>\(plain)</initial-response>"
+            + "<bind xmlns='urn:xmpp:bind:0'><tag>Phone</tag><enable xmlns='urn:xmpp:sm:3' resume='true'/><enable xmlns='urn:xmpp:carbons:2'/>"
+            + "<inactive xmlns='urn:xmpp:csi:0'/></bind></authenticate>"))
+        guard case .bindResource(_, _, let iq)? = machine.plainVerified(username: "juliet", success: true).last else { return XCTFail("no bind") }
+        guard case .bind2Bound(let success, let inline)? = machine.resourceBound(JID("juliet@example.com/Phone.1")!, iq: iq).first else { return XCTFail("no success") }
+        XCTAssertNotNil(success.child("bound", namespace: "urn:xmpp:bind:0"))
+        // CSI was not advertised here: left out.
+        XCTAssertEqual(inline.map(\.namespace), ["urn:xmpp:sm:3", "urn:xmpp:carbons:2"])
     }
 
     /// SASL2 without Bind2: the success names the account, and the client binds as RFC 6120 says, unrestarted.
