@@ -523,6 +523,11 @@ public struct S2SOutgoingMachine: S2SStreamMachine {
         if element.namespace == Namespace.stream && element.name == "error" {
             let condition = element.elements.first { $0.namespace == Namespace.streamErrors && $0.name != "text" }?.name ?? "undefined-condition"
             let text = element.child("text", namespace: Namespace.streamErrors)?.text
+            if case .ready = state {
+                // The peer ends a working stream (shutting down, idle): nothing waits on it, the next stanza opens another.
+                state = .closed
+                return [.send("</stream:stream>"), .close]
+            }
             return fail(.remoteServerNotFound, "\(pair.remote) ended the stream: \(condition)\(text.map { " (\($0))" } ?? "")", streamError: nil)
         }
         switch state {

@@ -34,8 +34,8 @@ struct Flood: AsyncParsableCommand {
         let drivers = loops.dropFirst().map { TrafficDriver(.chat, loop: $0, perSenderRate: rate / Double(pairs * 2), window: 1) }
         for pair in 0..<pairs {
             let a = connections[pair * 2]!, b = connections[pair * 2 + 1]!
-            a.partnerAddress = "\(b.spec.username)@\(options.domain)"
-            b.partnerAddress = "\(a.spec.username)@\(options.domain)"
+            a.partnerAddress = "\(b.spec.username)@\(b.spec.domain)"
+            b.partnerAddress = "\(a.spec.username)@\(a.spec.domain)"
             a.partner = b
             b.partner = a
             a.sendPhase = Double(pair * 2) / Double(pairs * 2)
@@ -43,7 +43,7 @@ struct Flood: AsyncParsableCommand {
             drivers[pair % drivers.count].connections += [a, b]
         }
         let flooder = connections[pairs * 2]!, sink = connections[pairs * 2 + 1]!
-        flooder.partnerAddress = "\(sink.spec.username)@\(options.domain)"
+        flooder.partnerAddress = "\(sink.spec.username)@\(sink.spec.domain)"
         let flood = FloodDriver(loop: loops[0], sender: flooder, receiver: sink, window: window)
         try await Task.sleep(for: .milliseconds(500))
 

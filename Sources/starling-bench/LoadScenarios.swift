@@ -167,8 +167,8 @@ struct Chat: AsyncParsableCommand {
         let drivers = loops.map { TrafficDriver(.chat, loop: $0, perSenderRate: rate / Double(pairs * 2), window: window) }
         for pair in 0..<pairs {
             let a = connections[pair * 2]!, b = connections[pair * 2 + 1]!
-            a.partnerAddress = "\(b.spec.username)@\(options.domain)"
-            b.partnerAddress = "\(a.spec.username)@\(options.domain)"
+            a.partnerAddress = "\(b.spec.username)@\(b.spec.domain)"
+            b.partnerAddress = "\(a.spec.username)@\(a.spec.domain)"
             a.partner = b
             b.partner = a
             a.sendPhase = Double(pair * 2) / Double(pairs * 2)

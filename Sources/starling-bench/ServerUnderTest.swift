@@ -1,5 +1,8 @@
 import ArgumentParser
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import StarlingConfig
 import StarlingModules
@@ -33,15 +36,23 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "PostgreSQL URL for --backend postgresql.") var postgresURL: String?
     @Option(help: "Start a cluster of this many starling nodes on the PostgreSQL database (--backend postgresql): connection i goes to node i % N, so the two ends of a chat pair are on different nodes. CPU and memory figures are the nodes' sums.")
     var clusterNodes = 1
+    @Option(help: "Start this many starling servers, each serving its own domain (the --domain with the server's number: localhost0, localhost1, ...) and federating with the others over s2s on loopback (dialback over TLS, as between two self-signed servers): connection i logs in to server i % N, so the two ends of a chat pair are on different servers. CPU and memory figures are the servers' sums.")
+    var federatedServers = 1
     @Option(help: "limits.read_rate of the starling this tool starts, in bytes/s per client (default: 0, no limit, for load runs; flood: the server's default).")
     var readRate: Int?
 
     func validate() throws {
         if transport == .websocket && tls == .starttls { throw ValidationError("--transport websocket takes --tls none or direct (WebSocket has no STARTTLS)") }
+        if federatedServers > 1 && clusterNodes > 1 { throw ValidationError("--federated-servers and --cluster-nodes do not combine") }
+    }
+
+    /// The domain connection `index` logs in to (one per server when federating).
+    func domain(for index: Int) -> String {
+        federatedServers > 1 ? "\(domain)\(index % federatedServers)" : domain
     }
 
     func login(_ index: Int) -> LoginSpec {
-        LoginSpec(domain: domain, username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls,
+        LoginSpec(domain: domain(for: index), username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls,
                   transport: transport, webSocketPath: websocketPath, register: register)
     }
 
@@ -103,24 +114,36 @@ final class ServerUnderTest {
                                       seed: (any StarlingStore) async throws -> Void) async throws -> ServerUnderTest {
         let work = FileManager.default.temporaryDirectory.appendingPathComponent("starling-bench-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: work, withIntermediateDirectories: true)
-        let nodes = max(1, options.clusterNodes)
-        if nodes > 1 && options.backend != "postgresql" { throw ValidationError("--cluster-nodes needs --backend postgresql") }
+        let federated = max(1, options.federatedServers)
+        let nodes = max(1, options.clusterNodes, federated)
+        if options.clusterNodes > 1 && options.backend != "postgresql" { throw ValidationError("--cluster-nodes needs --backend postgresql") }
+        if federated > 1 && options.backend != "sqlite" { throw ValidationError("--federated-servers keeps each server's accounts in its own SQLite file") }
         try "bench-cluster-secret-0123456789".write(to: work.appendingPathComponent("cluster.secret"), atomically: true, encoding: .utf8)
+        // Federated servers reach each other at fixed loopback ports, known before they start.
+        let s2sPorts = try (0..<federated).map { _ in try freePort() }
         var configPaths: [String] = []
         for node in 0..<nodes {
             let directory = nodes == 1 ? work : work.appendingPathComponent("node\(node)")
             try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
             let configPath = directory.appendingPathComponent("starling.yml").path
-            let cluster = nodes == 1 ? "" : "cluster: { name: bench, node: n\(node), link: \"127.0.0.1:0\", secret_file: \(work.path)/cluster.secret }"
+            let cluster = options.clusterNodes <= 1 ? "" : "cluster: { name: bench, node: n\(node), link: \"127.0.0.1:0\", secret_file: \(work.path)/cluster.secret }"
+            let domain = federated > 1 ? "\(options.domain)\(node)" : options.domain
+            var s2s = ""
+            if federated > 1 {
+                let routes = (0..<federated).filter { $0 != node }.map { "\(options.domain)\($0): \"127.0.0.1:\(s2sPorts[$0])\"" }.joined(separator: ", ")
+                s2s = "s2s: { ca_file: \"\", routes: { \(routes) } }"
+            }
+            let s2sListener = federated > 1 ? "\n  - { type: s2s, address: 127.0.0.1, port: \(s2sPorts[node]), backlog: 1024 }" : ""
             // Plaintext PLAIN is allowed only because this server listens on loopback for a load run.
             try """
-            hosts: [\(options.domain)]
+            hosts: [\(domain)]
             data_dir: data
             log_level: warning
             listeners:
               - { address: 127.0.0.1, port: 0, tls: starttls, backlog: 65535 }
               - { address: 127.0.0.1, port: 0, tls: direct, backlog: 65535 }
-              - { type: http, address: 127.0.0.1, port: 0, tls: \(options.tls == .direct ? "direct" : "none"), backlog: 65535, metrics: \(options.metrics) }
+              - { type: http, address: 127.0.0.1, port: 0, tls: \(options.tls == .direct ? "direct" : "none"), backlog: 65535, metrics: \(options.metrics) }\(s2sListener)
+            \(s2s)
             tls:
               required: \(options.tls != .none)
             auth:
@@ -132,21 +155,23 @@ final class ServerUnderTest {
             """.write(toFile: configPath, atomically: true, encoding: .utf8)
             configPaths.append(configPath)
         }
-        let configuration = try StarlingConfiguration.load(path: configPaths[0], moduleCatalog: BuiltinModules.descriptors)
-        try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
-        if configuration.storage.backend == .postgresql { try emptyDatabase(configuration.storage.url ?? "") }
-
-        // One derivation shared by every bench account: registering thousands stays quick.
-        let store = try await StorageBackends.open(configuration, logger: Logger(label: "bench"))
+        // One derivation shared by every bench account: registering thousands stays quick. A cluster's nodes
+        // share one database; federated servers each have their own, with the accounts of their domain.
         let credentials = SCRAMHash.allCases.map { SCRAMCredentials.generate(password: options.password, hash: $0, iterations: 4096) }
-        for index in 0..<accounts {
-            try await store.createAccount(username: "\(options.accountPrefix)\(index)", host: options.domain, credentials: credentials)
-        }
-        do { try await seed(store) } catch {
+        for (server, configPath) in configPaths.enumerated() where server == 0 || federated > 1 {
+            let configuration = try StarlingConfiguration.load(path: configPath, moduleCatalog: BuiltinModules.descriptors)
+            try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+            if configuration.storage.backend == .postgresql { try emptyDatabase(configuration.storage.url ?? "") }
+            let store = try await StorageBackends.open(configuration, logger: Logger(label: "bench"))
+            for index in 0..<accounts where federated == 1 || index % federated == server {
+                try await store.createAccount(username: "\(options.accountPrefix)\(index)", host: options.domain(for: index), credentials: credentials)
+            }
+            do { if server == 0 { try await seed(store) } } catch {
+                await store.close()
+                throw error
+            }
             await store.close()
-            throw error
         }
-        await store.close()
 
         let executable = options.server ?? URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
             .deletingLastPathComponent().appendingPathComponent("starling").path
@@ -171,8 +196,25 @@ final class ServerUnderTest {
             case .websocket: ports.append(options.tls == .direct ? announcement.httpsPort : announcement.httpPort)
             }
         }
-        return ServerUnderTest(name: nodes == 1 ? "starling" : "starling x\(nodes)", host: "127.0.0.1", ports: ports,
+        let name = nodes == 1 ? "starling" : federated > 1 ? "starling s2s x\(nodes)" : "starling x\(nodes)"
+        return ServerUnderTest(name: name, host: "127.0.0.1", ports: ports,
                                pids: processes.map(\.processIdentifier), processes: processes, workDirectory: work, configPath: configPaths[0])
+    }
+
+    /// A loopback TCP port that was free a moment ago (the federated servers' s2s ports must be known
+    /// before any of them starts, to route to each other).
+    private static func freePort() throws -> Int {
+        let socket = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(socket) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(socket, $0, length) == 0 && getsockname(socket, $0, &length) == 0 }
+        }
+        guard bound else { throw ValidationError("cannot find a free port") }
+        return Int(UInt16(bigEndian: address.sin_port))
     }
 
     private static func storageSection(_ options: TargetOptions) throws -> String {
