@@ -11,7 +11,7 @@ final class TestCluster {
     let deadAfter: Double
 
     init(nodes names: [String], users: [(String, String)], deadAfter: Double = 2, extraConfig: String = "", files: [String: String] = [:],
-         listenerOptions: String = "") throws {
+         listenerOptions: String = "", extraListeners: [String] = []) throws {
         guard ProcessInfo.processInfo.environment["STARLING_TEST_BACKEND"] != "postgresql" else {
             throw XCTSkip("cluster tests always run on PostgreSQL; they ran in the first pass")
         }
@@ -25,7 +25,7 @@ final class TestCluster {
                 \(extraConfig)
                 """,
                 users: index == 0 ? users : [], files: files.merging(["secret.txt": Self.secret]) { $1 }, database: database,
-                listenerOptions: listenerOptions)
+                listenerOptions: listenerOptions, extraListeners: extraListeners)
         }
     }
 

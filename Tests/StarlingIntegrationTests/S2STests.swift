@@ -175,6 +175,33 @@ final class S2STests: XCTestCase {
         _ = try await bob.expect("alice's new tune", timeout: 20, where: isTune("Second"))
     }
 
+    /// A cluster federates as one server: a remote domain reaches it through any node, each node opens its
+    /// own streams, and the dialback key one node gives out is verified by another (the shared secret).
+    func testAClusterFederatesAsOneServer() async throws {
+        let portB = try ServerProcess.freePort()
+        let cluster = try TestCluster(nodes: ["n1", "n2"], users: [("alice", "alice-pass")],
+                                      extraConfig: "s2s:\n  ca_file: \"\"\n  routes: { b.test: \"127.0.0.1:\(portB)\" }",
+                                      extraListeners: ["{ type: s2s, address: 127.0.0.1, port: 0 }"])
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("n1", sees: ["n2"], as: "up")
+        // b.test finds "localhost" at n1 only.
+        let b = try federating(["b.test"], user: "bob", s2s: "routes: { localhost: \"127.0.0.1:\(cluster["n1"].s2sPort)\" }", ports: [portB])
+        defer { _ = b.stop() }
+        let alice = try await TestClient.login(port: cluster["n2"].directTLSPort, domain: "localhost", tls: .direct, username: "alice",
+                                               password: "alice-pass", resource: "on-n2")
+        let bob = try await login(b, "b.test", "bob", resource: "desk")
+        // In through n1, across the node link to alice on n2.
+        send(bob, to: "alice@localhost/on-n2", "to the cluster")
+        let atAlice = try await nextMessage(alice, timeout: 20)
+        XCTAssertEqual(atAlice.child("body")?.text, "to the cluster")
+        // Out from n2 on a stream of its own; b.test checks n2's dialback key with n1, which verifies it.
+        send(alice, to: "bob@b.test", "from n2")
+        let atBob = try await nextMessage(bob, timeout: 20)
+        XCTAssertEqual(atBob.child("body")?.text, "from n2")
+        let fromN2 = try s2sConnections(cluster["n2"])
+        XCTAssertTrue(fromN2.contains("outgoing+bidi b.test [localhost→b.test] ready tls dialback"), fromN2)
+    }
+
     func testProbeOnLoginShowsRemoteContactOnline() async throws {
         let (a, b) = try startPair()
         defer { _ = a.stop(); _ = b.stop() }
