@@ -240,39 +240,38 @@ public final class PEPModule: ServerModule {
 /// accounts: PEP notifications go to those that want them. Bounded: past `limit` resources, new ones
 /// are not tracked (they still get items they ask for).
 final class RemoteResources: Sendable {
-    private let resources = Mutex<[JID: [JID: XMLElement]]>([:])
-    private let count = Mutex(0)
+    private struct Table {
+        var byContact: [JID: [JID: XMLElement]] = [:]
+        var count = 0
+    }
+    private let table = Mutex(Table())
     let limit: Int
 
     init(limit: Int = 100_000) { self.limit = limit }
 
     /// Records the presence; false when the table is full and it was not recorded.
     func available(_ resource: JID, presence: XMLElement) -> Bool {
-        resources.withLock { table in
-            if table[resource.bare]?[resource] == nil {
-                let full = count.withLock { count in
-                    guard count < limit else { return true }
-                    count += 1
-                    return false
-                }
-                if full { return false }
+        table.withLock { table in
+            if table.byContact[resource.bare]?[resource] == nil {
+                guard table.count < limit else { return false }
+                table.count += 1
             }
-            table[resource.bare, default: [:]][resource] = presence
+            table.byContact[resource.bare, default: [:]][resource] = presence
             return true
         }
     }
 
     func unavailable(_ resource: JID) {
-        resources.withLock { table in
-            guard table[resource.bare]?.removeValue(forKey: resource) != nil else { return }
-            if table[resource.bare]?.isEmpty == true { table[resource.bare] = nil }
-            count.withLock { $0 -= 1 }
+        table.withLock { table in
+            guard table.byContact[resource.bare]?.removeValue(forKey: resource) != nil else { return }
+            if table.byContact[resource.bare]?.isEmpty == true { table.byContact[resource.bare] = nil }
+            table.count -= 1
         }
     }
 
     func resources(of contact: JID) -> [ResourceInfo] {
-        resources.withLock { table in
-            (table[contact.bare] ?? [:]).map { ResourceInfo(jid: $0.key, available: true, priority: 0, isLocal: false, presence: $0.value) }
+        table.withLock { table in
+            (table.byContact[contact.bare] ?? [:]).map { ResourceInfo(jid: $0.key, available: true, priority: 0, isLocal: false, presence: $0.value) }
         }
     }
 }

@@ -6,6 +6,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import StarlingAPI
+import Synchronization
 import StarlingXML
 
 /// What the server supplies to federation: where stanzas from other domains go, what happens to those
@@ -99,9 +100,10 @@ public final class Federation: @unchecked Sendable {
     private let verifications = NIOLockedValueBox<[ObjectIdentifier: EventLoopPromise<DialbackOutcome>]>([:])
     /// Authenticated incoming streams per remote domain (`max_incoming_per_domain`).
     private let incomingPerDomain = NIOLockedValueBox<[String: Int]>([:])
-    private let streamsGauge = (incoming: Gauge(label: "starling_s2s_streams", dimensions: [("direction", "incoming")]),
-                                outgoing: Gauge(label: "starling_s2s_streams", dimensions: [("direction", "outgoing")]))
-    private let stopping = NIOLockedValueBox(false)
+    private let streamsGauge = (incoming: Meter(label: "starling_s2s_streams", dimensions: [("direction", "incoming")]),
+                                outgoing: Meter(label: "starling_s2s_streams", dimensions: [("direction", "outgoing")]))
+    /// Read on every stanza to another domain: an atomic, not a lock.
+    private let stopping = Atomic<Bool>(false)
 
     /// - Parameters:
     ///   - certificateChain/privateKey: the server's own identity, presented in both directions.
@@ -148,23 +150,16 @@ public final class Federation: @unchecked Sendable {
 
     func opened(_ handler: S2SHandler) {
         open.withLockedValue { $0[ObjectIdentifier(handler)] = handler }
-        updateStreamGauges()
+        (handler.isIncoming ? streamsGauge.incoming : streamsGauge.outgoing).increment()
     }
 
     func closed(_ handler: S2SHandler) {
-        _ = open.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(handler)) }
-        updateStreamGauges()
+        if open.withLockedValue({ $0.removeValue(forKey: ObjectIdentifier(handler)) }) != nil {
+            (handler.isIncoming ? streamsGauge.incoming : streamsGauge.outgoing).decrement()
+        }
         if let promise = verifications.withLockedValue({ $0.removeValue(forKey: ObjectIdentifier(handler)) }) {
             promise.succeed(.error(.remoteServerNotFound))
         }
-    }
-
-    private func updateStreamGauges() {
-        let (incoming, outgoing) = open.withLockedValue { open in
-            open.values.reduce(into: (0, 0)) { counts, handler in if handler.isIncoming { counts.0 += 1 } else { counts.1 += 1 } }
-        }
-        streamsGauge.incoming.record(incoming)
-        streamsGauge.outgoing.record(outgoing)
     }
 
     /// Counts an authenticated incoming stream of `domain`; false when it already has `max_incoming_per_domain`.
@@ -209,10 +204,15 @@ public final class Federation: @unchecked Sendable {
     /// Sends a stanza from `local` (one of our domains) to `remote`, opening a stream if none is up.
     public func send(_ stanza: XMLElement, from local: String, to remote: String) {
         let pair = DomainPair(local: local, remote: remote.lowercased())
-        guard !stopping.withLockedValue({ $0 }) else {
+        guard !stopping.load(ordering: .relaxed) else {
             delegate?.undeliverable(stanza, S2SFailure(.remoteServerTimeout, "this server is shutting down"))
             return
         }
+        if let route = routes.withLockedValue({ $0[pair] }) {
+            route.loop.execute { route.submit(stanza) }
+            return
+        }
+        // Policy (block list, hooks) decides when a stream is to be opened, not on every stanza over it.
         guard allowsStream(with: pair.remote, incoming: false, address: nil) else {
             delegate?.undeliverable(stanza, S2SFailure(.remoteServerNotFound, "this server does not federate with \(pair.remote)"))
             return
@@ -330,7 +330,7 @@ public final class Federation: @unchecked Sendable {
 
     /// Closes every stream with `<system-shutdown/>`; stanzas still waiting are bounced.
     public func shutdown() async {
-        stopping.withLockedValue { $0 = true }
+        stopping.store(true, ordering: .relaxed)
         let handlers = open.withLockedValue { Array($0.values) }
         for handler in handlers {
             handler.loop.execute { handler.closeStream(.systemShutdown, nil) }

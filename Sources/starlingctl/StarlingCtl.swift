@@ -255,9 +255,7 @@ struct S2SConnections: ParsableCommand {
     @Flag(help: "Print the server's JSON reply.") var json = false
 
     func run() throws {
-        let reply = try AdminClient(path: options.load().admin.socketPath).request("s2s-connections")
-        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else { throw ValidationError("unexpected reply: \(reply)") }
-        guard object["ok"] as? Bool == true else { throw ValidationError(object["error"] as? String ?? reply) }
+        let (reply, object) = try adminReply(options, "s2s-connections")
         if json {
             print(reply)
             return
@@ -284,9 +282,7 @@ struct ClusterStatus: ParsableCommand {
     @Flag(help: "Print the server's JSON reply.") var json = false
 
     func run() throws {
-        let reply = try AdminClient(path: options.load().admin.socketPath).request("cluster-status")
-        guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else { throw ValidationError("unexpected reply: \(reply)") }
-        guard object["ok"] as? Bool == true else { throw ValidationError(object["error"] as? String ?? reply) }
+        let (reply, object) = try adminReply(options, "cluster-status")
         if json {
             print(reply)
             return
@@ -370,12 +366,17 @@ struct ReloadConfig: ParsableCommand {
 
 /// Sends one of the reload commands and returns what the server reports, or throws its error.
 func adminRequest(_ options: ConfigOption, _ command: String, argument: String? = nil) throws -> [String] {
+    try adminReply(options, command, argument: argument).object["reloaded"] as? [String] ?? []
+}
+
+/// The server's JSON reply to `command`, as text and parsed; a reply that is not ok is an error.
+func adminReply(_ options: ConfigOption, _ command: String, argument: String? = nil) throws -> (text: String, object: [String: Any]) {
     let reply = try AdminClient(path: options.load().admin.socketPath).request(command, argument: argument)
     guard let object = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any] else {
         throw ValidationError("unexpected reply: \(reply)")
     }
     guard object["ok"] as? Bool == true else { throw ValidationError("\(command) failed:\n\(object["error"] as? String ?? reply)") }
-    return object["reloaded"] as? [String] ?? []
+    return (reply, object)
 }
 
 func readPassword(_ argument: String) throws -> String {
