@@ -70,8 +70,28 @@ public struct AuthConfiguration: Sendable, Equatable {
     /// Per mechanism, the access rule deciding which client addresses it is offered to (`auth.mechanism_access`).
     public var mechanismAccess: [String: String] = [:]
 
+    /// XEP-0484 FAST tokens (`auth.fast`).
+    public var fast = FASTConfiguration()
+
     /// The method used on `host`.
     public func method(for host: String) -> String { hostMethods[host] ?? method }
+}
+
+/// XEP-0484 FAST: tokens a client gets after one password login and logs in with afterwards.
+public struct FASTConfiguration: Sendable, Equatable {
+    /// Offered inline in SASL2 (over TLS, on hosts with stored accounts); empty turns FAST off.
+    public var mechanisms = ["HT-SHA-256-ENDP", "HT-SHA-256-NONE"]
+    /// Seconds a token is valid from its issue.
+    public var tokenLifetime = 1_814_400
+    /// Seconds after its issue from which a token used to log in is replaced by a new one.
+    public var rotateAfter = 86_400
+    /// Client installations of one account that may hold tokens; the one issued longest ago loses its own.
+    public var maxClientsPerAccount = 32
+    /// The file with the key tokens are derived from; nil: the cluster's secret, or `fast-token.key` in data_dir
+    /// (made at first start).
+    public var keyFile: String?
+
+    public init() {}
 }
 
 public struct LimitsConfiguration: Sendable, Equatable {
@@ -241,6 +261,15 @@ public struct StarlingConfiguration: Sendable, Equatable {
         doc: "Failed logins for one account within failure_window, from any addresses, after which only addresses it logged in from before may try until the window ends (others get temporary-auth-failure); 0 turns this off.")
     static let authMethod = ConfigOption<String>("method", default: "internal", doc: "Who decides passwords: internal (stored SCRAM keys), or an enabled module that authenticates (lua, or a plugin such as external_auth). Hosts using a module offer PLAIN only, over TLS.")
     static let authAccess = ConfigOption<String>("access", default: "all", doc: "The access rule deciding who may log in, by account and client address (access_rules; `all` lets everyone with the right password in).")
+    static let fastMechanismNames = ["HT-SHA-256-ENDP", "HT-SHA-256-NONE"]
+    static let fastMechanisms = ConfigOption<[String]>("mechanisms", default: fastMechanismNames, doc: "XEP-0484 FAST mechanisms offered in SASL2 (over TLS only; HT-SHA-256-ENDP is bound to the server certificate, HT-SHA-256-NONE serves web clients). Empty turns FAST off.") { value in
+        let unknown = value.filter { !fastMechanismNames.contains($0) }
+        return unknown.isEmpty ? nil : "unknown FAST mechanism \(unknown.joined(separator: ", ")) (known: \(fastMechanismNames.joined(separator: ", ")))"
+    }
+    static let fastTokenLifetime = ConfigOption<Int>("token_lifetime", default: 1_814_400, range: 3600...31_536_000, doc: "Seconds a FAST token is valid: a device offline longer than this logs in with its password again.")
+    static let fastRotateAfter = ConfigOption<Int>("rotate_after", default: 86_400, range: 0...31_536_000, doc: "Seconds after its issue from which a FAST login replaces the token with a new one (the old one stays valid until the new one is used); less than token_lifetime.")
+    static let fastMaxClients = ConfigOption<Int>("max_clients_per_account", default: 32, range: 1...10_000, doc: "Client installations of one account that may hold FAST tokens; a new one takes the place of the one issued longest ago.")
+    static let fastKeyFile = ConfigOption<String?>("key_file", default: nil, doc: "File with the key FAST tokens are derived from (at least 16 characters; the database stores only nonces), relative to the config file. Unset: the cluster's secret, or fast-token.key in data_dir, made at first start.")
     static let authPlainWithoutTLS = ConfigOption<Bool>("plain_without_tls", default: false, doc: "Offer PLAIN on connections without TLS when tls.required is false. It sends passwords in the clear: for load tests on loopback only.")
 
     static let maxStanzaSize = ConfigOption<Int>("max_stanza_size", default: 262_144, range: 1024...16_777_216, doc: "Largest stanza in bytes; larger gets <policy-violation/>.")
@@ -424,11 +453,25 @@ public struct StarlingConfiguration: Sendable, Equatable {
         let rules = access.ruleNames
         let ruleExists: @Sendable (String) -> String? = { rules.contains($0) ? nil : "no access rule '\($0)' (rules: \(rules.sorted().joined(separator: ", ")))" }
         auth.access = try authSection.read(ConfigOption<String>("access", default: "all", doc: authAccess.doc, validate: ruleExists))
+        let fastSection = try authSection.section("fast", doc: "XEP-0484 FAST: a client logs in once with its password and gets a token it logs in with afterwards (one round trip, no PBKDF2); tokens are per client installation, rotated, revocable (starlingctl fast-tokens) and revoked by a password change.")
+        auth.fast.mechanisms = try fastSection.read(fastMechanisms)
+        auth.fast.tokenLifetime = try fastSection.read(fastTokenLifetime)
+        auth.fast.rotateAfter = try fastSection.read(fastRotateAfter)
+        if auth.fast.rotateAfter >= auth.fast.tokenLifetime {
+            throw fastSection.error("rotate_after", "must be less than token_lifetime (\(auth.fast.tokenLifetime))", at: fastSection.valueNode("rotate_after"))
+        }
+        auth.fast.maxClientsPerAccount = try fastSection.read(fastMaxClients)
+        if let keyFile = try fastSection.read(fastKeyFile) {
+            let path = resolve(keyFile, against: baseDirectory)
+            _ = try readSecret(path, minimumLength: 16, section: fastSection, key: "key_file")
+            auth.fast.keyFile = path
+        }
+        try fastSection.rejectUnknownKeys()
         let mechanismSection = try authSection.section("mechanism_access", doc: "Per SASL mechanism, the access rule deciding which client addresses it is offered to (the account is not known yet when mechanisms are offered): `PLAIN: lan`.")
         for (key, value) in mechanismSection.node?.mapping ?? [:] {
             let mechanism = key.string ?? ""
-            guard supportedMechanisms.contains(mechanism) else {
-                throw mechanismSection.error(mechanism, "unknown mechanism (known: \(supportedMechanisms.joined(separator: ", ")))", at: key)
+            guard supportedMechanisms.contains(mechanism) || fastMechanismNames.contains(mechanism) else {
+                throw mechanismSection.error(mechanism, "unknown mechanism (known: \((supportedMechanisms + fastMechanismNames).joined(separator: ", ")))", at: key)
             }
             guard let rule = value.string, ruleExists(rule) == nil else {
                 throw mechanismSection.error(mechanism, ruleExists(value.string ?? "") ?? "expected a rule name", at: value)

@@ -46,6 +46,8 @@ extension PostgresStore: AccountStore {
                     "SELECT 1 FROM accounts WHERE host = \(host) AND username = \(username) FOR UPDATE", logger: logger).collect()
                 if found.isEmpty { throw StorageError.accountNotFound }
                 try await connection.query("DELETE FROM scram_credentials WHERE host = \(host) AND username = \(username)", logger: logger)
+                // A new password logs out every client holding a FAST token (a lost phone's, say).
+                try await connection.query("DELETE FROM fast_tokens WHERE host = \(host) AND username = \(username)", logger: logger)
                 try await Self.insert(credentials, username: username, host: host, on: connection, logger: logger)
             }
         }

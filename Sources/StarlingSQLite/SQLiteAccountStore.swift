@@ -46,6 +46,9 @@ extension SQLiteStore: AccountStore {
                 guard try await self.exists(username: username, host: host) else { throw StorageError.accountNotFound }
                 _ = try await self.connection.query(
                     "DELETE FROM scram_credentials WHERE host = ? AND username = ?", [.text(host), .text(username)])
+                // A new password logs out every client holding a FAST token (a lost phone's, say).
+                _ = try await self.connection.query(
+                    "DELETE FROM fast_tokens WHERE host = ? AND username = ?", [.text(host), .text(username)])
                 try await self.insert(credentials, username: username, host: host)
             }
         }

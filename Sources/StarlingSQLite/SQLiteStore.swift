@@ -156,6 +156,17 @@ public final class SQLiteStore: Sendable {
             "CREATE TABLE privacy_lists (host TEXT NOT NULL, username TEXT NOT NULL, name TEXT NOT NULL, rules TEXT NOT NULL, PRIMARY KEY (host, username, name))",
             "CREATE TABLE privacy_defaults (host TEXT NOT NULL, username TEXT NOT NULL, name TEXT NOT NULL, PRIMARY KEY (host, username))",
         ],
+        [
+            // XEP-0484: the token is derived from the server's key and `nonce`; only the nonce is stored.
+            """
+            CREATE TABLE fast_tokens (
+                host TEXT NOT NULL, username TEXT NOT NULL, client TEXT NOT NULL, slot TEXT NOT NULL, mechanism TEXT NOT NULL,
+                nonce BLOB NOT NULL, issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, software TEXT, device TEXT,
+                PRIMARY KEY (host, username, client, slot),
+                FOREIGN KEY (host, username) REFERENCES accounts (host, username) ON DELETE CASCADE
+            )
+            """,
+        ],
     ]
 
     private init(connection: SQLiteConnection) {

@@ -430,6 +430,44 @@ final class C2SHandler: ChannelInboundHandler {
                     }
                     self.resume()
                 }
+            case .verifyToken(let request):
+                suspend()
+                let (username, host) = (request.user.localpart ?? "", request.user.domainpart)
+                if refuseLockedOutLogin(username: username, host: host) { continue }
+                if refuseLogin(username: username, host: host, mechanism: request.mechanism) {
+                    perform(machine.tokenVerified(.failure(.notAuthorized)))
+                    resume()
+                    continue
+                }
+                guard let tokens = server.fastTokens else {
+                    perform(machine.tokenVerified(.failure(.temporaryAuthFailure)))
+                    resume()
+                    continue
+                }
+                context.eventLoop.makeFutureWithTask { try await tokens.verify(request) }.whenComplete { result in
+                    switch result {
+                    case .success(let outcome): self.perform(self.machine.tokenVerified(outcome))
+                    case .failure(let error): self.storageFailed(error)
+                    }
+                    self.resume()
+                }
+            case .issueToken(let request):
+                guard let tokens = server.fastTokens else {
+                    perform(machine.tokenIssued(nil))
+                    continue
+                }
+                suspend()
+                let logger = self.logger
+                context.eventLoop.makeFutureWithTask { () async -> IssuedFASTToken? in
+                    do { return try await tokens.issue(request) } catch {
+                        // The login itself succeeded: it goes on without a token, and the client keeps its password.
+                        logger.warning("cannot store a FAST token", metadata: ["error": "\(error)"])
+                        return nil
+                    }
+                }.whenSuccess { token in
+                    self.perform(self.machine.tokenIssued(token))
+                    self.resume()
+                }
             case .authenticationFailed(let reply):
                 if let login = currentLogin { _ = server.router.run(.loginFailed, login, on: login.host) }
                 ServerMetrics.login(mechanism: currentLogin?.mechanism ?? "other", succeeded: false)

@@ -24,6 +24,8 @@ public struct C2SSettings: Sendable {
     /// XEP-0386 §5: per host, the namespaces of what a Bind2 request may enable inline (stream management,
     /// carbons, client state), in the order advertised.
     public var bind2Inline: [String: [String]] = [:]
+    /// XEP-0484 FAST mechanisms offered inline in SASL2 (over TLS, on hosts with stored accounts); empty: no FAST.
+    public var fastMechanisms: [String] = []
     public var boundFeatures: [String: [XMLElement]] = [:]
 
     public init(hosts: Set<String>, defaultHost: String, mechanisms: [String], tlsRequired: Bool, offersStartTLS: Bool, maxSASLAttempts: Int = 5) {
@@ -64,6 +66,10 @@ public struct C2SStateMachine {
         case lookUpCredentials(username: String, host: String)
         /// Check a PLAIN password off the event loop, then call `plainVerified`.
         case verifyPlain(username: String, host: String, password: String)
+        /// Check a FAST token's proof against the stored tokens, then call `tokenVerified`.
+        case verifyToken(FASTVerification)
+        /// Issue a FAST token (asked for, or the used one is due for rotation), then call `tokenIssued`.
+        case issueToken(FASTIssue)
         /// Authentication failed: send `reply` after the failure delay (longer for repeat offenders).
         case authenticationFailed(reply: XMLElement)
         case authenticated(JID)
@@ -87,6 +93,8 @@ public struct C2SStateMachine {
     private enum SASLExchange {
         case scram(SCRAMServer, awaitingCredentials: Bool)
         case plain
+        /// A FAST token's proof is being checked (one round trip: nothing more comes from the client).
+        case token(SASL2Request, user: JID)
     }
 
     private enum State {
@@ -97,6 +105,8 @@ public struct C2SStateMachine {
         /// `<proceed/>` sent, TLS handshake running.
         case tlsHandshake
         case authenticating(SASLExchange)
+        /// SASL2 succeeded; a FAST token is being issued for its `<success/>`.
+        case issuingToken(user: JID, request: SASL2Request, additionalData: [UInt8]?)
         /// Bind request handed to the registry.
         case binding
         case bound(JID)
@@ -115,8 +125,8 @@ public struct C2SStateMachine {
     private var sasl2: SASL2Request?
     /// What the Bind2 request asked to enable inline, kept until the resource is bound.
     private var bind2Requests: [XMLElement] = []
-    /// SASL2 succeeded with Bind2: its `<success/>` waits for the resource (`additional-data`, if any).
-    private var sasl2SuccessPending: [UInt8]??
+    /// SASL2 succeeded with Bind2: its `<success/>` waits for the resource.
+    private var sasl2SuccessPending: SASL2Success?
     public private(set) var host: String
     /// Bare JID once SASL succeeded.
     public private(set) var authenticatedUser: JID?
@@ -151,7 +161,7 @@ public struct C2SStateMachine {
         switch state {
         case .awaitingHeader:
             break
-        case .negotiating, .tlsHandshake, .authenticating, .binding, .bound, .closed:
+        case .negotiating, .tlsHandshake, .authenticating, .issuingToken, .binding, .bound, .closed:
             return streamError(.notWellFormed, "unexpected stream header")
         }
         if let to = header[attribute: "to"], let domain = JID(to)?.domainpart, settings.hosts.contains(domain) {
@@ -193,7 +203,7 @@ public struct C2SStateMachine {
             return continueAuthentication(exchange, element)
         case .bound(let jid):
             return stanzaFromClient(element, jid: jid)
-        case .binding:
+        case .binding, .issuingToken:
             // Bind is in flight: a stanza now would race the registry; RFC 6120 §7.1 forbids it anyway.
             return streamError(.notAuthorized, "no stanzas before the resource is bound")
         case .awaitingHeader, .tlsHandshake:
@@ -207,7 +217,7 @@ public struct C2SStateMachine {
         switch state {
         case .closed:
             return []
-        case .awaitingHeader, .negotiating, .tlsHandshake, .authenticating, .binding, .bound:
+        case .awaitingHeader, .negotiating, .tlsHandshake, .authenticating, .issuingToken, .binding, .bound:
             state = .closed
             return [.send(closingTag), .close]
         }
@@ -248,6 +258,26 @@ public struct C2SStateMachine {
         return success ? saslSuccess(username: username, additionalData: nil) : saslFailure(.notAuthorized)
     }
 
+    /// The stored tokens were checked: succeed (with the server's proof, and a new token when the used one is
+    /// due for rotation) or fail.
+    public mutating func tokenVerified(_ outcome: FASTVerificationOutcome) -> [Action] {
+        guard case .authenticating(.token(let request, let user)) = state else { return [] }
+        switch outcome {
+        case .success(let responderProof, let rotate):
+            sasl2 = request
+            return saslSuccess(username: user.localpart!, additionalData: responderProof, rotateToken: rotate)
+        case .failure(let failure):
+            sasl2 = request
+            return saslFailure(failure)
+        }
+    }
+
+    /// The token asked for is stored (nil: it could not be, and the client logs in without one).
+    public mutating func tokenIssued(_ token: IssuedFASTToken?) -> [Action] {
+        guard case .issuingToken(let user, let request, let additionalData) = state else { return [] }
+        return sasl2Succeeded(user: user, request: request, success: SASL2Success(additionalData: additionalData, token: token))
+    }
+
     /// The store could not answer: tell the client to retry later instead of claiming a wrong password.
     public mutating func authenticationUnavailable() -> [Action] {
         guard case .authenticating = state else { return [] }
@@ -260,11 +290,11 @@ public struct C2SStateMachine {
     public mutating func resourceBound(_ jid: JID, iq: XMLElement) -> [Action] {
         guard case .binding = state else { return [] }
         state = .bound(jid)
-        if let additionalData = sasl2SuccessPending {
+        if let pending = sasl2SuccessPending {
             sasl2SuccessPending = nil
             let inline = bind2Requests
             bind2Requests = []
-            return [.bind2Bound(success: SASL2.success(additionalData: additionalData, identifier: jid, bound: true), inline: inline)]
+            return [.bind2Bound(success: SASL2.success(pending, identifier: jid, bound: true), inline: inline)]
         }
         var bind = XMLElement(name: "bind", namespace: Namespace.bind)
         bind.append(XMLElement(name: "jid", namespace: Namespace.bind).with(text: jid.description))
@@ -314,7 +344,7 @@ public struct C2SStateMachine {
     public mutating func authenticationTimedOut() -> [Action] {
         switch state {
         case .bound, .closed: return []
-        case .awaitingHeader, .negotiating, .tlsHandshake, .authenticating, .binding:
+        case .awaitingHeader, .negotiating, .tlsHandshake, .authenticating, .issuingToken, .binding:
             return streamError(.policyViolation, "authentication took too long")
         }
     }
@@ -338,6 +368,17 @@ public struct C2SStateMachine {
             if mechanism.hasSuffix("-PLUS") { return tlsActive && channelBinding != nil }
             if mechanism == "PLAIN" { return tlsActive || settings.plainWithoutTLS }
             return true
+        }
+    }
+
+    /// XEP-0484: FAST only over TLS, inside SASL2, where accounts are stored here; a mechanism with channel
+    /// binding only when this connection has that binding.
+    private func offeredFASTMechanisms() -> [String] {
+        guard tlsActive, settings.offersSASL2, !settings.moduleAuthenticatedHosts.contains(host) else { return [] }
+        return settings.fastMechanisms.filter { name in
+            guard let mechanism = HashedTokenMechanism(rawValue: name), !refusedMechanisms.contains(name) else { return false }
+            guard let type = mechanism.channelBindingType else { return true }
+            return channelBinding?.type == type
         }
     }
 
@@ -375,6 +416,12 @@ public struct C2SStateMachine {
                     bind.append(bindInline)
                 }
                 inline.append(bind)
+                let fast = offeredFASTMechanisms()
+                if !fast.isEmpty {
+                    var element = XMLElement(name: "fast", namespace: FAST.namespace)
+                    for mechanism in fast { element.append(XMLElement(name: "mechanism", namespace: FAST.namespace).with(text: mechanism)) }
+                    inline.append(element)
+                }
                 authentication.append(inline)
                 features.append(authentication)
             }
@@ -402,7 +449,7 @@ public struct C2SStateMachine {
             sasl2 = nil
             return startAuthentication(element, initialResponse: element)
         case (SASL2.namespace, "authenticate") where settings.offersSASL2:
-            sasl2 = SASL2Request(bind: element.child("bind", namespace: SASL2.bind2))
+            sasl2 = SASL2Request(element, fastMechanisms: offeredFASTMechanisms())
             // No <initial-response/> is no initial response; an empty one is an empty response.
             let initial = element.child("initial-response", namespace: SASL2.namespace) ?? XMLElement(name: "initial-response", namespace: SASL2.namespace)
             return startAuthentication(element, initialResponse: initial)
@@ -450,6 +497,9 @@ public struct C2SStateMachine {
             return [.sendElement(failureElement(.encryptionRequired))]
         }
         let mechanism = element[attribute: "mechanism"] ?? ""
+        if let request = sasl2, let tokenMechanism = HashedTokenMechanism(rawValue: mechanism), offeredFASTMechanisms().contains(mechanism) {
+            return startTokenAuthentication(tokenMechanism, request: request, initialResponse: initialResponse)
+        }
         let offered = offeredMechanisms()
         guard offered.contains(mechanism) else {
             return [.sendElement(failureElement(.invalidMechanism))]
@@ -477,6 +527,28 @@ public struct C2SStateMachine {
         return receiveSCRAMFirst(server, initial)
     }
 
+    /// XEP-0484: one message, `username NUL proof`, checked against the client's stored tokens.
+    private mutating func startTokenAuthentication(_ mechanism: HashedTokenMechanism, request: SASL2Request, initialResponse: XMLElement) -> [Action] {
+        guard let client = request.userAgent?.id else {
+            // Tokens belong to a client installation: without its id there is nothing to look up.
+            return [.sendElement(failureElement(.malformedRequest))]
+        }
+        let message: HashedTokenMessage
+        switch Self.decodeSASLData(initialResponse) {
+        case .success(let data?):
+            do { message = try HashedTokenMessage(parsing: data) } catch { return [.sendElement(failureElement(error))] }
+        case .success(nil):
+            return [.sendElement(failureElement(.malformedRequest))]
+        case .failure:
+            return [.sendElement(failureElement(.incorrectEncoding))]
+        }
+        guard let user = try? JID(localpart: message.username, domainpart: host) else { return saslFailure(.notAuthorized) }
+        state = .authenticating(.token(request, user: user))
+        let binding = mechanism.channelBindingType == nil ? [] : channelBinding?.data ?? []
+        return [.verifyToken(FASTVerification(user: user, client: client, mechanism: mechanism.rawValue, proof: message.proof,
+                                              channelBinding: binding, invalidate: request.invalidateToken))]
+    }
+
     private mutating func continueAuthentication(_ exchange: SASLExchange, _ element: XMLElement) -> [Action] {
         guard element.namespace == (sasl2 == nil ? Namespace.sasl : SASL2.namespace) else {
             return streamError(.notAuthorized, "authentication in progress")
@@ -496,6 +568,8 @@ public struct C2SStateMachine {
         switch exchange {
         case .plain:
             return receivePlain(data)
+        case .token:
+            return streamError(.policyViolation, "the token authentication takes no response")
         case .scram(let server, let awaitingCredentials):
             if awaitingCredentials { return streamError(.policyViolation, "response before challenge") }
             if server.isAwaitingClientFirst {
@@ -534,7 +608,7 @@ public struct C2SStateMachine {
         return [.verifyPlain(username: user.localpart!, host: host, password: message.password)]
     }
 
-    private mutating func saslSuccess(username: String, additionalData: [UInt8]?) -> [Action] {
+    private mutating func saslSuccess(username: String, additionalData: [UInt8]?, rotateToken: Bool = false) -> [Action] {
         guard let user = try? JID(localpart: username, domainpart: host) else { return saslFailure(.notAuthorized) }
         authenticatedUser = user
         guard let request = sasl2 else {
@@ -542,19 +616,28 @@ public struct C2SStateMachine {
             headerSent = false
             return [.sendElement(Self.saslElement("success", data: additionalData)), .authenticated(user), .resetParser]
         }
-        // SASL2 keeps the stream (no restart). With Bind2 the success waits for the resource and names it.
+        // SASL2 keeps the stream (no restart).
         sasl2 = nil
+        if let issue = request.tokenIssue(for: user, rotating: rotateToken) {
+            state = .issuingToken(user: user, request: request, additionalData: additionalData)
+            return [.authenticated(user), .issueToken(issue)]
+        }
+        return [.authenticated(user)] + sasl2Succeeded(user: user, request: request, success: SASL2Success(additionalData: additionalData, token: nil))
+    }
+
+    /// SASL2's `<success/>` now, or with Bind2 once the resource is bound (it names the full JID then).
+    private mutating func sasl2Succeeded(user: JID, request: SASL2Request, success: SASL2Success) -> [Action] {
         guard let bind = request.bind else {
             state = .negotiating
-            return [.sendElement(SASL2.success(additionalData: additionalData, identifier: user, bound: false)), .authenticated(user)]
+            return [.sendElement(SASL2.success(success, identifier: user, bound: false))]
         }
         state = .binding
-        sasl2SuccessPending = .some(additionalData)
+        sasl2SuccessPending = success
         // Only what was advertised for this host; anything else in <bind/> is ignored (XEP-0386 §5).
         let offered = Set(settings.bind2Inline[host] ?? [])
         bind2Requests = bind.elements.filter { $0.namespace != SASL2.bind2 && offered.contains($0.namespace) }
         let synthetic = XMLElement(name: "iq", namespace: Namespace.client, attributes: ["type": "set", "id": "bind2"])
-        return [.authenticated(user), .bindResource(user: user, requested: SASL2.resource(tag: bind.child("tag", namespace: SASL2.bind2)?.text), iq: synthetic)]
+        return [.bindResource(user: user, requested: SASL2.resource(tag: bind.child("tag", namespace: SASL2.bind2)?.text), iq: synthetic)]
     }
 
     private mutating func saslFailure(_ failure: SASLFailure) -> [Action] {
@@ -715,6 +798,111 @@ public struct C2SStateMachine {
 struct SASL2Request: Equatable {
     /// XEP-0386 `<bind/>`: bind a resource as part of authenticating.
     var bind: XMLElement?
+    /// XEP-0388 `<user-agent/>`: the client installation (FAST tokens belong to its `id`).
+    var userAgent: SASL2UserAgent?
+    /// XEP-0484 `<request-token mechanism/>`, when it names a FAST mechanism offered here.
+    var tokenMechanism: String?
+    /// XEP-0484 `<fast invalidate='true'/>`: the token authenticating is to be forgotten.
+    var invalidateToken = false
+    /// The FAST mechanism authenticating, if any (a rotated token is issued for the same one).
+    var fastMechanism: String?
+
+    init(bind: XMLElement? = nil) {
+        self.bind = bind
+    }
+
+    init(_ authenticate: XMLElement, fastMechanisms: [String]) {
+        bind = authenticate.child("bind", namespace: SASL2.bind2)
+        userAgent = authenticate.child("user-agent", namespace: SASL2.namespace).flatMap(SASL2UserAgent.init)
+        if let requested = authenticate.child("request-token", namespace: FAST.namespace)?[attribute: "mechanism"], fastMechanisms.contains(requested) {
+            tokenMechanism = requested
+        }
+        if let mechanism = authenticate[attribute: "mechanism"], fastMechanisms.contains(mechanism) {
+            fastMechanism = mechanism
+            let invalidate = authenticate.child("fast", namespace: FAST.namespace)?[attribute: "invalidate"]
+            invalidateToken = invalidate == "true" || invalidate == "1"
+        }
+    }
+
+    /// The token to issue on success: the one asked for, else (unless the client is logging this token out) a
+    /// replacement for a token due for rotation. Only for clients that say who they are.
+    func tokenIssue(for user: JID, rotating: Bool) -> FASTIssue? {
+        guard let userAgent else { return nil }
+        let mechanism = tokenMechanism ?? (rotating && !invalidateToken ? fastMechanism : nil)
+        return mechanism.map { FASTIssue(user: user, client: userAgent.id, mechanism: $0, software: userAgent.software, device: userAgent.device) }
+    }
+}
+
+/// XEP-0388's `<user-agent id>` with its optional `<software/>` and `<device/>`, each bounded in length.
+struct SASL2UserAgent: Equatable {
+    static let maxLength = 256
+    var id: String
+    var software: String?
+    var device: String?
+
+    init?(_ element: XMLElement) {
+        guard let id = element[attribute: "id"], !id.isEmpty, id.utf8.count <= Self.maxLength else { return nil }
+        self.id = id
+        software = element.child("software", namespace: SASL2.namespace).map { String($0.text.prefix(Self.maxLength)) }
+        device = element.child("device", namespace: SASL2.namespace).map { String($0.text.prefix(Self.maxLength)) }
+    }
+}
+
+/// What SASL2's `<success/>` carries besides who the client is.
+struct SASL2Success: Equatable {
+    /// The mechanism's last word (SCRAM's server signature, HT's responder proof).
+    var additionalData: [UInt8]?
+    /// A XEP-0484 token issued with this success.
+    var token: IssuedFASTToken?
+}
+
+/// A FAST token proof to check: the handler looks up the client's stored tokens.
+public struct FASTVerification: Sendable, Equatable {
+    public var user: JID
+    /// The SASL2 user-agent id.
+    public var client: String
+    public var mechanism: String
+    public var proof: [UInt8]
+    /// The mechanism's channel-binding data (empty for `-NONE`).
+    public var channelBinding: [UInt8]
+    /// Forget the token once it has proven itself (`<fast invalidate='true'/>`).
+    public var invalidate: Bool
+}
+
+public enum FASTVerificationOutcome: Sendable, Equatable {
+    /// The proof matched an unexpired token for this mechanism; `rotate`: issue the client a replacement.
+    case success(responderProof: [UInt8], rotate: Bool)
+    case failure(SASLFailure)
+}
+
+/// A FAST token to issue into the client's `new` slot.
+public struct FASTIssue: Sendable, Equatable {
+    public var user: JID
+    public var client: String
+    public var mechanism: String
+    public var software: String?
+    public var device: String?
+}
+
+/// An issued token as the client receives it.
+public struct IssuedFASTToken: Sendable, Equatable {
+    public var token: String
+    /// Seconds since 1970.
+    public var expiresAt: Int
+
+    public init(token: String, expiresAt: Int) {
+        self.token = token
+        self.expiresAt = expiresAt
+    }
+}
+
+/// XEP-0484 wire forms.
+enum FAST {
+    static let namespace = "urn:xmpp:fast:0"
+
+    static func tokenElement(_ token: IssuedFASTToken) -> XMLElement {
+        XMLElement(name: "token", namespace: namespace, attributes: ["expiry": XMPPDateTime.string(Double(token.expiresAt)), "token": token.token])
+    }
 }
 
 /// XEP-0388 (SASL2) and XEP-0386 (Bind2) wire forms.
@@ -722,15 +910,17 @@ enum SASL2 {
     static let namespace = "urn:xmpp:sasl:2"
     static let bind2 = "urn:xmpp:bind:0"
 
-    /// `<success/>`: the SCRAM server signature, and who the client now is (a full JID once bound).
-    static func success(additionalData: [UInt8]?, identifier: JID, bound: Bool) -> XMLElement {
-        var success = XMLElement(name: "success", namespace: namespace)
-        if let additionalData {
-            success.append(XMLElement(name: "additional-data", namespace: namespace).with(text: Data(additionalData).base64EncodedString()))
+    /// `<success/>`: the mechanism's additional data, who the client now is (a full JID once bound), and a
+    /// FAST token if one was issued.
+    static func success(_ success: SASL2Success, identifier: JID, bound: Bool) -> XMLElement {
+        var element = XMLElement(name: "success", namespace: namespace)
+        if let additionalData = success.additionalData {
+            element.append(XMLElement(name: "additional-data", namespace: namespace).with(text: Data(additionalData).base64EncodedString()))
         }
-        success.append(XMLElement(name: "authorization-identifier", namespace: namespace).with(text: identifier.description))
-        if bound { success.append(XMLElement(name: "bound", namespace: bind2)) }
-        return success
+        element.append(XMLElement(name: "authorization-identifier", namespace: namespace).with(text: identifier.description))
+        if let token = success.token { element.append(FAST.tokenElement(token)) }
+        if bound { element.append(XMLElement(name: "bound", namespace: bind2)) }
+        return element
     }
 
     /// XEP-0386 §4: the client names its software with a tag; the resource is the tag and something unique.

@@ -13,6 +13,8 @@ import StarlingStorage
 public final class ServerContext: Sendable {
     public let configuration: StarlingConfiguration
     public let accounts: any AccountStore
+    /// XEP-0484 FAST tokens; nil when `auth.fast.mechanisms` is empty.
+    public let fastTokens: FASTTokens?
     public let registry: SessionRegistry
     public let router: Router
     public let tls: TLSIdentity
@@ -26,10 +28,11 @@ public final class ServerContext: Sendable {
     public let logger: Logger
 
     /// - Parameter cluster: this node's cluster membership (not started yet), if clustered.
-    public init(configuration: StarlingConfiguration, accounts: any AccountStore, tls: TLSIdentity, threadPool: NIOThreadPool, logger: Logger,
-                cluster: ClusterNode? = nil) {
+    public init(configuration: StarlingConfiguration, accounts: any AccountStore, fastTokens: FASTTokens? = nil, tls: TLSIdentity,
+                threadPool: NIOThreadPool, logger: Logger, cluster: ClusterNode? = nil) {
         self.configuration = configuration
         self.accounts = accounts
+        self.fastTokens = fastTokens
         self.tls = tls
         self.threadPool = threadPool
         self.logger = logger
@@ -119,6 +122,7 @@ public final class ServerContext: Sendable {
             offersStartTLS: offeringStartTLS
         )
         settings.plainWithoutTLS = configuration.auth.plainWithoutTLS
+        settings.fastMechanisms = fastTokens == nil ? [] : configuration.auth.fast.mechanisms
         settings.moduleAuthenticatedHosts = Set(configuration.hosts.filter { configuration.auth.method(for: $0) != "internal" })
         for (host, modules) in router.modules {
             settings.preAuthFeatures[host] = modules.preAuthStreamFeatures

@@ -66,10 +66,10 @@ enum ServerMetrics {
 
     /// Logins by SASL mechanism family (scram, plain) and outcome.
     static func login(mechanism: String, succeeded: Bool) {
-        let family = mechanism.hasPrefix("SCRAM") ? "scram" : mechanism == "PLAIN" ? "plain" : "other"
+        let family = mechanism.hasPrefix("SCRAM") ? "scram" : mechanism == "PLAIN" ? "plain" : mechanism.hasPrefix("HT-") ? "fast" : "other"
         logins[family]?[succeeded]?.increment()
     }
-    private static let logins = Dictionary(uniqueKeysWithValues: ["scram", "plain", "other"].map { family in
+    private static let logins = Dictionary(uniqueKeysWithValues: ["scram", "plain", "fast", "other"].map { family in
         (family, [true: Metrics.Counter(label: "starling_logins_total", dimensions: [("mechanism", family), ("result", "success")]),
                   false: Metrics.Counter(label: "starling_logins_total", dimensions: [("mechanism", family), ("result", "failure")])])
     })

@@ -43,7 +43,16 @@ public final class StarlingServer: Service, @unchecked Sendable {
             await store.close()
             throw error
         }
-        let context = ServerContext(configuration: configuration, accounts: store, tls: tls, threadPool: threadPool, logger: logger, cluster: cluster)
+        let fastTokens: FASTTokens?
+        do {
+            fastTokens = configuration.auth.fast.mechanisms.isEmpty ? nil
+                : FASTTokens(store: store, key: try FASTTokens.loadKey(configuration), settings: configuration.auth.fast)
+        } catch {
+            await store.close()
+            throw error
+        }
+        let context = ServerContext(configuration: configuration, accounts: store, fastTokens: fastTokens, tls: tls, threadPool: threadPool,
+                                    logger: logger, cluster: cluster)
         let router = context.router
         let services = ServiceDirectory()
         do {

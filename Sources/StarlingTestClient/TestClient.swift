@@ -221,17 +221,23 @@ public final class TestClient: @unchecked Sendable {
         try await finishSASL { data in try scram.verify(serverFinal: data) }
     }
 
+    /// The SASL2 user-agent id the test client says it is unless told otherwise (FAST tokens are per id).
+    public static let defaultUserAgentID = "d4565fa7-4d72-4749-b3d3-740edbf87770"
+
     /// XEP-0388 SASL2 on the open stream, with XEP-0386 Bind2 when `bindTag` is given: returns the
     /// `<success/>`, whose `<authorization-identifier/>` is the full JID when a resource was bound. The
     /// stream is not restarted.
+    /// - Parameters:
+    ///   - bindInline: what to enable inline in Bind2 (XEP-0386 §5), e.g. `<enable xmlns='urn:xmpp:sm:3'/>`.
+    ///   - requestToken: a FAST mechanism to ask a token for (XEP-0484), read back with `fastToken(in:)`.
     @discardableResult
-    /// - Parameter bindInline: what to enable inline in Bind2 (XEP-0386 §5), e.g. `<enable xmlns='urn:xmpp:sm:3'/>`.
-    public func authenticateSASL2(username: String, password: String, mechanism: String, bindTag: String? = nil, bindInline: String = "") async throws -> XMLElement {
+    public func authenticateSASL2(username: String, password: String, mechanism: String, bindTag: String? = nil, bindInline: String = "",
+                                  userAgentID: String = TestClient.defaultUserAgentID, requestToken: String? = nil) async throws -> XMLElement {
         let sasl2 = "urn:xmpp:sasl:2"
-        let bind = bindTag.map { "<bind xmlns='urn:xmpp:bind:0'><tag>\($0)</tag>\(bindInline)</bind>" } ?? ""
-        let userAgent = "<user-agent id='d4565fa7-4d72-4749-b3d3-740edbf87770'><software>StarlingTestClient</software></user-agent>"
+        let extra = Self.sasl2Extras(userAgentID: userAgentID, bindTag: bindTag, bindInline: bindInline)
+            + (requestToken.map { "<request-token xmlns='urn:xmpp:fast:0' mechanism='\($0)'/>" } ?? "")
         func authenticate(_ initial: [UInt8]) {
-            send("<authenticate xmlns='\(sasl2)' mechanism='\(mechanism)'><initial-response>\(Data(initial).base64EncodedString())</initial-response>\(userAgent)\(bind)</authenticate>")
+            send("<authenticate xmlns='\(sasl2)' mechanism='\(mechanism)'><initial-response>\(Data(initial).base64EncodedString())</initial-response>\(extra)</authenticate>")
         }
         var verify: (([UInt8]) throws -> Void)?
         if mechanism == "PLAIN" {
@@ -248,8 +254,50 @@ public final class TestClient: @unchecked Sendable {
             send("<response xmlns='\(sasl2)'>\(Data(final).base64EncodedString())</response>")
             verify = { data in try scram.verify(serverFinal: data) }
         }
+        return try await finishSASL2(verify: verify)
+    }
+
+    /// XEP-0484: logs in with a FAST token in one round trip, checking the server's proof that it knew the token.
+    @discardableResult
+    /// - Parameters:
+    ///   - invalidate: `<fast invalidate='true'/>`, logging the token out.
+    ///   - requestToken: a mechanism to ask a new token for at the same time.
+    public func authenticateFAST(username: String, token: String, mechanism: String = "HT-SHA-256-NONE", bindTag: String? = nil,
+                                 bindInline: String = "", userAgentID: String = TestClient.defaultUserAgentID, invalidate: Bool = false,
+                                 requestToken: String? = nil) async throws -> XMLElement {
+        guard let ht = HashedTokenMechanism(rawValue: mechanism) else { throw TestClientError.unexpected("not a FAST mechanism: \(mechanism)") }
+        var binding: [UInt8] = []
+        if ht.channelBindingType != nil {
+            if channelBinding == nil { channelBinding = try await serverEndPointBinding() }
+            binding = channelBinding?.data ?? []
+        }
+        let initial = HashedTokenMechanism.initialResponse(username: username, token: token, channelBinding: binding)
+        let extra = Self.sasl2Extras(userAgentID: userAgentID, bindTag: bindTag, bindInline: bindInline)
+            + "<fast xmlns='urn:xmpp:fast:0'\(invalidate ? " invalidate='true'" : "")/>"
+            + (requestToken.map { "<request-token xmlns='urn:xmpp:fast:0' mechanism='\($0)'/>" } ?? "")
+        send("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='\(mechanism)'><initial-response>\(Data(initial).base64EncodedString())</initial-response>\(extra)</authenticate>")
+        return try await finishSASL2 { data in
+            guard data == HashedTokenMechanism.responderProof(token: token, channelBinding: binding) else {
+                throw TestClientError.unexpected("the server's FAST proof does not match the token")
+            }
+        }
+    }
+
+    /// The token and its expiry in a SASL2 `<success/>`, if the server issued one.
+    public static func fastToken(in success: XMLElement) -> (token: String, expiry: String)? {
+        guard let element = success.child("token", namespace: "urn:xmpp:fast:0"), let token = element[attribute: "token"],
+              let expiry = element[attribute: "expiry"] else { return nil }
+        return (token, expiry)
+    }
+
+    private static func sasl2Extras(userAgentID: String, bindTag: String?, bindInline: String) -> String {
+        "<user-agent id='\(userAgentID)'><software>StarlingTestClient</software><device>loopback</device></user-agent>"
+            + (bindTag.map { "<bind xmlns='urn:xmpp:bind:0'><tag>\($0)</tag>\(bindInline)</bind>" } ?? "")
+    }
+
+    private func finishSASL2(verify: (([UInt8]) throws -> Void)?) async throws -> XMLElement {
         let outcome = try await nextElement()
-        guard outcome.name == "success", outcome.namespace == sasl2 else { throw Self.failure(outcome) }
+        guard outcome.name == "success", outcome.namespace == "urn:xmpp:sasl:2" else { throw Self.failure(outcome) }
         if let verify {
             try verify(Array(Data(base64Encoded: outcome.child("additional-data")?.text ?? "") ?? Data()))
         }

@@ -13,7 +13,7 @@ struct StarlingCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "starlingctl",
         abstract: "Administer a Starling server.",
-        subcommands: [Register.self, Unregister.self, ChangePassword.self, Status.self, ConnectedUsers.self, S2SConnections.self, ClusterStatus.self, JoinCluster.self, LeaveCluster.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, ImportProsody.self, PurgeArchives.self, PurgeUploads.self]
+        subcommands: [Register.self, Unregister.self, ChangePassword.self, ListFASTTokens.self, RevokeFASTTokens.self, Status.self, ConnectedUsers.self, S2SConnections.self, ClusterStatus.self, JoinCluster.self, LeaveCluster.self, ReloadHooks.self, ReloadModule.self, ReloadConfig.self, Migrate.self, Export.self, Import.self, ImportProsody.self, PurgeArchives.self, PurgeUploads.self]
     )
 }
 
@@ -108,6 +108,47 @@ struct ChangePassword: AsyncParsableCommand {
             try await store.changePassword(username: jid.localpart!, host: jid.domainpart, password: password, iterations: configuration.auth.scramIterations)
         }
         print("password changed for \(jid)")
+    }
+}
+
+struct ListFASTTokens: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fast-tokens",
+        abstract: "List an account's FAST tokens (XEP-0484): one line per client installation and slot, with what the client said it is, the mechanism, and when the token was issued and expires.")
+    @OptionGroup var options: ConfigOption
+    @OptionGroup var account: AccountArguments
+
+    func run() async throws {
+        let configuration = try options.load()
+        let jid = try account.jid(in: configuration)
+        try await withStore(configuration, failure: "cannot list the FAST tokens of \(jid)") { store in
+            let tokens = try await store.fastTokens(of: jid)
+            if tokens.isEmpty { print("no FAST tokens for \(jid)") }
+            for token in tokens {
+                let client = [token.software, token.device].compactMap { $0 }.joined(separator: " on ")
+                print("\(token.client)\t\(client.isEmpty ? "-" : client)\t\(token.slot.rawValue)\t\(token.mechanism)\t"
+                      + "issued \(XMPPDateTime.string(Double(token.issuedAt)))\texpires \(XMPPDateTime.string(Double(token.expiresAt)))")
+            }
+        }
+    }
+}
+
+struct RevokeFASTTokens: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "revoke-fast-tokens",
+        abstract: "Revoke an account's FAST tokens (XEP-0484), of one client installation or all: those clients need the password to log in again. Sessions already logged in stay until they end.")
+    @OptionGroup var options: ConfigOption
+    @OptionGroup var account: AccountArguments
+    @Option(help: "Only this client installation's tokens (its id, as fast-tokens lists it).") var client: String?
+
+    func run() async throws {
+        let configuration = try options.load()
+        let jid = try account.jid(in: configuration)
+        var revoked = 0
+        try await withStore(configuration, failure: "cannot revoke the FAST tokens of \(jid)") { store in
+            revoked = try await store.revokeFASTTokens(of: jid, client: client)
+        }
+        print("revoked \(revoked) FAST token\(revoked == 1 ? "" : "s") of \(jid)\(client.map { " (client \($0))" } ?? "")")
     }
 }
 

@@ -172,6 +172,23 @@ final class ClusterTests: XCTestCase {
         XCTAssertEqual(bodies, ["hello from node a", "hello from node b", "with a carbon"])
     }
 
+    /// XEP-0484 through a load balancer: a token one node issued logs in on another (every node derives tokens
+    /// from the cluster's secret; the certificate binding is the node's own).
+    func testAFASTTokenIssuedOnOneNodeLogsInOnAnother() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
+        defer { cluster.stopAll() }
+        let first = try await TestClient.connect(port: cluster["a"].directTLSPort, domain: "localhost", tls: .direct)
+        _ = try await first.openStream()
+        let success = try await first.authenticateSASL2(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256", requestToken: "HT-SHA-256-ENDP")
+        let token = try XCTUnwrap(TestClient.fastToken(in: success), success.serialized()).token
+        await first.close()
+        let second = try await TestClient.connect(port: cluster["b"].directTLSPort, domain: "localhost", tls: .direct)
+        _ = try await second.openStream()
+        try await second.authenticateFAST(username: "alice", token: token, mechanism: "HT-SHA-256-ENDP", bindTag: "Talk")
+        XCTAssertEqual(second.boundJID?.bare.description, "alice@localhost")
+        await second.close()
+    }
+
     func testAKilledNodeIsDroppedAndItsUsersGetOfflineMessagesAfterItRejoins() async throws {
         let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
         defer { cluster.stopAll() }

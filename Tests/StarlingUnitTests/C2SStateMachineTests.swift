@@ -124,6 +124,79 @@ final class C2SStateMachineTests: XCTestCase {
         XCTAssertEqual(inline.map(\.namespace), ["urn:xmpp:sm:3", "urn:xmpp:carbons:2"])
     }
 
+    /// XEP-0484: FAST is advertised inside SASL2 over TLS (ENDP only with the certificate binding); a password
+    /// login asking for a token waits for it and carries it in `<success/>`; a token login is one message whose
+    /// proof the handler checks, with the channel binding for ENDP and the invalidate flag passed on.
+    func testFASTTokenRequestAndTokenLogin() throws {
+        var fastSettings = settings
+        fastSettings.fastMechanisms = ["HT-SHA-256-ENDP", "HT-SHA-256-NONE"]
+        var plainText = C2SStateMachine(settings: fastSettings, tlsActive: false, streamID: { "s1" })
+        let (h, ns) = header()
+        XCTAssertFalse(sentText(plainText.streamOpened(header: h, defaultNamespace: ns)).contains("urn:xmpp:fast:0"), "no FAST before TLS")
+        var withoutBinding = C2SStateMachine(settings: fastSettings, tlsActive: true, streamID: { "s1" })
+        XCTAssertTrue(sentText(withoutBinding.streamOpened(header: h, defaultNamespace: ns))
+            .contains("<fast xmlns='urn:xmpp:fast:0'><mechanism>HT-SHA-256-NONE</mechanism></fast>"), "ENDP needs the certificate binding")
+
+        var machine = C2SStateMachine(settings: fastSettings, tlsActive: true, channelBinding: binding, streamID: { "s1" })
+        XCTAssertTrue(sentText(machine.streamOpened(header: h, defaultNamespace: ns))
+            .contains("<fast xmlns='urn:xmpp:fast:0'><mechanism>HT-SHA-256-ENDP</mechanism><mechanism>HT-SHA-256-NONE</mechanism></fast>"))
+        let agent = "<user-agent id='phone-1'><software>Talk</software><device>Pixel</device></user-agent>"
+        let plain = Data("\u{0}juliet\u{0}r0meo".utf8).base64EncodedString()
+        _ = machine.elementReceived(element("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>\(plain)</initial-response>"
+            + agent + "<request-token xmlns='urn:xmpp:fast:0' mechanism='HT-SHA-256-ENDP'/></authenticate>"))
+        let juliet = JID("juliet@example.com")!
+        XCTAssertEqual(machine.plainVerified(username: "juliet", success: true),
+                       [.authenticated(juliet), .issueToken(FASTIssue(user: juliet, client: "phone-1", mechanism: "HT-SHA-256-ENDP", software: "Talk", device: "Pixel"))])
+        XCTAssertEqual(sentText(machine.tokenIssued(IssuedFASTToken(token: "fast-abc", expiresAt: 1_800_000_000))),
+                       "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>juliet@example.com</authorization-identifier>"
+                       + "<token xmlns='urn:xmpp:fast:0' expiry='2027-01-15T08:00:00Z' token='fast-abc'/></success>")
+
+        // The token login: one message, the proof bound to the certificate, a rotation issued for the same mechanism.
+        var again = C2SStateMachine(settings: fastSettings, tlsActive: true, channelBinding: binding, streamID: { "s2" })
+        _ = again.streamOpened(header: h, defaultNamespace: ns)
+        let initial = HashedTokenMechanism.initialResponse(username: "juliet", token: "fast-abc", channelBinding: binding.data)
+        let proof = HashedTokenMechanism.initiatorProof(token: "fast-abc", channelBinding: binding.data)
+        XCTAssertEqual(again.elementReceived(element("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='HT-SHA-256-ENDP'><initial-response>"
+            + Data(initial).base64EncodedString() + "</initial-response>" + agent + "<fast xmlns='urn:xmpp:fast:0'/>"
+            + "<bind xmlns='urn:xmpp:bind:0'><tag>Talk</tag></bind></authenticate>")),
+            [.verifyToken(FASTVerification(user: juliet, client: "phone-1", mechanism: "HT-SHA-256-ENDP", proof: proof, channelBinding: binding.data, invalidate: false))])
+        XCTAssertEqual(again.tokenVerified(.success(responderProof: [1, 2, 3], rotate: true)),
+                       [.authenticated(juliet), .issueToken(FASTIssue(user: juliet, client: "phone-1", mechanism: "HT-SHA-256-ENDP", software: "Talk", device: "Pixel"))])
+        guard case .bindResource(_, _, let iq)? = again.tokenIssued(IssuedFASTToken(token: "fast-def", expiresAt: 1_800_000_000)).last else {
+            return XCTFail("Bind2 binds after the token is stored")
+        }
+        let success = sentText(again.resourceBound(JID("juliet@example.com/Talk.1")!, iq: iq))
+        XCTAssertTrue(success.contains("<additional-data>AQID</additional-data>") && success.contains("token='fast-def'") && success.contains("<bound"), success)
+
+        // Logging the token out: no rotation; without a user-agent id there is nothing to look up.
+        var logout = C2SStateMachine(settings: fastSettings, tlsActive: true, channelBinding: binding, streamID: { "s3" })
+        _ = logout.streamOpened(header: h, defaultNamespace: ns)
+        let none = HashedTokenMechanism.initialResponse(username: "juliet", token: "fast-def", channelBinding: [])
+        let request = "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='HT-SHA-256-NONE'><initial-response>" + Data(none).base64EncodedString() + "</initial-response>"
+        guard case .verifyToken(let verification)? = logout.elementReceived(element(request + agent + "<fast xmlns='urn:xmpp:fast:0' invalidate='true'/></authenticate>")).first else {
+            return XCTFail("no verification")
+        }
+        XCTAssertEqual(verification.channelBinding, [], "NONE carries no binding")
+        XCTAssertTrue(verification.invalidate)
+        XCTAssertEqual(logout.tokenVerified(.success(responderProof: [9], rotate: true)).first, .authenticated(juliet))
+        var anonymous = C2SStateMachine(settings: fastSettings, tlsActive: true, channelBinding: binding, streamID: { "s4" })
+        _ = anonymous.streamOpened(header: h, defaultNamespace: ns)
+        XCTAssertEqual(sentText(anonymous.elementReceived(element(request + "</authenticate>"))),
+                       "<failure xmlns='urn:xmpp:sasl:2'><malformed-request xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>")
+        // A wrong or expired token fails in SASL2's words; a wrong one counts as a failed login.
+        _ = anonymous.elementReceived(element(request + agent + "<fast xmlns='urn:xmpp:fast:0'/></authenticate>"))
+        guard case .authenticationFailed(let reply)? = anonymous.tokenVerified(.failure(.notAuthorized)).first else { return XCTFail("not counted") }
+        XCTAssertEqual(reply.serialized(inheritedNamespace: Namespace.client),
+                       "<failure xmlns='urn:xmpp:sasl:2'><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>")
+        _ = anonymous.elementReceived(element(request + agent + "<fast xmlns='urn:xmpp:fast:0'/></authenticate>"))
+        XCTAssertEqual(sentText(anonymous.tokenVerified(.failure(.credentialsExpired))),
+                       "<failure xmlns='urn:xmpp:sasl:2'><credentials-expired xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>")
+        // HT mechanisms exist only inside SASL2.
+        XCTAssertEqual(sentText(anonymous.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='HT-SHA-256-NONE'>"
+            + Data(none).base64EncodedString() + "</auth>"))),
+                       "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><invalid-mechanism/></failure>")
+    }
+
     /// SASL2 without Bind2: the success names the account, and the client binds as RFC 6120 says, unrestarted.
     func testSASL2ThenClassicBind() throws {
         var machine = machineAfterTLS()

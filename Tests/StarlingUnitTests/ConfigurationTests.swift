@@ -82,6 +82,21 @@ final class ConfigurationTests: XCTestCase, ConfigParsing {
         expectError("- just\n- a list\n", line: 1, key: nil, contains: "must be a mapping")
     }
 
+    func testFASTSettings() throws {
+        let defaults = try parse("hosts: [localhost]\n").auth.fast
+        XCTAssertEqual(defaults, FASTConfiguration())
+        let configured = try parse("auth:\n  fast:\n    mechanisms: [HT-SHA-256-NONE]\n    token_lifetime: 7200\n    rotate_after: 3600\n    max_clients_per_account: 4\n").auth.fast
+        XCTAssertEqual(configured.mechanisms, ["HT-SHA-256-NONE"])
+        XCTAssertEqual([configured.tokenLifetime, configured.rotateAfter, configured.maxClientsPerAccount], [7200, 3600, 4])
+        XCTAssertEqual(try parse("auth:\n  fast: { mechanisms: [] }\n").auth.fast.mechanisms, [], "FAST off")
+        expectError("auth:\n  fast:\n    mechanisms: [HT-SHA-256-UNIQ]\n", line: 3, key: "auth.fast.mechanisms", contains: "unknown FAST mechanism HT-SHA-256-UNIQ")
+        expectError("auth:\n  fast:\n    token_lifetime: 7200\n    rotate_after: 7200\n", line: 4, key: "auth.fast.rotate_after", contains: "less than token_lifetime")
+        expectError("auth:\n  fast:\n    key_file: /nonexistent/key\n", line: 3, key: "auth.fast.key_file", contains: "cannot read")
+        expectError("auth:\n  fast:\n    lifetime: 7200\n", line: 3, key: "auth.fast.lifetime", contains: "unknown option")
+        let access = try parse("acl:\n  lan: { networks: [10.0.0.0/8] }\naccess_rules:\n  lan_only:\n    - allow: lan\nauth:\n  mechanism_access:\n    HT-SHA-256-NONE: lan_only\n")
+        XCTAssertEqual(access.auth.mechanismAccess, ["HT-SHA-256-NONE": "lan_only"])
+    }
+
     func testClusterSettingsAreCheckedWhereTheyAreWritten() throws {
         let secret = FileManager.default.temporaryDirectory.appendingPathComponent("cluster-secret-\(UUID().uuidString)").path
         try "0123456789abcdef0123".write(toFile: secret, atomically: true, encoding: .utf8)

@@ -114,4 +114,45 @@ final class SCRAMTests: XCTestCase {
         XCTAssertEqual(stored.salt.count, 16)
         XCTAssertNotEqual(stored.salt, SCRAMCredentials.generate(password: "s3cret", hash: .sha256, iterations: 4096).salt)
     }
+
+    /// draft-schmaus-kitten-sasl-ht: the proofs are HMAC-SHA-256 keyed with the token (values from Python's
+    /// hmac module), the message is `authcid NUL proof` with a proof that may hold NULs itself.
+    func testHashedTokenProofsAndMessage() throws {
+        let token = "secret-token:fast-test"
+        XCTAssertEqual(hex(HashedTokenMechanism.initiatorProof(token: token, channelBinding: [])),
+                       "2557ec47cc92b6229759561fbc27ea66839a823f81d1d66a0d214d4086d6f15e")
+        XCTAssertEqual(hex(HashedTokenMechanism.responderProof(token: token, channelBinding: Array(repeating: 42, count: 32))),
+                       "159f3ff399e5a150f566dc0f4c2f155adfe37c5b72b79a2c1ff7e76abb4fc225")
+        let proof: [UInt8] = [0, 1] + Array(repeating: 0, count: 30)
+        let message = try HashedTokenMessage(parsing: Array("juliet".utf8) + [0] + proof)
+        XCTAssertEqual(message.username, "juliet")
+        XCTAssertEqual(message.proof, proof)
+        XCTAssertThrowsError(try HashedTokenMessage(parsing: [0] + proof), "no username")
+        XCTAssertThrowsError(try HashedTokenMessage(parsing: Array("juliet".utf8) + [0, 1, 2]), "short proof")
+        XCTAssertThrowsError(try HashedTokenMessage(parsing: Array("juliet".utf8)), "no separator")
+        XCTAssertFalse(HashedTokenMechanism.verify(proof: proof, token: token, channelBinding: []))
+        XCTAssertTrue(HashedTokenMechanism.verify(proof: HashedTokenMechanism.initiatorProof(token: token, channelBinding: [7]), token: token, channelBinding: [7]))
+        XCTAssertFalse(HashedTokenMechanism.verify(proof: HashedTokenMechanism.initiatorProof(token: token, channelBinding: [7]), token: token, channelBinding: [8]),
+                       "bound to the channel")
+    }
+
+    /// A FAST token is a function of the server key and everything its row names: another key, account,
+    /// client or nonce gives another token.
+    func testFASTTokensAreDerivedFromTheKeyAndTheirRow() {
+        let key = FASTTokenKey(secret: Array("0123456789abcdef-key".utf8))
+        let nonce: [UInt8] = Array(repeating: 5, count: 32)
+        let token = key.token(host: "example.com", username: "juliet", client: "phone", nonce: nonce)
+        XCTAssertEqual(token, FASTTokenKey(secret: Array("0123456789abcdef-key".utf8)).token(host: "example.com", username: "juliet", client: "phone", nonce: nonce))
+        XCTAssertTrue(token.hasPrefix("fast-") && token.count == 48 && !token.contains("=") && !token.contains("/"), token)
+        let others = [
+            FASTTokenKey(secret: Array("0123456789abcdef-other".utf8)).token(host: "example.com", username: "juliet", client: "phone", nonce: nonce),
+            key.token(host: "example.org", username: "juliet", client: "phone", nonce: nonce),
+            key.token(host: "example.com", username: "romeo", client: "phone", nonce: nonce),
+            key.token(host: "example.com", username: "juliet", client: "laptop", nonce: nonce),
+            key.token(host: "example.com", username: "juliet", client: "phone", nonce: Array(repeating: 6, count: 32)),
+        ]
+        XCTAssertEqual(Set(others + [token]).count, 6)
+    }
+
+    private func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
 }

@@ -199,6 +199,69 @@ struct StoreContract {
         XCTAssertNil(awaited22)
     }
 
+    /// XEP-0484 tokens: two slots per client, promotion, the client limit (oldest issue loses), expired tokens
+    /// dropped, revocation per client or for all, and a password change or account deletion revoking them.
+    func fastTokens() async throws {
+        try await store.register(username: "phone", host: host, password: "p", iterations: 4096)
+        let user = jid("phone")
+        func token(_ client: String, _ slot: StoredFASTToken.Slot, issued: Int, expires: Int = 2_000_000_000, nonce: UInt8 = 1) -> StoredFASTToken {
+            StoredFASTToken(client: client, slot: slot, mechanism: "HT-SHA-256-NONE", nonce: Array(repeating: nonce, count: 32), issuedAt: issued,
+                            expiresAt: expires, software: slot == .new ? "Talk" : nil, device: "Pixel & co")
+        }
+        try await store.storeFASTToken(token("a", .new, issued: 100), for: user, clientLimit: 3, now: 100)
+        var stored = try await store.fastTokens(of: user, client: "a")
+        XCTAssertEqual(stored, [token("a", .new, issued: 100)])
+        try await store.promoteFASTToken(of: user, client: "a")
+        stored = try await store.fastTokens(of: user, client: "a")
+        XCTAssertEqual(stored.map(\.slot), [.current])
+        XCTAssertEqual(stored.first?.nonce, Array(repeating: 1, count: 32))
+        // A rotation: the new slot fills, the current stays until the new one is used; an unused new one is replaced.
+        try await store.storeFASTToken(token("a", .new, issued: 200, nonce: 2), for: user, clientLimit: 3, now: 200)
+        try await store.storeFASTToken(token("a", .new, issued: 300, nonce: 3), for: user, clientLimit: 3, now: 300)
+        stored = try await store.fastTokens(of: user, client: "a")
+        XCTAssertEqual(Set(stored.map { "\($0.slot.rawValue):\($0.nonce[0])" }), ["current:1", "new:3"])
+        try await store.promoteFASTToken(of: user, client: "a")
+        stored = try await store.fastTokens(of: user, client: "a")
+        XCTAssertEqual(stored.map { "\($0.slot.rawValue):\($0.nonce[0])" }, ["current:3"])
+        try await store.promoteFASTToken(of: user, client: "a")
+        stored = try await store.fastTokens(of: user, client: "a")
+        XCTAssertEqual(stored.map(\.slot), [.current], "promoting with an empty new slot keeps the current token")
+
+        // Three clients at most: a fourth takes the place of the one issued longest ago; expired ones go first.
+        try await store.storeFASTToken(token("b", .new, issued: 400), for: user, clientLimit: 3, now: 400)
+        try await store.storeFASTToken(token("c", .new, issued: 500, expires: 600), for: user, clientLimit: 3, now: 500)
+        try await store.storeFASTToken(token("d", .new, issued: 700), for: user, clientLimit: 3, now: 700)
+        var all = try await store.fastTokens(of: user)
+        XCTAssertEqual(all.map(\.client), ["a", "b", "d"], "c expired")
+        try await store.storeFASTToken(token("e", .new, issued: 800), for: user, clientLimit: 3, now: 800)
+        all = try await store.fastTokens(of: user)
+        XCTAssertEqual(all.map(\.client), ["b", "d", "e"], "a was issued longest ago")
+        XCTAssertEqual(all.first?.device, "Pixel & co")
+        XCTAssertEqual(all.first?.software, "Talk")
+        let elsewhere = try await store.fastTokens(of: JID("phone@other-\(host)")!)
+        XCTAssertEqual(elsewhere, [])
+
+        var revoked = try await store.revokeFASTTokens(of: user, client: "b")
+        XCTAssertEqual(revoked, 1)
+        revoked = try await store.revokeFASTTokens(of: user, client: "b")
+        XCTAssertEqual(revoked, 0)
+        try await store.changePassword(username: "phone", host: host, password: "new", iterations: 4096)
+        all = try await store.fastTokens(of: user)
+        XCTAssertEqual(all, [], "a new password revokes every token")
+        try await store.storeFASTToken(token("f", .new, issued: 900), for: user, clientLimit: 3, now: 900)
+        try await store.storeFASTToken(token("g", .new, issued: 900), for: user, clientLimit: 3, now: 900)
+        revoked = try await store.revokeFASTTokens(of: user, client: nil)
+        XCTAssertEqual(revoked, 2)
+        try await store.storeFASTToken(token("h", .new, issued: 900), for: user, clientLimit: 3, now: 900)
+        try await store.deleteAccount(username: "phone", host: host)
+        all = try await store.fastTokens(of: user)
+        XCTAssertEqual(all, [], "deleting the account deletes its tokens")
+        do {
+            try await store.storeFASTToken(token("i", .new, issued: 900), for: jid("nobody"), clientLimit: 3, now: 900)
+            XCTFail("a token for an account that does not exist")
+        } catch {}
+    }
+
     func mucRooms() async throws {
         let service = "conference." + host
         let room = JID("lobby@\(service)")!
@@ -395,6 +458,7 @@ final class SQLiteStoreConformanceTests: XCTestCase {
     func testMUCRooms() async throws { try await contract { try await $0.mucRooms() } }
     func testPubSub() async throws { try await contract { try await $0.pubsub() } }
     func testPrivacy() async throws { try await contract { try await $0.privacy() } }
+    func testFASTTokens() async throws { try await contract { try await $0.fastTokens() } }
     func testMUCOptionsFromAnOlderVersion() async throws { try await contract { try $0.mucOptionsFromAnOlderVersion() } }
 
     func testReopeningKeepsDataAndMigratesOnce() async throws {
@@ -448,6 +512,7 @@ final class PostgresStoreConformanceTests: XCTestCase {
     func testMUCRooms() async throws { try await contract { try await $0.mucRooms() } }
     func testPubSub() async throws { try await contract { try await $0.pubsub() } }
     func testPrivacy() async throws { try await contract { try await $0.privacy() } }
+    func testFASTTokens() async throws { try await contract { try await $0.fastTokens() } }
 
     func testTwoNodesMigratingAtOnceBothSucceed() async throws {
         let url = try Self.requireURL()

@@ -1,0 +1,95 @@
+import Foundation
+import Logging
+import StarlingAPI
+import StarlingConfig
+import StarlingSASL
+import StarlingStorage
+
+/// XEP-0484 FAST tokens over the store: checked, issued into the client's `new` slot, rotated and revoked.
+/// Every node derives the same tokens from the same key, so a client may log in on any node of a cluster.
+public final class FASTTokens: Sendable {
+    private let store: any FASTTokenStore
+    private let key: FASTTokenKey
+    private let settings: FASTConfiguration
+    private let now: @Sendable () -> Int
+
+    public init(store: any FASTTokenStore, key: FASTTokenKey, settings: FASTConfiguration,
+                now: @escaping @Sendable () -> Int = { Int(Date().timeIntervalSince1970) }) {
+        self.store = store
+        self.key = key
+        self.settings = settings
+        self.now = now
+    }
+
+    /// Checks the proof against the client's `new` token, then its `current` one (XEP-0484 §"Implementation
+    /// notes"). Using the new token retires the current one; `invalidate` forgets the token used.
+    public func verify(_ request: FASTVerification) async throws(StorageError) -> FASTVerificationOutcome {
+        let stored = try await store.fastTokens(of: request.user, client: request.client)
+        let candidates = stored.filter { $0.mechanism == request.mechanism }.sorted { $0.slot == .new && $1.slot != .new }
+        for candidate in candidates {
+            let token = self.token(candidate, user: request.user)
+            guard HashedTokenMechanism.verify(proof: request.proof, token: token, channelBinding: request.channelBinding) else { continue }
+            let time = now()
+            if candidate.expiresAt <= time {
+                try await store.revokeFASTTokens(of: request.user, client: request.client)
+                return .failure(.credentialsExpired)
+            }
+            if request.invalidate {
+                try await store.revokeFASTTokens(of: request.user, client: request.client)
+            } else if candidate.slot == .new {
+                try await store.promoteFASTToken(of: request.user, client: request.client)
+            }
+            let proof = HashedTokenMechanism.responderProof(token: token, channelBinding: request.channelBinding)
+            return .success(responderProof: proof, rotate: time - candidate.issuedAt >= settings.rotateAfter)
+        }
+        return .failure(.notAuthorized)
+    }
+
+    /// Stores a new token in the client's `new` slot (replacing one it never used) and returns it.
+    public func issue(_ request: FASTIssue) async throws(StorageError) -> IssuedFASTToken {
+        var generator = SystemRandomNumberGenerator()
+        let nonce = (0..<32).map { _ in UInt8.random(in: .min ... .max, using: &generator) }
+        let issuedAt = now()
+        let stored = StoredFASTToken(client: request.client, slot: .new, mechanism: request.mechanism, nonce: nonce, issuedAt: issuedAt,
+                                     expiresAt: issuedAt + settings.tokenLifetime, software: request.software, device: request.device)
+        try await store.storeFASTToken(stored, for: request.user, clientLimit: settings.maxClientsPerAccount, now: issuedAt)
+        return IssuedFASTToken(token: token(stored, user: request.user), expiresAt: stored.expiresAt)
+    }
+
+    private func token(_ stored: StoredFASTToken, user: JID) -> String {
+        key.token(host: user.domainpart, username: user.localpart ?? "", client: stored.client, nonce: stored.nonce)
+    }
+
+    /// The key's secret: `auth.fast.key_file`, else the cluster's secret (every node must agree), else
+    /// `fast-token.key` in data_dir, made with 32 random bytes at first start and readable by the server only.
+    static func loadKey(_ configuration: StarlingConfiguration) throws -> FASTTokenKey {
+        if let file = configuration.auth.fast.keyFile ?? configuration.cluster?.secretFile {
+            return FASTTokenKey(secret: Array(try secret(at: file).utf8))
+        }
+        let path = URL(fileURLWithPath: configuration.dataDirectory).appendingPathComponent("fast-token.key").path
+        // Created exclusively: two servers starting on one data_dir never overwrite each other's key.
+        let descriptor = open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
+        if descriptor >= 0 {
+            var generator = SystemRandomNumberGenerator()
+            let text = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: .min ... .max, using: &generator)) }.joined() + "\n"
+            let written = text.withCString { write(descriptor, $0, strlen($0)) }
+            close(descriptor)
+            guard written == text.utf8.count else { throw FASTKeyError(message: "cannot write \(path)") }
+        } else if errno != EEXIST {
+            throw FASTKeyError(message: "cannot create \(path): \(String(cString: strerror(errno)))")
+        }
+        return FASTTokenKey(secret: Array(try secret(at: path).utf8))
+    }
+
+    private static func secret(at path: String) throws -> String {
+        guard let contents = FileManager.default.contents(atPath: path) else { throw FASTKeyError(message: "cannot read \(path)") }
+        let secret = String(decoding: contents, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard secret.count >= 16 else { throw FASTKeyError(message: "\(path) holds fewer than 16 characters") }
+        return secret
+    }
+}
+
+struct FASTKeyError: Error, CustomStringConvertible {
+    var message: String
+    var description: String { "FAST token key: \(message)" }
+}
