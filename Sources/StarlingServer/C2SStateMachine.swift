@@ -546,7 +546,8 @@ public struct C2SStateMachine {
         state = .authenticating(.token(request, user: user))
         let binding = mechanism.channelBindingType == nil ? [] : channelBinding?.data ?? []
         return [.verifyToken(FASTVerification(user: user, client: client, mechanism: mechanism.rawValue, proof: message.proof,
-                                              channelBinding: binding, invalidate: request.invalidateToken))]
+                                              channelBinding: binding, invalidate: request.invalidateToken,
+                                              requestsToken: request.tokenMechanism != nil))]
     }
 
     private mutating func continueAuthentication(_ exchange: SASLExchange, _ element: XMLElement) -> [Action] {
@@ -867,6 +868,8 @@ public struct FASTVerification: Sendable, Equatable {
     public var channelBinding: [UInt8]
     /// Forget the token once it has proven itself (`<fast invalidate='true'/>`).
     public var invalidate: Bool
+    /// The same request asks for a new token (`<request-token/>`), which will take the `new` slot.
+    public var requestsToken = false
 }
 
 public enum FASTVerificationOutcome: Sendable, Equatable {

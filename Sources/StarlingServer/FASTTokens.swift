@@ -23,6 +23,10 @@ public final class FASTTokens: Sendable {
 
     /// Checks the proof against the client's `new` token, then its `current` one (XEP-0484 §"Implementation
     /// notes"). Using the new token retires the current one; `invalidate` forgets the token used.
+    ///
+    /// The common login is one read: a token used from the `new` slot moves to `current` only when that
+    /// retires an older token or a token is about to be issued into `new` (which would otherwise overwrite the
+    /// one the client holds).
     public func verify(_ request: FASTVerification) async throws(StorageError) -> FASTVerificationOutcome {
         let stored = try await store.fastTokens(of: request.user, client: request.client)
         let candidates = stored.filter { $0.mechanism == request.mechanism }.sorted { $0.slot == .new && $1.slot != .new }
@@ -34,13 +38,14 @@ public final class FASTTokens: Sendable {
                 try await store.revokeFASTTokens(of: request.user, client: request.client)
                 return .failure(.credentialsExpired)
             }
+            let rotate = !request.invalidate && time - candidate.issuedAt >= settings.rotateAfter
             if request.invalidate {
                 try await store.revokeFASTTokens(of: request.user, client: request.client)
-            } else if candidate.slot == .new {
+            } else if candidate.slot == .new && (stored.contains { $0.slot == .current } || rotate || request.requestsToken) {
                 try await store.promoteFASTToken(of: request.user, client: request.client)
             }
             let proof = HashedTokenMechanism.responderProof(token: token, channelBinding: request.channelBinding)
-            return .success(responderProof: proof, rotate: time - candidate.issuedAt >= settings.rotateAfter)
+            return .success(responderProof: proof, rotate: rotate)
         }
         return .failure(.notAuthorized)
     }

@@ -25,6 +25,12 @@ struct LoginSpec: Sendable {
     /// Create the account with in-band registration (XEP-0077) before logging in; "already exists"
     /// counts as success. For loading servers whose accounts the tool cannot create directly.
     var register = false
+    /// Log in with SASL2 and Bind2 (XEP-0388, XEP-0386): one exchange instead of SASL, restart and bind.
+    var sasl2 = false
+    /// With `sasl2`: ask for a FAST token for this mechanism (XEP-0484); it lands in `issuedToken`.
+    var requestToken: String?
+    /// With `sasl2`: log in with this FAST token (HT-SHA-256-NONE) instead of the password.
+    var fastToken: String?
 }
 
 /// One generator connection: logs in (optional STARTTLS, PLAIN or SCRAM, bind, initial presence), then
@@ -49,6 +55,8 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
     private var authenticated = false
     private var registered = false
     private var scram: SCRAMClient?
+    /// The FAST token the server issued at login (`LoginSpec.requestToken`).
+    private(set) var issuedToken: String?
     private var inbox: [UInt8] = []
     private var loginDeadline: Scheduled<Void>?
     static let loginTimeoutSeconds: Int64 = 60
@@ -299,10 +307,19 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
                       let final = try? client.clientFinal(serverFirst: Array(serverFirst))
                 else { return fail("unexpected SASL challenge") }
                 scram = client
-                write("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>\(Data(final).base64EncodedString())</response>")
+                write("<response xmlns='\(spec.sasl2 ? "urn:xmpp:sasl:2" : "urn:ietf:params:xml:ns:xmpp-sasl")'>\(Data(final).base64EncodedString())</response>")
                 flush()
             } else if let start = inbox.find(Marker.success) {
                 guard inbox.elementText(startingAt: start, closing: Marker.successEnd) != nil else { return }
+                if spec.sasl2 {
+                    // Bound already (Bind2): the success may carry a FAST token.
+                    if let attribute = inbox.find(Marker.tokenAttribute, from: start) {
+                        let value = inbox[(attribute + Marker.tokenAttribute.count)...].prefix { $0 != UInt8(ascii: "'") }
+                        issuedToken = String(decoding: value, as: UTF8.self)
+                    }
+                    inbox.removeAll()
+                    return loggedInAndBound()
+                }
                 inbox.removeAll()
                 authenticated = true
                 phase = .features
@@ -315,18 +332,23 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
             let ok = inbox[..<end].containsMarker(Marker.resultSingle) || inbox[..<end].containsMarker(Marker.resultDouble)
             inbox.removeAll()
             guard ok else { return fail("bind refused") }
-            write("<presence/>")
-            flush()
-            phase = .ready
-            loginDeadline?.cancel()
-            loggedIn.succeed(())
+            loggedInAndBound()
         case .ready, .closed:
             break
         }
     }
 
+    private func loggedInAndBound() {
+        write("<presence/>")
+        flush()
+        phase = .ready
+        loginDeadline?.cancel()
+        loggedIn.succeed(())
+    }
+
     private func startSASL() {
         phase = .sasl
+        if spec.sasl2 { return startSASL2() }
         if spec.mechanism == "PLAIN" {
             let message = Array("\0\(spec.username)\0\(spec.password)".utf8)
             write("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>\(Data(message).base64EncodedString())</auth>")
@@ -336,6 +358,28 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
         let client = SCRAMClient(hash: hash, username: spec.username, password: spec.password, derive: SaltedPasswords.shared.derive(hash))
         scram = client
         write("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='\(spec.mechanism)'>\(Data(client.clientFirst()).base64EncodedString())</auth>")
+    }
+
+    /// XEP-0388 with Bind2 inline, and a FAST token asked for or logged in with (XEP-0484).
+    private func startSASL2() {
+        var extra = "<user-agent id='bench-\(spec.username)'/><bind xmlns='urn:xmpp:bind:0'><tag>\(spec.resource)</tag></bind>"
+        if let requested = spec.requestToken { extra += "<request-token xmlns='urn:xmpp:fast:0' mechanism='\(requested)'/>" }
+        let mechanism: String, initial: [UInt8]
+        if let token = spec.fastToken {
+            mechanism = HashedTokenMechanism.sha256None.rawValue
+            initial = HashedTokenMechanism.initialResponse(username: spec.username, token: token, channelBinding: [])
+            extra += "<fast xmlns='urn:xmpp:fast:0'/>"
+        } else if spec.mechanism == "PLAIN" {
+            mechanism = "PLAIN"
+            initial = Array("\0\(spec.username)\0\(spec.password)".utf8)
+        } else {
+            let hash: SCRAMHash = spec.mechanism == "SCRAM-SHA-1" ? .sha1 : .sha256
+            let client = SCRAMClient(hash: hash, username: spec.username, password: spec.password, derive: SaltedPasswords.shared.derive(hash))
+            scram = client
+            mechanism = spec.mechanism
+            initial = client.clientFirst()
+        }
+        write("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='\(mechanism)'><initial-response>\(Data(initial).base64EncodedString())</initial-response>\(extra)</authenticate>")
     }
 
     /// A join's self-presence (or its refusal) and an awaited IQ's answer.
@@ -448,6 +492,7 @@ private enum Marker {
     static let createdSingle = Array("code='201'".utf8)
     static let createdDouble = Array("code=\"201\"".utf8)
     static let errorElement = Array("<error".utf8)
+    static let tokenAttribute = Array(" token='".utf8)
 }
 
 extension Array where Element == UInt8 {

@@ -3,17 +3,20 @@ import Foundation
 import NIOCore
 import NIOPosix
 import StarlingConfig
+import StarlingSASL
 
-/// Logs in `count` connections with at most `concurrency` logins in flight; connection `i` is account `i`.
-/// Returns the connections that made it and the reasons the others did not.
+/// Logs in `count` connections with at most `concurrency` logins in flight; connection `i` is account `i`,
+/// logging in as `spec(i)` (by default as the options say). Returns the connections that made it and the
+/// reasons the others did not.
 func logIn(count: Int, concurrency: Int, options: TargetOptions, server: ServerUnderTest,
+           spec: ((Int) -> LoginSpec)? = nil,
            loop: @escaping @Sendable (Int) -> any EventLoop) async -> (connections: [Int: LoadConnection], errors: [String]) {
     var connections: [Int: LoadConnection] = [:]
     var errors: [String] = []
     await withTaskGroup(of: (Int, Result<LoadConnection, any Error>).self) { group in
         var next = 0
         func launch(_ index: Int) {
-            let spec = options.login(index)
+            let spec = spec?(index) ?? options.login(index)
             let source = options.sourceAddress(for: index)
             let host = server.host, port = server.port(for: index)
             group.addTask {
@@ -59,9 +62,17 @@ struct Storm: AsyncParsableCommand {
 
     @OptionGroup var options: TargetOptions
     @Option(help: "Clients.") var clients = 5000
+    @Flag(help: "A reconnect storm with FAST tokens (XEP-0484): every client first logs in once over SASL2 with --mechanism, asking for a token, and disconnects (not measured); then all reconnect at once, each logging in with its token (HT-SHA-256-NONE) and Bind2 in one round trip. Needs --tls.")
+    var fast = false
+
+    func validate() throws {
+        if fast && options.tls == .none { throw ValidationError("--fast needs --tls starttls or direct (FAST is offered over TLS only)") }
+    }
 
     func run() async throws {
-        try printResult(try await LoginRun(scenario: "storm", options: options, count: clients, concurrency: clients, settle: 0, streamManagement: false).run())
+        var run = LoginRun(scenario: "storm", options: options, count: clients, concurrency: clients, settle: 0, streamManagement: false)
+        run.fast = fast
+        try printResult(try await run.run())
     }
 }
 
@@ -75,22 +86,35 @@ struct LoginRun {
     /// XEP-0198 with resumption on every session; afterwards the connections are cut and the detached
     /// sessions measured too.
     var streamManagement: Bool
+    /// Measure logins with FAST tokens, which a first, unmeasured round of password logins obtains.
+    var fast = false
 
     func run() async throws -> [String: Any] {
         let server = try await ServerUnderTest.prepare(options, accounts: count)
         defer { server.stop() }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: options.threads)
         defer { group.shutdownGracefully { _ in } }
+        let loops = Array(group.makeIterator())
+        var spec: ((Int) -> LoginSpec)?
+        if fast {
+            let tokens = try await obtainTokens(server: server) { loops[$0 % loops.count] }
+            spec = { index in
+                var spec = options.login(index)
+                spec.sasl2 = true
+                spec.fastToken = tokens[index]
+                return spec
+            }
+        }
         try await Task.sleep(for: .seconds(1))
         let idleRSS = server.rss
         let serverCPU = server.cpuSeconds
         let generatorCPU = ProcStat.ownCPUSeconds
         let started = DispatchTime.now()
-        let loops = Array(group.makeIterator())
-        let (connections, errors) = await logIn(count: count, concurrency: concurrency, options: options, server: server) { loops[$0 % loops.count] }
+        let (connections, errors) = await logIn(count: count, concurrency: concurrency, options: options, server: server, spec: spec) { loops[$0 % loops.count] }
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
         var result: [String: Any] = [
-            "scenario": scenario, "server": server.name, "tls": options.tls.rawValue, "mechanism": options.mechanism,
+            "scenario": scenario, "server": server.name, "tls": options.tls.rawValue,
+            "mechanism": fast ? HashedTokenMechanism.sha256None.rawValue : options.mechanism, "sasl2": options.sasl2 || fast,
             "clients": count, "logged_in": connections.count, "errors": errors.count,
             "seconds": seconds, "logins_per_second": Double(connections.count) / seconds,
             "generator_cpu_seconds": ProcStat.ownCPUSeconds - generatorCPU,
@@ -128,6 +152,34 @@ struct LoginRun {
             throw LoadError(reason: "\(errors.count) of \(count) logins failed; first: \(errors[0])")
         }
         return result
+    }
+}
+
+extension LoginRun {
+    /// Logs every account in once over SASL2 asking for a FAST token, and disconnects; returns the tokens.
+    func obtainTokens(server: ServerUnderTest, loop: @escaping @Sendable (Int) -> any EventLoop) async throws -> [Int: String] {
+        let (connections, errors) = await logIn(count: count, concurrency: 100, options: options, server: server, spec: { index in
+            var spec = options.login(index)
+            spec.sasl2 = true
+            spec.requestToken = HashedTokenMechanism.sha256None.rawValue
+            return spec
+        }, loop: loop)
+        guard errors.isEmpty else { throw LoadError(reason: "\(errors.count) logins asking for a FAST token failed; first: \(errors[0])") }
+        var tokens: [Int: String] = [:]
+        for (index, connection) in connections {
+            tokens[index] = try await connection.loop.submit { connection.issuedToken }.get()
+            connection.loop.execute { connection.close() }
+        }
+        guard tokens.count == count else { throw LoadError(reason: "\(count - tokens.count) logins got no FAST token (is FAST on, and TLS?)") }
+        // The server handles the logouts (presence, last activity) before the measured logins start.
+        var last = server.cpuSeconds
+        for _ in 0..<120 {
+            try await Task.sleep(for: .milliseconds(500))
+            let now = server.cpuSeconds
+            if let before = last, let now, now - before < 0.02 { break }
+            last = now
+        }
+        return tokens
     }
 }
 

@@ -25,6 +25,7 @@ struct TargetOptions: ParsableArguments {
     @Option(help: "Path of the WebSocket endpoint (ejabberd: /ws, Prosody: /xmpp-websocket).") var websocketPath = "/xmpp-websocket"
     @Flag(help: "The starling this tool starts serves Prometheus metrics (on its http listener), so they are kept up to date.") var metrics = false
     @Option(help: "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-1.") var mechanism = "PLAIN"
+    @Flag(help: "Log in with SASL2 and Bind2 (XEP-0388, XEP-0386): one exchange instead of SASL, stream restart and bind.") var sasl2 = false
     @Option(help: "The starling executable to start (default: next to this tool).") var server: String?
     @Option(help: "Event-loop threads of the generator.") var threads = 1
     @Option(help: "A YAML file appended to the config of the starling this tool starts (a modules: section, say; use absolute paths).")
@@ -53,7 +54,7 @@ struct TargetOptions: ParsableArguments {
 
     func login(_ index: Int) -> LoginSpec {
         LoginSpec(domain: domain(for: index), username: "\(accountPrefix)\(index)", password: password, mechanism: mechanism, tls: tls,
-                  transport: transport, webSocketPath: websocketPath, register: register)
+                  transport: transport, webSocketPath: websocketPath, register: register, sasl2: sasl2)
     }
 
     func sourceAddress(for index: Int) -> String? {

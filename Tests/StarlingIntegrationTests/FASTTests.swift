@@ -58,7 +58,7 @@ final class FASTTests: XCTestCase {
         let (status, listing) = try server.ctl(["fast-tokens", "phone", "localhost"])
         XCTAssertEqual(status, 0, listing)
         XCTAssertTrue(listing.contains(TestClient.defaultUserAgentID) && listing.contains("StarlingTestClient on loopback")
-                      && listing.contains("current") && listing.contains("HT-SHA-256-ENDP"), listing)
+                      && listing.contains("\tnew\t") && listing.contains("HT-SHA-256-ENDP"), listing)
         await desk.close()
 
         // The key stays in data_dir: tokens outlive a restart.

@@ -54,7 +54,7 @@ final class FASTTokensTests: XCTestCase {
             var outcome = try await login(tokens, first.token)
             XCTAssertEqual(outcome, .success(responderProof: HashedTokenMechanism.responderProof(token: first.token, channelBinding: []), rotate: false))
             var stored = try await store.fastTokens(of: juliet, client: "phone")
-            XCTAssertEqual(stored.map(\.slot), [.current], "the used token moved from new to current")
+            XCTAssertEqual(stored.map(\.slot), [.new], "nothing to retire and nothing to issue: the login only read")
 
             // Bound to the mechanism, the client and the proof.
             outcome = try await login(tokens, first.token, mechanism: "HT-SHA-256-ENDP")
@@ -83,6 +83,23 @@ final class FASTTokensTests: XCTestCase {
             XCTAssertEqual(outcome, .failure(.credentialsExpired))
             stored = try await store.fastTokens(of: juliet, client: "phone")
             XCTAssertEqual(stored, [])
+        }
+    }
+
+    /// A client logging in with a token that still sits in the `new` slot and asking for another: the one it
+    /// holds moves to `current` first, so the new token does not overwrite it before the client has it.
+    func testAskingForATokenKeepsTheOneInUse() async throws {
+        try await withTokens { tokens, store in
+            let held = try await tokens.issue(FASTIssue(user: juliet, client: "phone", mechanism: "HT-SHA-256-NONE"))
+            var request = FASTVerification(user: juliet, client: "phone", mechanism: "HT-SHA-256-NONE",
+                                           proof: HashedTokenMechanism.initiatorProof(token: held.token, channelBinding: []), channelBinding: [], invalidate: false)
+            request.requestsToken = true
+            guard case .success = try await tokens.verify(request) else { return XCTFail("the held token") }
+            _ = try await tokens.issue(FASTIssue(user: juliet, client: "phone", mechanism: "HT-SHA-256-NONE"))
+            let slots = try await store.fastTokens(of: juliet, client: "phone").map(\.slot)
+            XCTAssertEqual(Set(slots), [.current, .new])
+            let outcome = try await login(tokens, held.token)
+            guard case .success = outcome else { return XCTFail("the token the client held was overwritten: \(outcome)") }
         }
     }
 
