@@ -59,7 +59,7 @@ extension StarlingConfiguration {
     }
 
     public static let defaultModules = [
-        "disco", "ping", "version", "time", "roster", "presence", "offline", "blocking", "privacy", "private", "vcard", "last", "carbons", "csi", "stream_management", "register",
+        "disco", "ping", "version", "time", "roster", "presence", "offline", "blocking", "privacy", "private", "vcard", "last", "carbons", "csi", "stream_management", "push", "register",
         "muc", "mam", "pep", "pubsub",
     ]
 }

@@ -9,7 +9,7 @@ public enum BuiltinModules {
     public static let all: [any ServerModule.Type] = [
         DiscoModule.self, PingModule.self, VersionModule.self, TimeModule.self, RosterModule.self, PresenceModule.self,
         OfflineModule.self, BlockingModule.self, PrivacyModule.self, PrivateXMLModule.self, VCardModule.self, LastActivityModule.self, CarbonsModule.self,
-        ClientStateModule.self, StreamManagementModule.self, RegistrationModule.self, ExternalServicesModule.self, HTTPUploadModule.self, AnnounceModule.self, LuaHooks.self, MUCModule.self, MAMModule.self, PEPModule.self, PubSubServiceModule.self,
+        ClientStateModule.self, StreamManagementModule.self, PushModule.self, RegistrationModule.self, ExternalServicesModule.self, HTTPUploadModule.self, AnnounceModule.self, LuaHooks.self, MUCModule.self, MAMModule.self, PEPModule.self, PubSubServiceModule.self,
     ]
 
     public static var catalog: [String: any ServerModule.Type] {

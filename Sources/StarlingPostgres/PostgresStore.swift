@@ -155,6 +155,16 @@ public final class PostgresStore: Sendable {
             )
             """,
         ],
+        [
+            // XEP-0357: `seq` keeps the order registrations were first enabled in.
+            """
+            CREATE TABLE push_registrations (
+                seq BIGSERIAL PRIMARY KEY, host TEXT NOT NULL, username TEXT NOT NULL, service TEXT NOT NULL, node TEXT NOT NULL,
+                publish_options TEXT,
+                UNIQUE (host, username, service, node)
+            )
+            """,
+        ],
     ]
 
     private init(client: PostgresClient, logger: Logger, timeout: Double, poolSize: Int) {

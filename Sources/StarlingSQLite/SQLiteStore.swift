@@ -167,6 +167,16 @@ public final class SQLiteStore: Sendable {
             )
             """,
         ],
+        [
+            // XEP-0357: `seq` keeps the order registrations were first enabled in.
+            """
+            CREATE TABLE push_registrations (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, host TEXT NOT NULL, username TEXT NOT NULL, service TEXT NOT NULL, node TEXT NOT NULL,
+                publish_options TEXT,
+                UNIQUE (host, username, service, node)
+            )
+            """,
+        ],
     ]
 
     private init(connection: SQLiteConnection) {

@@ -700,6 +700,18 @@ final class C2SHandler: ChannelInboundHandler {
         detachTimeout = loop.scheduleTask(in: .seconds(Int64(timeout))) { bound.value.endDetached() }
         // A server going down ends it at once, so what it holds reaches offline storage before storage closes.
         server.connections.insert(ObjectIdentifier(self)) { loop.execute { bound.value.endDetached() } }
+        // The unacknowledged messages are parsed back only for a module that listens (push notifications).
+        if server.router.modules[session.jid.domainpart]?.hooks[HookPoint<SessionDetachedEvent>.sessionDetached.name] != nil {
+            let unacknowledged = sm.unacknowledged.compactMap { outgoing -> XMLElement? in
+                let stanza: XMLElement?
+                switch outgoing {
+                case .element(let element): stanza = element
+                case .addressed(let shared): stanza = shared.element(to: session.jid)
+                }
+                return stanza?.name == "message" ? stanza : nil
+            }
+            _ = server.router.run(.sessionDetached, SessionDetachedEvent(jid: session.jid, unacknowledged: unacknowledged), on: session.jid.domainpart)
+        }
         logger.debug("session detached, resumable", metadata: ["jid": "\(session.jid)"])
     }
 
@@ -787,6 +799,7 @@ final class C2SHandler: ChannelInboundHandler {
         }
         if let loop = context?.eventLoop { startKeepalive(loop: loop) }
         perform(machine.resumed(newSession.jid))
+        _ = server.router.run(.sessionResumed, SessionEvent(jid: newSession.jid), on: newSession.jid.domainpart)
         writeElement(XMLElement(name: "resumed", namespace: StreamManagement.namespace, attributes: ["h": String(sm.handled), "previd": previd]))
         for stanza in sm.unacknowledged { writeStanza(stanza) }
         for stanza in held { deliver(stanza) }

@@ -67,6 +67,7 @@ public final class StarlingServer: Service, @unchecked Sendable {
             services.register(store as any ArchiveStore, as: (any ArchiveStore).self)
             services.register(store as any PubSubStore, as: (any PubSubStore).self)
             services.register(store as any PrivacyStore, as: (any PrivacyStore).self)
+            services.register(store as any PushStore, as: (any PushStore).self)
             services.register(ServerPaths(configDirectory: URL(fileURLWithPath: configuration.sourcePath).deletingLastPathComponent().path,
                                           dataDirectory: configuration.dataDirectory), as: ServerPaths.self)
             for (name, reason) in configuration.pluginFailures {

@@ -41,7 +41,7 @@ public protocol LastActivityStore: Sendable {
 
 /// Everything a backend stores: the server opens one of these.
 public protocol StarlingStore: AccountStore, RosterStore, OfflineStore, BlocklistStore, PrivateXMLStore, VCardStore, LastActivityStore, MUCStore,
-                               ArchiveStore, PubSubStore, PrivacyStore, FASTTokenStore {
+                               ArchiveStore, PubSubStore, PrivacyStore, FASTTokenStore, PushStore {
     /// Releases connections and files.
     func close() async
 }
@@ -51,6 +51,6 @@ public enum StorageTables {
     /// Every table keyed by (host, username), dependents before `accounts`.
     public static let perUser = [
         "roster_items", "roster_pending", "roster_versions", "offline_messages", "blocklist", "private_xml", "vcards",
-        "last_activity", "archive_messages", "archive_prefs", "pubsub_items", "pubsub_subscriptions", "pubsub_nodes", "privacy_lists", "privacy_defaults", "fast_tokens", "scram_credentials", "accounts",
+        "last_activity", "archive_messages", "archive_prefs", "pubsub_items", "pubsub_subscriptions", "pubsub_nodes", "privacy_lists", "privacy_defaults", "fast_tokens", "push_registrations", "scram_credentials", "accounts",
     ]
 }

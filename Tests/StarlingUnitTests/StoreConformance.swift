@@ -262,6 +262,37 @@ struct StoreContract {
         } catch {}
     }
 
+    /// XEP-0357 registrations: order kept, options replaced for the same service and node, the per-account
+    /// limit, disabling one node or a whole service, and deletion with the account.
+    func pushRegistrations() async throws {
+        try await store.register(username: "pusher", host: host, password: "p", iterations: 4096)
+        let user = jid("pusher")
+        let service = JID("push.example.net")!
+        var stored = try await store.enablePush(PushRegistration(service: service, node: "n1", publishOptions: "<x/>"), for: user, limit: 2)
+        XCTAssertTrue(stored)
+        stored = try await store.enablePush(PushRegistration(service: JID("other.example.net")!, node: "n2"), for: user, limit: 2)
+        XCTAssertTrue(stored)
+        stored = try await store.enablePush(PushRegistration(service: service, node: "n1", publishOptions: "<x secret='2'/>"), for: user, limit: 2)
+        XCTAssertTrue(stored, "the same service and node replaces its options, whatever the limit")
+        stored = try await store.enablePush(PushRegistration(service: service, node: "n3"), for: user, limit: 2)
+        XCTAssertFalse(stored, "a third registration over the limit")
+        var all = try await store.pushRegistrations(of: user)
+        XCTAssertEqual(all, [PushRegistration(service: service, node: "n1", publishOptions: "<x secret='2'/>"), PushRegistration(service: JID("other.example.net")!, node: "n2")])
+        _ = try await store.enablePush(PushRegistration(service: service, node: "n3"), for: user, limit: 5)
+        var removed = try await store.disablePush(service: service, node: "n3", for: user)
+        XCTAssertEqual(removed, 1)
+        _ = try await store.enablePush(PushRegistration(service: service, node: "n4"), for: user, limit: 5)
+        removed = try await store.disablePush(service: service, node: nil, for: user)
+        XCTAssertEqual(removed, 2, "a whole service")
+        all = try await store.pushRegistrations(of: user)
+        XCTAssertEqual(all.map(\.node), ["n2"])
+        let elsewhere = try await store.pushRegistrations(of: JID("pusher@other-\(host)")!)
+        XCTAssertEqual(elsewhere, [])
+        try await store.deleteAccount(username: "pusher", host: host)
+        all = try await store.pushRegistrations(of: user)
+        XCTAssertEqual(all, [])
+    }
+
     func mucRooms() async throws {
         let service = "conference." + host
         let room = JID("lobby@\(service)")!
@@ -459,6 +490,7 @@ final class SQLiteStoreConformanceTests: XCTestCase {
     func testPubSub() async throws { try await contract { try await $0.pubsub() } }
     func testPrivacy() async throws { try await contract { try await $0.privacy() } }
     func testFASTTokens() async throws { try await contract { try await $0.fastTokens() } }
+    func testPushRegistrations() async throws { try await contract { try await $0.pushRegistrations() } }
     func testMUCOptionsFromAnOlderVersion() async throws { try await contract { try $0.mucOptionsFromAnOlderVersion() } }
 
     func testReopeningKeepsDataAndMigratesOnce() async throws {
@@ -513,6 +545,7 @@ final class PostgresStoreConformanceTests: XCTestCase {
     func testPubSub() async throws { try await contract { try await $0.pubsub() } }
     func testPrivacy() async throws { try await contract { try await $0.privacy() } }
     func testFASTTokens() async throws { try await contract { try await $0.fastTokens() } }
+    func testPushRegistrations() async throws { try await contract { try await $0.pushRegistrations() } }
 
     func testTwoNodesMigratingAtOnceBothSucceed() async throws {
         let url = try Self.requireURL()

@@ -411,9 +411,30 @@ extension HookPoint where Event == AccessPredicateEvent {
     public static let accessPredicate = HookPoint("access-predicate")
 }
 
+/// A session whose connection was lost while stream management (XEP-0198) keeps it for resumption.
+public struct SessionDetachedEvent: Sendable {
+    public let jid: JID
+    /// The messages written to the lost connection that the client never acknowledged (it may not have
+    /// seen them); they are sent again on resumption, or kept as offline messages if none comes.
+    public let unacknowledged: [XMLElement]
+
+    public init(jid: JID, unacknowledged: [XMLElement]) {
+        self.jid = jid
+        self.unacknowledged = unacknowledged
+    }
+}
+
+extension HookPoint where Event == SessionDetachedEvent {
+    /// The session stays bound (stanzas to it are held) until it is resumed (`sessionResumed`) or its
+    /// timeout ends it (`sessionClosed`).
+    public static let sessionDetached = HookPoint("session-detached")
+}
+
 extension HookPoint where Event == SessionEvent {
     public static let sessionBound = HookPoint("session-bound")
     public static let sessionClosed = HookPoint("session-closed")
+    /// A detached session was taken over by a new connection (XEP-0198 resumption).
+    public static let sessionResumed = HookPoint("session-resumed")
     /// A resource sent its first available presence (offline messages are delivered then).
     public static let initialPresence = HookPoint("initial-presence")
 }
@@ -638,7 +659,7 @@ public enum StarlingAPIVersion {
     public static var api: Int { compiledAPI }
     /// The API version compiled into the caller. It is emitted into each plugin's own binary, so it
     /// records what the plugin was built against, not what happens to be loaded.
-    @_alwaysEmitIntoClient public static var compiledAPI: Int { 7 }
+    @_alwaysEmitIntoClient public static var compiledAPI: Int { 8 }
     public static let serverVersion = "0.1.0"
 }
 
