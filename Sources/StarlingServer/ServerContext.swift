@@ -91,14 +91,18 @@ public final class ServerContext: Sendable {
         return counters
     }
 
-    /// What Bind2 can enable inline on a host: stream management where its module runs, and every module's
-    /// `<enable/>` IQ (carbons) and nonzas it takes (client state indication) that a client would otherwise
-    /// send right after binding.
+    /// What Bind2 can enable inline on a host: stream management where its module runs, carbons' `<enable/>`
+    /// IQ and client state indication where their modules run — what a client would otherwise send right after
+    /// binding.
+    /// The `<enable/>` IQs whose XEPs define them inline in Bind2 (XEP-0280 carbons). Others, such as
+    /// push's, carry parameters that belong in their own request.
+    static let bind2Enables: Set<String> = ["urn:xmpp:carbons:2"]
+
     static func bind2Inline(_ modules: HostModules) -> [String] {
         var namespaces: [String] = []
         if modules.adapters["stream_management"] != nil { namespaces.append(StreamManagement.namespace) }
-        let enableIQs = modules.iqHandlers.keys.filter { $0.type == .set && $0.name == "enable" }.map(\.namespace)
-        namespaces += enableIQs.filter { $0 != StreamManagement.namespace }.sorted()
+        let enableIQs = modules.iqHandlers.keys.filter { $0.type == .set && $0.name == "enable" && Self.bind2Enables.contains($0.namespace) }.map(\.namespace)
+        namespaces += enableIQs.sorted()
         if modules.adapters["csi"] != nil { namespaces.append(ClientStateModule.namespace) }
         return namespaces
     }
