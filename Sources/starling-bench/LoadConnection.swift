@@ -138,10 +138,20 @@ final class LoadConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func write(_ text: String) {
         guard let channel else { return }
-        var buffer = channel.allocator.buffer(capacity: text.utf8.count)
-        buffer.writeString(text)
+        var buffer = channel.allocator.buffer(capacity: text.utf8.count + 24)
+        // RFC 7395: every WebSocket message is a document of its own, so a stanza names jabber:client itself
+        // (Prosody insists; the stream header carries it over TCP).
+        if spec.transport == .websocket, let name = Self.stanzaNames.first(where: { text.hasPrefix($0) }) {
+            buffer.writeString(name)
+            buffer.writeString(" xmlns='jabber:client'")
+            buffer.writeSubstring(text.dropFirst(name.count))
+        } else {
+            buffer.writeString(text)
+        }
         channel.write(buffer, promise: nil)
     }
+
+    private static let stanzaNames = ["<message", "<presence", "<iq"]
 
     func flush() { channel?.flush() }
 
