@@ -613,12 +613,10 @@ final class C2SHandler: ChannelInboundHandler {
         var moduleRequests: [(handler: IQHandler, element: XMLElement)] = []
         for element in inline {
             if element.namespace == StreamManagement.namespace {
-                let settings = streamManagementSettings(for: host)
-                switch sm.received(element, resumeTimeout: settings?.resumeTimeout, newID: Self.streamID) {
+                switch streamManagementReceived(element, host: host) {
                 case .send(let answer): answers.append(answer)
                 case .streamError, .nothing: answers.append(StreamManagement.failed(.badRequest))
                 }
-                if sm.enabled, let settings { smQueueLimit = settings.maxQueue }
             } else if let entry = server.router.modules[host]?.iqHandlers[ModuleRegistrar.IQKey(type: .set, name: element.name, namespace: element.namespace)] {
                 moduleRequests.append((entry.handler, element))
             } else {
@@ -670,14 +668,20 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     private func streamManagement(_ element: XMLElement, session: ClientSession) {
-        let settings = streamManagementSettings(for: session.jid.domainpart)
-        switch sm.received(element, resumeTimeout: settings?.resumeTimeout, newID: Self.streamID) {
+        switch streamManagementReceived(element, host: session.jid.domainpart) {
         case .send(let answer): writeElement(answer)
         case .streamError(let condition, let text): return perform(machine.fail(condition, text))
         case .nothing: break
         }
-        if sm.enabled, let settings { smQueueLimit = settings.maxQueue }
         flushSoon()
+    }
+
+    /// A stream management element from the bound client (a nonza, or inline in Bind2), counted and answered.
+    private func streamManagementReceived(_ element: XMLElement, host: String) -> StreamManagement.Answer {
+        let settings = streamManagementSettings(for: host)
+        let answer = sm.received(element, resumeTimeout: settings?.resumeTimeout, newID: Self.streamID)
+        if sm.enabled, let settings { smQueueLimit = settings.maxQueue }
+        return answer
     }
 
     private func writeElement(_ element: XMLElement) {
@@ -702,15 +706,8 @@ final class C2SHandler: ChannelInboundHandler {
         server.connections.insert(ObjectIdentifier(self)) { loop.execute { bound.value.endDetached() } }
         // The unacknowledged messages are parsed back only for a module that listens (push notifications).
         if server.router.modules[session.jid.domainpart]?.hooks[HookPoint<SessionDetachedEvent>.sessionDetached.name] != nil {
-            let unacknowledged = sm.unacknowledged.compactMap { outgoing -> XMLElement? in
-                let stanza: XMLElement?
-                switch outgoing {
-                case .element(let element): stanza = element
-                case .addressed(let shared): stanza = shared.element(to: session.jid)
-                }
-                return stanza?.name == "message" ? stanza : nil
-            }
-            _ = server.router.run(.sessionDetached, SessionDetachedEvent(jid: session.jid, unacknowledged: unacknowledged), on: session.jid.domainpart)
+            let event = SessionDetachedEvent(jid: session.jid, unacknowledged: unacknowledgedMessages(to: session.jid))
+            _ = server.router.run(.sessionDetached, event, on: session.jid.domainpart)
         }
         logger.debug("session detached, resumable", metadata: ["jid": "\(session.jid)"])
     }
@@ -739,13 +736,8 @@ final class C2SHandler: ChannelInboundHandler {
         server.connections.remove(ObjectIdentifier(self))
         if let id = sm.id { server.detached.remove(id) }
         server.registry.unbind(session)
-        for outgoing in sm.unacknowledged {
-            let stanza: XMLElement?
-            switch outgoing {
-            case .element(let element): stanza = element
-            case .addressed(let shared): stanza = shared.element(to: session.jid)
-            }
-            guard let stanza, stanza.name == "message", ["chat", "normal", nil].contains(stanza[attribute: "type"]), stanza.child("body") != nil else { continue }
+        for stanza in unacknowledgedMessages(to: session.jid) {
+            guard ["chat", "normal", nil].contains(stanza[attribute: "type"]), stanza.child("body") != nil else { continue }
             let from = stanza[attribute: "from"].flatMap { JID($0) }
             _ = server.router.run(.messageUndeliverable, StanzaEvent(stanza: stanza, origin: from, recipient: session.jid.bare), on: session.jid.domainpart)
         }
@@ -753,6 +745,18 @@ final class C2SHandler: ChannelInboundHandler {
         _ = server.router.run(.sessionClosed, SessionEvent(jid: session.jid), on: session.jid.domainpart)
         logger.debug("detached session ended", metadata: ["jid": "\(session.jid)"])
         self.session = nil
+    }
+
+    /// The messages the client has not acknowledged, as elements again (a stored or shared stanza is parsed back).
+    private func unacknowledgedMessages(to jid: JID) -> [XMLElement] {
+        sm.unacknowledged.compactMap { outgoing -> XMLElement? in
+            let stanza: XMLElement?
+            switch outgoing {
+            case .element(let element): stanza = element
+            case .addressed(let shared): stanza = shared.element(to: jid)
+            }
+            return stanza?.name == "message" ? stanza : nil
+        }
     }
 
     /// `<resume previd h/>` after authentication: takes the account's detached session over.
