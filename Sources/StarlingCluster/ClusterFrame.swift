@@ -23,6 +23,29 @@ public struct ClusterSession: Sendable, Equatable {
     public var available: Bool { presence != nil }
 }
 
+/// A stream-management session (XEP-0198) leaving the node that held it, detached, for the node its client
+/// came back to: what the new node needs to resume it there.
+public struct MovedSession: Sendable, Equatable {
+    public var jid: JID
+    /// Stanzas the session handled from its client, and sent to it (XEP-0198's counters).
+    public var handled: UInt32
+    public var sent: UInt32
+    /// What the client has not acknowledged, oldest first: sent again on resumption.
+    public var unacknowledged: [XMLElement]
+    /// The session's last available presence (nil: unavailable) and its modules' flags.
+    public var presence: XMLElement?
+    public var flags: Set<String>
+
+    public init(jid: JID, handled: UInt32, sent: UInt32, unacknowledged: [XMLElement], presence: XMLElement?, flags: Set<String>) {
+        self.jid = jid
+        self.handled = handled
+        self.sent = sent
+        self.unacknowledged = unacknowledged
+        self.presence = presence
+        self.flags = flags
+    }
+}
+
 /// What crosses a node link. Stanzas travel as trees in a binary form, so the receiving node does not
 /// parse XML again.
 public enum ClusterFrame: Sendable, Equatable {
@@ -54,6 +77,11 @@ public enum ClusterFrame: Sendable, Equatable {
     case module(host: String, XMLElement)
     /// The sender is leaving (graceful shutdown): drop its sessions and claims now, not after `deadAfter`.
     case goodbye
+    /// A client of `user` wants to resume the detached session `id` on the sender: hand it over.
+    case resumeRequest(id: String, user: JID, request: UInt64)
+    /// The answer to `resumeRequest` `request`: the session, now gone from the sender, or nil (no such
+    /// session of that account there any more).
+    case resumeState(request: UInt64, MovedSession?)
 }
 
 public struct ClusterWireError: Error, CustomStringConvertible {
@@ -63,13 +91,14 @@ public struct ClusterWireError: Error, CustomStringConvertible {
 
 extension ClusterFrame {
     /// The version of this wire format; nodes of another version refuse to link.
-    public static let wireVersion = 1
+    public static let wireVersion = 2
     /// Frames larger than this end the link: a stanza is at most 16 MiB (`limits.max_stanza_size`), and a
     /// snapshot is sent in chunks.
     public static let maxFrameSize = 32 << 20
 
     private enum Tag: UInt8 {
         case hello = 1, proof, snapshotBegin, sessions, snapshotEnd, session, unbound, deliver, ping, pong, claim, component, goodbye, module, closeSession
+        case resumeRequest, resumeState
     }
 
     /// Appends the frame, with its 4-byte length prefix, to `buffer`.
@@ -126,6 +155,32 @@ extension ClusterFrame {
             buffer.writeInteger(Tag.module.rawValue)
             buffer.writeWireString(host)
             buffer.writeElement(message)
+        case .resumeRequest(let id, let user, let request):
+            buffer.writeInteger(Tag.resumeRequest.rawValue)
+            buffer.writeWireString(id)
+            buffer.writeWireString(user.description)
+            buffer.writeInteger(request)
+        case .resumeState(let request, let moved):
+            buffer.writeInteger(Tag.resumeState.rawValue)
+            buffer.writeInteger(request)
+            guard let moved else {
+                buffer.writeInteger(UInt8(0))
+                break
+            }
+            buffer.writeInteger(UInt8(1))
+            buffer.writeWireString(moved.jid.description)
+            buffer.writeInteger(moved.handled)
+            buffer.writeInteger(moved.sent)
+            buffer.writeInteger(UInt32(moved.unacknowledged.count))
+            for stanza in moved.unacknowledged { buffer.writeElement(stanza) }
+            buffer.writeInteger(UInt16(moved.flags.count))
+            for flag in moved.flags.sorted() { buffer.writeWireString(flag) }
+            if let presence = moved.presence {
+                buffer.writeInteger(UInt8(1))
+                buffer.writeElement(presence)
+            } else {
+                buffer.writeInteger(UInt8(0))
+            }
         case .ping(let value):
             buffer.writeInteger(Tag.ping.rawValue)
             buffer.writeInteger(value)
@@ -185,6 +240,31 @@ extension ClusterFrame {
         case .module:
             let host = try body.readWireString()
             frame = .module(host: host, try body.readElement(depth: 0))
+        case .resumeRequest:
+            let id = try body.readWireString()
+            let user = try body.readJID()
+            guard let request: UInt64 = body.readInteger() else { throw ClusterWireError("short resume request") }
+            frame = .resumeRequest(id: id, user: user, request: request)
+        case .resumeState:
+            guard let request: UInt64 = body.readInteger(), let present: UInt8 = body.readInteger() else { throw ClusterWireError("short resume state") }
+            guard present == 1 else {
+                frame = .resumeState(request: request, nil)
+                break
+            }
+            let jid = try body.readJID()
+            guard jid.resourcepart != nil, let handled: UInt32 = body.readInteger(), let sent: UInt32 = body.readInteger() else {
+                throw ClusterWireError("short resume state")
+            }
+            let count = try body.readCount()
+            var unacknowledged: [XMLElement] = []
+            for _ in 0..<count { unacknowledged.append(try body.readElement(depth: 0)) }
+            guard let flagCount: UInt16 = body.readInteger() else { throw ClusterWireError("short resume state") }
+            var flags = Set<String>()
+            for _ in 0..<flagCount { flags.insert(try body.readWireString()) }
+            guard let hasPresence: UInt8 = body.readInteger() else { throw ClusterWireError("short resume state") }
+            let presence = hasPresence == 1 ? try body.readElement(depth: 0) : nil
+            frame = .resumeState(request: request, MovedSession(jid: jid, handled: handled, sent: sent, unacknowledged: unacknowledged,
+                                                                presence: presence, flags: flags))
         case .ping, .pong:
             guard let value: UInt64 = body.readInteger() else { throw ClusterWireError("short ping") }
             frame = tag == .ping ? .ping(value) : .pong(value)

@@ -186,7 +186,7 @@ final class NodeLinkHandler: ChannelInboundHandler {
             node.delegate?.snapshot(snapshot ?? [], claims: snapshotClaims, from: peer)
             snapshot = nil
             snapshotClaims = []
-        case .session, .unbound, .deliver, .claim, .component, .module, .closeSession:
+        case .session, .unbound, .deliver, .claim, .component, .module, .closeSession, .resumeRequest, .resumeState:
             node.delegate?.received(frame, from: peer)
         case .goodbye:
             node.left(peer)

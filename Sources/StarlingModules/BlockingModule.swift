@@ -113,11 +113,14 @@ public final class BlockingModule: ServerModule {
             if !unblocked.isEmpty { push(unblocked, block: false, of: user) }
             return .pass
         }
-        registrar.hook(.sessionClosed) { [self] event in
+        // What is kept per session here goes when it ends, or when it moves to another node of the cluster.
+        let forgetSession: @Sendable (SessionEvent) -> HookResult = { [self] event in
             // The cached list is this node's, kept while the account has a session here.
             if !host.resources(of: event.jid.bare).contains(where: \.isLocal) { update(event.jid.bare) { $0 = nil } }
             return .pass
         }
+        registrar.hook(.sessionClosed, forgetSession)
+        registrar.hook(.sessionMoved, forgetSession)
     }
 
     /// XEP-0191 §3.3.2 / XEP-0016 matching: full JID, bare JID, domain/resource or domain.

@@ -80,10 +80,13 @@ public final class ClientStateModule: ServerModule {
                 return .pass
             }
         }
-        registrar.hook(.sessionClosed) { [self] event in
+        // What is kept per session here goes when it ends, or when it moves to another node of the cluster.
+        let forgetSession: @Sendable (SessionEvent) -> HookResult = { [self] event in
             if inactive.removeValue(forKey: event.jid) != nil { inactiveCount.add(-1, ordering: .relaxed) }
             return .pass
         }
+        registrar.hook(.sessionClosed, forgetSession)
+        registrar.hook(.sessionMoved, forgetSession)
     }
 
     private func release(_ session: JID, keepHolding: Bool) {

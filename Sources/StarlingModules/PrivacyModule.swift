@@ -92,11 +92,14 @@ public final class PrivacyModule: ServerModule {
             queue.enqueue(user) { [self] in _ = try? await load(user) }
             return .pass
         }
-        registrar.hook(.sessionClosed) { [self] event in
+        // What is kept per session here goes when it ends, or when it moves to another node of the cluster.
+        let forgetSession: @Sendable (SessionEvent) -> HookResult = { [self] event in
             accounts.withValue(for: event.jid.bare) { _ = $0?.active.removeValue(forKey: event.jid) }
             if !host.resources(of: event.jid.bare).contains(where: \.isLocal) { replace(event.jid.bare, with: nil) }
             return .pass
         }
+        registrar.hook(.sessionClosed, forgetSession)
+        registrar.hook(.sessionMoved, forgetSession)
         registrar.hook(.rosterChanged) { [self] event in
             guard accounts[event.user]?.roster != nil else { return .pass }
             queue.enqueue(event.user) { [self] in

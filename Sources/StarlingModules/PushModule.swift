@@ -102,10 +102,13 @@ public final class PushModule: ServerModule {
             resetCounts(claimedBy: event.jid)
             return .pass
         }
-        registrar.hook(.sessionClosed) { [self] event in
+        // What is kept per session here goes when it ends, or when it moves to another node of the cluster.
+        let forgetSession: @Sendable (SessionEvent) -> HookResult = { [self] event in
             if quiet.removeValue(forKey: event.jid) != nil { quietCount.add(-1, ordering: .relaxed) }
             return .pass
         }
+        registrar.hook(.sessionClosed, forgetSession)
+        registrar.hook(.sessionMoved, forgetSession)
         // Client state (XEP-0352), watched before the csi module takes the nonza.
         registrar.hook(.nonzaFromClient, priority: 100) { [self] event in
             guard event.stanza.namespace == "urn:xmpp:csi:0", let session = event.origin else { return .pass }

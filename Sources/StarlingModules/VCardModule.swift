@@ -58,10 +58,13 @@ public final class VCardModule: ServerModule {
             hashes.withLock { if $0[event.user] != nil { $0[event.user] = event.photoHash ?? "" } }
             return .pass
         }
-        registrar.hook(.sessionClosed) { [self] event in
+        // What is kept per session here goes when it ends, or when it moves to another node of the cluster.
+        let forgetSession: @Sendable (SessionEvent) -> HookResult = { [self] event in
             if !host.resources(of: event.jid.bare).contains(where: \.isLocal) { hashes.withLock { _ = $0.removeValue(forKey: event.jid.bare) } }
             return .pass
         }
+        registrar.hook(.sessionClosed, forgetSession)
+        registrar.hook(.sessionMoved, forgetSession)
         // Runs before the presence module broadcasts (priority 100).
         registrar.hook(.stanzaFromClient, priority: 200) { [self] event in
             let stanza = event.stanza

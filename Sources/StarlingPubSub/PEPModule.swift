@@ -109,11 +109,14 @@ public final class PEPModule: ServerModule {
             }
             return .pass
         }
-        registrar.hook(.sessionClosed) { [self] event in
+        // What is kept per session here goes when it ends, or when it moves to another node of the cluster.
+        let forgetSession: @Sendable (SessionEvent) -> HookResult = { [self] event in
             served.withLock { _ = $0.removeValue(forKey: event.jid) }
             caps.forget(event.jid)
             return .pass
         }
+        registrar.hook(.sessionClosed, forgetSession)
+        registrar.hook(.sessionMoved, forgetSession)
         // A contact who may now see the account's presence is, for PEP, newly subscribed: its resources
         // that want a node get the newest item (XEP-0163 §4.3).
         registrar.hook(.rosterChanged) { [self] event in

@@ -3,6 +3,7 @@ import NIOCore
 import NIOSSL
 import NIOTLS
 import StarlingAPI
+import StarlingCluster
 import StarlingHTTP
 import StarlingSASL
 import StarlingStorage
@@ -54,6 +55,8 @@ final class C2SHandler: ChannelInboundHandler {
     private var detachTimeout: Scheduled<Void>?
     /// The session was resumed on another connection: what still reaches this one goes there.
     private var resumedBy: ClientSession?
+    /// The session was resumed on another node: what still reaches this one is routed again (to it).
+    private var movedAway: JID?
     /// While this connection resumes a session: deliveries that came before the old one handed over.
     private var resumingDeliveries: [OutgoingStanza]?
     /// Built when something is logged rather than kept per connection: most connections never log.
@@ -679,7 +682,8 @@ final class C2SHandler: ChannelInboundHandler {
     /// A stream management element from the bound client (a nonza, or inline in Bind2), counted and answered.
     private func streamManagementReceived(_ element: XMLElement, host: String) -> StreamManagement.Answer {
         let settings = streamManagementSettings(for: host)
-        let answer = sm.received(element, resumeTimeout: settings?.resumeTimeout, newID: Self.streamID)
+        let node = server.configuration.cluster?.node
+        let answer = sm.received(element, resumeTimeout: settings?.resumeTimeout, newID: { ResumptionID.make(random: Self.streamID(), node: node) })
         if sm.enabled, let settings { smQueueLimit = settings.maxQueue }
         return answer
     }
@@ -698,9 +702,11 @@ final class C2SHandler: ChannelInboundHandler {
     private func detach(_ session: ClientSession, id: String, timeout: Int, loop: any EventLoop) {
         detached = true
         let bound = NIOLoopBound(self, eventLoop: loop)
-        server.detached.insert(id, jid: session.jid) { newSession, completion in
+        server.detached.insert(id, jid: session.jid, handOver: { newSession, completion in
             loop.execute { bound.value.handOver(to: newSession, completion: completion) }
-        }
+        }, moveAway: { completion in
+            loop.execute { bound.value.moveAway(completion: completion) }
+        })
         detachTimeout = loop.scheduleTask(in: .seconds(Int64(timeout))) { bound.value.endDetached() }
         // A server going down ends it at once, so what it holds reaches offline storage before storage closes.
         server.connections.insert(ObjectIdentifier(self)) { loop.execute { bound.value.endDetached() } }
@@ -726,6 +732,27 @@ final class C2SHandler: ChannelInboundHandler {
         completion(state)
     }
 
+    /// Another node of the cluster resumes this session: it leaves this node without its contacts or rooms
+    /// noticing (no unavailable presence, no `sessionClosed`), and what still arrives here is routed to it.
+    private func moveAway(completion: @Sendable (MovedSession?) -> Void) {
+        guard detached, let session else { return completion(nil) }
+        let jid = session.jid
+        let entry = server.registry.resources(of: jid.bare).first { $0.jid == jid }
+        detached = false
+        detachTimeout?.cancel()
+        server.connections.remove(ObjectIdentifier(self))
+        let moved = MovedSession(jid: jid, handled: sm.handled, sent: sm.sent, unacknowledged: sm.unacknowledged.compactMap { Self.element($0, to: jid) },
+                                 presence: entry?.presence, flags: entry?.flags ?? [])
+        server.registry.unbind(session)
+        movedAway = jid
+        sm = StreamManagement()
+        self.session = nil
+        // Modules forget what they kept for the session here; the node taking it over learns it again.
+        _ = server.router.run(.sessionMoved, SessionEvent(jid: jid), on: jid.domainpart)
+        logger.debug("detached session handed to another node", metadata: ["jid": "\(jid)"])
+        completion(moved)
+    }
+
     /// No resumption came (or the session was replaced, or its queue overflowed): the session ends as if
     /// the connection had just closed, and messages the client never confirmed are kept for the account
     /// as undeliverable messages are (offline storage), per XEP-0198 §5.
@@ -749,20 +776,21 @@ final class C2SHandler: ChannelInboundHandler {
 
     /// The messages the client has not acknowledged, as elements again (a stored or shared stanza is parsed back).
     private func unacknowledgedMessages(to jid: JID) -> [XMLElement] {
-        sm.unacknowledged.compactMap { outgoing -> XMLElement? in
-            let stanza: XMLElement?
-            switch outgoing {
-            case .element(let element): stanza = element
-            case .addressed(let shared): stanza = shared.element(to: jid)
-            }
-            return stanza?.name == "message" ? stanza : nil
+        sm.unacknowledged.compactMap { Self.element($0, to: jid) }.filter { $0.name == "message" }
+    }
+
+    private static func element(_ outgoing: OutgoingStanza, to jid: JID) -> XMLElement? {
+        switch outgoing {
+        case .element(let element): return element
+        case .addressed(let shared): return shared.element(to: jid)
         }
     }
 
     /// `<resume previd h/>` after authentication: takes the account's detached session over.
     private func resumeSession(user: JID, previd: String, h: UInt32) {
-        guard let context, let settings = streamManagementSettings(for: user.domainpart), let entry = server.detached.take(previd, user: user) else {
-            return perform(machine.resumeFailed())
+        guard let context, let settings = streamManagementSettings(for: user.domainpart) else { return perform(machine.resumeFailed()) }
+        guard let entry = server.detached.take(previd, user: user) else {
+            return resumeFromAnotherNode(user: user, previd: previd, h: h, maxQueue: settings.maxQueue, loop: context.eventLoop)
         }
         smQueueLimit = settings.maxQueue
         suspend()
@@ -777,6 +805,76 @@ final class C2SHandler: ChannelInboundHandler {
         resumingDeliveries = []
         entry.handOver(newSession) { state in
             loop.execute { bound.value.finishResumption(newSession, previd: previd, h: h, state: state) }
+        }
+    }
+
+    /// The id names another node of the cluster, or another node holds a resource of the account: that node
+    /// hands the session over (XEP-0198 through a load balancer that sent the client elsewhere), and it is
+    /// bound here with its counting. The node in the id is asked first; a session that moved on since is
+    /// found where the account's resources are.
+    private func resumeFromAnotherNode(user: JID, previd: String, h: UInt32, maxQueue: Int, loop: any EventLoop) {
+        guard let cluster = server.router.cluster else { return perform(machine.resumeFailed()) }
+        let here = server.configuration.cluster?.node
+        var candidates: [String] = []
+        for node in [ResumptionID.node(of: previd)].compactMap({ $0 }) + server.registry.resources(of: user.bare).compactMap({ state -> String? in
+            if case .remote(let node) = state.location { return node }
+            return nil
+        }) where node != here && !candidates.contains(node) {
+            candidates.append(node)
+        }
+        guard !candidates.isEmpty else { return perform(machine.resumeFailed()) }
+        smQueueLimit = maxQueue
+        suspend()
+        askForSession(previd, user: user.bare, h: h, candidates: candidates, cluster: cluster, loop: loop)
+    }
+
+    private func askForSession(_ previd: String, user: JID, h: UInt32, candidates: [String], cluster: ClusterNode, loop: any EventLoop) {
+        guard let node = candidates.first else { return finishRemoteResumption(nil, previd: previd, h: h) }
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let resumptions = server.remoteResumptions
+        let request = resumptions.register { moved in
+            loop.execute {
+                if moved == nil && candidates.count > 1 {
+                    bound.value.askForSession(previd, user: user, h: h, candidates: Array(candidates.dropFirst()), cluster: cluster, loop: loop)
+                } else {
+                    bound.value.finishRemoteResumption(moved, previd: previd, h: h)
+                }
+            }
+        }
+        guard cluster.send(.resumeRequest(id: previd, user: user, request: request), to: node) else {
+            return resumptions.complete(request, nil)
+        }
+        // A node that does not answer (it died meanwhile) counts as one without the session.
+        loop.scheduleTask(in: .seconds(10)) { resumptions.complete(request, nil) }
+    }
+
+    private func finishRemoteResumption(_ moved: MovedSession?, previd: String, h: UInt32) {
+        guard let moved, let context, !machine.isClosed else {
+            resume()
+            return perform(machine.resumeFailed())
+        }
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        var created: ClientSession?
+        let outcome = server.registry.bind(user: moved.jid.bare, resource: moved.jid.resourcepart, maxSessions: .max) { jid in
+            let session = ClientSession(jid: jid, eventLoop: loop, deliver: { bound.value.deliver($0) },
+                                        close: { bound.value.closeSession($0) }, hold: { bound.value.holdReads($0) })
+            created = session
+            return session
+        }
+        guard case .bound(_, let replaced) = outcome, let newSession = created else {
+            resume()
+            return perform(machine.resumeFailed())
+        }
+        if case .local(let old)? = replaced { old.close(.conflict) }
+        for flag in moved.flags { server.registry.setFlag(flag, true, for: moved.jid) }
+        finishResumption(newSession, previd: previd, h: h, state: StreamManagement(resuming: moved, id: previd))
+        // The presence goes through the modules as if the client had sent it again: routing learns the
+        // resource is available, and modules what they keep per session (capabilities, say).
+        if var presence = moved.presence {
+            presence[attribute: "from"] = moved.jid.description
+            presence[attribute: "to"] = nil
+            server.router.route(presence, from: newSession)
         }
     }
 
@@ -823,6 +921,10 @@ final class C2SHandler: ChannelInboundHandler {
     /// A stanza routed to this session from anywhere on the server.
     private func deliver(_ stanza: OutgoingStanza) {
         if let resumedBy { return resumedBy.deliver(stanza) }
+        if let movedAway {
+            if let element = Self.element(stanza, to: movedAway) { server.router.routeFromServer(element) }
+            return
+        }
         if resumingDeliveries != nil { return resumingDeliveries!.append(stanza) }
         if detached {
             // Kept for the resumption; a queue past its bound ends the wait now.

@@ -7,10 +7,14 @@ import StarlingCluster
 final class ClusterBridge: ClusterDelegate {
     private let registry: SessionRegistry
     private let router: Router
+    private let detached: DetachedSessions
+    private let resumptions: RemoteResumptions
 
-    init(registry: SessionRegistry, router: Router) {
+    init(registry: SessionRegistry, router: Router, detached: DetachedSessions, resumptions: RemoteResumptions) {
         self.registry = registry
         self.router = router
+        self.detached = detached
+        self.resumptions = resumptions
     }
 
     func localSessions() -> [ClusterSession] { registry.localEntries }
@@ -33,6 +37,16 @@ final class ClusterBridge: ClusterDelegate {
             registry.localSession(jid)?.close(StreamErrorCondition(rawValue: condition) ?? .notAuthorized)
         case .module(let host, let message):
             _ = router.run(.clusterMessage, ClusterMessageEvent(node: node, message: message), on: host)
+        case .resumeRequest(let id, let user, let request):
+            // The session leaves this node only if it is still here, detached, and the account's.
+            guard let entry = detached.take(id, user: user) else {
+                _ = router.cluster?.send(.resumeState(request: request, nil), to: node)
+                return
+            }
+            let router = self.router
+            entry.moveAway { moved in _ = router.cluster?.send(.resumeState(request: request, moved), to: node) }
+        case .resumeState(let request, let moved):
+            resumptions.complete(request, moved)
         case .hello, .proof, .snapshotBegin, .sessions, .snapshotEnd, .ping, .pong, .goodbye:
             break
         }

@@ -24,6 +24,8 @@ public final class ServerContext: Sendable {
     public let addressLimits: AddressLimits
     /// Sessions waiting to be resumed (XEP-0198).
     let detached = DetachedSessions()
+    /// Resumptions of sessions another node holds, waiting for its answer.
+    let remoteResumptions = RemoteResumptions()
     public let threadPool: NIOThreadPool
     public let logger: Logger
 

@@ -102,7 +102,8 @@ public final class StarlingServer: Service, @unchecked Sendable {
         var httpListeners: [Task<Void, any Error>] = []
         do {
             // Linked before clients come, so the first sessions see the whole cluster.
-            try await cluster?.start(delegate: ClusterBridge(registry: context.registry, router: router))
+            try await cluster?.start(delegate: ClusterBridge(registry: context.registry, router: router, detached: context.detached,
+                                                                     resumptions: context.remoteResumptions))
             for listener in configuration.listeners {
                 let channel = try await bind(listener, context: context)
                 channels.append(channel)

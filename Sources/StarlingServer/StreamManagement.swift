@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import StarlingAPI
+import StarlingCluster
 import StarlingXML
 
 /// XEP-0198's counting for one stream, as a plain value: what the client handled (what `<a h/>` says),
@@ -20,6 +21,18 @@ struct StreamManagement {
     private(set) var unacknowledged: [OutgoingStanza] = []
     /// An `<r/>` of ours awaits its `<a/>`.
     var requestOutstanding = false
+
+    /// A session another node of the cluster handed over: counting goes on where it stopped there.
+    init(resuming moved: MovedSession, id: String) {
+        enabled = true
+        resumable = true
+        self.id = id
+        handled = moved.handled
+        sent = moved.sent
+        unacknowledged = moved.unacknowledged.map { .element($0) }
+    }
+
+    init() {}
 
     mutating func enable(resumable: Bool) {
         enabled = true
@@ -102,15 +115,19 @@ final class DetachedSessions: Sendable {
     /// Hands a detached session to the resuming connection: called once, from any thread; `completion`
     /// gets the stream's counting, or nil when it timed out meanwhile.
     typealias HandOver = @Sendable (_ newSession: ClientSession, _ completion: @escaping @Sendable (StreamManagement?) -> Void) -> Void
+    /// Hands a detached session to another node: it unbinds here and `completion` gets what that node
+    /// needs (nil when it timed out meanwhile).
+    typealias MoveAway = @Sendable (_ completion: @escaping @Sendable (MovedSession?) -> Void) -> Void
+    typealias Entry = (jid: JID, handOver: HandOver, moveAway: MoveAway)
 
-    private let entries = NIOLockedValueBox<[String: (jid: JID, handOver: HandOver)]>([:])
+    private let entries = NIOLockedValueBox<[String: Entry]>([:])
 
-    func insert(_ id: String, jid: JID, handOver: @escaping HandOver) {
-        entries.withLockedValue { $0[id] = (jid, handOver) }
+    func insert(_ id: String, jid: JID, handOver: @escaping HandOver, moveAway: @escaping MoveAway) {
+        entries.withLockedValue { $0[id] = (jid, handOver, moveAway) }
     }
 
     /// Takes the session `id` if `user` (a bare JID) owns it; a stranger's or unknown id takes nothing.
-    func take(_ id: String, user: JID) -> (jid: JID, handOver: HandOver)? {
+    func take(_ id: String, user: JID) -> Entry? {
         entries.withLockedValue { entries in
             guard let entry = entries[id], entry.jid.bare == user.bare else { return nil }
             entries[id] = nil
@@ -124,4 +141,46 @@ final class DetachedSessions: Sendable {
 
     /// Sessions waiting to be resumed now.
     var count: Int { entries.withLockedValue { $0.count } }
+}
+
+/// Resumptions waiting for another node to hand a detached session over, by request number.
+final class RemoteResumptions: Sendable {
+    typealias Completion = @Sendable (MovedSession?) -> Void
+    private let state = NIOLockedValueBox<(next: UInt64, waiting: [UInt64: Completion])>((1, [:]))
+
+    /// Files `completion` under a new request number.
+    func register(_ completion: @escaping Completion) -> UInt64 {
+        state.withLockedValue { state in
+            let request = state.next
+            state.next += 1
+            state.waiting[request] = completion
+            return request
+        }
+    }
+
+    /// Completes the request once (the answer, or nil when it timed out or the link went away).
+    func complete(_ request: UInt64, _ moved: MovedSession?) {
+        let completion = state.withLockedValue { $0.waiting.removeValue(forKey: request) }
+        completion?(moved)
+    }
+
+    /// Whether the request still waits (a late answer for one that timed out finds nothing).
+    func isWaiting(_ request: UInt64) -> Bool {
+        state.withLockedValue { $0.waiting[request] != nil }
+    }
+}
+
+/// XEP-0198 resumption ids in a cluster end with the node that holds the session, so another node knows
+/// whom to ask.
+enum ResumptionID {
+    static func make(random: String, node: String?) -> String {
+        node.map { "\(random).\($0)" } ?? random
+    }
+
+    /// The node named in `id`, if any.
+    static func node(of id: String) -> String? {
+        guard let dot = id.firstIndex(of: ".") else { return nil }
+        let node = id[id.index(after: dot)...]
+        return node.isEmpty ? nil : String(node)
+    }
 }

@@ -97,6 +97,14 @@ public final class TestClient: @unchecked Sendable {
     /// Events `waitFor` passed over, kept for later waits so nothing is lost between them.
     private var skipped: [ClientEvent] = []
 
+    /// The elements earlier waits passed over and nobody has taken yet.
+    public var passedOver: [XMLElement] {
+        skipped.compactMap { event in
+            if case .element(let element) = event { return element }
+            return nil
+        }
+    }
+
     /// The next event (passed-over ones first), or `TestClientError.timeout`.
     public func next(timeout: Double = 10) async throws -> ClientEvent {
         if !skipped.isEmpty { return skipped.removeFirst() }

@@ -189,6 +189,59 @@ final class ClusterTests: XCTestCase {
         await second.close()
     }
 
+    /// XEP-0198 through a load balancer: a phone detached on node a comes back on node b, resumes there with
+    /// what it had not acknowledged and what came meanwhile, keeps its resource and presence (its contact
+    /// sees no unavailable), and what is sent afterwards reaches it on b.
+    func testStreamManagementResumesOnAnotherNode() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b"], as: "up")
+        try await cluster.waitUntil("b", sees: ["a"], as: "up")
+        let bob = try await login(cluster, "b", "bob", resource: "desk")
+        let phone = try await login(cluster, "a", "alice", resource: "phone")
+        try await befriend(phone, "alice@localhost", bob, "bob@localhost")
+        phone.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        let enabled = try await phone.expect("stream management enabled") { $0.name == "enabled" }
+        let id = try XCTUnwrap(enabled[attribute: "id"])
+        XCTAssertTrue(id.hasSuffix(".a"), "the id names the node holding the session: \(id)")
+        bob.send("<message to='alice@localhost/phone' type='chat'><body>before the tunnel</body></message>")
+        _ = try await message(phone, "before the tunnel")
+        await phone.drop()
+        bob.send("<message to='alice@localhost/phone' type='chat'><body>while in the tunnel</body></message>")
+
+        let back = try await TestClient.connect(port: cluster["b"].directTLSPort, domain: "localhost", tls: .direct)
+        _ = try await back.openStream()
+        try await back.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
+        back.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
+        let resumed = try await back.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
+        XCTAssertEqual(resumed.name, "resumed", resumed.serialized())
+        _ = try await message(back, "before the tunnel")
+        _ = try await message(back, "while in the tunnel")
+        bob.send("<message to='alice@localhost/phone' type='chat'><body>after</body></message>")
+        let after = try await message(back, "after")
+        XCTAssertEqual(after[attribute: "to"], "alice@localhost/phone", "the same resource, now on b")
+        // Still available to bob: a message to alice's bare JID reaches the resumed session.
+        bob.send("<message to='alice@localhost' type='chat'><body>to the account</body></message>")
+        _ = try await message(back, "to the account")
+        // The id still names a, which no longer holds the session: a asks the node that has the account's
+        // resource now.
+        await back.drop()
+        bob.send("<message to='alice@localhost/phone' type='chat'><body>second tunnel</body></message>")
+        let again = try await TestClient.connect(port: cluster["a"].directTLSPort, domain: "localhost", tls: .direct)
+        _ = try await again.openStream()
+        try await again.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
+        again.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
+        let second = try await again.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
+        XCTAssertEqual(second.name, "resumed", second.serialized())
+        _ = try await message(again, "second tunnel")
+        // Everything bob sent after the first move arrived before this ping's answer: no unavailable among it.
+        _ = try await bob.iq("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", id: "sync")
+        let unavailable = bob.passedOver.first { $0.name == "presence" && $0[attribute: "type"] == "unavailable" }
+        XCTAssertNil(unavailable, "bob saw alice go: \(unavailable?.serialized() ?? "")")
+        await again.close()
+        await bob.close()
+    }
+
     func testAKilledNodeIsDroppedAndItsUsersGetOfflineMessagesAfterItRejoins() async throws {
         let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
         defer { cluster.stopAll() }

@@ -35,6 +35,11 @@ final class ClusterWireTests: XCTestCase {
         .closeSession(JID("a@localhost/r")!, condition: "not-authorized"),
         .ping(123),
         .pong(UInt64.max),
+        .resumeRequest(id: "abc-def.node-1", user: JID("a@localhost")!, request: 7),
+        .resumeState(request: 7, MovedSession(jid: JID("a@localhost/phone")!, handled: 3, sent: UInt32.max, unacknowledged: [message, presence],
+                                               presence: presence, flags: ["carbons", "push:1"])),
+        .resumeState(request: 8, MovedSession(jid: JID("a@localhost/phone")!, handled: 0, sent: 0, unacknowledged: [], presence: nil, flags: [])),
+        .resumeState(request: 9, nil),
     ]
 
     private static var message: XMLElement {

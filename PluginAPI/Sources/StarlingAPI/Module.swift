@@ -435,6 +435,9 @@ extension HookPoint where Event == SessionEvent {
     public static let sessionClosed = HookPoint("session-closed")
     /// A detached session was taken over by a new connection (XEP-0198 resumption).
     public static let sessionResumed = HookPoint("session-resumed")
+    /// The session continues on another node of the cluster (resumed there): forget what is kept for it
+    /// here, without the side effects of its end (it did not end).
+    public static let sessionMoved = HookPoint("session-moved")
     /// A resource sent its first available presence (offline messages are delivered then).
     public static let initialPresence = HookPoint("initial-presence")
 }
