@@ -72,6 +72,11 @@ public final class PresenceModule: ServerModule {
             engine.sessionClosed(event.jid)
             return .pass
         }
+        // Resumed on another node: contacts are not told it went (it did not); its presence is that node's now.
+        registrar.hook(.sessionMoved) { event in
+            engine.sessionMoved(event.jid)
+            return .pass
+        }
         registrar.hook(.clusterSessionsChanged) { event in
             engine.clusterSessionsChanged(event)
             return .pass

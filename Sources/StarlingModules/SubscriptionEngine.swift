@@ -329,6 +329,14 @@ final class SubscriptionEngine: Sendable {
         broadcast(XMLElement(name: "presence", namespace: Namespace.client, attributes: ["type": "unavailable"]), from: resource)
     }
 
+    /// The session continues on another node: what this node kept of its presence goes, unannounced.
+    func sessionMoved(_ resource: JID) {
+        state.withLock { state in
+            state.presence[resource] = nil
+            state.directed[resource] = nil
+        }
+    }
+
     /// The available resources of `user` on every node, with their presence (the session table's).
     private func currentPresence(of user: JID) -> [(JID, XMLElement)] {
         host.resources(of: user.bare).compactMap { resource in resource.available ? resource.presence.map { (resource.jid, $0) } : nil }

@@ -829,7 +829,7 @@ final class C2SHandler: ChannelInboundHandler {
     }
 
     private func askForSession(_ previd: String, user: JID, h: UInt32, candidates: [String], cluster: ClusterNode, loop: any EventLoop) {
-        guard let node = candidates.first else { return finishRemoteResumption(nil, previd: previd, h: h) }
+        guard let node = candidates.first else { return finishRemoteResumption(nil, previd: previd, h: h, loop: loop) }
         let bound = NIOLoopBound(self, eventLoop: loop)
         let resumptions = server.remoteResumptions
         let request = resumptions.register { moved in
@@ -837,7 +837,7 @@ final class C2SHandler: ChannelInboundHandler {
                 if moved == nil && candidates.count > 1 {
                     bound.value.askForSession(previd, user: user, h: h, candidates: Array(candidates.dropFirst()), cluster: cluster, loop: loop)
                 } else {
-                    bound.value.finishRemoteResumption(moved, previd: previd, h: h)
+                    bound.value.finishRemoteResumption(moved, previd: previd, h: h, loop: loop)
                 }
             }
         }
@@ -848,12 +848,13 @@ final class C2SHandler: ChannelInboundHandler {
         loop.scheduleTask(in: .seconds(10)) { resumptions.complete(request, nil) }
     }
 
-    private func finishRemoteResumption(_ moved: MovedSession?, previd: String, h: UInt32) {
-        guard let moved, let context, !machine.isClosed else {
+    /// Binds the session another node handed over and resumes it on this connection. If the connection went
+    /// away meanwhile, the session ends here as a detached one does (messages kept offline, contacts told).
+    private func finishRemoteResumption(_ moved: MovedSession?, previd: String, h: UInt32, loop: any EventLoop) {
+        guard let moved else {
             resume()
             return perform(machine.resumeFailed())
         }
-        let loop = context.eventLoop
         let bound = NIOLoopBound(self, eventLoop: loop)
         var created: ClientSession?
         let outcome = server.registry.bind(user: moved.jid.bare, resource: moved.jid.resourcepart, maxSessions: .max) { jid in
@@ -868,14 +869,16 @@ final class C2SHandler: ChannelInboundHandler {
         }
         if case .local(let old)? = replaced { old.close(.conflict) }
         for flag in moved.flags { server.registry.setFlag(flag, true, for: moved.jid) }
-        finishResumption(newSession, previd: previd, h: h, state: StreamManagement(resuming: moved, id: previd))
         // The presence goes through the modules as if the client had sent it again: routing learns the
-        // resource is available, and modules what they keep per session (capabilities, say).
+        // resource is available, and modules what they keep per session (capabilities, say). What that
+        // brings the session waits until it is resumed.
+        resumingDeliveries = []
         if var presence = moved.presence {
             presence[attribute: "from"] = moved.jid.description
             presence[attribute: "to"] = nil
             server.router.route(presence, from: newSession)
         }
+        finishResumption(newSession, previd: previd, h: h, state: StreamManagement(resuming: moved, id: previd))
     }
 
     private func finishResumption(_ newSession: ClientSession, previd: String, h: UInt32, state: StreamManagement?) {
