@@ -209,12 +209,17 @@ final class ClusterTests: XCTestCase {
         await phone.drop()
         bob.send("<message to='alice@localhost/phone' type='chat'><body>while in the tunnel</body></message>")
 
-        let back = try await TestClient.connect(port: cluster["b"].directTLSPort, domain: "localhost", tls: .direct)
-        _ = try await back.openStream()
-        try await back.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
-        back.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
-        let resumed = try await back.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
-        XCTAssertEqual(resumed.name, "resumed", resumed.serialized())
+        /// alice comes back on `node` and resumes `id` there.
+        func resume(on node: String) async throws -> TestClient {
+            let client = try await TestClient.connect(port: cluster[node].directTLSPort, domain: "localhost", tls: .direct)
+            _ = try await client.openStream()
+            try await client.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
+            client.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
+            let answer = try await client.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
+            XCTAssertEqual(answer.name, "resumed", answer.serialized())
+            return client
+        }
+        let back = try await resume(on: "b")
         _ = try await message(back, "before the tunnel")
         _ = try await message(back, "while in the tunnel")
         bob.send("<message to='alice@localhost/phone' type='chat'><body>after</body></message>")
@@ -227,12 +232,7 @@ final class ClusterTests: XCTestCase {
         // resource now.
         await back.drop()
         bob.send("<message to='alice@localhost/phone' type='chat'><body>second tunnel</body></message>")
-        let again = try await TestClient.connect(port: cluster["a"].directTLSPort, domain: "localhost", tls: .direct)
-        _ = try await again.openStream()
-        try await again.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
-        again.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
-        let second = try await again.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
-        XCTAssertEqual(second.name, "resumed", second.serialized())
+        let again = try await resume(on: "a")
         _ = try await message(again, "second tunnel")
         // Everything bob sent after the first move arrived before this ping's answer: no unavailable among it.
         _ = try await bob.iq("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", id: "sync")
