@@ -1,6 +1,7 @@
 import Foundation
 import HTTPTypes
 import StarlingAPI
+import StarlingSASL
 import StarlingTestClient
 import XCTest
 #if canImport(FoundationNetworking)
@@ -77,6 +78,38 @@ final class WebSocketTests: XCTestCase {
         XCTAssertEqual(closed.namespace, "urn:ietf:params:xml:ns:xmpp-framing")
         await web.finish()
         await tcp.close()
+    }
+
+    /// A web client's FAST (XEP-0484) path: behind a TLS-terminating proxy only HT-SHA-256-NONE is offered
+    /// (the browser cannot see TLS), a SASL2 password login asks for a token, and the next session logs in
+    /// with the token alone, bound in the same round trip.
+    func testAWebClientLogsInWithAFASTToken() async throws {
+        func authenticate(_ web: WebSocketSession, mechanism: String, initial: [UInt8], extra: String) async throws -> (XMLElement, [String]) {
+            web.open()
+            _ = try await web.expect("<open/>") { $0.name == "open" }
+            let features = try await web.expect("features") { $0.name == "features" }
+            let fast = features.child("authentication", namespace: "urn:xmpp:sasl:2")?.child("inline")?.child("fast", namespace: "urn:xmpp:fast:0")
+            web.send("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='\(mechanism)'><initial-response>\(Data(initial).base64EncodedString())"
+                     + "</initial-response><user-agent id='browser-tab-1'/>\(extra)</authenticate>")
+            let outcome = try await web.next("SASL2 outcome")
+            return (outcome, fast?.elements.map(\.text) ?? [])
+        }
+        let first = WebSocketSession(url: url, headers: Self.proxied)
+        let (success, offered) = try await authenticate(first, mechanism: "PLAIN", initial: Array("\0ws6\0pw6".utf8),
+                                                        extra: "<request-token xmlns='urn:xmpp:fast:0' mechanism='HT-SHA-256-NONE'/>")
+        XCTAssertEqual(offered, ["HT-SHA-256-NONE"], "no certificate binding over a proxied WebSocket")
+        let token = try XCTUnwrap(TestClient.fastToken(in: success), success.serialized()).token
+        await first.finish()
+
+        let second = WebSocketSession(url: url, headers: Self.proxied)
+        let initial = HashedTokenMechanism.initialResponse(username: "ws6", token: token, channelBinding: [])
+        let (outcome, _) = try await authenticate(second, mechanism: "HT-SHA-256-NONE", initial: initial,
+                                                  extra: "<fast xmlns='urn:xmpp:fast:0'/><bind xmlns='urn:xmpp:bind:0'><tag>Web</tag></bind>")
+        XCTAssertEqual(outcome.name, "success", outcome.serialized())
+        XCTAssertNotNil(outcome.child("bound", namespace: "urn:xmpp:bind:0"), outcome.serialized())
+        let proof = Array(Data(base64Encoded: outcome.child("additional-data")?.text ?? "") ?? Data())
+        XCTAssertEqual(proof, HashedTokenMechanism.responderProof(token: token, channelBinding: []), "the server proves it knew the token")
+        await second.finish()
     }
 
     func testStreamHeaderAndFeaturesAreFramed() async throws {
