@@ -137,8 +137,12 @@ final class HostModules: Sendable {
         guard let handlers = hooks[point.name] else { return .pass }
         var event = event
         var modified: XMLElement?
-        for (handler, meter) in handlers {
-            let result = meter?.measure { handler.handler(event) } ?? handler.handler(event)
+        let eventType = ObjectIdentifier(Event.self)
+        for (registration, meter) in handlers {
+            // A handler registered for another event type under the same name does not hear this one.
+            guard registration.eventType == eventType else { continue }
+            let handler = unsafeDowncast(registration.handler, to: ModuleRegistrar.TypedHookHandler<Event>.self)
+            let result = meter?.measure { handler.call(event) } ?? handler.call(event)
             switch result {
             case .pass:
                 continue

@@ -560,7 +560,17 @@ public final class ModuleRegistrar: @unchecked Sendable {
     public struct HookRegistration: Sendable {
         public let name: String
         public let priority: Int
-        public let handler: @Sendable (Any) -> HookResult
+        /// The event type the handler takes.
+        public let eventType: ObjectIdentifier
+        /// A `TypedHookHandler<Event>` for `eventType`: the server calls it with the event as it is, with no
+        /// boxing into `Any` and no dynamic cast per call.
+        public let handler: any AnyObject & Sendable
+    }
+
+    /// A hook handler that keeps its event type.
+    public final class TypedHookHandler<Event: Sendable>: Sendable {
+        public let call: @Sendable (Event) -> HookResult
+        init(_ call: @escaping @Sendable (Event) -> HookResult) { self.call = call }
     }
 
     /// When a stream feature is offered.
@@ -626,10 +636,7 @@ public final class ModuleRegistrar: @unchecked Sendable {
 
     /// Runs `handler` on `point` with `priority` (higher runs first).
     public func hook<Event>(_ point: HookPoint<Event>, priority: Int = 0, _ handler: @escaping @Sendable (Event) -> HookResult) {
-        hooks.append(HookRegistration(name: point.name, priority: priority) { event in
-            guard let event = event as? Event else { return .pass }
-            return handler(event)
-        })
+        hooks.append(HookRegistration(name: point.name, priority: priority, eventType: ObjectIdentifier(Event.self), handler: TypedHookHandler(handler)))
     }
 }
 
