@@ -33,7 +33,7 @@ final class ExampleModuleTests: XCTestCase {
         XCTAssertEqual(payload?.text, "Hello there")
 
         let hook = try XCTUnwrap(registrar.hooks.first { $0.name == HookPoint<SessionEvent>.initialPresence.name })
-        XCTAssertEqual(hook.handler(SessionEvent(jid: JID("a@example.org/r")!)), .pass)
+        XCTAssertEqual(hook.call(SessionEvent(jid: JID("a@example.org/r")!)), .pass)
         let greeting = try XCTUnwrap(host.routed.withLock { $0.first })
         XCTAssertEqual(greeting[attribute: "to"], "a@example.org/r")
         XCTAssertEqual(greeting.child("body")?.text, "Hello there")

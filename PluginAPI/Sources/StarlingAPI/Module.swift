@@ -565,6 +565,11 @@ public final class ModuleRegistrar: @unchecked Sendable {
         /// A `TypedHookHandler<Event>` for `eventType`: the server calls it with the event as it is, with no
         /// boxing into `Any` and no dynamic cast per call.
         public let handler: any AnyObject & Sendable
+
+        /// Runs the handler on `event`; an event of another type passes it by.
+        public func call<Event: Sendable>(_ event: Event) -> HookResult {
+            (handler as? TypedHookHandler<Event>)?.call(event) ?? .pass
+        }
     }
 
     /// A hook handler that keeps its event type.
