@@ -217,6 +217,14 @@ final class AdminAPITests: XCTestCase {
         XCTAssertEqual(answer.object["kicked"] as? Int, 1)
         let kickError = try await newbie.expectStreamError()
         XCTAssertEqual(kickError, "policy-violation")
+        // The server unbinds the kicked session once its connection has closed, a moment after the client saw
+        // the error: wait for that, so the unregistration below counts only the session still open.
+        for _ in 0..<200 {
+            let sessions = try await api.call("GET", "/sessions")
+            let jids = (sessions.object["sessions"] as? [[String: Any]])?.compactMap { $0["jid"] as? String } ?? []
+            if !jids.contains("newbie@localhost/r") { break }
+            try await Task.sleep(for: .milliseconds(50))
+        }
         try await api.expect(404, "POST", "/sessions/kick", body: ["jid": "nobody@localhost"])
         answer = try await api.call("DELETE", "/hosts/localhost/users/newbie")
         XCTAssertEqual(answer.object["sessions_closed"] as? Int, 1)
