@@ -74,6 +74,11 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "StarlingFAST",
+            dependencies: ["StarlingSASL", "StarlingStorage", "StarlingConfig", .product(name: "StarlingAPI", package: "PluginAPI")],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "StarlingConfig",
             dependencies: [
                 "Yams",
@@ -225,7 +230,7 @@ let package = Package(
         .target(
             name: "StarlingServer",
             dependencies: [
-                "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingCluster", "StarlingHTTP", "StarlingS2S",
+                "StarlingXML", "StarlingSASL", "StarlingFAST", "StarlingConfig", "StarlingStorage", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingCluster", "StarlingHTTP", "StarlingS2S",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -300,7 +305,7 @@ let package = Package(
         .testTarget(
             name: "StarlingUnitTests",
             dependencies: [
-                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingMUC", "StarlingMAM", "StarlingPubSub", "StarlingCluster", "StarlingHTTP", "StarlingPortable", "StarlingS2S", "ExampleModules",
+                "CLuaSandbox", "StarlingXML", "StarlingSASL", "StarlingFAST", "StarlingConfig", "StarlingServer", "StarlingSQLite", "StarlingPostgres", "StarlingModules", "StarlingLua", "StarlingMUC", "StarlingMAM", "StarlingPubSub", "StarlingCluster", "StarlingHTTP", "StarlingPortable", "StarlingS2S", "ExampleModules",
                 .product(name: "StarlingAPI", package: "PluginAPI"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

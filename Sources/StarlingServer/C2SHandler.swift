@@ -3,6 +3,7 @@ import NIOCore
 import NIOSSL
 import NIOTLS
 import StarlingAPI
+import StarlingFAST
 import StarlingCluster
 import StarlingHTTP
 import StarlingSASL

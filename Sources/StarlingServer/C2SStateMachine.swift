@@ -1,5 +1,6 @@
 import Foundation
 import StarlingAPI
+import StarlingFAST
 import StarlingSASL
 import StarlingXML
 
@@ -855,48 +856,6 @@ struct SASL2Success: Equatable {
     var additionalData: [UInt8]?
     /// A XEP-0484 token issued with this success.
     var token: IssuedFASTToken?
-}
-
-/// A FAST token proof to check: the handler looks up the client's stored tokens.
-public struct FASTVerification: Sendable, Equatable {
-    public var user: JID
-    /// The SASL2 user-agent id.
-    public var client: String
-    public var mechanism: String
-    public var proof: [UInt8]
-    /// The mechanism's channel-binding data (empty for `-NONE`).
-    public var channelBinding: [UInt8]
-    /// Forget the token once it has proven itself (`<fast invalidate='true'/>`).
-    public var invalidate: Bool
-    /// The same request asks for a new token (`<request-token/>`), which will take the `new` slot.
-    public var requestsToken = false
-}
-
-public enum FASTVerificationOutcome: Sendable, Equatable {
-    /// The proof matched an unexpired token for this mechanism; `rotate`: issue the client a replacement.
-    case success(responderProof: [UInt8], rotate: Bool)
-    case failure(SASLFailure)
-}
-
-/// A FAST token to issue into the client's `new` slot.
-public struct FASTIssue: Sendable, Equatable {
-    public var user: JID
-    public var client: String
-    public var mechanism: String
-    public var software: String?
-    public var device: String?
-}
-
-/// An issued token as the client receives it.
-public struct IssuedFASTToken: Sendable, Equatable {
-    public var token: String
-    /// Seconds since 1970.
-    public var expiresAt: Int
-
-    public init(token: String, expiresAt: Int) {
-        self.token = token
-        self.expiresAt = expiresAt
-    }
 }
 
 /// XEP-0484 wire forms.

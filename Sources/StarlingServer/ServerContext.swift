@@ -3,6 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import StarlingAPI
+import StarlingFAST
 import StarlingCluster
 import StarlingConfig
 import StarlingModules

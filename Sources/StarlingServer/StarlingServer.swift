@@ -5,6 +5,7 @@ import NIOPosix
 import NIOSSL
 import ServiceLifecycle
 import StarlingAPI
+import StarlingFAST
 import StarlingCluster
 import StarlingConfig
 import StarlingHTTP

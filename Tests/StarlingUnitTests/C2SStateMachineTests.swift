@@ -1,5 +1,6 @@
 import Foundation
 import StarlingAPI
+import StarlingFAST
 import StarlingSASL
 @testable import StarlingServer
 import StarlingXML

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import StarlingAPI
+import StarlingFAST
 import StarlingConfig
 import StarlingModules
 import StarlingSASL

@@ -67,7 +67,7 @@ public final class FASTTokens: Sendable {
 
     /// The key's secret: `auth.fast.key_file`, else the cluster's secret (every node must agree), else
     /// `fast-token.key` in data_dir, made with 32 random bytes at first start and readable by the server only.
-    static func loadKey(_ configuration: StarlingConfiguration) throws -> FASTTokenKey {
+    public static func loadKey(_ configuration: StarlingConfiguration) throws -> FASTTokenKey {
         if let file = configuration.auth.fast.keyFile ?? configuration.cluster?.secretFile {
             return FASTTokenKey(secret: Array(try secret(at: file).utf8))
         }
@@ -98,3 +98,64 @@ struct FASTKeyError: Error, CustomStringConvertible {
     var message: String
     var description: String { "FAST token key: \(message)" }
 }
+
+/// A FAST token proof to check: the handler looks up the client's stored tokens.
+public struct FASTVerification: Sendable, Equatable {
+    public var user: JID
+    /// The SASL2 user-agent id.
+    public var client: String
+    public var mechanism: String
+    public var proof: [UInt8]
+    /// The mechanism's channel-binding data (empty for `-NONE`).
+    public var channelBinding: [UInt8]
+    /// Forget the token once it has proven itself (`<fast invalidate='true'/>`).
+    public var invalidate: Bool
+    /// The same request asks for a new token (`<request-token/>`), which will take the `new` slot.
+    public var requestsToken = false
+
+    public init(user: JID, client: String, mechanism: String, proof: [UInt8], channelBinding: [UInt8], invalidate: Bool, requestsToken: Bool = false) {
+        self.user = user
+        self.client = client
+        self.mechanism = mechanism
+        self.proof = proof
+        self.channelBinding = channelBinding
+        self.invalidate = invalidate
+        self.requestsToken = requestsToken
+    }
+}
+
+public enum FASTVerificationOutcome: Sendable, Equatable {
+    /// The proof matched an unexpired token for this mechanism; `rotate`: issue the client a replacement.
+    case success(responderProof: [UInt8], rotate: Bool)
+    case failure(SASLFailure)
+}
+
+/// A FAST token to issue into the client's `new` slot.
+public struct FASTIssue: Sendable, Equatable {
+    public var user: JID
+    public var client: String
+    public var mechanism: String
+    public var software: String?
+    public var device: String?
+
+    public init(user: JID, client: String, mechanism: String, software: String? = nil, device: String? = nil) {
+        self.user = user
+        self.client = client
+        self.mechanism = mechanism
+        self.software = software
+        self.device = device
+    }
+}
+
+/// An issued token as the client receives it.
+public struct IssuedFASTToken: Sendable, Equatable {
+    public var token: String
+    /// Seconds since 1970.
+    public var expiresAt: Int
+
+    public init(token: String, expiresAt: Int) {
+        self.token = token
+        self.expiresAt = expiresAt
+    }
+}
+
