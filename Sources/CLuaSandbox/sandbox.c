@@ -256,6 +256,179 @@ static void open_libraries(lua_State *L) {
     starling_lua_install_costs(L);
 }
 
+// A stanza reaches a script as a table whose fields `name`, `attr` and `body` are filled from the stanza
+// when first read (or listed by pairs), and `attr` looks each attribute up when read: a handler that
+// looks at nothing costs no copying, one that reads `stanza.attr.to` copies that one value.
+
+enum { STANZA_FIELD_NAME = 1, STANZA_FIELD_ATTR = 2, STANZA_FIELD_BODY = 4 };
+
+static unsigned stanza_field(lua_State *L, int index) {
+    if (lua_type(L, index) != LUA_TSTRING) return 0;
+    size_t length = 0;
+    const char *key = lua_tolstring(L, index, &length);
+    if (length != 4) return 0;
+    if (memcmp(key, "name", 4) == 0) return STANZA_FIELD_NAME;
+    if (memcmp(key, "attr", 4) == 0) return STANZA_FIELD_ATTR;
+    if (memcmp(key, "body", 4) == 0) return STANZA_FIELD_BODY;
+    return 0;
+}
+
+static int is_current_stanza(starling_lua_sandbox *sandbox, lua_State *L, int index) {
+    return sandbox->current_call != NULL && lua_topointer(L, index) == sandbox->current_stanza_table;
+}
+
+/// Pushes one part of the running call's stanza, or nothing (returning 0) when the stanza lacks it.
+static int push_stanza_part(lua_State *L, starling_lua_sandbox *sandbox, starling_lua_stanza_part part, int index, starling_lua_string key) {
+    const starling_lua_call *call = sandbox->current_call;
+    long length = call->read_stanza(call->stanza, part, index, key, sandbox->scratch, sandbox->scratch_capacity);
+    if (length < 0) return 0;
+    if ((size_t)length > sandbox->scratch_capacity) {
+        size_t capacity = (size_t)length < 256 ? 256 : (size_t)length;
+        char *grown = (char *)realloc(sandbox->scratch, capacity);
+        if (grown == NULL) return luaL_error(L, "not enough memory");
+        sandbox->scratch = grown;
+        sandbox->scratch_capacity = capacity;
+        length = call->read_stanza(call->stanza, part, index, key, grown, capacity);
+        if (length < 0 || (size_t)length > capacity) return 0;
+    }
+    lua_pushlstring(L, sandbox->scratch, (size_t)length);
+    return 1;
+}
+
+static const starling_lua_string no_key = {NULL, 0};
+
+static int is_current_attributes(starling_lua_sandbox *sandbox, lua_State *L, int index) {
+    return sandbox->current_call != NULL && !sandbox->attributes_complete && lua_topointer(L, index) == sandbox->current_attributes_table;
+}
+
+/// Copies every attribute into the attr table at `table` (keys a script set with rawset stay as they are).
+static void complete_attributes(lua_State *L, starling_lua_sandbox *sandbox, int table) {
+    sandbox->attributes_complete = 1;
+    const starling_lua_call *call = sandbox->current_call;
+    long count = call->read_stanza(call->stanza, STARLING_LUA_STANZA_ATTRIBUTE_COUNT, 0, no_key, NULL, 0);
+    for (int index = 0; index < count; index++) {
+        if (!push_stanza_part(L, sandbox, STARLING_LUA_STANZA_ATTRIBUTE_NAME, index, no_key)) continue;
+        lua_pushvalue(L, -1);
+        if (lua_rawget(L, table) != LUA_TNIL || !push_stanza_part(L, sandbox, STARLING_LUA_STANZA_ATTRIBUTE_VALUE, index, no_key)) {
+            lua_pop(L, 2);
+            continue;
+        }
+        lua_remove(L, -2);
+        lua_rawset(L, table);
+    }
+}
+
+/// Reading `stanza.attr.x` asks the stanza each time rather than keeping the value in the table: an
+/// assignment to a key present in the table would not reach __newindex, so a removed attribute could
+/// come back from the stanza.
+static int attributes_index(lua_State *L) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    if (lua_type(L, 2) != LUA_TSTRING || !is_current_attributes(sandbox, L, 1)) return 0;
+    starling_lua_string key;
+    key.data = lua_tolstring(L, 2, &key.length);
+    return push_stanza_part(L, sandbox, STARLING_LUA_STANZA_ATTRIBUTE_NAMED, 0, key);
+}
+
+static int attributes_newindex(lua_State *L) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    if (is_current_attributes(sandbox, L, 1)) complete_attributes(L, sandbox, 1);
+    lua_settop(L, 3);
+    lua_rawset(L, 1);
+    return 0;
+}
+
+static int attributes_pairs(lua_State *L) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    if (is_current_attributes(sandbox, L, 1)) complete_attributes(L, sandbox, 1);
+    lua_pushvalue(L, lua_upvalueindex(1)); /* next, as it was before any script ran */
+    lua_pushvalue(L, 1);
+    lua_pushnil(L);
+    return 3;
+}
+
+/// Sets `field` of the stanza table at `table` from the stanza (raw, so __newindex does not see it).
+static void fill_stanza_field(lua_State *L, starling_lua_sandbox *sandbox, int table, unsigned field) {
+    sandbox->stanza_fields_touched |= field;
+    switch (field) {
+    case STANZA_FIELD_NAME:
+        lua_pushliteral(L, "name");
+        if (!push_stanza_part(L, sandbox, STARLING_LUA_STANZA_NAME, 0, no_key)) {
+            lua_pop(L, 1);
+            return;
+        }
+        break;
+    case STANZA_FIELD_BODY:
+        lua_pushliteral(L, "body");
+        if (!push_stanza_part(L, sandbox, STARLING_LUA_STANZA_BODY, 0, no_key)) {
+            lua_pop(L, 1);
+            return;
+        }
+        break;
+    default:
+        lua_pushliteral(L, "attr");
+        lua_createtable(L, 0, 0);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, sandbox->attributes_metatable_ref);
+        lua_setmetatable(L, -2);
+        sandbox->current_attributes_table = lua_topointer(L, -1);
+        sandbox->attributes_complete = 0;
+        break;
+    }
+    lua_rawset(L, table);
+}
+
+static int stanza_index(lua_State *L) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    unsigned field = stanza_field(L, 2);
+    if (field == 0 || (sandbox->stanza_fields_touched & field) || !is_current_stanza(sandbox, L, 1)) return 0;
+    fill_stanza_field(L, sandbox, 1, field);
+    lua_settop(L, 2);
+    lua_rawget(L, 1);
+    return 1;
+}
+
+/// An assignment to a field not read yet (`stanza.body = nil`) must not be undone by a later read.
+static int stanza_newindex(lua_State *L) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    unsigned field = stanza_field(L, 2);
+    if (field != 0 && is_current_stanza(sandbox, L, 1)) sandbox->stanza_fields_touched |= field;
+    lua_settop(L, 3);
+    lua_rawset(L, 1);
+    return 0;
+}
+
+static int stanza_pairs(lua_State *L) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    if (is_current_stanza(sandbox, L, 1)) {
+        for (unsigned field = STANZA_FIELD_NAME; field <= STANZA_FIELD_BODY; field <<= 1) {
+            if (!(sandbox->stanza_fields_touched & field)) fill_stanza_field(L, sandbox, 1, field);
+        }
+    }
+    lua_pushvalue(L, lua_upvalueindex(1)); /* next, as it was before any script ran */
+    lua_pushvalue(L, 1);
+    lua_pushnil(L);
+    return 3;
+}
+
+static int new_view_metatable(lua_State *L, lua_CFunction index, lua_CFunction newindex, lua_CFunction pairs, const char *name) {
+    lua_createtable(L, 0, 4);
+    lua_pushcfunction(L, index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_getglobal(L, "next");
+    lua_pushcclosure(L, pairs, 1);
+    lua_setfield(L, -2, "__pairs");
+    // Scripts can neither read it (to give other tables these fields) nor replace it.
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "__metatable");
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+static void create_stanza_metatables(lua_State *L, starling_lua_sandbox *sandbox) {
+    sandbox->stanza_metatable_ref = new_view_metatable(L, stanza_index, stanza_newindex, stanza_pairs, "stanza");
+    sandbox->attributes_metatable_ref = new_view_metatable(L, attributes_index, attributes_newindex, attributes_pairs, "attributes");
+}
+
 static int open_protected(lua_State *L) {
     const starling_lua_open *open = (const starling_lua_open *)lua_touserdata(L, 1);
     starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
@@ -271,6 +444,7 @@ static int open_protected(lua_State *L) {
         lua_setfield(L, -2, open->function_names[index]);
     }
     lua_setglobal(L, "starling");
+    create_stanza_metatables(L, sandbox);
 
     if (luaL_loadbufferx(L, open->prelude.data, open->prelude.length, "=starling", "t") != LUA_OK) return lua_error(L);
     lua_call(L, 0, 2);
@@ -294,6 +468,8 @@ static starling_lua_sandbox *new_sandbox(const starling_lua_limits *limits, char
     sandbox->watchdog_ns = (uint64_t)(limits->watchdog * 1e9);
     sandbox->dispatch_ref = LUA_NOREF;
     sandbox->handler_list_ref = LUA_NOREF;
+    sandbox->stanza_metatable_ref = LUA_NOREF;
+    sandbox->attributes_metatable_ref = LUA_NOREF;
     sandbox->L = lua_newstate(sandbox_alloc, sandbox);
     if (sandbox->L == NULL) {
         free(sandbox);
@@ -316,6 +492,7 @@ starling_lua_sandbox *starling_lua_sandbox_open(const starling_lua_limits *limit
 
 void starling_lua_sandbox_close(starling_lua_sandbox *sandbox) {
     lua_close(sandbox->L);
+    free(sandbox->scratch);
     free(sandbox);
 }
 
@@ -414,19 +591,12 @@ static int call_protected(lua_State *L) {
     lua_pushlstring(L, call->event.data, call->event.length);
     lua_pushinteger(L, (lua_Integer)call->priority);
     lua_createtable(L, 0, 3);
-    lua_pushlstring(L, call->name.data, call->name.length);
-    lua_setfield(L, -2, "name");
-    lua_createtable(L, 0, call->attribute_count);
-    for (int index = 0; index < call->attribute_count; index++) {
-        lua_pushlstring(L, call->attributes[index * 2].data, call->attributes[index * 2].length);
-        lua_pushlstring(L, call->attributes[index * 2 + 1].data, call->attributes[index * 2 + 1].length);
-        lua_rawset(L, -3);
-    }
-    lua_setfield(L, -2, "attr");
-    if (call->has_body) {
-        lua_pushlstring(L, call->body.data, call->body.length);
-        lua_setfield(L, -2, "body");
-    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sandbox->stanza_metatable_ref);
+    lua_setmetatable(L, -2);
+    sandbox->current_call = call;
+    sandbox->current_stanza_table = lua_topointer(L, -1);
+    sandbox->current_attributes_table = NULL;
+    sandbox->stanza_fields_touched = 0;
     for (int index = 0; index < call->table_count; index++) {
         const starling_lua_table *table = &call->tables[index];
         int nested = table->name.length > 0;
@@ -460,6 +630,7 @@ static int call_protected(lua_State *L) {
         call->verdict = 3;
         read_back_tables(L, call);
         if (lua_getfield(L, 2, "attr") == LUA_TTABLE) {
+            if (is_current_attributes(sandbox, L, 4)) complete_attributes(L, sandbox, 4);
             int count = 0;
             lua_pushnil(L);
             while (lua_next(L, 4) != 0) {
@@ -493,6 +664,9 @@ static int call_protected(lua_State *L) {
 
 int starling_lua_sandbox_invoke(starling_lua_sandbox *sandbox, starling_lua_call *call) {
     int status = protected_call(sandbox, call_protected, call, &call->error);
+    sandbox->current_call = NULL;
+    sandbox->current_stanza_table = NULL;
+    sandbox->current_attributes_table = NULL;
     call->stop = status == LUA_OK ? STARLING_LUA_RAN : sandbox->stopped;
     call->elapsed = (double)(clock_ns(CLOCK_MONOTONIC) - sandbox->wall_started_ns) / 1e9;
     if (sandbox->slow_location[0]) call->slow_location = copy_text(sandbox->slow_location, strlen(sandbox->slow_location));

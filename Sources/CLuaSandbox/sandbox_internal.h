@@ -29,6 +29,21 @@ struct starling_lua_sandbox {
     /// Registry references to the prelude's dispatcher and handler list.
     int dispatch_ref;
     int handler_list_ref;
+    /// Registry references to the metatables of stanza tables (filled on first read) and of their
+    /// `attr` tables (each read looks the attribute up; the first change or listing copies them all).
+    int stanza_metatable_ref;
+    int attributes_metatable_ref;
+    /// The call running now, its stanza table and attr table (as lua_topointer gives them), which of the
+    /// stanza table's fields were filled or assigned already (bits), and whether the attr table holds
+    /// every attribute. Tables kept past their call are plain tables of what had been filled.
+    const starling_lua_call *current_call;
+    const void *current_stanza_table;
+    const void *current_attributes_table;
+    unsigned stanza_fields_touched;
+    int attributes_complete;
+    /// Where the stanza reader copies a part before it is pushed.
+    char *scratch;
+    size_t scratch_capacity;
 };
 
 /// The sandbox a state belongs to (the allocator's user data).

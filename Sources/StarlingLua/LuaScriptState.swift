@@ -142,67 +142,19 @@ public final class LuaScriptState {
     public var memoryInUse: Int { starling_lua_sandbox_memory(sandbox) }
 
     /// Runs the script's handlers for `event` registered at `priority` on `stanza`, with `tables` as more
-    /// fields of the event table (MUC events: `event.room`, `event.occupant`, ...).
+    /// fields of the event table (MUC events: `event.room`, `event.occupant`, ...). The stanza is not
+    /// copied up front: the sandbox reads the parts a handler looks at, while the call runs.
     public func call(event: String, priority: Int, stanza: XMLElement, tables: [LuaTable] = []) -> LuaVerdict {
-        // Every string the call needs goes into one buffer; the C structs point into it.
-        var strings: [String] = [event, stanza.name]
-        for attribute in stanza.attributes { strings += [attribute.qualifiedName, attribute.value] }
-        let body = stanza.child("body")?.text
-        if let body { strings.append(body) }
-        let attributeCount = stanza.attributes.count
-        let tablesStart = strings.count
-        for table in tables {
-            strings.append(table.name)
-            for (key, value) in table.fields {
-                strings.append(key)
-                if case .string(let text) = value { strings.append(text) }
-            }
-        }
-        return strings.withLuaStrings { values in
-            var fields: [starling_lua_field] = []
-            var shapes: [(name: starling_lua_string, start: Int, count: Int)] = []
-            var next = tablesStart
-            for table in tables {
-                let name = values[next]
-                next += 1
-                let start = fields.count
-                for (_, value) in table.fields {
-                    var field = starling_lua_field()
-                    field.key = values[next]
-                    next += 1
-                    switch value {
-                    case .string:
-                        field.kind = 0
-                        field.text = values[next]
-                        next += 1
-                    case .number(let number):
-                        field.kind = 1
-                        field.number = number
-                    case .boolean(let flag):
-                        field.kind = 2
-                        field.number = flag ? 1 : 0
-                    }
-                    fields.append(field)
-                }
-                shapes.append((name, start, table.fields.count))
-            }
-            return fields.withUnsafeBufferPointer { fieldBuffer in
-                let luaTables = shapes.map { shape in
-                    starling_lua_table(name: shape.name, field_count: Int32(shape.count), fields: fieldBuffer.baseAddress.map { $0 + shape.start })
-                }
-                return luaTables.withUnsafeBufferPointer { tableBuffer in
+        withUnsafePointer(to: stanza) { stanzaPointer in
+            event.withLuaString { eventString in
+                tables.withLuaTables { luaTables, count in
                     var call = starling_lua_call()
-                    call.event = values[0]
+                    call.event = eventString
                     call.priority = Int64(priority)
-                    call.name = values[1]
-                    call.attribute_count = Int32(attributeCount)
-                    call.attributes = UnsafePointer(values.baseAddress! + 2)
-                    if body != nil {
-                        call.body = values[2 + attributeCount * 2]
-                        call.has_body = 1
-                    }
-                    call.table_count = Int32(tables.count)
-                    call.tables = tableBuffer.baseAddress
+                    call.read_stanza = readStanzaPart
+                    call.stanza = UnsafeRawPointer(stanzaPointer)
+                    call.table_count = count
+                    call.tables = luaTables
                     defer { starling_lua_call_free(&call) }
                     return invoke(&call, tables: tables)
                 }
@@ -264,7 +216,7 @@ public final class LuaScriptState {
     static let prelude = """
         local known = {}
         for _, name in ipairs({\(LuaHooks.events.map { "\"\($0)\"" }.joined(separator: ", "))}) do known[name] = true end
-        local handlers, order = {}, 0
+        local handlers, runs, order = {}, {}, 0
         local sort, concat, select, tostring, type, ipairs, pairs, error = table.sort, table.concat, select, tostring, type, ipairs, pairs, error
         function starling.hook(event, priority, fn)
           if type(priority) == "function" then fn, priority = priority, 0 end
@@ -279,6 +231,12 @@ public final class LuaScriptState {
             return a.order < b.order
           end)
           handlers[event] = list
+          -- What a call runs: the functions of one event and priority in the order they were registered.
+          local priorities = runs[event] or {}
+          local functions = priorities[priority] or {}
+          functions[#functions + 1] = fn
+          priorities[priority] = functions
+          runs[event] = priorities
         end
         local log = starling.log
         function print(...)
@@ -287,20 +245,22 @@ public final class LuaScriptState {
           log("info", concat(parts, " "))
         end
         local function dispatch(event, priority, stanza)
+          local priorities = runs[event]
+          local functions = priorities and priorities[priority]
+          if not functions then return "pass" end
           local modified = false
-          for _, handler in ipairs(handlers[event] or {}) do
-            if handler.priority == priority then
-              local verdict, a, b = handler.fn(stanza)
-              if verdict == "modify" then
-                modified = true
-                if type(a) == "table" then stanza = a end
-              elseif verdict == "drop" then return "drop"
-              elseif verdict == "allow" then return "allow"
-              elseif verdict == "kick" then return "kick", a
-              elseif verdict == "error" then return "error", a or "not-acceptable", b
-              elseif verdict ~= nil and verdict ~= "pass" then
-                error("a handler for " .. event .. " returned '" .. tostring(verdict) .. "': expected pass, drop, error, modify, allow or kick", 0)
-              end
+          for i = 1, #functions do
+            local verdict, a, b = functions[i](stanza)
+            if verdict == nil or verdict == "pass" then
+            elseif verdict == "modify" then
+              modified = true
+              if type(a) == "table" then stanza = a end
+            elseif verdict == "drop" then return "drop"
+            elseif verdict == "allow" then return "allow"
+            elseif verdict == "kick" then return "kick", a
+            elseif verdict == "error" then return "error", a or "not-acceptable", b
+            else
+              error("a handler for " .. event .. " returned '" .. tostring(verdict) .. "': expected pass, drop, error, modify, allow or kick", 0)
             end
           end
           if modified then return "modify", stanza end
@@ -409,6 +369,50 @@ final class LuaBridge {
     }
 }
 
+/// How the sandbox reads the stanza of the running call (a pointer to an `XMLElement` alive for the call).
+private let readStanzaPart: starling_lua_stanza_reader = { stanza, part, index, key, buffer, capacity in
+    let element = stanza!.assumingMemoryBound(to: XMLElement.self)
+    func copy(_ text: String) -> Int {
+        var text = text
+        return text.withUTF8 { utf8 in
+            if utf8.count <= capacity, let buffer, let source = utf8.baseAddress { memcpy(buffer, source, utf8.count) }
+            return utf8.count
+        }
+    }
+    let attributes = 0..<element.pointee.attributes.count
+    switch part {
+    case STARLING_LUA_STANZA_NAME:
+        return copy(element.pointee.name)
+    case STARLING_LUA_STANZA_BODY:
+        guard let body = element.pointee.child("body") else { return -1 }
+        return copy(body.text)
+    case STARLING_LUA_STANZA_ATTRIBUTE_COUNT:
+        return attributes.count
+    case STARLING_LUA_STANZA_ATTRIBUTE_NAME where attributes.contains(Int(index)):
+        return copy(element.pointee.attributes[Int(index)].qualifiedName)
+    case STARLING_LUA_STANZA_ATTRIBUTE_VALUE where attributes.contains(Int(index)):
+        return copy(element.pointee.attributes[Int(index)].value)
+    case STARLING_LUA_STANZA_ATTRIBUTE_NAMED:
+        // Attribute names are short: as Swift strings they are stored inline and compare without a call.
+        let qualifiedName = String(decoding: UnsafeRawBufferPointer(start: key.data, count: key.length), as: UTF8.self)
+        for index in attributes where element.pointee.attributes[index].hasQualifiedName(qualifiedName) {
+            return copy(element.pointee.attributes[index].value)
+        }
+        return -1
+    default:
+        return -1
+    }
+}
+
+private extension XMLAttribute {
+    /// Whether this is the attribute `qualifiedName` (`prefix:name`, or `name`), without building its own.
+    func hasQualifiedName(_ qualifiedName: String) -> Bool {
+        guard let prefix else { return name == qualifiedName }
+        return qualifiedName.utf8.count == prefix.utf8.count + 1 + name.utf8.count && qualifiedName.hasPrefix(prefix)
+            && qualifiedName.hasSuffix(name) && qualifiedName.utf8.dropFirst(prefix.utf8.count).first == UInt8(ascii: ":")
+    }
+}
+
 /// The C dispatcher's way back into Swift. It only converts arguments and results; the Lua state is
 /// never touched from Swift here, so no Lua error can unwind through a Swift frame.
 private let luaSwiftFunction: starling_lua_swift_function = { context, selector, arguments, count, result in
@@ -419,6 +423,67 @@ private let luaSwiftFunction: starling_lua_swift_function = { context, selector,
         strings.append(argument.data.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: argument.length), as: UTF8.self) })
     }
     return bridge.call(selector, strings, &result!.pointee)
+}
+
+private extension String {
+    /// The string's UTF-8 as a Lua string for the duration of `body`.
+    func withLuaString<Result>(_ body: (starling_lua_string) -> Result) -> Result {
+        var text = self
+        return text.withUTF8 { utf8 in
+            utf8.withMemoryRebound(to: CChar.self) { body(starling_lua_string(data: $0.baseAddress, length: $0.count)) }
+        }
+    }
+}
+
+private extension Array where Element == LuaTable {
+    /// The tables as C structs for the duration of `body` (no allocation when there are none).
+    func withLuaTables<Result>(_ body: (UnsafePointer<starling_lua_table>?, Int32) -> Result) -> Result {
+        guard !isEmpty else { return body(nil, 0) }
+        // Every string goes into one buffer; the C structs point into it.
+        var strings: [String] = []
+        for table in self {
+            strings.append(table.name)
+            for (key, value) in table.fields {
+                strings.append(key)
+                if case .string(let text) = value { strings.append(text) }
+            }
+        }
+        return strings.withLuaStrings { values in
+            var fields: [starling_lua_field] = []
+            var shapes: [(name: starling_lua_string, start: Int, count: Int)] = []
+            var next = 0
+            for table in self {
+                let name = values[next]
+                next += 1
+                let start = fields.count
+                for (_, value) in table.fields {
+                    var field = starling_lua_field()
+                    field.key = values[next]
+                    next += 1
+                    switch value {
+                    case .string:
+                        field.kind = 0
+                        field.text = values[next]
+                        next += 1
+                    case .number(let number):
+                        field.kind = 1
+                        field.number = number
+                    case .boolean(let flag):
+                        field.kind = 2
+                        field.number = flag ? 1 : 0
+                    }
+                    fields.append(field)
+                }
+                shapes.append((name, start, table.fields.count))
+            }
+            return fields.withUnsafeBufferPointer { fieldBuffer in
+                let luaTables = shapes.map { shape in
+                    starling_lua_table(name: shape.name, field_count: Int32(shape.count), fields: fieldBuffer.baseAddress.map { $0 + shape.start })
+                }
+                return luaTables.withUnsafeBufferPointer { body($0.baseAddress, Int32(count)) }
+            }
+        }
+    }
 }
 
 private extension Array where Element == String {

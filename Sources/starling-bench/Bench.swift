@@ -85,7 +85,7 @@ struct MetricsCost: ParsableCommand {
 }
 
 struct HookCost: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "hook-cost", abstract: "Nanoseconds per call of a no-op Lua hook and a no-op Swift hook.")
+    static let configuration = CommandConfiguration(commandName: "hook-cost", abstract: "Nanoseconds per call of a no-op Lua hook, a Lua hook reading an attribute and the body, and a no-op Swift hook.")
 
     @Option(help: "Calls to time.") var calls = 1_000_000
 
@@ -98,6 +98,12 @@ struct HookCost: ParsableCommand {
         stanza.append(body)
         let lua = try LuaScriptState(script: LuaScript(path: "noop.lua", source: "starling.hook('message-in', function(stanza) end)", failClosed: false),
                                      limits: LuaLimits(), services: LuaServices { _, _ in })
+        // A typical policy check: one attribute and the body, so the stanza's fields are filled on demand.
+        let reader = try LuaScriptState(script: LuaScript(path: "reads.lua", source: """
+            starling.hook('message-in', function(stanza)
+              if stanza.attr.to == 'blocked@example.com' or stanza.body == 'spam' then return 'drop' end
+            end)
+            """, failClosed: false), limits: LuaLimits(), services: LuaServices { _, _ in })
         let swiftHook: @Sendable (StanzaEvent) -> HookResult = { _ in .pass }
         let origin = JID("romeo@example.com/orchard")
 
@@ -108,8 +114,10 @@ struct HookCost: ParsableCommand {
         }
         var passes = 0
         let luaNanoseconds = time { if lua.call(event: "message-in", priority: 0, stanza: stanza) == .pass { passes += 1 } }
+        let luaReadingNanoseconds = time { if reader.call(event: "message-in", priority: 0, stanza: stanza) == .pass { passes += 1 } }
         let swiftNanoseconds = time { if case .pass = swiftHook(StanzaEvent(stanza: stanza, origin: origin)) { passes += 1 } }
-        guard passes == calls * 2 else { throw ValidationError("a no-op hook did not pass") }
-        try printResult(["scenario": "hook-cost", "calls": calls, "lua_noop_ns_per_call": luaNanoseconds, "swift_noop_ns_per_call": swiftNanoseconds])
+        guard passes == calls * 3 else { throw ValidationError("a hook did not pass") }
+        try printResult(["scenario": "hook-cost", "calls": calls, "lua_noop_ns_per_call": luaNanoseconds,
+                         "lua_reading_to_and_body_ns_per_call": luaReadingNanoseconds, "swift_noop_ns_per_call": swiftNanoseconds])
     }
 }

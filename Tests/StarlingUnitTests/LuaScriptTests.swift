@@ -47,6 +47,70 @@ final class LuaScriptTests: XCTestCase {
         XCTAssertEqual(state.call(event: "presence-in", priority: 10, stanza: chat("viagra")), .pass)
     }
 
+    /// The stanza is read on demand: what a handler reads, lists, changes or removes behaves as if the whole
+    /// stanza had been copied into the table up front.
+    func testTheStanzaIsReadOnDemand() throws {
+        let state = try load("""
+        local kept
+        starling.hook("message-in", function(stanza)
+          local body = stanza.body
+          if body == "read" then
+            return "error", "bad-request", table.concat({stanza.name, stanza.attr.from, stanza.attr.to, stanza.attr.type,
+              tostring(stanza.attr.id), tostring(stanza.attr["xml:lang"]), tostring(stanza.missing)}, " ")
+          elseif body == "list" then
+            local keys, attributes = {}, {}
+            for key in pairs(stanza) do keys[#keys + 1] = key end
+            for key, value in pairs(stanza.attr) do attributes[#attributes + 1] = key .. "=" .. value end
+            table.sort(keys)
+            table.sort(attributes)
+            return "error", "bad-request", table.concat(keys, ",") .. " " .. table.concat(attributes, ",")
+          elseif body == "protected" then
+            local ok = pcall(setmetatable, stanza, {})
+            local ok_attr = pcall(setmetatable, stanza.attr, {})
+            return "error", "bad-request", tostring(getmetatable(stanza)) .. " " .. tostring(getmetatable(stanza.attr)) .. " " .. tostring(ok) .. " " .. tostring(ok_attr)
+          elseif body == "keep" then
+            kept = stanza
+            local _ = stanza.attr.to
+          elseif body == "kept" then
+            -- A stanza kept from an earlier call holds what was filled during that call, not this call's values.
+            return "error", "bad-request", tostring(kept.body) .. " " .. tostring(kept.name) .. " " .. tostring(kept.attr.to)
+          end
+        end)
+        starling.hook("message-in", 1, function(stanza)
+          -- Changes without reading first: the removals must not come back from the stanza.
+          stanza.body = nil
+          stanza.attr.type = nil
+          stanza.attr.id = "new"
+          return "modify"
+        end)
+        starling.hook("message-in", 2, function(stanza)
+          -- Read, then remove: the same.
+          local _ = stanza.attr.type .. (stanza.body or "")
+          stanza.attr.type = nil
+          stanza.body = nil
+          return "modify"
+        end)
+        starling.hook("message-in", 3, function(stanza)
+          return "modify"
+        end)
+        """)
+        var message = chat("read")
+        message[attribute: "xml:lang"] = "de"
+        XCTAssertEqual(state.call(event: "message-in", priority: 0, stanza: message),
+                       .error(condition: "bad-request", text: "message romeo@example.com/orchard juliet@example.com chat nil de nil"))
+        XCTAssertEqual(state.call(event: "message-in", priority: 0, stanza: chat("list")),
+                       .error(condition: "bad-request", text: "attr,body,name from=romeo@example.com/orchard,to=juliet@example.com,type=chat"))
+        XCTAssertEqual(state.call(event: "message-in", priority: 0, stanza: chat("protected")),
+                       .error(condition: "bad-request", text: "stanza attributes false false"))
+        XCTAssertEqual(state.call(event: "message-in", priority: 0, stanza: chat("keep")), .pass)
+        XCTAssertEqual(state.call(event: "message-in", priority: 0, stanza: chat("kept", to: "other@example.com")),
+                       .error(condition: "bad-request", text: "keep nil nil"))
+        let everything: [String: String] = ["from": "romeo@example.com/orchard", "to": "juliet@example.com"]
+        XCTAssertEqual(state.call(event: "message-in", priority: 1, stanza: chat("hi")), .modify(attributes: everything.merging(["id": "new"]) { $1 }, body: nil))
+        XCTAssertEqual(state.call(event: "message-in", priority: 2, stanza: chat("hi")), .modify(attributes: everything, body: nil))
+        XCTAssertEqual(state.call(event: "message-in", priority: 3, stanza: chat("hi")), .modify(attributes: everything.merging(["type": "chat"]) { $1 }, body: "hi"))
+    }
+
     func testTheSandboxHasNoWayOut() throws {
         let state = try load("""
         starling.hook("stanza-in", function(stanza)

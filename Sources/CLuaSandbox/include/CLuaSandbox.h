@@ -76,17 +76,33 @@ typedef struct starling_lua_table {
     const starling_lua_field *fields;
 } starling_lua_table;
 
-/// One hook call: the event, the stanza as name, attributes and body (plus typed tables for events such
-/// as MUC ones), and the priority whose handlers run. The results are malloc'd; free them with
-/// starling_lua_call_free.
+/// The parts of a stanza a script can read.
+typedef enum starling_lua_stanza_part {
+    STARLING_LUA_STANZA_NAME = 0,
+    STARLING_LUA_STANZA_BODY = 1,
+    STARLING_LUA_STANZA_ATTRIBUTE_COUNT = 2,
+    STARLING_LUA_STANZA_ATTRIBUTE_NAME = 3,
+    STARLING_LUA_STANZA_ATTRIBUTE_VALUE = 4,
+    /// The value of the attribute whose qualified name is `key`.
+    STARLING_LUA_STANZA_ATTRIBUTE_NAMED = 5
+} starling_lua_stanza_part;
+
+/// Reads one part of the stanza a call is about, when a script asks for it: copies its UTF-8 into
+/// `buffer` if it fits in `capacity` bytes and returns its whole length (call again with a larger buffer
+/// when it did not fit), or -1 when the stanza has no such part. `index` picks an attribute by position,
+/// `key` by name. For STARLING_LUA_STANZA_ATTRIBUTE_COUNT it returns the count and copies nothing. It never
+/// touches the Lua state.
+typedef long (*starling_lua_stanza_reader)(const void *stanza, starling_lua_stanza_part part, int index, starling_lua_string key,
+                                           char *buffer, size_t capacity);
+
+/// One hook call: the event, the stanza (read through `read_stanza` only while the call runs, plus typed
+/// tables for events such as MUC ones), and the priority whose handlers run. The results are malloc'd;
+/// free them with starling_lua_call_free.
 typedef struct starling_lua_call {
     starling_lua_string event;
     long long priority;
-    starling_lua_string name;
-    int attribute_count;
-    const starling_lua_string *attributes; /* name, value, name, value, ... */
-    starling_lua_string body;
-    int has_body;
+    starling_lua_stanza_reader read_stanza;
+    const void *stanza;
     int table_count;
     const starling_lua_table *tables;
 
