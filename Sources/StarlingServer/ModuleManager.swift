@@ -192,16 +192,11 @@ final class ModuleHostAdapter: ModuleHost, @unchecked Sendable {
     func deliver(_ stanza: XMLElement, to recipients: [JID]) { router.deliver(stanza, to: recipients) }
 
     func resources(of bare: JID) -> [ResourceInfo] {
-        router.registry.resources(of: bare).map(Self.info)
+        router.registry.resourceInfos(of: bare)
     }
 
     func boundResources() -> [ResourceInfo] {
-        router.registry.allResources.filter { $0.jid.domainpart == domain }.map(Self.info)
-    }
-
-    private static func info(_ state: ResourceState) -> ResourceInfo {
-        ResourceInfo(jid: state.jid, available: state.available, priority: state.priority, isLocal: state.session != nil,
-                     presence: state.available ? state.presence : nil, flags: state.flags)
+        router.registry.allResources.filter { $0.jid.domainpart == domain }.map(\.info)
     }
 
     func setAvailability(of full: JID, available: Bool, priority: Int) {

@@ -118,6 +118,11 @@ public struct ResourceState: Sendable {
         return nil
     }
 
+    /// What modules are told of it (the presence only while available).
+    var info: ResourceInfo {
+        ResourceInfo(jid: jid, available: available, priority: priority, isLocal: session != nil, presence: available ? presence : nil, flags: flags)
+    }
+
     /// The node holding it, for a remote resource.
     public var node: String? {
         if case .remote(let node) = location { return node }
@@ -138,12 +143,33 @@ public enum LocalSessionChange: Sendable {
     case unbound(JID, boundAt: UInt64)
 }
 
+/// One account's resources, by resource and as a list. Routing lists them for every message and changes
+/// are rare, so the list is kept ready (handing it out is one reference) instead of built per lookup.
+struct AccountResources: Sendable {
+    private var byResource: [String: ResourceState] = [:]
+    private(set) var all: [ResourceState] = []
+    /// `all` as modules see it.
+    private(set) var infos: [ResourceInfo] = []
+
+    subscript(resource: String) -> ResourceState? {
+        get { byResource[resource] }
+        set {
+            byResource[resource] = newValue
+            all = Array(byResource.values)
+            infos = all.map(\.info)
+        }
+    }
+
+    var count: Int { byResource.count }
+    var isEmpty: Bool { byResource.isEmpty }
+}
+
 /// Every bound resource: this node's, and in a cluster the other nodes' (replicated from their
 /// announcements). Sharded by bare JID so sessions on different event loops rarely meet on the same lock,
 /// and never hold it longer than a dictionary operation.
 public final class SessionRegistry: Sendable {
     private static let shardCount = 64
-    private let shards: [NIOLockedValueBox<[JID: [String: ResourceState]]>]
+    private let shards: [NIOLockedValueBox<[JID: AccountResources]>]
     /// Hears of every change to local sessions (the cluster broadcasts them); called outside the locks.
     private let onLocalChange: @Sendable (LocalSessionChange) -> Void
 
@@ -152,7 +178,7 @@ public final class SessionRegistry: Sendable {
         self.onLocalChange = onLocalChange
     }
 
-    private func shard(_ bare: JID) -> NIOLockedValueBox<[JID: [String: ResourceState]]> {
+    private func shard(_ bare: JID) -> NIOLockedValueBox<[JID: AccountResources]> {
         shards[Int(UInt(bitPattern: bare.hashValue) % UInt(Self.shardCount))]
     }
 
@@ -177,7 +203,7 @@ public final class SessionRegistry: Sendable {
         }
         let full = try! bare.with(resource: resource)
         let outcome: (BindOutcome, ResourceState?) = shard(bare).withLockedValue { table in
-            var resources = table[bare] ?? [:]
+            var resources = table[bare] ?? AccountResources()
             let replaced = resources[resource]?.location
             if replaced == nil && resources.count >= maxSessions { return (.failed(.resourceConstraint), nil) }
             let state = ResourceState(jid: full, location: .local(makeSession(full)), available: false, priority: 0, presence: nil, flags: [],
@@ -266,27 +292,32 @@ public final class SessionRegistry: Sendable {
 
     /// All resources of an account, on every node.
     public func resources(of bare: JID) -> [ResourceState] {
-        shard(bare).withLockedValue { table in table[bare].map { Array($0.values) } ?? [] }
+        shard(bare).withLockedValue { table in table[bare]?.all ?? [] }
+    }
+
+    /// All resources of an account, on every node, as modules see them.
+    public func resourceInfos(of bare: JID) -> [ResourceInfo] {
+        shard(bare).withLockedValue { table in table[bare]?.infos ?? [] }
     }
 
     /// Sessions bound on this node.
     public var sessionCount: Int {
-        shards.reduce(0) { sum, shard in sum + shard.withLockedValue { $0.values.reduce(0) { $0 + $1.values.count { $0.session != nil } } } }
+        shards.reduce(0) { sum, shard in sum + shard.withLockedValue { $0.values.reduce(0) { $0 + $1.all.count { $0.session != nil } } } }
     }
 
     /// Sessions bound on this node.
     public var allSessions: [ClientSession] {
-        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap { $0.values.compactMap(\.session) } } }
+        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap { $0.all.compactMap(\.session) } } }
     }
 
     /// Every resource on every node.
     public var allResources: [ResourceState] {
-        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap { Array($0.values) } } }
+        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap(\.all) } }
     }
 
     /// This node's sessions as the cluster sees them (a snapshot for a peer).
     public var localEntries: [ClusterSession] {
-        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap { $0.values.filter { $0.session != nil }.map(\.clusterEntry) } } }
+        shards.flatMap { shard in shard.withLockedValue { $0.values.flatMap { $0.all.filter { $0.session != nil }.map(\.clusterEntry) } } }
     }
 
     // MARK: Other nodes' sessions
@@ -297,7 +328,7 @@ public final class SessionRegistry: Sendable {
         guard let resource = entry.jid.resourcepart else { return nil }
         let bare = entry.jid.bare
         return shard(bare).withLockedValue { table -> ClientSession? in
-            var resources = table[bare] ?? [:]
+            var resources = table[bare] ?? AccountResources()
             var displaced: ClientSession?
             if let existing = resources[resource] {
                 if existing.boundAt > entry.boundAt { return nil }
@@ -328,10 +359,11 @@ public final class SessionRegistry: Sendable {
         for shard in shards {
             shard.withLockedValue { table in
                 for (bare, resources) in table {
-                    let theirs = resources.filter { $0.value.node == node }
+                    let theirs = resources.all.filter { $0.node == node }
                     guard !theirs.isEmpty else { continue }
-                    removed.append(contentsOf: theirs.values)
-                    let rest = resources.filter { entry in !theirs.keys.contains(entry.key) }
+                    removed.append(contentsOf: theirs)
+                    var rest = resources
+                    for state in theirs { if let resource = state.jid.resourcepart { rest[resource] = nil } }
                     table[bare] = rest.isEmpty ? nil : rest
                 }
             }
