@@ -337,13 +337,18 @@ static int attributes_newindex(lua_State *L) {
     return 0;
 }
 
-static int attributes_pairs(lua_State *L) {
-    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
-    if (is_current_attributes(sandbox, L, 1)) complete_attributes(L, sandbox, 1);
-    lua_pushvalue(L, lua_upvalueindex(1)); /* next, as it was before any script ran */
+/// What `pairs(t)` returns: `next` (as it was before any script ran, the metamethod's upvalue), t, nil.
+static int return_next(lua_State *L) {
+    lua_pushvalue(L, lua_upvalueindex(1));
     lua_pushvalue(L, 1);
     lua_pushnil(L);
     return 3;
+}
+
+static int attributes_pairs(lua_State *L) {
+    starling_lua_sandbox *sandbox = starling_lua_sandbox_of(L);
+    if (is_current_attributes(sandbox, L, 1)) complete_attributes(L, sandbox, 1);
+    return return_next(L);
 }
 
 /// Sets `field` of the stanza table at `table` from the stanza (raw, so __newindex does not see it).
@@ -403,10 +408,7 @@ static int stanza_pairs(lua_State *L) {
             if (!(sandbox->stanza_fields_touched & field)) fill_stanza_field(L, sandbox, 1, field);
         }
     }
-    lua_pushvalue(L, lua_upvalueindex(1)); /* next, as it was before any script ran */
-    lua_pushvalue(L, 1);
-    lua_pushnil(L);
-    return 3;
+    return return_next(L);
 }
 
 static int new_view_metatable(lua_State *L, lua_CFunction index, lua_CFunction newindex, lua_CFunction pairs, const char *name) {
