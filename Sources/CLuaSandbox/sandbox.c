@@ -354,29 +354,20 @@ static int attributes_pairs(lua_State *L) {
 /// Sets `field` of the stanza table at `table` from the stanza (raw, so __newindex does not see it).
 static void fill_stanza_field(lua_State *L, starling_lua_sandbox *sandbox, int table, unsigned field) {
     sandbox->stanza_fields_touched |= field;
-    switch (field) {
-    case STANZA_FIELD_NAME:
-        lua_pushliteral(L, "name");
-        if (!push_stanza_part(L, sandbox, STARLING_LUA_STANZA_NAME, 0, no_key)) {
-            lua_pop(L, 1);
-            return;
-        }
-        break;
-    case STANZA_FIELD_BODY:
-        lua_pushliteral(L, "body");
-        if (!push_stanza_part(L, sandbox, STARLING_LUA_STANZA_BODY, 0, no_key)) {
-            lua_pop(L, 1);
-            return;
-        }
-        break;
-    default:
+    if (field == STANZA_FIELD_ATTR) {
         lua_pushliteral(L, "attr");
         lua_createtable(L, 0, 0);
         lua_rawgeti(L, LUA_REGISTRYINDEX, sandbox->attributes_metatable_ref);
         lua_setmetatable(L, -2);
         sandbox->current_attributes_table = lua_topointer(L, -1);
         sandbox->attributes_complete = 0;
-        break;
+    } else {
+        int name = field == STANZA_FIELD_NAME;
+        lua_pushstring(L, name ? "name" : "body");
+        if (!push_stanza_part(L, sandbox, name ? STARLING_LUA_STANZA_NAME : STARLING_LUA_STANZA_BODY, 0, no_key)) {
+            lua_pop(L, 1); /* no such part: the field stays nil */
+            return;
+        }
     }
     lua_rawset(L, table);
 }

@@ -163,11 +163,6 @@ final class RemoteResumptions: Sendable {
         let completion = state.withLockedValue { $0.waiting.removeValue(forKey: request) }
         completion?(moved)
     }
-
-    /// Whether the request still waits (a late answer for one that timed out finds nothing).
-    func isWaiting(_ request: UInt64) -> Bool {
-        state.withLockedValue { $0.waiting[request] != nil }
-    }
 }
 
 /// XEP-0198 resumption ids in a cluster end with the node that holds the session, so another node knows
