@@ -135,6 +135,7 @@ let package = Package(
         ),
         // C: DNS SRV and address lookups through glibc's resolver, for federation only.
         .target(name: "CResolv", linkerSettings: [.linkedLibrary("resolv")]),
+        .target(name: "CSQLiteOptions"),
         // Federation (RFC 6120 server-to-server): s2s stream state machines, TLS with SASL EXTERNAL (XEP-0178)
         // or Server Dialback (XEP-0220), outgoing streams per domain pair. The server supplies routing.
         .target(
@@ -178,7 +179,7 @@ let package = Package(
         .target(
             name: "StarlingSQLite",
             dependencies: [
-                "StarlingStorage",
+                "StarlingStorage", "CSQLiteOptions",
                 .product(name: "SQLiteNIO", package: "sqlite-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -6,22 +6,22 @@ import StarlingStorage
 
 extension SQLiteStore: AccountStore {
     public func createAccount(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
-                if try await self.exists(username: username, host: host) { throw StorageError.accountExists }
-                _ = try await self.connection.query(
+        try await run { db in
+            try db.transaction {
+                if try Self.exists(db, username: username, host: host) { throw StorageError.accountExists }
+                _ = try db.query(
                     "INSERT INTO accounts (host, username, created_at) VALUES (?, ?, ?)",
                     [.text(host), .text(username), .integer(Int(Date().timeIntervalSince1970))])
-                try await self.insert(credentials, username: username, host: host)
+                try Self.insert(db, credentials, username: username, host: host)
             }
         }
     }
 
     public func credentials(username: String, host: String) async throws(StorageError) -> [SCRAMCredentials]? {
-        try await run {
+        try await run { db in
             // One statement on the login path: no row means no account, a row without a hash an account
             // without credentials.
-            let rows = try await self.connection.query(
+            let rows = try db.query(
                 """
                 SELECT c.hash, c.salt, c.iterations, c.stored_key, c.server_key
                 FROM accounts a LEFT JOIN scram_credentials c ON c.host = a.host AND c.username = a.username
@@ -41,26 +41,26 @@ extension SQLiteStore: AccountStore {
     }
 
     public func setCredentials(username: String, host: String, credentials: [SCRAMCredentials]) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
-                guard try await self.exists(username: username, host: host) else { throw StorageError.accountNotFound }
-                _ = try await self.connection.query(
+        try await run { db in
+            try db.transaction {
+                guard try Self.exists(db, username: username, host: host) else { throw StorageError.accountNotFound }
+                _ = try db.query(
                     "DELETE FROM scram_credentials WHERE host = ? AND username = ?", [.text(host), .text(username)])
                 // A new password logs out every client holding a FAST token (a lost phone's, say).
-                _ = try await self.connection.query(
+                _ = try db.query(
                     "DELETE FROM fast_tokens WHERE host = ? AND username = ?", [.text(host), .text(username)])
-                try await self.insert(credentials, username: username, host: host)
+                try Self.insert(db, credentials, username: username, host: host)
             }
         }
     }
 
     public func deleteAccount(username: String, host: String) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
-                guard try await self.exists(username: username, host: host) else { throw StorageError.accountNotFound }
+        try await run { db in
+            try db.transaction {
+                guard try Self.exists(db, username: username, host: host) else { throw StorageError.accountNotFound }
                 // Everything the account owns goes with it.
                 for table in StorageTables.perUser {
-                    _ = try await self.connection.query(
+                    _ = try db.query(
                         "DELETE FROM \(table) WHERE host = ? AND username = ?", [.text(host), .text(username)])
                 }
             }
@@ -68,25 +68,24 @@ extension SQLiteStore: AccountStore {
     }
 
     public func accounts(host: String) async throws(StorageError) -> [String] {
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 "SELECT username FROM accounts WHERE host = ? ORDER BY username", [.text(host)]
             ).compactMap { $0.column("username")?.string }
         }
     }
 
     public func accountExists(username: String, host: String) async throws(StorageError) -> Bool {
-        try await run { try await self.exists(username: username, host: host) }
+        try await run { db in try Self.exists(db, username: username, host: host) }
     }
 
-    /// For use inside `run`, which already holds the connection.
-    private func exists(username: String, host: String) async throws -> Bool {
-        !(try await connection.query("SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)]).isEmpty)
+        private static func exists(_ db: SQLiteHandle, username: String, host: String) throws -> Bool {
+        !(try db.query("SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)]).isEmpty)
     }
 
-    private func insert(_ credentials: [SCRAMCredentials], username: String, host: String) async throws {
+    private static func insert(_ db: SQLiteHandle, _ credentials: [SCRAMCredentials], username: String, host: String) throws {
         for credential in credentials {
-            _ = try await connection.query(
+            _ = try db.query(
                 """
                 INSERT INTO scram_credentials (host, username, hash, salt, iterations, stored_key, server_key)
                 VALUES (?, ?, ?, ?, ?, ?, ?)

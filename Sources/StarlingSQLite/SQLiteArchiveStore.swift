@@ -10,8 +10,9 @@ extension SQLiteStore: ArchiveStore {
 
     private static func statement(_ sql: String = "") -> ArchiveSQL { ArchiveSQL(sql) { _ in "?" } }
 
-    private func rows(_ statement: ArchiveSQL) async throws -> [SQLiteRow] {
-        try await connection.query(statement.sql, statement.values.map { value -> SQLiteData in
+    @discardableResult
+    private static func rows(_ db: SQLiteHandle, _ statement: ArchiveSQL) throws -> [SQLiteResultRow] {
+        try db.query(statement.sql, statement.values.map { value -> SQLiteData in
             switch value {
             case .text(let text): return .text(text)
             case .integer(let number): return .integer(Int(number))
@@ -19,7 +20,7 @@ extension SQLiteStore: ArchiveStore {
         })
     }
 
-    private static func message(_ row: SQLiteRow) -> ArchivedMessage? {
+    private static func message(_ row: SQLiteResultRow) -> ArchivedMessage? {
         guard let stamp = row.column("stamp")?.integer, let random = row.column("random")?.integer,
               let peer = row.column("peer")?.string, let resource = row.column("peer_resource")?.string,
               let stanza = row.column("stanza")?.string else { return nil }
@@ -35,8 +36,8 @@ extension SQLiteStore: ArchiveStore {
                     .text(peer), .text(resource), .text(entry.message.stanza)]
         }
         guard !rows.isEmpty else { return }
-        try await run {
-            try await self.transaction {
+        try await run { db in
+            try db.transaction {
                 for start in stride(from: 0, to: rows.count, by: 100) {
                     let chunk = rows[start..<min(start + 100, rows.count)]
                     var statement = Self.statement("INSERT OR IGNORE INTO archive_messages (host, username, \(ArchiveSQL.columns)) VALUES ")
@@ -44,7 +45,7 @@ extension SQLiteStore: ArchiveStore {
                         if index > 0 { statement.append(", ") }
                         statement.append("(?, ?, ?, ?, ?, ?, ?)", row[0], row[1], row[2], row[3], row[4], row[5], row[6])
                     }
-                    _ = try await self.rows(statement)
+                    try Self.rows(db, statement)
                 }
             }
         }
@@ -55,25 +56,25 @@ extension SQLiteStore: ArchiveStore {
         statement.condition(archive: archive, filter: filter)
         let order = fromEnd ? "DESC" : "ASC"
         statement.append(" ORDER BY stamp \(order), random \(order) LIMIT ?", .integer(Int64(limit + 1)))
-        let found = try await run { try await self.rows(statement) }.compactMap(Self.message)
+        let found = try await run { [statement] db in try Self.rows(db, statement) }.compactMap(Self.message)
         return ArchivePage(rows: found, limit: limit, fromEnd: fromEnd)
     }
 
     public func archivedCount(in archive: JID, matching filter: ArchiveFilter) async throws(StorageError) -> Int {
         var statement = Self.statement("SELECT COUNT(*) AS n FROM archive_messages")
         statement.condition(archive: archive, filter: filter)
-        return try await run { try await self.rows(statement).first?.column("n")?.integer ?? 0 }
+        return try await run { [statement] db in try Self.rows(db, statement).first?.column("n")?.integer ?? 0 }
     }
 
     public func archivedIDs(in archive: JID, among ids: [String]) async throws(StorageError) -> Set<String> {
         var statement = Self.statement("SELECT \(ArchiveSQL.columns) FROM archive_messages")
         statement.condition(archive: archive, filter: ArchiveFilter(ids: ids))
-        return Set(try await run { try await self.rows(statement) }.compactMap(Self.message).map(\.id))
+        return Set(try await run { [statement] db in try Self.rows(db, statement) }.compactMap(Self.message).map(\.id))
     }
 
     public func trimArchive(_ archive: JID, keep: Int) async throws(StorageError) -> Int {
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 """
                 DELETE FROM archive_messages WHERE host = ? AND username = ? AND (stamp, random) < (
                     SELECT stamp, random FROM archive_messages WHERE host = ? AND username = ?
@@ -91,22 +92,22 @@ extension SQLiteStore: ArchiveStore {
         statement.append(" AND stamp < ? LIMIT 10000) RETURNING stamp", .integer(Int64(bitPattern: StanzaID.firstStamp(at: date))))
         var total = 0
         while true {
-            let deleted = try await run { try await self.rows(statement).count }
+            let deleted = try await run { [statement] db in try Self.rows(db, statement).count }
             total += deleted
             if deleted < 10_000 { return total }
         }
     }
 
     public func deleteArchive(_ archive: JID) async throws(StorageError) {
-        try await run {
-            _ = try await self.connection.query("DELETE FROM archive_messages WHERE host = ? AND username = ?", Self.userBinds(archive))
+        try await run { db in
+            _ = try db.query("DELETE FROM archive_messages WHERE host = ? AND username = ?", Self.userBinds(archive))
         }
     }
 
     public func archivePreferences(host: String) async throws(StorageError) -> [JID: ArchivePreferences] {
-        try await run {
+        try await run { db in
             var result: [JID: ArchivePreferences] = [:]
-            for row in try await self.connection.query(
+            for row in try db.query(
                 "SELECT username, default_behaviour, always_list, never_list FROM archive_prefs WHERE host = ?", [.text(host)]) {
                 guard let username = row.column("username")?.string, let user = try? JID(localpart: username, domainpart: host),
                       let behaviour = row.column("default_behaviour")?.string.flatMap(ArchivePreferences.Default.init(rawValue:)) else { continue }
@@ -118,12 +119,12 @@ extension SQLiteStore: ArchiveStore {
     }
 
     public func setArchivePreferences(_ preferences: ArchivePreferences?, of user: JID) async throws(StorageError) {
-        try await run {
+        try await run { db in
             guard let preferences else {
-                _ = try await self.connection.query("DELETE FROM archive_prefs WHERE host = ? AND username = ?", Self.userBinds(user))
+                _ = try db.query("DELETE FROM archive_prefs WHERE host = ? AND username = ?", Self.userBinds(user))
                 return
             }
-            _ = try await self.connection.query(
+            _ = try db.query(
                 """
                 INSERT INTO archive_prefs (host, username, default_behaviour, always_list, never_list) VALUES (?, ?, ?, ?, ?)
                 ON CONFLICT (host, username) DO UPDATE SET default_behaviour = excluded.default_behaviour,

@@ -6,35 +6,35 @@ import StarlingStorage
 extension SQLiteStore: FASTTokenStore {
     public func fastTokens(of user: JID, client: String) async throws(StorageError) -> [StoredFASTToken] {
         // The FAST login path: one statement.
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 "\(Self.fastTokenColumns) WHERE host = ? AND username = ? AND client = ?", Self.userBinds(user) + [.text(client)]
             ).compactMap(Self.fastToken)
         }
     }
 
     public func fastTokens(of user: JID) async throws(StorageError) -> [StoredFASTToken] {
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 "\(Self.fastTokenColumns) WHERE host = ? AND username = ? ORDER BY client, slot", Self.userBinds(user)
             ).compactMap(Self.fastToken)
         }
     }
 
     public func storeFASTToken(_ token: StoredFASTToken, for user: JID, clientLimit: Int, now: Int) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
-                _ = try await self.connection.query(
+        try await run { db in
+            try db.transaction {
+                _ = try db.query(
                     "DELETE FROM fast_tokens WHERE host = ? AND username = ? AND expires_at <= ?", Self.userBinds(user) + [.integer(now)])
                 // Clients beyond the limit, least recently issued first, make room for this one.
-                _ = try await self.connection.query(
+                _ = try db.query(
                     """
                     DELETE FROM fast_tokens WHERE host = ? AND username = ? AND client IN (
                         SELECT client FROM fast_tokens WHERE host = ? AND username = ? AND client <> ?
                         GROUP BY client ORDER BY MAX(issued_at) DESC, client LIMIT -1 OFFSET ?)
                     """,
                     Self.userBinds(user) + Self.userBinds(user) + [.text(token.client), .integer(max(clientLimit - 1, 0))])
-                _ = try await self.connection.query(
+                _ = try db.query(
                     """
                     INSERT INTO fast_tokens (host, username, client, slot, mechanism, nonce, issued_at, expires_at, software, device)
                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -49,15 +49,15 @@ extension SQLiteStore: FASTTokenStore {
     }
 
     public func promoteFASTToken(of user: JID, client: String) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
+        try await run { db in
+            try db.transaction {
                 let binds = Self.userBinds(user) + [.text(client)]
-                let waiting = try await self.connection.query(
+                let waiting = try db.query(
                     "SELECT 1 FROM fast_tokens WHERE host = ? AND username = ? AND client = ? AND slot = 'new'", binds)
                 guard !waiting.isEmpty else { return }
-                _ = try await self.connection.query(
+                _ = try db.query(
                     "DELETE FROM fast_tokens WHERE host = ? AND username = ? AND client = ? AND slot = 'current'", binds)
-                _ = try await self.connection.query(
+                _ = try db.query(
                     "UPDATE fast_tokens SET slot = 'current' WHERE host = ? AND username = ? AND client = ? AND slot = 'new'", binds)
             }
         }
@@ -65,13 +65,13 @@ extension SQLiteStore: FASTTokenStore {
 
     @discardableResult
     public func revokeFASTTokens(of user: JID, client: String?) async throws(StorageError) -> Int {
-        try await run {
-            let rows: [SQLiteRow]
+        try await run { db in
+            let rows: [SQLiteResultRow]
             if let client {
-                rows = try await self.connection.query(
+                rows = try db.query(
                     "DELETE FROM fast_tokens WHERE host = ? AND username = ? AND client = ? RETURNING 1", Self.userBinds(user) + [.text(client)])
             } else {
-                rows = try await self.connection.query("DELETE FROM fast_tokens WHERE host = ? AND username = ? RETURNING 1", Self.userBinds(user))
+                rows = try db.query("DELETE FROM fast_tokens WHERE host = ? AND username = ? RETURNING 1", Self.userBinds(user))
             }
             return rows.count
         }
@@ -79,7 +79,7 @@ extension SQLiteStore: FASTTokenStore {
 
     private static let fastTokenColumns = "SELECT client, slot, mechanism, nonce, issued_at, expires_at, software, device FROM fast_tokens"
 
-    private static func fastToken(_ row: SQLiteRow) -> StoredFASTToken? {
+    private static func fastToken(_ row: SQLiteResultRow) -> StoredFASTToken? {
         guard let client = row.column("client")?.string, let slot = row.column("slot")?.string.flatMap(StoredFASTToken.Slot.init(rawValue:)),
               let mechanism = row.column("mechanism")?.string, let nonce = row.column("nonce")?.blob,
               let issuedAt = row.column("issued_at")?.integer, let expiresAt = row.column("expires_at")?.integer

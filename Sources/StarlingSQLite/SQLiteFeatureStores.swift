@@ -5,13 +5,13 @@ import StarlingStorage
 
 extension SQLiteStore: OfflineStore {
     public func storeOffline(_ stanza: String, for user: JID, limit: Int) async throws(StorageError) -> Bool {
-        try await run {
-            try await self.transaction {
-                let count = try await self.connection.query(
+        try await run { db in
+            try db.transaction {
+                let count = try db.query(
                     "SELECT COUNT(*) AS n FROM offline_messages WHERE host = ? AND username = ?", Self.userBinds(user)
                 ).first?.column("n")?.integer ?? 0
                 guard count < limit else { return false }
-                _ = try await self.connection.query(
+                _ = try db.query(
                     "INSERT INTO offline_messages (host, username, stanza, stored_at) VALUES (?, ?, ?, ?)",
                     Self.userBinds(user) + [.text(stanza), .integer(Int(Date().timeIntervalSince1970))])
                 return true
@@ -21,8 +21,8 @@ extension SQLiteStore: OfflineStore {
 
     public func takeOffline(for user: JID) async throws(StorageError) -> [String] {
         // One statement, atomic on its own: most logins find nothing, and this is on the login path.
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 "DELETE FROM offline_messages WHERE host = ? AND username = ? RETURNING id, stanza", Self.userBinds(user)
             ).compactMap { row -> (Int, String)? in
                 guard let id = row.column("id")?.integer, let stanza = row.column("stanza")?.string else { return nil }
@@ -32,16 +32,16 @@ extension SQLiteStore: OfflineStore {
     }
 
     public func offlineMessages(for user: JID) async throws(StorageError) -> [String] {
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 "SELECT stanza FROM offline_messages WHERE host = ? AND username = ? ORDER BY id", Self.userBinds(user)
             ).compactMap { $0.column("stanza")?.string }
         }
     }
 
     public func offlineCount(for user: JID) async throws(StorageError) -> Int {
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 "SELECT COUNT(*) AS n FROM offline_messages WHERE host = ? AND username = ?", Self.userBinds(user)
             ).first?.column("n")?.integer ?? 0
         }
@@ -50,18 +50,18 @@ extension SQLiteStore: OfflineStore {
 
 extension SQLiteStore: BlocklistStore {
     public func blocklist(of user: JID) async throws(StorageError) -> [JID] {
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 "SELECT item FROM blocklist WHERE host = ? AND username = ? ORDER BY item", Self.userBinds(user)
             ).compactMap { $0.column("item")?.string.flatMap(JID.init) }
         }
     }
 
     public func block(_ items: [JID], for user: JID) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
+        try await run { db in
+            try db.transaction {
                 for item in items {
-                    _ = try await self.connection.query(
+                    _ = try db.query(
                         "INSERT INTO blocklist (host, username, item) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                         Self.userBinds(user) + [.text(item.description)])
                 }
@@ -70,13 +70,13 @@ extension SQLiteStore: BlocklistStore {
     }
 
     public func unblock(_ items: [JID], for user: JID) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
+        try await run { db in
+            try db.transaction {
                 if items.isEmpty {
-                    _ = try await self.connection.query("DELETE FROM blocklist WHERE host = ? AND username = ?", Self.userBinds(user))
+                    _ = try db.query("DELETE FROM blocklist WHERE host = ? AND username = ?", Self.userBinds(user))
                 }
                 for item in items {
-                    _ = try await self.connection.query(
+                    _ = try db.query(
                         "DELETE FROM blocklist WHERE host = ? AND username = ? AND item = ?", Self.userBinds(user) + [.text(item.description)])
                 }
             }
@@ -86,8 +86,8 @@ extension SQLiteStore: BlocklistStore {
 
 extension SQLiteStore: PrivateXMLStore {
     public func privateXML(of user: JID, name: String, namespace: String) async throws(StorageError) -> String? {
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 "SELECT xml FROM private_xml WHERE host = ? AND username = ? AND name = ? AND namespace = ?",
                 Self.userBinds(user) + [.text(name), .text(namespace)]
             ).first?.column("xml")?.string
@@ -95,16 +95,16 @@ extension SQLiteStore: PrivateXMLStore {
     }
 
     public func allPrivateXML(of user: JID) async throws(StorageError) -> [String] {
-        try await run {
-            try await self.connection.query(
+        try await run { db in
+            try db.query(
                 "SELECT xml FROM private_xml WHERE host = ? AND username = ? ORDER BY namespace, name", Self.userBinds(user)
             ).compactMap { $0.column("xml")?.string }
         }
     }
 
     public func setPrivateXML(_ xml: String, of user: JID, name: String, namespace: String) async throws(StorageError) {
-        try await run {
-            _ = try await self.connection.query(
+        try await run { db in
+            _ = try db.query(
                 """
                 INSERT INTO private_xml (host, username, name, namespace, xml) VALUES (?, ?, ?, ?, ?)
                 ON CONFLICT (host, username, name, namespace) DO UPDATE SET xml = excluded.xml
@@ -115,8 +115,8 @@ extension SQLiteStore: PrivateXMLStore {
 
 extension SQLiteStore: VCardStore {
     public func vCard(of user: JID) async throws(StorageError) -> (xml: String, photoHash: String?)? {
-        try await run {
-            guard let row = try await self.connection.query(
+        try await run { db in
+            guard let row = try db.query(
                 "SELECT xml, photo_hash FROM vcards WHERE host = ? AND username = ?", Self.userBinds(user)).first,
                   let xml = row.column("xml")?.string
             else { return nil }
@@ -125,8 +125,8 @@ extension SQLiteStore: VCardStore {
     }
 
     public func setVCard(_ xml: String, photoHash: String?, of user: JID) async throws(StorageError) {
-        try await run {
-            _ = try await self.connection.query(
+        try await run { db in
+            _ = try db.query(
                 """
                 INSERT INTO vcards (host, username, xml, photo_hash) VALUES (?, ?, ?, ?)
                 ON CONFLICT (host, username) DO UPDATE SET xml = excluded.xml, photo_hash = excluded.photo_hash
@@ -137,8 +137,8 @@ extension SQLiteStore: VCardStore {
 
 extension SQLiteStore: LastActivityStore {
     public func lastActivity(of user: JID) async throws(StorageError) -> (seconds: Int, status: String)? {
-        try await run {
-            guard let row = try await self.connection.query(
+        try await run { db in
+            guard let row = try db.query(
                 "SELECT seconds, status FROM last_activity WHERE host = ? AND username = ?", Self.userBinds(user)).first,
                   let seconds = row.column("seconds")?.integer
             else { return nil }
@@ -147,8 +147,8 @@ extension SQLiteStore: LastActivityStore {
     }
 
     public func setLastActivity(of user: JID, at seconds: Int, status: String) async throws(StorageError) {
-        try await run {
-            _ = try await self.connection.query(
+        try await run { db in
+            _ = try db.query(
                 """
                 INSERT INTO last_activity (host, username, seconds, status) VALUES (?, ?, ?, ?)
                 ON CONFLICT (host, username) DO UPDATE SET seconds = excluded.seconds, status = excluded.status

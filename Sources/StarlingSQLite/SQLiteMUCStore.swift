@@ -4,9 +4,9 @@ import StarlingStorage
 
 extension SQLiteStore: MUCStore {
     public func mucRooms(service: String) async throws(StorageError) -> [StoredMUCRoom] {
-        try await run {
+        try await run { db in
             var rooms: [String: StoredMUCRoom] = [:]
-            for row in try await self.connection.query(
+            for row in try db.query(
                 "SELECT name, options, subject, subject_nick, subject_time, salt FROM muc_rooms WHERE service = ?", [.text(service)]) {
                 guard let name = row.column("name")?.string, let jid = JID("\(name)@\(service)") else { continue }
                 rooms[name] = StoredMUCRoom(
@@ -14,7 +14,7 @@ extension SQLiteStore: MUCStore {
                     subject: row.column("subject")?.string ?? "", subjectNick: row.column("subject_nick")?.string,
                     subjectTime: row.column("subject_time")?.integer, salt: row.column("salt")?.string ?? "")
             }
-            for row in try await self.connection.query(
+            for row in try db.query(
                 "SELECT name, jid, affiliation, nick, reason FROM muc_affiliations WHERE service = ?", [.text(service)]) {
                 guard let name = row.column("name")?.string, let user = row.column("jid")?.string.flatMap(JID.init),
                       let affiliation = row.column("affiliation")?.string.flatMap(MUCAffiliation.init(rawValue:)) else { continue }
@@ -26,45 +26,45 @@ extension SQLiteStore: MUCStore {
     }
 
     public func saveMUCRoom(_ room: StoredMUCRoom) async throws(StorageError) {
-        try await run { try await self.upsertRoom(room) }
+        try await run { db in try Self.upsertRoom(db, room) }
     }
 
     public func replaceMUCRoom(_ room: StoredMUCRoom) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
-                try await self.upsertRoom(room)
-                _ = try await self.connection.query("DELETE FROM muc_affiliations WHERE service = ? AND name = ?", Self.roomBinds(room.jid))
+        try await run { db in
+            try db.transaction {
+                try Self.upsertRoom(db, room)
+                _ = try db.query("DELETE FROM muc_affiliations WHERE service = ? AND name = ?", Self.roomBinds(room.jid))
                 for (user, record) in room.affiliations where record.affiliation != .none {
-                    try await self.insertAffiliation(room: room.jid, user: user, record)
+                    try Self.insertAffiliation(db, room: room.jid, user: user, record)
                 }
             }
         }
     }
 
     public func setMUCAffiliation(room: JID, user: JID, _ record: MUCAffiliationRecord) async throws(StorageError) {
-        try await run {
+        try await run { db in
             if record.affiliation == .none {
-                _ = try await self.connection.query(
+                _ = try db.query(
                     "DELETE FROM muc_affiliations WHERE service = ? AND name = ? AND jid = ?", Self.roomBinds(room) + [.text(user.description)])
             } else {
-                try await self.insertAffiliation(room: room, user: user, record)
+                try Self.insertAffiliation(db, room: room, user: user, record)
             }
         }
     }
 
     public func deleteMUCRoom(_ room: JID) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
-                _ = try await self.connection.query("DELETE FROM muc_affiliations WHERE service = ? AND name = ?", Self.roomBinds(room))
-                _ = try await self.connection.query("DELETE FROM muc_rooms WHERE service = ? AND name = ?", Self.roomBinds(room))
+        try await run { db in
+            try db.transaction {
+                _ = try db.query("DELETE FROM muc_affiliations WHERE service = ? AND name = ?", Self.roomBinds(room))
+                _ = try db.query("DELETE FROM muc_rooms WHERE service = ? AND name = ?", Self.roomBinds(room))
             }
         }
     }
 
     private static func roomBinds(_ room: JID) -> [SQLiteData] { [.text(room.domainpart), .text(room.localpart ?? "")] }
 
-    private func upsertRoom(_ room: StoredMUCRoom) async throws {
-        _ = try await connection.query(
+    private static func upsertRoom(_ db: SQLiteHandle, _ room: StoredMUCRoom) throws {
+        _ = try db.query(
             """
             INSERT INTO muc_rooms (service, name, options, subject, subject_nick, subject_time, salt) VALUES (?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (service, name) DO UPDATE SET options = excluded.options, subject = excluded.subject,
@@ -74,8 +74,8 @@ extension SQLiteStore: MUCStore {
                                         room.subjectTime.map { .integer($0) } ?? .null, .text(room.salt)])
     }
 
-    private func insertAffiliation(room: JID, user: JID, _ record: MUCAffiliationRecord) async throws {
-        _ = try await connection.query(
+    private static func insertAffiliation(_ db: SQLiteHandle, room: JID, user: JID, _ record: MUCAffiliationRecord) throws {
+        _ = try db.query(
             """
             INSERT INTO muc_affiliations (service, name, jid, affiliation, nick, reason) VALUES (?, ?, ?, ?, ?, ?)
             ON CONFLICT (service, name, jid) DO UPDATE SET affiliation = excluded.affiliation, nick = excluded.nick, reason = excluded.reason

@@ -4,9 +4,9 @@ import StarlingStorage
 
 extension SQLiteStore: PrivacyStore {
     public func privacyLists(of user: JID) async throws(StorageError) -> (lists: [String: [PrivacyRule]], defaultList: String?) {
-        let (rows, defaultList) = try await run {
-            let rows = try await self.connection.query("SELECT name, rules FROM privacy_lists WHERE host = ? AND username = ?", Self.userBinds(user))
-            let defaultList = try await self.connection.query("SELECT name FROM privacy_defaults WHERE host = ? AND username = ?", Self.userBinds(user))
+        let (rows, defaultList) = try await run { db in
+            let rows = try db.query("SELECT name, rules FROM privacy_lists WHERE host = ? AND username = ?", Self.userBinds(user))
+            let defaultList = try db.query("SELECT name FROM privacy_defaults WHERE host = ? AND username = ?", Self.userBinds(user))
                 .first?.column("name")?.string
             return (rows, defaultList)
         }
@@ -19,28 +19,28 @@ extension SQLiteStore: PrivacyStore {
     }
 
     public func setPrivacyList(_ name: String, rules: [PrivacyRule]?, of user: JID) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
+        try await run { db in
+            try db.transaction {
                 if let rules {
-                    _ = try await self.connection.query(
+                    _ = try db.query(
                         "INSERT INTO privacy_lists (host, username, name, rules) VALUES (?, ?, ?, ?) ON CONFLICT (host, username, name) DO UPDATE SET rules = excluded.rules",
                         Self.userBinds(user) + [.text(name), .text(PrivacyRulesCoding.encode(rules))])
                 } else {
-                    _ = try await self.connection.query("DELETE FROM privacy_lists WHERE host = ? AND username = ? AND name = ?", Self.userBinds(user) + [.text(name)])
-                    _ = try await self.connection.query("DELETE FROM privacy_defaults WHERE host = ? AND username = ? AND name = ?", Self.userBinds(user) + [.text(name)])
+                    _ = try db.query("DELETE FROM privacy_lists WHERE host = ? AND username = ? AND name = ?", Self.userBinds(user) + [.text(name)])
+                    _ = try db.query("DELETE FROM privacy_defaults WHERE host = ? AND username = ? AND name = ?", Self.userBinds(user) + [.text(name)])
                 }
             }
         }
     }
 
     public func setDefaultPrivacyList(_ name: String?, of user: JID) async throws(StorageError) {
-        try await run {
+        try await run { db in
             if let name {
-                _ = try await self.connection.query(
+                _ = try db.query(
                     "INSERT INTO privacy_defaults (host, username, name) VALUES (?, ?, ?) ON CONFLICT (host, username) DO UPDATE SET name = excluded.name",
                     Self.userBinds(user) + [.text(name)])
             } else {
-                _ = try await self.connection.query("DELETE FROM privacy_defaults WHERE host = ? AND username = ?", Self.userBinds(user))
+                _ = try db.query("DELETE FROM privacy_defaults WHERE host = ? AND username = ?", Self.userBinds(user))
             }
         }
     }

@@ -4,8 +4,8 @@ import StarlingStorage
 
 extension SQLiteStore: PubSubStore {
     public func pubsubNodes(of service: JID) async throws(StorageError) -> [StoredPubSubNode] {
-        let rows = try await run {
-            try await self.connection.query("SELECT node, config FROM pubsub_nodes WHERE host = ? AND username = ? ORDER BY node", Self.userBinds(service))
+        let rows = try await run { db in
+            try db.query("SELECT node, config FROM pubsub_nodes WHERE host = ? AND username = ? ORDER BY node", Self.userBinds(service))
         }
         var nodes: [StoredPubSubNode] = []
         for row in rows {
@@ -16,8 +16,8 @@ extension SQLiteStore: PubSubStore {
     }
 
     public func savePubSubNode(_ node: StoredPubSubNode) async throws(StorageError) {
-        try await run {
-            _ = try await self.connection.query(
+        try await run { db in
+            _ = try db.query(
                 """
                 INSERT INTO pubsub_nodes (host, username, node, config) VALUES (?, ?, ?, ?)
                 ON CONFLICT (host, username, node) DO UPDATE SET config = excluded.config
@@ -26,12 +26,12 @@ extension SQLiteStore: PubSubStore {
     }
 
     public func deletePubSubNode(_ name: String, of service: JID) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
+        try await run { db in
+            try db.transaction {
                 let binds = Self.userBinds(service) + [.text(name)]
-                _ = try await self.connection.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", binds)
-                _ = try await self.connection.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ?", binds)
-                _ = try await self.connection.query("DELETE FROM pubsub_nodes WHERE host = ? AND username = ? AND node = ?", binds)
+                _ = try db.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", binds)
+                _ = try db.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ?", binds)
+                _ = try db.query("DELETE FROM pubsub_nodes WHERE host = ? AND username = ? AND node = ?", binds)
             }
         }
     }
@@ -49,8 +49,8 @@ extension SQLiteStore: PubSubStore {
             sql += " LIMIT ?"
             binds.append(.integer(max(0, limit)))
         }
-        return try await run {
-            try await self.connection.query(sql, binds).compactMap { row in
+        return try await run { [sql, binds] db in
+            try db.query(sql, binds).compactMap { row in
                 guard let id = row.column("item_id")?.string else { return nil }
                 return StoredPubSubItem(id: id, publisher: row.column("publisher")?.string ?? "", payload: row.column("payload")?.string ?? "",
                                         published: row.column("published")?.integer ?? 0)
@@ -59,16 +59,16 @@ extension SQLiteStore: PubSubStore {
     }
 
     public func publishPubSubItem(_ item: StoredPubSubItem, to node: String, service: JID, keep: Int) async throws(StorageError) {
-        try await run {
-            try await self.transaction {
+        try await run { db in
+            try db.transaction {
                 let binds = Self.userBinds(service) + [.text(node)]
                 // Deleted and inserted again: a republished id becomes the newest.
-                _ = try await self.connection.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ? AND item_id = ?",
+                _ = try db.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ? AND item_id = ?",
                                                     binds + [.text(item.id)])
-                _ = try await self.connection.query(
+                _ = try db.query(
                     "INSERT INTO pubsub_items (host, username, node, item_id, publisher, payload, published) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     binds + [.text(item.id), .text(item.publisher), .text(item.payload), .integer(item.published)])
-                _ = try await self.connection.query(
+                _ = try db.query(
                     """
                     DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ? AND seq NOT IN (
                         SELECT seq FROM pubsub_items WHERE host = ? AND username = ? AND node = ? ORDER BY seq DESC LIMIT ?)
@@ -78,8 +78,8 @@ extension SQLiteStore: PubSubStore {
     }
 
     public func retractPubSubItem(_ id: String, from node: String, service: JID) async throws(StorageError) -> Bool {
-        try await run {
-            let rows = try await self.connection.query(
+        try await run { db in
+            let rows = try db.query(
                 "DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ? AND item_id = ? RETURNING seq",
                 Self.userBinds(service) + [.text(node), .text(id)])
             return !rows.isEmpty
@@ -87,14 +87,14 @@ extension SQLiteStore: PubSubStore {
     }
 
     public func purgePubSubNode(_ name: String, of service: JID) async throws(StorageError) {
-        try await run {
-            _ = try await self.connection.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", Self.userBinds(service) + [.text(name)])
+        try await run { db in
+            _ = try db.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", Self.userBinds(service) + [.text(name)])
         }
     }
 
     public func pubsubSubscriptions(of service: JID) async throws(StorageError) -> [String: [StoredPubSubSubscription]] {
-        let rows = try await run {
-            try await self.connection.query("SELECT node, jid, state FROM pubsub_subscriptions WHERE host = ? AND username = ? ORDER BY node, jid",
+        let rows = try await run { db in
+            try db.query("SELECT node, jid, state FROM pubsub_subscriptions WHERE host = ? AND username = ? ORDER BY node, jid",
                                             Self.userBinds(service))
         }
         var subscriptions: [String: [StoredPubSubSubscription]] = [:]
@@ -106,16 +106,16 @@ extension SQLiteStore: PubSubStore {
     }
 
     public func setPubSubSubscription(_ jid: String, state: String?, node: String, service: JID) async throws(StorageError) {
-        try await run {
+        try await run { db in
             let binds = Self.userBinds(service) + [.text(node), .text(jid)]
             if let state {
-                _ = try await self.connection.query(
+                _ = try db.query(
                     """
                     INSERT INTO pubsub_subscriptions (host, username, node, jid, state) VALUES (?, ?, ?, ?, ?)
                     ON CONFLICT (host, username, node, jid) DO UPDATE SET state = excluded.state
                     """, binds + [.text(state)])
             } else {
-                _ = try await self.connection.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ? AND jid = ?", binds)
+                _ = try db.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ? AND jid = ?", binds)
             }
         }
     }

@@ -1,15 +1,19 @@
+@_exported import StarlingStorage
 import Logging
-import NIOCore
 import NIOPosix
 import SQLiteNIO
+import Synchronization
 
-/// The embedded database: one SQLite file, WAL mode, statements run on NIO's thread pool so no event
-/// loop ever waits on disk. Versioned migrations run at open.
+/// The embedded database: one SQLite file in WAL mode, on one connection that the store's own thread
+/// runs: each operation is one hop to that thread (so no event loop ever waits on disk), runs all its
+/// statements there, each prepared once, and no statement lands inside another operation's
+/// transaction. Versioned migrations run at open.
 public final class SQLiteStore: Sendable {
-    let connection: SQLiteConnection
-    /// One connection serves every caller: each operation has it to itself, so no statement lands inside
-    /// another caller's transaction (and SQLite's per-connection error state is never shared).
-    private let gate = ConnectionGate()
+    /// One thread: operations run one after another, in the order they were asked for.
+    private let thread: NIOThreadPool
+    /// Used only on `thread`, one operation at a time.
+    private nonisolated(unsafe) let handle = SQLiteHandle()
+    private let activity = Mutex(Activity())
 
     /// Each entry is one schema version; append, never edit.
     static let migrations: [[String]] = [
@@ -179,46 +183,44 @@ public final class SQLiteStore: Sendable {
         ],
     ]
 
-    private init(connection: SQLiteConnection) {
-        self.connection = connection
+    private init(thread: NIOThreadPool) {
+        self.thread = thread
     }
 
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     public static func open(path: String, logger: Logger) async throws(StorageError) -> SQLiteStore {
+        let thread = NIOThreadPool(numberOfThreads: 1)
+        thread.start()
+        let store = SQLiteStore(thread: thread)
         do {
-            let connection = try await SQLiteConnection.open(
-                storage: .file(path: path), threadPool: NIOThreadPool.singleton, logger: logger,
-                on: MultiThreadedEventLoopGroup.singleton.any()
-            )
-            let store = SQLiteStore(connection: connection)
-            // WAL lets starlingctl read and write while the server runs; busy_timeout makes the two wait
-            // for each other instead of failing.
-            _ = try await connection.query("PRAGMA journal_mode=WAL")
-            _ = try await connection.query("PRAGMA busy_timeout=5000")
-            _ = try await connection.query("PRAGMA foreign_keys=ON")
-            try await store.migrate()
-            return store
-        } catch let error as StorageError {
-            throw error
+            try await store.onThread { db in
+                do {
+                    // busy_timeout: starlingctl and the server wait for each other's writes instead of failing.
+                    try db.open(path: path, busyTimeoutMilliseconds: 5000)
+                } catch {
+                    throw StorageError.backend("cannot open SQLite database \(path): \(error)")
+                }
+                // WAL lets starlingctl read and write while the server runs.
+                try db.query("PRAGMA journal_mode=WAL")
+                try db.query("PRAGMA foreign_keys=ON")
+                try Self.migrate(db)
+            }
         } catch {
-            throw .backend("cannot open SQLite database \(path): \(error)")
+            await store.close()
+            throw error
         }
+        logger.debug("opened SQLite database", metadata: ["path": .string(path)])
+        return store
     }
 
-    private func migrate() async throws {
-        _ = try await connection.query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        _ = try await connection.query("BEGIN IMMEDIATE")
-        do {
-            let rows = try await connection.query("SELECT MAX(version) AS version FROM schema_version")
-            let current = rows.first?.column("version")?.integer ?? 0
-            for (index, statements) in Self.migrations.enumerated() where index + 1 > current {
-                for statement in statements { _ = try await connection.query(statement) }
-                _ = try await connection.query("INSERT INTO schema_version (version) VALUES (?)", [.integer(index + 1)])
+    private static func migrate(_ db: SQLiteHandle) throws {
+        try db.query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        try db.transaction {
+            let current = try db.query("SELECT MAX(version) AS version FROM schema_version").first?.column("version")?.integer ?? 0
+            for (index, statements) in migrations.enumerated() where index + 1 > current {
+                for statement in statements { try db.query(statement) }
+                try db.query("INSERT INTO schema_version (version) VALUES (?)", [.integer(index + 1)])
             }
-            _ = try await connection.query("COMMIT")
-        } catch {
-            _ = try? await connection.query("ROLLBACK")
-            throw error
         }
     }
 
@@ -227,80 +229,77 @@ public final class SQLiteStore: Sendable {
     /// after that fail with a clear error instead of reaching a closed SQLite handle.
     public func close() async {
         let deadline = ContinuousClock.now + .seconds(2)
-        while ContinuousClock.now < deadline, await gate.usedWithin(.milliseconds(150)) {
+        while ContinuousClock.now < deadline, activity.withLock({ $0.usedWithin(.milliseconds(150)) }) {
             try? await Task.sleep(for: .milliseconds(50))
         }
-        await gate.acquire()
-        if await gate.markClosed() { try? await connection.close() }
-        await gate.release()
-    }
-
-    /// Runs one store operation with the connection to itself, mapping failures to `StorageError`.
-    func run<T>(file: String = #fileID, function: String = #function, _ body: () async throws -> T) async throws(StorageError) -> T {
-        try await StorageMetrics.measure(backend: "sqlite", file: file, function: function) { () throws(StorageError) in try await runGated(body) }
-    }
-
-    private func runGated<T>(_ body: () async throws -> T) async throws(StorageError) -> T {
-        await gate.acquire()
-        if await gate.isClosed {
-            await gate.release()
-            throw .backend("the database is closed (the server is shutting down)")
+        guard activity.withLock({ $0.markClosed() }) else { return }
+        // Operations queued before this one still run; the thread then ends.
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            thread.submit { _ in
+                self.handle.close()
+                done.resume()
+            }
         }
-        do {
-            let value = try await body()
-            await gate.release()
-            return value
-        } catch {
-            await gate.release()
-            if let error = error as? StorageError { throw error }
-            throw .backend(String(describing: error))
+        try? await thread.shutdownGracefully()
+    }
+
+    /// Runs one store operation on the store's thread with the connection to itself, mapping failures
+    /// to `StorageError`.
+    func run<T: Sendable>(file: String = #fileID, function: String = #function,
+                          _ body: @escaping @Sendable (SQLiteHandle) throws -> T) async throws(StorageError) -> T {
+        guard activity.withLock({ $0.begin() }) else { throw Self.closedError }
+        defer { activity.withLock { $0.end() } }
+        return try await StorageMetrics.measure(backend: "sqlite", file: file, function: function) { () throws(StorageError) in
+            try await onThread(body)
         }
     }
 
-    /// Runs `body` inside a transaction, rolling back on any error. Only inside `run`.
-    func transaction<T>(_ body: () async throws -> T) async throws -> T {
-        _ = try await connection.query("BEGIN IMMEDIATE")
-        do {
-            let result = try await body()
-            _ = try await connection.query("COMMIT")
-            return result
-        } catch {
-            _ = try? await connection.query("ROLLBACK")
-            throw error
+    private func onThread<T: Sendable>(_ body: @escaping @Sendable (SQLiteHandle) throws -> T) async throws(StorageError) -> T {
+        let result: Result<T, StorageError> = await withCheckedContinuation { continuation in
+            thread.submit { state in
+                guard case .active = state, !self.handle.isClosed else { return continuation.resume(returning: .failure(Self.closedError)) }
+                do {
+                    continuation.resume(returning: .success(try body(self.handle)))
+                } catch let error as StorageError {
+                    continuation.resume(returning: .failure(error))
+                } catch {
+                    continuation.resume(returning: .failure(.backend(String(describing: error))))
+                }
+            }
         }
+        return try result.get()
     }
+
+    private static var closedError: StorageError { .backend("the database is closed (the server is shutting down)") }
 }
 
-/// A FIFO async mutex: the connection runs one operation at a time.
-actor ConnectionGate {
-    private(set) var isClosed = false
-    private var busy = false
+/// Whether the store is open, and how recently it was used (closing waits for a quiet moment).
+private struct Activity {
+    private var isClosed = false
+    private var running = 0
     private var lastUse = ContinuousClock.now
-    private var waiters: [CheckedContinuation<Void, Never>] = []
 
-    func acquire() async {
+    /// Returns false once closed: the operation must not start.
+    mutating func begin() -> Bool {
+        guard !isClosed else { return false }
+        running += 1
         lastUse = .now
-        if !busy {
-            busy = true
-            return
-        }
-        await withCheckedContinuation { waiters.append($0) }
+        return true
     }
 
-    func release() {
-        if waiters.isEmpty { busy = false } else { waiters.removeFirst().resume() }
+    mutating func end() {
+        running -= 1
+        lastUse = .now
     }
 
-    /// Whether an operation is running or started within `interval`.
+    /// Whether an operation is running or ended within `interval`.
     func usedWithin(_ interval: Duration) -> Bool {
-        busy || ContinuousClock.now - lastUse < interval
+        running > 0 || ContinuousClock.now - lastUse < interval
     }
 
     /// Returns whether this call closed it (false if it already was).
-    func markClosed() -> Bool {
+    mutating func markClosed() -> Bool {
         defer { isClosed = true }
         return !isClosed
     }
 }
-
-@_exported import StarlingStorage
