@@ -26,6 +26,9 @@ final class UploadFiles: Sendable {
     }
 
     let directory: URL
+    /// Where a body's chunks are written: disk writes can wait on the device, and the task reading the
+    /// body may run on an event loop (the server runs Swift concurrency on its event loops).
+    private let disk = DispatchQueue(label: "starling.upload.disk")
     /// Bytes per owner (bare JID), completed and reserved.
     private let usage = Mutex<[String: Int]>([:])
 
@@ -87,7 +90,7 @@ final class UploadFiles: Sendable {
             for try await chunk in body {
                 written += chunk.count
                 if written > record.size { break }
-                try handle.write(contentsOf: chunk)
+                try await write(chunk, to: handle)
             }
         } catch {
             try? FileManager.default.removeItem(at: partial)
@@ -106,6 +109,12 @@ final class UploadFiles: Sendable {
         record.complete = true
         try write(record, id: id)
         return .stored
+    }
+
+    private func write(_ chunk: [UInt8], to handle: FileHandle) async throws {
+        try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, any Error>) in
+            disk.async { done.resume(with: Result { try handle.write(contentsOf: chunk) }) }
+        }
     }
 
     /// Removes uploads created more than `maxAge` seconds ago (0: keep them) and reservations whose slot

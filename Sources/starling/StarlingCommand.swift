@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import Logging
+import NIOCore
+import NIOPosix
 import ServiceLifecycle
 import StarlingConfig
 import StarlingModules
@@ -27,6 +29,12 @@ struct StarlingCommand: AsyncParsableCommand {
         // that write, not the whole process. NIO does the same once it opens a socket; this covers the
         // start before that.
         signal(SIGPIPE, SIG_IGN)
+        // Swift concurrency runs on the server's event loops (NIO's singleton group, which the server
+        // listens on) instead of a thread pool of its own: a login's store calls and the modules' hook
+        // jobs then resume where the session's I/O is, without waking a second set of threads (about a
+        // tenth of a login's server CPU here). So no task may block: disk and database work have their
+        // own threads. Installed before any task starts.
+        NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
         if configReference {
             print(StarlingConfiguration.referenceText(moduleCatalog: BuiltinModules.descriptors))
             return
