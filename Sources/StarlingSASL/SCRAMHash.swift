@@ -103,8 +103,9 @@ func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
 }
 
 func randomNonce() -> String {
-    var bytes = [UInt8](repeating: 0, count: 18)
+    // 18 bytes from three 64-bit draws: each draw is a getrandom system call.
     var generator = SystemRandomNumberGenerator()
-    for index in bytes.indices { bytes[index] = generator.next() }
+    let words = (0..<3).map { _ in generator.next() as UInt64 }
+    let bytes = words.withUnsafeBytes { Array($0.prefix(18)) }
     return Data(bytes).base64EncodedString()
 }

@@ -122,10 +122,12 @@ public struct SCRAMServer: Sendable {
         guard case .awaitingClientFinal(let first, let credentials, let serverFirst, let nonce) = state else {
             return failStep(.malformedRequest)
         }
-        guard let text = String(validating: message, as: UTF8.self) else { return failStep(.incorrectEncoding) }
-        guard let proofRange = text.range(of: ",p=") else { return failStep(.malformedRequest) }
-        let withoutProof = String(text[..<proofRange.lowerBound])
-        guard let proof = Data(base64Encoded: String(text[proofRange.upperBound...])) else {
+        guard String(validating: message, as: UTF8.self) != nil else { return failStep(.incorrectEncoding) }
+        guard let proofStart = message.indices.dropLast(2).first(where: {
+            message[$0] == UInt8(ascii: ",") && message[$0 + 1] == UInt8(ascii: "p") && message[$0 + 2] == UInt8(ascii: "=")
+        }) else { return failStep(.malformedRequest) }
+        let withoutProof = String(decoding: message[..<proofStart], as: UTF8.self)
+        guard let proof = Data(base64Encoded: Data(message[(proofStart + 3)...])) else {
             return failStep(.incorrectEncoding)
         }
         var binding: String?

@@ -788,10 +788,11 @@ public struct C2SStateMachine {
 
     /// SASL payloads are base64; "=" is an empty payload and no text is no payload (RFC 6120 §6.4.2).
     private static func decodeSASLData(_ element: XMLElement) -> Result<[UInt8]?, DecodeFailure> {
-        let text = element.text.filter { !$0.isWhitespace }
+        // XML whitespace only, byte by byte: base64 is ASCII, and walking Characters costs grapheme breaking.
+        let text = element.text.utf8.filter { $0 != 0x20 && $0 != 0x09 && $0 != 0x0A && $0 != 0x0D }
         if text.isEmpty { return .success(nil) }
-        if text == "=" { return .success([]) }
-        guard let data = Data(base64Encoded: text) else { return .failure(.invalid) }
+        if text == [UInt8(ascii: "=")] { return .success([]) }
+        guard let data = Data(base64Encoded: Data(text)) else { return .failure(.invalid) }
         return .success(Array(data))
     }
 }

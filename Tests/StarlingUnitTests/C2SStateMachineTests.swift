@@ -213,6 +213,21 @@ final class C2SStateMachineTests: XCTestCase {
                        "<failure xmlns='urn:xmpp:sasl:2'><invalid-mechanism xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>")
     }
 
+    /// RFC 6120 §6.4.2: SASL data is base64, which may be broken over lines; "=" is an empty response.
+    func testSASLDataIgnoresXMLWhitespaceAndRejectsTheRest() throws {
+        let plain = Data("\u{0}juliet\u{0}r0meo".utf8).base64EncodedString()
+        let wrapped = plain.enumerated().map { $0.offset > 0 && $0.offset % 4 == 0 ? "\r\n\t \($0.element)" : String($0.element) }.joined()
+        var machine = machineAfterTLS()
+        XCTAssertEqual(machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>\n\(wrapped)\n</auth>")),
+                       [.verifyPlain(username: "juliet", host: "example.com", password: "r0meo")])
+        machine = machineAfterTLS()
+        XCTAssertTrue(sentText(machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>\(plain)\u{00A0}</auth>")))
+            .contains("<incorrect-encoding"), "a no-break space is not XML whitespace")
+        machine = machineAfterTLS()
+        XCTAssertTrue(sentText(machine.elementReceived(element("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>=</auth>")))
+            .contains("<malformed-request"), "an empty PLAIN message")
+    }
+
     /// XEP-0198: after authentication, `<resume/>` takes the place of bind; a failed resumption leaves
     /// binding open, and enabling before a resource is bound is refused.
     func testResumeInsteadOfBind() throws {

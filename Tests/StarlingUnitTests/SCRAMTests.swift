@@ -102,6 +102,26 @@ final class SCRAMTests: XCTestCase {
         XCTAssertEqual(server.receiveClientFirst(Array("n,a=admin=2Cx,n=u=3Dv,r=abc".utf8)), .lookUpCredentials(username: "u=v", authzid: "admin,x"))
     }
 
+    func testClientFinalNeedsAProofInBase64() throws {
+        let stored = SCRAMCredentials.derive(password: "pw", hash: .sha256, salt: [1, 2, 3, 4], iterations: 4096)
+        func final(_ edit: (String) -> String) throws -> SCRAMServer.Step {
+            var client = SCRAMClient(hash: .sha256, username: "u", password: "pw", channelBinding: nil, supportsChannelBinding: false)
+            var server = SCRAMServer(hash: .sha256, plus: false, channelBinding: nil, advertisedPlus: false)
+            _ = server.receiveClientFirst(client.clientFirst())
+            guard case .challenge(let challenge) = server.receiveCredentials(stored) else { return .fail(.malformedRequest) }
+            let message = String(decoding: try client.clientFinal(serverFirst: challenge), as: UTF8.self)
+            return server.receiveClientFinal(Array(edit(message).utf8))
+        }
+        guard case .success = try final({ $0 }) else { return XCTFail("the client's own final message") }
+        XCTAssertEqual(try final { $0.replacingOccurrences(of: ",p=", with: ",q=") }, .fail(.malformedRequest), "no proof")
+        XCTAssertEqual(try final { $0 + "!" }, .fail(.incorrectEncoding), "a proof that is not base64")
+        XCTAssertEqual(try final { $0.replacingOccurrences(of: ",p=", with: ",p=AAAA") }, .fail(.notAuthorized), "another proof")
+        var server = SCRAMServer(hash: .sha256, plus: false, channelBinding: nil, advertisedPlus: false)
+        _ = server.receiveClientFirst(Array("n,,n=u,r=abc".utf8))
+        _ = server.receiveCredentials(stored)
+        XCTAssertEqual(server.receiveClientFinal([0xFF, 0x2C, 0x70, 0x3D]), .fail(.incorrectEncoding), "not UTF-8")
+    }
+
     func testPlainParsingAndPasswordVerification() throws {
         let message = try PLAINMessage(parsing: Array("\0alice\0s3cret".utf8))
         XCTAssertEqual(message.username, "alice")
