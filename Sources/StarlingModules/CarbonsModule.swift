@@ -26,9 +26,13 @@ public final class CarbonsModule: ServerModule {
             return .result()
         }
         // Sent carbons: low priority, so blocking and other policies have had their say.
+        // Most accounts have no other resource with carbons on: that answer comes before looking into the stanza.
         registrar.hook(.stanzaFromClient, priority: -100) { [self] event in
-            guard let origin = event.origin, Self.isCarbonEligible(event.stanza) else { return .pass }
-            for resource in host.resources(of: origin.bare) where resource.jid != origin && resource.flags.contains(Self.flag) {
+            guard let origin = event.origin, event.stanza.name == "message" else { return .pass }
+            let resources = host.resources(of: origin.bare)
+            func takesCopy(_ resource: ResourceInfo) -> Bool { resource.flags.contains(Self.flag) && resource.jid != origin }
+            guard resources.contains(where: takesCopy), Self.isCarbonEligible(event.stanza) else { return .pass }
+            for resource in resources where takesCopy(resource) {
                 copy(event.stanza, as: "sent", to: resource.jid)
             }
             return .pass
@@ -36,10 +40,11 @@ public final class CarbonsModule: ServerModule {
         // Received carbons, sent once per message: when it reaches its first (or only) recipient resource.
         registrar.hook(.stanzaToUser, priority: -100) { [self] event in
             // Most accounts have no carbons-enabled resource: that answer comes before any other work.
-            guard let recipient = event.recipient, Self.isCarbonEligible(event.stanza), let to = event.stanza[attribute: "to"].flatMap({ JID($0) }) else { return .pass }
+            guard let recipient = event.recipient, event.stanza.name == "message" else { return .pass }
             let resources = host.resources(of: recipient.bare)
+            guard resources.contains(where: { $0.flags.contains(Self.flag) }), Self.isCarbonEligible(event.stanza),
+                  let to = event.stanza[attribute: "to"].flatMap({ JID($0) }) else { return .pass }
             let enabled = resources.filter { $0.flags.contains(Self.flag) }.map(\.jid)
-            guard !enabled.isEmpty else { return .pass }
             let receivers: Set<JID>
             if to.resourcepart != nil {
                 receivers = [recipient]

@@ -74,9 +74,10 @@ public final class PushModule: ServerModule {
         // A message for the account: registrations no bound session claims hear of it now.
         registrar.hook(.messageToAccount, priority: -300) { [self] event in
             guard let account = event.recipient?.bare, account.localpart != nil else { return .pass }
+            // Most accounts have no registration: known from the cache, that costs no task and no look at the
+            // stanza (a revocation for such an account has nothing to disable either).
+            if registrations[account]?.isEmpty == true { return .pass }
             if let message = Self.notable(event.stanza) {
-                // Most accounts have no registration: known from the cache, that costs no task.
-                if registrations[account]?.isEmpty == true { return .pass }
                 Task { await notifyUnclaimed(account, about: message) }
             } else if let from = event.stanza[attribute: "from"].flatMap({ JID($0) }), let node = Self.revokedNode(event.stanza, for: account) {
                 Task { await remoteDisable(account, service: from, node: node) }
