@@ -116,9 +116,13 @@ final class SQLiteHandle {
             return status
         }
         guard status == SQLITE_OK, let statement else {
-            let failure = status == SQLITE_MISUSE && statement != nil
-                ? SQLiteFailure(code: status, message: "more than one statement in: \(sql)")
-                : SQLiteFailure(database, code: status, sql: sql)
+            let failure = if status == SQLITE_MISUSE && statement != nil {
+                SQLiteFailure(code: status, message: "more than one statement in: \(sql)")
+            } else if status == SQLITE_OK {
+                SQLiteFailure(code: SQLITE_MISUSE, message: "no statement in: \(sql)")
+            } else {
+                SQLiteFailure(database, code: status, sql: sql)
+            }
             sqlite_nio_sqlite3_finalize(statement)
             throw failure
         }

@@ -33,7 +33,7 @@ struct StarlingCommand: AsyncParsableCommand {
         // listens on) instead of a thread pool of its own: a login's store calls and the modules' hook
         // jobs then resume where the session's I/O is, without waking a second set of threads (about a
         // tenth of a login's server CPU here). So no task may block: disk and database work have their
-        // own threads. Installed before any task starts.
+        // own threads. Installed before the server starts any task.
         NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
         if configReference {
             print(StarlingConfiguration.referenceText(moduleCatalog: BuiltinModules.descriptors))

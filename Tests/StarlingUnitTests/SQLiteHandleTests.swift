@@ -54,6 +54,7 @@ final class SQLiteHandleTests: XCTestCase {
         XCTAssertThrowsError(try handle.query("SELEKT 1")) { XCTAssertTrue("\($0)".contains("syntax error"), "\($0)") }
         XCTAssertThrowsError(try handle.query("SELECT ?", [])) { XCTAssertTrue("\($0)".contains("0 values"), "\($0)") }
         XCTAssertThrowsError(try handle.query("DELETE FROM t; DROP TABLE t")) { XCTAssertTrue("\($0)".contains("more than one statement"), "\($0)") }
+        XCTAssertThrowsError(try handle.query("  -- nothing\n")) { XCTAssertTrue("\($0)".contains("no statement"), "\($0)") }
         XCTAssertEqual(try handle.query("SELECT k FROM t ORDER BY k").map { $0.column("k")?.string }, ["a", "b"])
     }
 
