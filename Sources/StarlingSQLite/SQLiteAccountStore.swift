@@ -9,7 +9,7 @@ extension SQLiteStore: AccountStore {
         try await run { db in
             try db.transaction {
                 if try Self.exists(db, username: username, host: host) { throw StorageError.accountExists }
-                _ = try db.query(
+                try db.query(
                     "INSERT INTO accounts (host, username, created_at) VALUES (?, ?, ?)",
                     [.text(host), .text(username), .integer(Int(Date().timeIntervalSince1970))])
                 try Self.insert(db, credentials, username: username, host: host)
@@ -44,10 +44,10 @@ extension SQLiteStore: AccountStore {
         try await run { db in
             try db.transaction {
                 guard try Self.exists(db, username: username, host: host) else { throw StorageError.accountNotFound }
-                _ = try db.query(
+                try db.query(
                     "DELETE FROM scram_credentials WHERE host = ? AND username = ?", [.text(host), .text(username)])
                 // A new password logs out every client holding a FAST token (a lost phone's, say).
-                _ = try db.query(
+                try db.query(
                     "DELETE FROM fast_tokens WHERE host = ? AND username = ?", [.text(host), .text(username)])
                 try Self.insert(db, credentials, username: username, host: host)
             }
@@ -60,7 +60,7 @@ extension SQLiteStore: AccountStore {
                 guard try Self.exists(db, username: username, host: host) else { throw StorageError.accountNotFound }
                 // Everything the account owns goes with it.
                 for table in StorageTables.perUser {
-                    _ = try db.query(
+                    try db.query(
                         "DELETE FROM \(table) WHERE host = ? AND username = ?", [.text(host), .text(username)])
                 }
             }
@@ -79,13 +79,13 @@ extension SQLiteStore: AccountStore {
         try await run { db in try Self.exists(db, username: username, host: host) }
     }
 
-        private static func exists(_ db: SQLiteHandle, username: String, host: String) throws -> Bool {
+    private static func exists(_ db: SQLiteHandle, username: String, host: String) throws -> Bool {
         !(try db.query("SELECT 1 FROM accounts WHERE host = ? AND username = ?", [.text(host), .text(username)]).isEmpty)
     }
 
     private static func insert(_ db: SQLiteHandle, _ credentials: [SCRAMCredentials], username: String, host: String) throws {
         for credential in credentials {
-            _ = try db.query(
+            try db.query(
                 """
                 INSERT INTO scram_credentials (host, username, hash, salt, iterations, stored_key, server_key)
                 VALUES (?, ?, ?, ?, ?, ?, ?)

@@ -100,7 +100,7 @@ extension SQLiteStore: ArchiveStore {
 
     public func deleteArchive(_ archive: JID) async throws(StorageError) {
         try await run { db in
-            _ = try db.query("DELETE FROM archive_messages WHERE host = ? AND username = ?", Self.userBinds(archive))
+            try db.query("DELETE FROM archive_messages WHERE host = ? AND username = ?", Self.userBinds(archive))
         }
     }
 
@@ -121,10 +121,10 @@ extension SQLiteStore: ArchiveStore {
     public func setArchivePreferences(_ preferences: ArchivePreferences?, of user: JID) async throws(StorageError) {
         try await run { db in
             guard let preferences else {
-                _ = try db.query("DELETE FROM archive_prefs WHERE host = ? AND username = ?", Self.userBinds(user))
+                try db.query("DELETE FROM archive_prefs WHERE host = ? AND username = ?", Self.userBinds(user))
                 return
             }
-            _ = try db.query(
+            try db.query(
                 """
                 INSERT INTO archive_prefs (host, username, default_behaviour, always_list, never_list) VALUES (?, ?, ?, ?, ?)
                 ON CONFLICT (host, username) DO UPDATE SET default_behaviour = excluded.default_behaviour,

@@ -24,17 +24,17 @@ extension SQLiteStore: FASTTokenStore {
     public func storeFASTToken(_ token: StoredFASTToken, for user: JID, clientLimit: Int, now: Int) async throws(StorageError) {
         try await run { db in
             try db.transaction {
-                _ = try db.query(
+                try db.query(
                     "DELETE FROM fast_tokens WHERE host = ? AND username = ? AND expires_at <= ?", Self.userBinds(user) + [.integer(now)])
                 // Clients beyond the limit, least recently issued first, make room for this one.
-                _ = try db.query(
+                try db.query(
                     """
                     DELETE FROM fast_tokens WHERE host = ? AND username = ? AND client IN (
                         SELECT client FROM fast_tokens WHERE host = ? AND username = ? AND client <> ?
                         GROUP BY client ORDER BY MAX(issued_at) DESC, client LIMIT -1 OFFSET ?)
                     """,
                     Self.userBinds(user) + Self.userBinds(user) + [.text(token.client), .integer(max(clientLimit - 1, 0))])
-                _ = try db.query(
+                try db.query(
                     """
                     INSERT INTO fast_tokens (host, username, client, slot, mechanism, nonce, issued_at, expires_at, software, device)
                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -55,9 +55,9 @@ extension SQLiteStore: FASTTokenStore {
                 let waiting = try db.query(
                     "SELECT 1 FROM fast_tokens WHERE host = ? AND username = ? AND client = ? AND slot = 'new'", binds)
                 guard !waiting.isEmpty else { return }
-                _ = try db.query(
+                try db.query(
                     "DELETE FROM fast_tokens WHERE host = ? AND username = ? AND client = ? AND slot = 'current'", binds)
-                _ = try db.query(
+                try db.query(
                     "UPDATE fast_tokens SET slot = 'current' WHERE host = ? AND username = ? AND client = ? AND slot = 'new'", binds)
             }
         }

@@ -11,7 +11,7 @@ extension SQLiteStore: OfflineStore {
                     "SELECT COUNT(*) AS n FROM offline_messages WHERE host = ? AND username = ?", Self.userBinds(user)
                 ).first?.column("n")?.integer ?? 0
                 guard count < limit else { return false }
-                _ = try db.query(
+                try db.query(
                     "INSERT INTO offline_messages (host, username, stanza, stored_at) VALUES (?, ?, ?, ?)",
                     Self.userBinds(user) + [.text(stanza), .integer(Int(Date().timeIntervalSince1970))])
                 return true
@@ -61,7 +61,7 @@ extension SQLiteStore: BlocklistStore {
         try await run { db in
             try db.transaction {
                 for item in items {
-                    _ = try db.query(
+                    try db.query(
                         "INSERT INTO blocklist (host, username, item) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                         Self.userBinds(user) + [.text(item.description)])
                 }
@@ -73,10 +73,10 @@ extension SQLiteStore: BlocklistStore {
         try await run { db in
             try db.transaction {
                 if items.isEmpty {
-                    _ = try db.query("DELETE FROM blocklist WHERE host = ? AND username = ?", Self.userBinds(user))
+                    try db.query("DELETE FROM blocklist WHERE host = ? AND username = ?", Self.userBinds(user))
                 }
                 for item in items {
-                    _ = try db.query(
+                    try db.query(
                         "DELETE FROM blocklist WHERE host = ? AND username = ? AND item = ?", Self.userBinds(user) + [.text(item.description)])
                 }
             }
@@ -104,7 +104,7 @@ extension SQLiteStore: PrivateXMLStore {
 
     public func setPrivateXML(_ xml: String, of user: JID, name: String, namespace: String) async throws(StorageError) {
         try await run { db in
-            _ = try db.query(
+            try db.query(
                 """
                 INSERT INTO private_xml (host, username, name, namespace, xml) VALUES (?, ?, ?, ?, ?)
                 ON CONFLICT (host, username, name, namespace) DO UPDATE SET xml = excluded.xml
@@ -126,7 +126,7 @@ extension SQLiteStore: VCardStore {
 
     public func setVCard(_ xml: String, photoHash: String?, of user: JID) async throws(StorageError) {
         try await run { db in
-            _ = try db.query(
+            try db.query(
                 """
                 INSERT INTO vcards (host, username, xml, photo_hash) VALUES (?, ?, ?, ?)
                 ON CONFLICT (host, username) DO UPDATE SET xml = excluded.xml, photo_hash = excluded.photo_hash
@@ -148,7 +148,7 @@ extension SQLiteStore: LastActivityStore {
 
     public func setLastActivity(of user: JID, at seconds: Int, status: String) async throws(StorageError) {
         try await run { db in
-            _ = try db.query(
+            try db.query(
                 """
                 INSERT INTO last_activity (host, username, seconds, status) VALUES (?, ?, ?, ?)
                 ON CONFLICT (host, username) DO UPDATE SET seconds = excluded.seconds, status = excluded.status

@@ -33,7 +33,7 @@ extension SQLiteStore: MUCStore {
         try await run { db in
             try db.transaction {
                 try Self.upsertRoom(db, room)
-                _ = try db.query("DELETE FROM muc_affiliations WHERE service = ? AND name = ?", Self.roomBinds(room.jid))
+                try db.query("DELETE FROM muc_affiliations WHERE service = ? AND name = ?", Self.roomBinds(room.jid))
                 for (user, record) in room.affiliations where record.affiliation != .none {
                     try Self.insertAffiliation(db, room: room.jid, user: user, record)
                 }
@@ -44,7 +44,7 @@ extension SQLiteStore: MUCStore {
     public func setMUCAffiliation(room: JID, user: JID, _ record: MUCAffiliationRecord) async throws(StorageError) {
         try await run { db in
             if record.affiliation == .none {
-                _ = try db.query(
+                try db.query(
                     "DELETE FROM muc_affiliations WHERE service = ? AND name = ? AND jid = ?", Self.roomBinds(room) + [.text(user.description)])
             } else {
                 try Self.insertAffiliation(db, room: room, user: user, record)
@@ -55,8 +55,8 @@ extension SQLiteStore: MUCStore {
     public func deleteMUCRoom(_ room: JID) async throws(StorageError) {
         try await run { db in
             try db.transaction {
-                _ = try db.query("DELETE FROM muc_affiliations WHERE service = ? AND name = ?", Self.roomBinds(room))
-                _ = try db.query("DELETE FROM muc_rooms WHERE service = ? AND name = ?", Self.roomBinds(room))
+                try db.query("DELETE FROM muc_affiliations WHERE service = ? AND name = ?", Self.roomBinds(room))
+                try db.query("DELETE FROM muc_rooms WHERE service = ? AND name = ?", Self.roomBinds(room))
             }
         }
     }
@@ -64,7 +64,7 @@ extension SQLiteStore: MUCStore {
     private static func roomBinds(_ room: JID) -> [SQLiteData] { [.text(room.domainpart), .text(room.localpart ?? "")] }
 
     private static func upsertRoom(_ db: SQLiteHandle, _ room: StoredMUCRoom) throws {
-        _ = try db.query(
+        try db.query(
             """
             INSERT INTO muc_rooms (service, name, options, subject, subject_nick, subject_time, salt) VALUES (?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (service, name) DO UPDATE SET options = excluded.options, subject = excluded.subject,
@@ -75,7 +75,7 @@ extension SQLiteStore: MUCStore {
     }
 
     private static func insertAffiliation(_ db: SQLiteHandle, room: JID, user: JID, _ record: MUCAffiliationRecord) throws {
-        _ = try db.query(
+        try db.query(
             """
             INSERT INTO muc_affiliations (service, name, jid, affiliation, nick, reason) VALUES (?, ?, ?, ?, ?, ?)
             ON CONFLICT (service, name, jid) DO UPDATE SET affiliation = excluded.affiliation, nick = excluded.nick, reason = excluded.reason

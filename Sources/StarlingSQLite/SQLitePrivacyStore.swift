@@ -22,12 +22,12 @@ extension SQLiteStore: PrivacyStore {
         try await run { db in
             try db.transaction {
                 if let rules {
-                    _ = try db.query(
+                    try db.query(
                         "INSERT INTO privacy_lists (host, username, name, rules) VALUES (?, ?, ?, ?) ON CONFLICT (host, username, name) DO UPDATE SET rules = excluded.rules",
                         Self.userBinds(user) + [.text(name), .text(PrivacyRulesCoding.encode(rules))])
                 } else {
-                    _ = try db.query("DELETE FROM privacy_lists WHERE host = ? AND username = ? AND name = ?", Self.userBinds(user) + [.text(name)])
-                    _ = try db.query("DELETE FROM privacy_defaults WHERE host = ? AND username = ? AND name = ?", Self.userBinds(user) + [.text(name)])
+                    try db.query("DELETE FROM privacy_lists WHERE host = ? AND username = ? AND name = ?", Self.userBinds(user) + [.text(name)])
+                    try db.query("DELETE FROM privacy_defaults WHERE host = ? AND username = ? AND name = ?", Self.userBinds(user) + [.text(name)])
                 }
             }
         }
@@ -36,11 +36,11 @@ extension SQLiteStore: PrivacyStore {
     public func setDefaultPrivacyList(_ name: String?, of user: JID) async throws(StorageError) {
         try await run { db in
             if let name {
-                _ = try db.query(
+                try db.query(
                     "INSERT INTO privacy_defaults (host, username, name) VALUES (?, ?, ?) ON CONFLICT (host, username) DO UPDATE SET name = excluded.name",
                     Self.userBinds(user) + [.text(name)])
             } else {
-                _ = try db.query("DELETE FROM privacy_defaults WHERE host = ? AND username = ?", Self.userBinds(user))
+                try db.query("DELETE FROM privacy_defaults WHERE host = ? AND username = ?", Self.userBinds(user))
             }
         }
     }

@@ -17,7 +17,7 @@ extension SQLiteStore: PubSubStore {
 
     public func savePubSubNode(_ node: StoredPubSubNode) async throws(StorageError) {
         try await run { db in
-            _ = try db.query(
+            try db.query(
                 """
                 INSERT INTO pubsub_nodes (host, username, node, config) VALUES (?, ?, ?, ?)
                 ON CONFLICT (host, username, node) DO UPDATE SET config = excluded.config
@@ -29,9 +29,9 @@ extension SQLiteStore: PubSubStore {
         try await run { db in
             try db.transaction {
                 let binds = Self.userBinds(service) + [.text(name)]
-                _ = try db.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", binds)
-                _ = try db.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ?", binds)
-                _ = try db.query("DELETE FROM pubsub_nodes WHERE host = ? AND username = ? AND node = ?", binds)
+                try db.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", binds)
+                try db.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ?", binds)
+                try db.query("DELETE FROM pubsub_nodes WHERE host = ? AND username = ? AND node = ?", binds)
             }
         }
     }
@@ -63,12 +63,12 @@ extension SQLiteStore: PubSubStore {
             try db.transaction {
                 let binds = Self.userBinds(service) + [.text(node)]
                 // Deleted and inserted again: a republished id becomes the newest.
-                _ = try db.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ? AND item_id = ?",
+                try db.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ? AND item_id = ?",
                                                     binds + [.text(item.id)])
-                _ = try db.query(
+                try db.query(
                     "INSERT INTO pubsub_items (host, username, node, item_id, publisher, payload, published) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     binds + [.text(item.id), .text(item.publisher), .text(item.payload), .integer(item.published)])
-                _ = try db.query(
+                try db.query(
                     """
                     DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ? AND seq NOT IN (
                         SELECT seq FROM pubsub_items WHERE host = ? AND username = ? AND node = ? ORDER BY seq DESC LIMIT ?)
@@ -88,7 +88,7 @@ extension SQLiteStore: PubSubStore {
 
     public func purgePubSubNode(_ name: String, of service: JID) async throws(StorageError) {
         try await run { db in
-            _ = try db.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", Self.userBinds(service) + [.text(name)])
+            try db.query("DELETE FROM pubsub_items WHERE host = ? AND username = ? AND node = ?", Self.userBinds(service) + [.text(name)])
         }
     }
 
@@ -109,13 +109,13 @@ extension SQLiteStore: PubSubStore {
         try await run { db in
             let binds = Self.userBinds(service) + [.text(node), .text(jid)]
             if let state {
-                _ = try db.query(
+                try db.query(
                     """
                     INSERT INTO pubsub_subscriptions (host, username, node, jid, state) VALUES (?, ?, ?, ?, ?)
                     ON CONFLICT (host, username, node, jid) DO UPDATE SET state = excluded.state
                     """, binds + [.text(state)])
             } else {
-                _ = try db.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ? AND jid = ?", binds)
+                try db.query("DELETE FROM pubsub_subscriptions WHERE host = ? AND username = ? AND node = ? AND jid = ?", binds)
             }
         }
     }

@@ -27,7 +27,7 @@ extension SQLiteStore: PushStore {
                     "SELECT COUNT(*) AS n FROM push_registrations WHERE host = ? AND username = ?", Self.userBinds(user)
                 ).first?.column("n")?.integer ?? 0
                 guard count < limit else { return false }
-                _ = try db.query(
+                try db.query(
                     "INSERT INTO push_registrations (host, username, service, node, publish_options) VALUES (?, ?, ?, ?, ?)", binds + [options])
                 return true
             }

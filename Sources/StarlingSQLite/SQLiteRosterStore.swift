@@ -26,7 +26,7 @@ extension SQLiteStore: RosterStore {
         try await run { db in
             try db.transaction {
                 let groups = String(decoding: try JSONEncoder().encode(item.groups), as: UTF8.self)
-                _ = try db.query(
+                try db.query(
                     """
                     INSERT INTO roster_items (host, username, contact, name, groups, subscription, ask, approved)
                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -44,7 +44,7 @@ extension SQLiteStore: RosterStore {
     public func remove(contact: JID, for user: JID) async throws(StorageError) -> Int {
         try await run { db in
             try db.transaction {
-                _ = try db.query(
+                try db.query(
                     "DELETE FROM roster_items WHERE host = ? AND username = ? AND contact = ?",
                     Self.userBinds(user) + [.text(contact.description)])
                 return try Self.bumpRosterVersion(db, of: user)
@@ -54,7 +54,7 @@ extension SQLiteStore: RosterStore {
 
     public func addPendingSubscription(from contact: JID, to user: JID, stanza: String) async throws(StorageError) {
         try await run { db in
-            _ = try db.query(
+            try db.query(
                 """
                 INSERT INTO roster_pending (host, username, contact, stanza) VALUES (?, ?, ?, ?)
                 ON CONFLICT (host, username, contact) DO UPDATE SET stanza = excluded.stanza
@@ -65,7 +65,7 @@ extension SQLiteStore: RosterStore {
 
     public func removePendingSubscription(from contact: JID, to user: JID) async throws(StorageError) {
         try await run { db in
-            _ = try db.query(
+            try db.query(
                 "DELETE FROM roster_pending WHERE host = ? AND username = ? AND contact = ?",
                 Self.userBinds(user) + [.text(contact.description)])
         }
@@ -86,7 +86,7 @@ extension SQLiteStore: RosterStore {
         try await run { db in
             try db.transaction {
                 for table in ["roster_items", "roster_pending", "roster_versions"] {
-                    _ = try db.query("DELETE FROM \(table) WHERE host = ? AND username = ?", Self.userBinds(user))
+                    try db.query("DELETE FROM \(table) WHERE host = ? AND username = ?", Self.userBinds(user))
                 }
             }
         }
@@ -102,7 +102,7 @@ extension SQLiteStore: RosterStore {
     }
 
     private static func bumpRosterVersion(_ db: SQLiteHandle, of user: JID) throws -> Int {
-        _ = try db.query(
+        try db.query(
             """
             INSERT INTO roster_versions (host, username, version) VALUES (?, ?, 1)
             ON CONFLICT (host, username) DO UPDATE SET version = version + 1

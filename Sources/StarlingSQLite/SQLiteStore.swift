@@ -245,6 +245,7 @@ public final class SQLiteStore: Sendable {
 
     /// Runs one store operation on the store's thread with the connection to itself, mapping failures
     /// to `StorageError`.
+    @discardableResult
     func run<T: Sendable>(file: String = #fileID, function: String = #function,
                           _ body: @escaping @Sendable (SQLiteHandle) throws -> T) async throws(StorageError) -> T {
         guard activity.withLock({ $0.begin() }) else { throw Self.closedError }
