@@ -187,19 +187,34 @@ public final class ClusterNode: @unchecked Sendable {
         }
     }
 
-    /// Leaves the cluster: deregisters and closes every link (the others drop this node's sessions
-    /// once the links are gone, at once rather than after `deadAfter`: the node said goodbye by closing).
+    /// Leaves the cluster: deregisters, says goodbye on every link and closes it (the others drop this
+    /// node's sessions at once rather than after `deadAfter`). Returns once the goodbyes are out, so the
+    /// process may exit then.
     public func stop() async {
-        ticker.withLockedValue { $0?.cancel() }
+        state.withLockedValue { $0.stopped = true }
+        if let ticker = ticker.withLockedValue({ $0 }) {
+            ticker.cancel()
+            // A heartbeat already past its `stopped` check would register this node again after it
+            // deregistered, or dial a peer whose link just closed (the peer would then see a link that
+            // the stopping node drops: down instead of gone). It finishes first, unless the database hangs it.
+            let finished = group.next().makePromise(of: Void.self)
+            Task {
+                await ticker.value
+                finished.succeed()
+            }
+            let giveUp = finished.futureResult.eventLoop.scheduleTask(in: .milliseconds(Int64(settings.deadAfter * 1000))) { finished.succeed() }
+            try? await finished.futureResult.get()
+            giveUp.cancel()
+        }
         let (listener, links) = state.withLockedValue { state -> ((any Channel)?, [NodeLink]) in
-            state.stopped = true
-            return (state.listener, state.peers.values.compactMap(\.link))
+            (state.listener, state.peers.values.compactMap(\.link))
         }
         if settings.discoverThroughDatabase, let membership {
             try? await membership.deregisterNode(cluster: settings.cluster, node: settings.node)
         }
         try? await listener?.close()
-        for link in links { link.leave() }
+        let goodbyes = links.map { $0.leave(within: .seconds(2)) }
+        for goodbye in goodbyes { try? await goodbye.get() }
     }
 
     // MARK: Sending
@@ -327,6 +342,7 @@ public final class ClusterNode: @unchecked Sendable {
         var lost: [String] = []
         var toDial: [String] = []
         state.withLockedValue { state in
+            guard !state.stopped else { return }
             if let members { state.members = members }
             for (name, var peer) in state.peers {
                 if let link = peer.link {

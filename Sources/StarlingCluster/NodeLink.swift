@@ -87,13 +87,24 @@ public final class NodeLink: @unchecked Sendable {
 
     func close() { channel.close(promise: nil) }
 
-    /// Sends `goodbye` after everything queued before it, then closes.
-    func leave() {
+    /// Sends `goodbye` after everything queued before it, then closes. The future completes once the
+    /// link is closed, or after `limit` for a peer that does not read: a node that exits before its
+    /// goodbye reached the kernel leaves its peers waiting `deadAfter` for nothing.
+    func leave(within limit: TimeAmount) -> EventLoopFuture<Void> {
         var buffer = channel.allocator.buffer(capacity: 8)
         ClusterFrame.goodbye.encode(into: &buffer)
-        channel.eventLoop.execute {
+        let loop = channel.eventLoop
+        let left = loop.makePromise(of: Void.self)
+        loop.execute {
+            // Whichever comes first completes `left`; a promise ignores the later one.
+            let giveUp = loop.scheduleTask(in: limit) { left.succeed() }
+            self.channel.closeFuture.whenComplete { _ in
+                giveUp.cancel()
+                left.succeed()
+            }
             self.channel.writeAndFlush(buffer).whenComplete { _ in self.channel.close(promise: nil) }
         }
+        return left.futureResult
     }
 }
 
