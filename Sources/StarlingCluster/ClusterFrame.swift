@@ -35,14 +35,18 @@ public struct MovedSession: Sendable, Equatable {
     /// The session's last available presence (nil: unavailable) and its modules' flags.
     public var presence: XMLElement?
     public var flags: Set<String>
+    /// What modules carry over for the session (`SessionHandoverEvent`), one element each.
+    public var carried: [XMLElement]
 
-    public init(jid: JID, handled: UInt32, sent: UInt32, unacknowledged: [XMLElement], presence: XMLElement?, flags: Set<String>) {
+    public init(jid: JID, handled: UInt32, sent: UInt32, unacknowledged: [XMLElement], presence: XMLElement?, flags: Set<String>,
+                carried: [XMLElement] = []) {
         self.jid = jid
         self.handled = handled
         self.sent = sent
         self.unacknowledged = unacknowledged
         self.presence = presence
         self.flags = flags
+        self.carried = carried
     }
 }
 
@@ -91,7 +95,7 @@ public struct ClusterWireError: Error, CustomStringConvertible {
 
 extension ClusterFrame {
     /// The version of this wire format; nodes of another version refuse to link.
-    public static let wireVersion = 2
+    public static let wireVersion = 3
     /// Frames larger than this end the link: a stanza is at most 16 MiB (`limits.max_stanza_size`), and a
     /// snapshot is sent in chunks.
     public static let maxFrameSize = 32 << 20
@@ -181,6 +185,8 @@ extension ClusterFrame {
             } else {
                 buffer.writeInteger(UInt8(0))
             }
+            buffer.writeInteger(UInt32(moved.carried.count))
+            for element in moved.carried { buffer.writeElement(element) }
         case .ping(let value):
             buffer.writeInteger(Tag.ping.rawValue)
             buffer.writeInteger(value)
@@ -263,8 +269,11 @@ extension ClusterFrame {
             for _ in 0..<flagCount { flags.insert(try body.readWireString()) }
             guard let hasPresence: UInt8 = body.readInteger() else { throw ClusterWireError("short resume state") }
             let presence = hasPresence == 1 ? try body.readElement(depth: 0) : nil
+            let carriedCount = try body.readCount()
+            var carried: [XMLElement] = []
+            for _ in 0..<carriedCount { carried.append(try body.readElement(depth: 0)) }
             frame = .resumeState(request: request, MovedSession(jid: jid, handled: handled, sent: sent, unacknowledged: unacknowledged,
-                                                                presence: presence, flags: flags))
+                                                                presence: presence, flags: flags, carried: carried))
         case .ping, .pong:
             guard let value: UInt64 = body.readInteger() else { throw ClusterWireError("short ping") }
             frame = tag == .ping ? .ping(value) : .pong(value)

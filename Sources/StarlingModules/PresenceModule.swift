@@ -72,7 +72,16 @@ public final class PresenceModule: ServerModule {
             engine.sessionClosed(event.jid)
             return .pass
         }
-        // Resumed on another node: contacts are not told it went (it did not); its presence is that node's now.
+        // Resumed on another node: contacts are not told it went (it did not); its presence is that node's
+        // now, and so are the targets of its directed presence, which must hear when it goes.
+        registrar.hook(.sessionHandingOver) { event in
+            if let carried = engine.directedPresence(of: event.jid) { event.carry(carried) }
+            return .pass
+        }
+        registrar.hook(.sessionArrived) { event in
+            engine.takeUpDirectedPresence(of: event.jid, from: event.carried)
+            return .pass
+        }
         registrar.hook(.sessionMoved) { event in
             engine.sessionMoved(event.jid)
             return .pass

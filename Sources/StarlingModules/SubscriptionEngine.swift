@@ -329,6 +329,29 @@ final class SubscriptionEngine: Sendable {
         broadcast(XMLElement(name: "presence", namespace: Namespace.client, attributes: ["type": "unavailable"]), from: resource)
     }
 
+    /// Where `resource` sent directed presence, as the element that goes with the session when it
+    /// continues on another node; nil if nowhere.
+    func directedPresence(of resource: JID) -> XMLElement? {
+        let targets = state.withLock { $0.directed[resource] ?? [] }
+        guard !targets.isEmpty else { return nil }
+        var element = XMLElement(name: "directed", namespace: Self.handoverNamespace)
+        for target in targets.sorted(by: { $0.description < $1.description }) {
+            element.append(XMLElement(name: "target", namespace: Self.handoverNamespace, attributes: ["jid": target.description]))
+        }
+        return element
+    }
+
+    /// The session came from another node with `carried` (`directedPresence(of:)` there): its directed
+    /// presence targets are this node's to tell when it goes.
+    func takeUpDirectedPresence(of resource: JID, from carried: [XMLElement]) {
+        guard let element = carried.first(where: { $0.name == "directed" && $0.namespace == Self.handoverNamespace }) else { return }
+        let targets = Set(element.elements.compactMap { $0.name == "target" ? $0[attribute: "jid"].flatMap { JID($0) } : nil })
+        guard !targets.isEmpty else { return }
+        state.withLock { $0.directed[resource, default: []].formUnion(targets) }
+    }
+
+    static let handoverNamespace = "urn:starling:presence:handover"
+
     /// The session continues on another node: what this node kept of its presence goes, unannounced.
     func sessionMoved(_ resource: JID) {
         state.withLock { state in

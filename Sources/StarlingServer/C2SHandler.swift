@@ -742,8 +742,10 @@ final class C2SHandler: ChannelInboundHandler {
         detached = false
         detachTimeout?.cancel()
         server.connections.remove(ObjectIdentifier(self))
+        let handover = SessionHandoverEvent(jid: jid)
+        _ = server.router.run(.sessionHandingOver, handover, on: jid.domainpart)
         let moved = MovedSession(jid: jid, handled: sm.handled, sent: sm.sent, unacknowledged: sm.unacknowledged.compactMap { Self.element($0, to: jid) },
-                                 presence: entry?.presence, flags: entry?.flags ?? [])
+                                 presence: entry?.presence, flags: entry?.flags ?? [], carried: handover.carried)
         server.registry.unbind(session)
         movedAway = jid
         sm = StreamManagement()
@@ -879,6 +881,7 @@ final class C2SHandler: ChannelInboundHandler {
             presence[attribute: "to"] = nil
             server.router.route(presence, from: newSession)
         }
+        _ = server.router.run(.sessionArrived, SessionArrivedEvent(jid: moved.jid, carried: moved.carried), on: moved.jid.domainpart)
         finishResumption(newSession, previd: previd, h: h, state: StreamManagement(resuming: moved, id: previd))
     }
 

@@ -242,6 +242,46 @@ final class ClusterTests: XCTestCase {
         await bob.close()
     }
 
+    /// A session resumed on another node takes along where its directed presence went: a room it joined
+    /// and an account it sent presence to (not a contact) both hear when it goes, from the new node.
+    func testDirectedPresenceGoesWithASessionResumedOnAnotherNode() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b"], as: "up")
+        try await cluster.waitUntil("b", sees: ["a"], as: "up")
+        let bob = try await login(cluster, "b", "bob")
+        let carol = try await login(cluster, "b", "carol")
+        let phone = try await login(cluster, "a", "alice", resource: "phone")
+        _ = try await MUC.createInstantRoom(bob, "lounge", nick: "bob")
+        _ = try await MUC.join(phone, "lounge", nick: "alice")
+        _ = try await MUC.presence(bob, from: "lounge@conference.localhost/alice")
+        phone.send("<presence to='carol@localhost'/>")
+        _ = try await available(carol, from: "alice@localhost/phone")
+        phone.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        let enabled = try await phone.expect("stream management enabled") { $0.name == "enabled" }
+        let id = try XCTUnwrap(enabled[attribute: "id"])
+        await phone.drop()
+
+        let back = try await TestClient.connect(port: cluster["b"].directTLSPort, domain: "localhost", tls: .direct)
+        _ = try await back.openStream()
+        try await back.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
+        back.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
+        let answer = try await back.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
+        XCTAssertEqual(answer.name, "resumed", answer.serialized())
+        MUC.groupchat(back, "lounge", "still in the room")
+        _ = try await MUC.message(bob, from: "lounge@conference.localhost/alice", body: "still in the room")
+
+        back.send("<presence type='unavailable'/>")
+        let left = try await MUC.presence(bob, from: "lounge@conference.localhost/alice", type: "unavailable")
+        XCTAssertNotNil(left.child("x", namespace: "http://jabber.org/protocol/muc#user"), left.serialized())
+        _ = try await carol.expect("alice's unavailable presence") {
+            $0.name == "presence" && $0[attribute: "from"] == "alice@localhost/phone" && $0[attribute: "type"] == "unavailable"
+        }
+        await back.close()
+        await bob.close()
+        await carol.close()
+    }
+
     func testAKilledNodeIsDroppedAndItsUsersGetOfflineMessagesAfterItRejoins() async throws {
         let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
         defer { cluster.stopAll() }

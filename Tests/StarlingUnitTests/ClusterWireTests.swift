@@ -37,7 +37,9 @@ final class ClusterWireTests: XCTestCase {
         .pong(UInt64.max),
         .resumeRequest(id: "abc-def.node-1", user: JID("a@localhost")!, request: 7),
         .resumeState(request: 7, MovedSession(jid: JID("a@localhost/phone")!, handled: 3, sent: UInt32.max, unacknowledged: [message, presence],
-                                               presence: presence, flags: ["carbons", "push:1"])),
+                                               presence: presence, flags: ["carbons", "push:1"],
+                                               carried: [XMLElement(name: "directed", namespace: "urn:example", attributes: ["to": "room@conference.localhost/n"]),
+                                                         XMLElement(name: "empty", namespace: "urn:example:2")])),
         .resumeState(request: 8, MovedSession(jid: JID("a@localhost/phone")!, handled: 0, sent: 0, unacknowledged: [], presence: nil, flags: [])),
         .resumeState(request: 9, nil),
     ]

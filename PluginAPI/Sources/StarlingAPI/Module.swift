@@ -1,3 +1,5 @@
+import Synchronization
+
 /// A server module: a small declaration (name, XEPs, options, dependencies) plus a `register` that
 /// tells the core which disco features, IQ handlers and hooks it adds. The core records every
 /// registration and undoes them all when the module is unloaded, so modules never clean up after
@@ -442,6 +444,45 @@ extension HookPoint where Event == SessionEvent {
     public static let initialPresence = HookPoint("initial-presence")
 }
 
+/// A session about to continue on another node of the cluster (resumed there), before `sessionMoved`:
+/// a module that keeps something per session which must go on there (where its directed presence went,
+/// say) adds it as one element in its own namespace. The other node hands the elements to
+/// `sessionArrived`; they travel on the cluster's authenticated links only.
+public final class SessionHandoverEvent: Sendable {
+    public let jid: JID
+    private let collected = Mutex<[XMLElement]>([])
+
+    public init(jid: JID) { self.jid = jid }
+
+    /// Adds `element` to what goes with the session.
+    public func carry(_ element: XMLElement) {
+        collected.withLock { $0.append(element) }
+    }
+
+    /// What handlers added (for the server).
+    public var carried: [XMLElement] { collected.withLock { $0 } }
+}
+
+extension HookPoint where Event == SessionHandoverEvent {
+    public static let sessionHandingOver = HookPoint("session-handing-over")
+}
+
+/// A session another node handed over was bound here, before it resumes: what modules there carried for
+/// it (`sessionHandingOver`), to take up again.
+public struct SessionArrivedEvent: Sendable {
+    public let jid: JID
+    public let carried: [XMLElement]
+
+    public init(jid: JID, carried: [XMLElement]) {
+        self.jid = jid
+        self.carried = carried
+    }
+}
+
+extension HookPoint where Event == SessionArrivedEvent {
+    public static let sessionArrived = HookPoint("session-arrived")
+}
+
 /// Sessions on another node of the cluster that this node lost sight of (the node died, or the link to
 /// it stayed down past its grace period) or saw again (the link came back). Every node hears of it for
 /// itself, so a handler acts for this node's own sessions only (tells local contacts that `lost` went
@@ -674,7 +715,7 @@ public enum StarlingAPIVersion {
     public static var api: Int { compiledAPI }
     /// The API version compiled into the caller. It is emitted into each plugin's own binary, so it
     /// records what the plugin was built against, not what happens to be loaded.
-    @_alwaysEmitIntoClient public static var compiledAPI: Int { 8 }
+    @_alwaysEmitIntoClient public static var compiledAPI: Int { 9 }
     public static let serverVersion = "0.1.0"
 }
 
