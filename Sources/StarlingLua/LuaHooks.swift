@@ -156,17 +156,15 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             _ = run(["user-registered"], XMLElement(name: "account", namespace: Namespace.client, attributes: ["jid": event.jid.description]))
             return .pass
         }
-        // Rosters of accounts with a session here, for starling.in_roster: loaded at bind, kept current
-        // from roster changes, dropped when the last session goes.
+        // Rosters of accounts with a session here, for starling.in_roster: loaded at bind (or when a
+        // session resumes here from another node), kept current from roster changes made here, dropped
+        // when the last session goes (or moves to another node, which sees the changes from then on).
         registrar.hook(.sessionBound, priority: priority) { [self] event in
-            let user = event.jid.bare
-            if current.withLockedValue({ $0.usesRosters }), services.rosters[user] == nil, let store = host.service((any RosterStore).self) {
-                let rosters = services.rosters
-                Task {
-                    guard let roster = try? await store.roster(of: user) else { return }
-                    rosters.withValue(for: user) { cached in if cached == nil { cached = Set(roster.items.map(\.jid)) } }
-                }
-            }
+            loadRosterIfUsed(event.jid.bare)
+            return .pass
+        }
+        registrar.hook(.sessionResumed, priority: priority) { [self] event in
+            loadRosterIfUsed(event.jid.bare)
             return .pass
         }
         registrar.hook(.rosterChanged, priority: priority) { [self] event in
@@ -176,7 +174,11 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             return .pass
         }
         registrar.hook(.sessionClosed, priority: priority - 1) { [self] event in
-            if !host.resources(of: event.jid.bare).contains(where: \.isLocal) { services.rosters.removeValue(forKey: event.jid.bare) }
+            forgetRosterWithoutLocalSession(event.jid.bare)
+            return .pass
+        }
+        registrar.hook(.sessionMoved, priority: priority) { [self] event in
+            forgetRosterWithoutLocalSession(event.jid.bare)
             return .pass
         }
         registrar.hook(.sessionBound, priority: priority) { [self] event in
@@ -188,6 +190,19 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             return .pass
         }
         registerMUC(registrar)
+    }
+
+    private func loadRosterIfUsed(_ user: JID) {
+        guard current.withLockedValue({ $0.usesRosters }), services.rosters[user] == nil, let store = host.service((any RosterStore).self) else { return }
+        let rosters = services.rosters
+        Task {
+            guard let roster = try? await store.roster(of: user) else { return }
+            rosters.withValue(for: user) { cached in if cached == nil { cached = Set(roster.items.map(\.jid)) } }
+        }
+    }
+
+    private func forgetRosterWithoutLocalSession(_ user: JID) {
+        if !host.resources(of: user).contains(where: \.isLocal) { services.rosters.removeValue(forKey: user) }
     }
 
     public var statusCounters: [String: Int] {

@@ -282,6 +282,58 @@ final class ClusterTests: XCTestCase {
         await carol.close()
     }
 
+    /// A Lua policy that asks `starling.in_roster` (examples/lua/strangers.lua) judges a session resumed on
+    /// another node by its roster there, and the node it left does not keep a copy that goes stale.
+    func testLuaRosterChecksFollowASessionAcrossNodes() async throws {
+        let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users,
+                                      extraConfig: "modules:\n  disco: {}\n  roster: {}\n  presence: {}\n  stream_management: {}\n  lua:\n    scripts: [strangers.lua]",
+                                      files: ["strangers.lua": try LuaHooksTests.example("strangers.lua")])
+        defer { cluster.stopAll() }
+        try await cluster.waitUntil("a", sees: ["b"], as: "up")
+        try await cluster.waitUntil("b", sees: ["a"], as: "up")
+        let bob = try await login(cluster, "b", "bob")
+        let carol = try await login(cluster, "b", "carol")
+        var alice = try await login(cluster, "a", "alice", resource: "phone")
+        try await befriend(alice, "alice@localhost", bob, "bob@localhost")
+        alice.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        let enabled = try await alice.expect("stream management enabled") { $0.name == "enabled" }
+        let id = try XCTUnwrap(enabled[attribute: "id"])
+
+        /// alice's session leaves its connection and resumes on `node`.
+        func move(to node: String) async throws {
+            await alice.drop()
+            let client = try await TestClient.connect(port: cluster[node].directTLSPort, domain: "localhost", tls: .direct)
+            _ = try await client.openStream()
+            try await client.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
+            client.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
+            let answer = try await client.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
+            XCTAssertEqual(answer.name, "resumed", answer.serialized())
+            alice = client
+        }
+        /// Whether carol's message reached alice: bob's, sent after carol's was handled, marks the end.
+        func carolGetsThrough(_ attempt: Int) async throws -> Bool {
+            carol.send("<message to='alice@localhost/phone' type='chat'><body>stranger \(attempt)</body></message>")
+            _ = try await carol.iq("<iq type='get' id='sync\(attempt)' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", id: "sync\(attempt)")
+            send(bob, to: "alice@localhost/phone", "friend \(attempt)")
+            _ = try await message(alice, "friend \(attempt)")
+            return alice.passedOver.contains { $0.name == "message" && $0.child("body")?.text == "stranger \(attempt)" }
+        }
+
+        // On b, where alice's account had no session before, her roster is loaded when the session arrives
+        // (a moment after: until then the policy does not know and lets messages pass).
+        try await move(to: "b")
+        var dropped = false
+        for attempt in 0..<50 where !dropped { dropped = try await !carolGetsThrough(attempt) }
+        XCTAssertTrue(dropped, "node b never judged carol by alice's roster")
+
+        // alice adds carol on b and goes back to a: a judges by the roster as it is now, not as it was.
+        let added = try await alice.iq("<iq type='set' id='add'><query xmlns='jabber:iq:roster'><item jid='carol@localhost'/></query></iq>", id: "add")
+        XCTAssertEqual(added[attribute: "type"], "result", added.serialized())
+        try await move(to: "a")
+        let through = try await carolGetsThrough(100)
+        XCTAssertTrue(through, "node a kept a stale roster for alice")
+    }
+
     func testAKilledNodeIsDroppedAndItsUsersGetOfflineMessagesAfterItRejoins() async throws {
         let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
         defer { cluster.stopAll() }
