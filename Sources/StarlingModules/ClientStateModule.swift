@@ -87,6 +87,11 @@ public final class ClientStateModule: ServerModule {
         }
         registrar.hook(.sessionClosed, forgetSession)
         registrar.hook(.sessionMoved, forgetSession)
+        // A resumed stream starts active (XEP-0352 §5.2): what was held goes to it now.
+        registrar.hook(.sessionResumed) { [self] event in
+            release(event.jid, keepHolding: false)
+            return .pass
+        }
     }
 
     private func release(_ session: JID, keepHolding: Bool) {

@@ -99,7 +99,11 @@ public final class PushModule: ServerModule {
             return .pass
         }
         registrar.hook(.sessionResumed) { [self] event in
-            setQuiet(event.jid) { $0.detached = false }
+            // Connected again, and active: a resumed stream starts active (XEP-0352 §5.2).
+            setQuiet(event.jid) {
+                $0.detached = false
+                $0.inactive = false
+            }
             resetCounts(claimedBy: event.jid)
             return .pass
         }

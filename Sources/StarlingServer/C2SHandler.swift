@@ -908,9 +908,10 @@ final class C2SHandler: ChannelInboundHandler {
         }
         if let loop = context?.eventLoop { startKeepalive(loop: loop) }
         perform(machine.resumed(newSession.jid))
-        _ = server.router.run(.sessionResumed, SessionEvent(jid: newSession.jid), on: newSession.jid.domainpart)
         writeElement(XMLElement(name: "resumed", namespace: StreamManagement.namespace, attributes: ["h": String(sm.handled), "previd": previd]))
         for stanza in sm.unacknowledged { writeStanza(stanza) }
+        // Modules hear of it once <resumed/> is written: what they deliver now (held presence) follows it.
+        _ = server.router.run(.sessionResumed, SessionEvent(jid: newSession.jid), on: newSession.jid.domainpart)
         for stanza in held { deliver(stanza) }
         if !sm.unacknowledged.isEmpty, !sm.requestOutstanding {
             sm.requestOutstanding = true

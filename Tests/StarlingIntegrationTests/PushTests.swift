@@ -56,7 +56,8 @@ final class PushTests: XCTestCase {
         let desk = try await login("desk", "d")
         let phone = try await login("phone", "p")
         phone.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-        _ = try await phone.expect("stream management enabled") { $0.name == "enabled" }
+        let enabled = try await phone.expect("stream management enabled") { $0.name == "enabled" }
+        let resumptionID = try XCTUnwrap(enabled[attribute: "id"])
         try await enablePush(phone, node: "node-1")
 
         // Online and active: the message is delivered, nobody is woken (the count below starts at 1).
@@ -139,13 +140,36 @@ final class PushTests: XCTestCase {
         XCTAssertEqual(push.node, "node-m3", "disabled registrations are not notified")
         await laptop.close()
 
-        // Detached by stream management (the network went away): woken for what comes meanwhile.
+        // Detached by stream management (the network went away) while inactive: woken for what comes meanwhile.
+        phone.send("<inactive xmlns='urn:xmpp:csi:0'/>")
+        try await sync(phone)
         await phone.drop()
         desk.send("<message to='phone@localhost' type='chat'><body>while detached</body></message>")
         // The messages the phone never acknowledged count too (it may not have seen them).
         push = try await nextPublish(appServer)
         XCTAssertEqual(push.node, "node-1b")
         XCTAssertEqual(push.fields["last-message-sender"], "desk@localhost")
+
+        // Resumed, the stream is active (XEP-0352 §5.2): what reaches it wakes nobody until it says inactive
+        // again. The app server's own message would be the next notification if it did.
+        let back = try await TestClient.connect(port: server.directTLSPort, domain: "localhost", tls: .direct)
+        _ = try await back.openStream()
+        try await back.authenticate(username: "phone", password: "pw", mechanism: "SCRAM-SHA-256")
+        back.send("<resume xmlns='urn:xmpp:sm:3' previd='\(resumptionID)' h='0'/>")
+        let resumed = try await back.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
+        XCTAssertEqual(resumed.name, "resumed", resumed.serialized())
+        appServer.send("<message to='phone@localhost/p' type='chat'><body>after resuming</body></message>")
+        _ = try await back.expect("the message after resuming") { $0.child("body")?.text == "after resuming" }
+        back.send("<inactive xmlns='urn:xmpp:csi:0'/>")
+        try await sync(back)
+        let other = try await login("multi", "other")
+        other.send("<message to='phone@localhost/p' type='chat'><body>inactive again</body></message>")
+        // Notifications still owed for the detached time come first; none may be for the app server's message.
+        var senders: [String] = []
+        while senders.last != "multi@localhost" { senders.append(try await nextPublish(appServer).fields["last-message-sender"] ?? "") }
+        XCTAssertFalse(senders.contains("appserver@localhost"), "a resumed stream was taken for inactive: \(senders)")
+        await other.close()
+        await back.close()
         await desk.close()
         await appServer.close()
     }

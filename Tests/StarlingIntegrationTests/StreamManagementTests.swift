@@ -7,7 +7,7 @@ import XCTest
 /// what was not acknowledged sent again, refusals, and the timeout handing unacknowledged messages to
 /// offline storage.
 final class StreamManagementTests: XCTestCase {
-    static let users = (1...10).map { ("sm\($0)", "pw\($0)") }
+    static let users = (1...12).map { ("sm\($0)", "pw\($0)") }
     static let namespace = "urn:xmpp:sm:3"
     nonisolated(unsafe) static var server: ServerProcess!
     nonisolated(unsafe) static var startFailure: (any Error)?
@@ -21,6 +21,7 @@ final class StreamManagementTests: XCTestCase {
           roster: {}
           presence: {}
           offline: {}
+          csi: {}
           stream_management: { resume_timeout: 2 }
         """, users: users) } catch {
             startFailure = error
@@ -147,6 +148,28 @@ final class StreamManagementTests: XCTestCase {
         let answer3 = try await nonza(again, ["resumed", "failed"])
         XCTAssertEqual(failedCondition(answer3), "item-not-found")
         for client in [back, again, bob] { await client.close() }
+    }
+
+    /// A resumed stream starts active whatever the old one had said (XEP-0352 §5.2): presence the server
+    /// held for the inactive client comes once it is resumed, and new presence at once.
+    func testAResumedStreamIsActive() async throws {
+        let phone = try await login(11, resource: "phone")
+        let friend = try await login(12, resource: "f")
+        try await befriend(phone, "sm11@localhost", friend, "sm12@localhost")
+        let enabled = try await enable(phone, resume: true)
+        let id = try XCTUnwrap(enabled)
+        phone.send("<inactive xmlns='urn:xmpp:csi:0'/>")
+        _ = try await phone.iq("<iq type='get' id='inactive' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", id: "inactive")
+        friend.send("<presence><status>while inactive</status></presence>")
+        await phone.drop()
+
+        let back = try await authenticated(11)
+        back.send("<resume xmlns='\(Self.namespace)' previd='\(id)' h='0'/>")
+        let resumed = try await nonza(back, ["resumed", "failed"])
+        XCTAssertEqual(resumed.name, "resumed", resumed.serialized())
+        friend.send("<presence><status>after resuming</status></presence>")
+        _ = try await back.expect("presence sent after resuming") { $0.name == "presence" && $0.child("status")?.text == "after resuming" }
+        for client in [back, friend] { await client.close() }
     }
 
     func testUnknownAndOtherAccountsIDsAreRefused() async throws {
