@@ -163,7 +163,7 @@ public final class LuaHooks: ServerModule, ReloadableModule, StatusReportingModu
             loadRosterIfUsed(event.jid.bare)
             return .pass
         }
-        registrar.hook(.sessionResumed, priority: priority) { [self] event in
+        registrar.hook(.sessionArrived, priority: priority) { [self] event in
             loadRosterIfUsed(event.jid.bare)
             return .pass
         }

@@ -92,9 +92,17 @@ public final class BlockingModule: ServerModule {
             }
             return .handled
         }
-        registrar.hook(.sessionBound) { [self] event in
-            let user = event.jid.bare
+        // Read when the account's first session here binds, or arrives resumed from another node.
+        let loadAccount: @Sendable (JID) -> Void = { [self] session in
+            let user = session.bare
             queue.enqueue(user) { _ = try? await self.load(user) }
+        }
+        registrar.hook(.sessionBound) { event in
+            loadAccount(event.jid)
+            return .pass
+        }
+        registrar.hook(.sessionArrived) { event in
+            loadAccount(event.jid)
             return .pass
         }
         // Applied before the change is answered, so the account's next request sees it.

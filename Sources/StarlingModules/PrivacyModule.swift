@@ -13,6 +13,7 @@ public final class PrivacyModule: ServerModule {
     /// The blocklist, seen as a privacy list.
     static let blockedList = "Blocked contacts"
     static let clusterNamespace = "urn:starling:cluster:privacy"
+    static let handoverNamespace = "urn:starling:privacy:handover"
     public static let descriptor = ModuleDescriptor(
         name: "privacy", summary: "Privacy lists: block or allow by JID, group or subscription.", xeps: ["XEP-0016"],
         dependencies: ["roster"],
@@ -90,6 +91,25 @@ public final class PrivacyModule: ServerModule {
         registrar.hook(.sessionBound) { [self] event in
             let user = event.jid.bare
             queue.enqueue(user) { [self] in _ = try? await load(user) }
+            return .pass
+        }
+        // A session resumed on another node takes its active list along; that node reads the account's
+        // lists as it arrives, then makes the list active again.
+        registrar.hook(.sessionHandingOver) { [self] event in
+            if let name = accounts[event.jid.bare]?.active[event.jid] {
+                event.carry(XMLElement(name: "active", namespace: Self.handoverNamespace, attributes: ["name": name]))
+            }
+            return .pass
+        }
+        registrar.hook(.sessionArrived) { [self] event in
+            let session = event.jid
+            let active = event.carried.first { $0.name == "active" && $0.namespace == Self.handoverNamespace }?[attribute: "name"]
+            queue.enqueue(session.bare) { [self] in
+                guard let account = try? await load(session.bare) else { return }
+                if let active, account.lists[active] != nil {
+                    accounts.withValue(for: session.bare) { $0?.active[session] = active }
+                }
+            }
             return .pass
         }
         // What is kept per session here goes when it ends, or when it moves to another node of the cluster.

@@ -45,12 +45,20 @@ public final class VCardModule: ServerModule {
             hashes.withLock { $0[request.to] = hash ?? "" }
             return .result(nil)
         }
-        registrar.hook(.sessionBound) { [self] event in
-            let user = event.jid.bare
+        // Read when a session binds here, or arrives resumed from another node.
+        let loadHash: @Sendable (JID) -> Void = { [self] session in
+            let user = session.bare
             Task {
                 let hash = (try? await store.vCard(of: user))??.photoHash
                 hashes.withLock { $0[user] = hash ?? "" }
             }
+        }
+        registrar.hook(.sessionBound) { event in
+            loadHash(event.jid)
+            return .pass
+        }
+        registrar.hook(.sessionArrived) { event in
+            loadHash(event.jid)
             return .pass
         }
         // XEP-0398: a PEP avatar became the vCard photo.
