@@ -103,6 +103,24 @@ final class ClusterTests: XCTestCase {
         try await client.expect("message '\(body)'") { $0.name == "message" && $0.child("body")?.text == body }
     }
 
+    /// Enables resumable stream management on `client`; returns the resumption id.
+    private func enableResumption(_ client: TestClient) async throws -> String {
+        client.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        let enabled = try await client.expect("stream management enabled") { $0.name == "enabled" }
+        return try XCTUnwrap(enabled[attribute: "id"])
+    }
+
+    /// A new connection to `node` that logs in as `user` and resumes the session `id`.
+    private func resume(_ cluster: TestCluster, on node: String, _ user: String, id: String) async throws -> TestClient {
+        let client = try await TestClient.connect(port: cluster[node].directTLSPort, domain: "localhost", tls: .direct)
+        _ = try await client.openStream()
+        try await client.authenticate(username: user, password: "\(user)-pw", mechanism: "SCRAM-SHA-256")
+        client.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
+        let answer = try await client.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
+        XCTAssertEqual(answer.name, "resumed", answer.serialized())
+        return client
+    }
+
     func testThreeNodesServeOneService() async throws {
         let cluster = try TestCluster(nodes: ["a", "b", "c"], users: Self.users)
         defer { cluster.stopAll() }
@@ -200,26 +218,14 @@ final class ClusterTests: XCTestCase {
         let bob = try await login(cluster, "b", "bob", resource: "desk")
         let phone = try await login(cluster, "a", "alice", resource: "phone")
         try await befriend(phone, "alice@localhost", bob, "bob@localhost")
-        phone.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-        let enabled = try await phone.expect("stream management enabled") { $0.name == "enabled" }
-        let id = try XCTUnwrap(enabled[attribute: "id"])
+        let id = try await enableResumption(phone)
         XCTAssertTrue(id.hasSuffix(".a"), "the id names the node holding the session: \(id)")
         bob.send("<message to='alice@localhost/phone' type='chat'><body>before the tunnel</body></message>")
         _ = try await message(phone, "before the tunnel")
         await phone.drop()
         bob.send("<message to='alice@localhost/phone' type='chat'><body>while in the tunnel</body></message>")
 
-        /// alice comes back on `node` and resumes `id` there.
-        func resume(on node: String) async throws -> TestClient {
-            let client = try await TestClient.connect(port: cluster[node].directTLSPort, domain: "localhost", tls: .direct)
-            _ = try await client.openStream()
-            try await client.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
-            client.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
-            let answer = try await client.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
-            XCTAssertEqual(answer.name, "resumed", answer.serialized())
-            return client
-        }
-        let back = try await resume(on: "b")
+        let back = try await resume(cluster, on: "b", "alice", id: id)
         _ = try await message(back, "before the tunnel")
         _ = try await message(back, "while in the tunnel")
         bob.send("<message to='alice@localhost/phone' type='chat'><body>after</body></message>")
@@ -232,7 +238,7 @@ final class ClusterTests: XCTestCase {
         // resource now.
         await back.drop()
         bob.send("<message to='alice@localhost/phone' type='chat'><body>second tunnel</body></message>")
-        let again = try await resume(on: "a")
+        let again = try await resume(cluster, on: "a", "alice", id: id)
         _ = try await message(again, "second tunnel")
         // Everything bob sent after the first move arrived before this ping's answer: no unavailable among it.
         _ = try await bob.iq("<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>", id: "sync")
@@ -257,17 +263,9 @@ final class ClusterTests: XCTestCase {
         _ = try await MUC.presence(bob, from: "lounge@conference.localhost/alice")
         phone.send("<presence to='carol@localhost'/>")
         _ = try await available(carol, from: "alice@localhost/phone")
-        phone.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-        let enabled = try await phone.expect("stream management enabled") { $0.name == "enabled" }
-        let id = try XCTUnwrap(enabled[attribute: "id"])
+        let id = try await enableResumption(phone)
         await phone.drop()
-
-        let back = try await TestClient.connect(port: cluster["b"].directTLSPort, domain: "localhost", tls: .direct)
-        _ = try await back.openStream()
-        try await back.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
-        back.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
-        let answer = try await back.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
-        XCTAssertEqual(answer.name, "resumed", answer.serialized())
+        let back = try await resume(cluster, on: "b", "alice", id: id)
         MUC.groupchat(back, "lounge", "still in the room")
         _ = try await MUC.message(bob, from: "lounge@conference.localhost/alice", body: "still in the room")
 
@@ -295,20 +293,12 @@ final class ClusterTests: XCTestCase {
         let carol = try await login(cluster, "b", "carol")
         var alice = try await login(cluster, "a", "alice", resource: "phone")
         try await befriend(alice, "alice@localhost", bob, "bob@localhost")
-        alice.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-        let enabled = try await alice.expect("stream management enabled") { $0.name == "enabled" }
-        let id = try XCTUnwrap(enabled[attribute: "id"])
+        let id = try await enableResumption(alice)
 
         /// alice's session leaves its connection and resumes on `node`.
         func move(to node: String) async throws {
             await alice.drop()
-            let client = try await TestClient.connect(port: cluster[node].directTLSPort, domain: "localhost", tls: .direct)
-            _ = try await client.openStream()
-            try await client.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
-            client.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
-            let answer = try await client.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
-            XCTAssertEqual(answer.name, "resumed", answer.serialized())
-            alice = client
+            alice = try await resume(cluster, on: node, "alice", id: id)
         }
         /// Whether carol's message reached alice: bob's, sent after carol's was handled, marks the end.
         func carolGetsThrough(_ attempt: Int) async throws -> Bool {
@@ -356,17 +346,9 @@ final class ClusterTests: XCTestCase {
         let photo = Data("not really a png".utf8).base64EncodedString()
         let vCard = try await phone.iq("<iq type='set' id='vc'><vCard xmlns='vcard-temp'><PHOTO><TYPE>image/png</TYPE><BINVAL>\(photo)</BINVAL></PHOTO></vCard></iq>", id: "vc")
         XCTAssertEqual(vCard[attribute: "type"], "result", vCard.serialized())
-        phone.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-        let enabled = try await phone.expect("stream management enabled") { $0.name == "enabled" }
-        let id = try XCTUnwrap(enabled[attribute: "id"])
+        let id = try await enableResumption(phone)
         await phone.drop()
-
-        let back = try await TestClient.connect(port: cluster["b"].directTLSPort, domain: "localhost", tls: .direct)
-        _ = try await back.openStream()
-        try await back.authenticate(username: "alice", password: "alice-pw", mechanism: "SCRAM-SHA-256")
-        back.send("<resume xmlns='urn:xmpp:sm:3' previd='\(id)' h='0'/>")
-        let answer = try await back.expect("resumed") { $0.namespace == "urn:xmpp:sm:3" && ($0.name == "resumed" || $0.name == "failed") }
-        XCTAssertEqual(answer.name, "resumed", answer.serialized())
+        let back = try await resume(cluster, on: "b", "alice", id: id)
 
         // Node b reads what alice keeps as her session arrives (a moment after: until then, what comes is
         // delivered as on a node that has not read it yet).
