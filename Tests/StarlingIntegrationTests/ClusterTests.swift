@@ -37,7 +37,11 @@ final class TestCluster {
 
     /// `starlingctl cluster-status --json` on `node`, as the peers' states by name.
     func peerStates(on node: String) throws -> [String: String] {
-        let (status, output) = try self[node].ctl(["cluster-status", "--json"])
+        try Self.peerStates(on: self[node])
+    }
+
+    static func peerStates(on server: ServerProcess) throws -> [String: String] {
+        let (status, output) = try server.ctl(["cluster-status", "--json"])
         guard status == 0, let object = try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any],
               let nodes = object["nodes"] as? [[String: Any]] else { throw TestClientError.unexpected("cluster-status: \(output)") }
         var states: [String: String] = [:]
@@ -48,10 +52,14 @@ final class TestCluster {
     /// Waits until `node` sees each of `peers` in `state` (links come up within a few heartbeats; a lost
     /// node is noticed after `dead_after`).
     func waitUntil(_ node: String, sees peers: [String], as state: String, timeout: Double = 20) async throws {
+        try await Self.waitUntil(self[node], named: node, sees: peers, as: state, timeout: timeout)
+    }
+
+    static func waitUntil(_ server: ServerProcess, named node: String, sees peers: [String], as state: String, timeout: Double = 20) async throws {
         let deadline = Date().addingTimeInterval(timeout)
         var last: [String: String] = [:]
         while Date() < deadline {
-            last = try peerStates(on: node)
+            last = try peerStates(on: server)
             if peers.allSatisfy({ last[$0] == state }) { return }
             try await Task.sleep(for: .milliseconds(100))
         }
@@ -537,6 +545,9 @@ final class ClusterTests: XCTestCase {
         let a = try node("a", link: linkA, peer: toB, users: Self.users)
         let b = try node("b", link: linkB, peer: toA, users: [])
         defer { for server in [a, b] { XCTAssertEqual(server.stop(), 0) } }
+        // Linked before anyone logs in: until then each node rightly takes the other's users for offline.
+        try await TestCluster.waitUntil(a, named: "a", sees: ["b"], as: "up")
+        try await TestCluster.waitUntil(b, named: "b", sees: ["a"], as: "up")
         let alice = try await TestClient.login(port: a.directTLSPort, domain: "localhost", tls: .direct, username: "alice", password: "alice-pw")
         let bob = try await TestClient.login(port: b.directTLSPort, domain: "localhost", tls: .direct, username: "bob", password: "bob-pw")
         try await befriend(alice, "alice@localhost", bob, "bob@localhost")
