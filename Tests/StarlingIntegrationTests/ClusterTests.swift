@@ -55,6 +55,13 @@ final class TestCluster {
         try await Self.waitUntil(self[node], named: node, sees: peers, as: state, timeout: timeout)
     }
 
+    /// Waits until every node sees every other up.
+    func waitUntilLinked() async throws {
+        for node in nodes.keys.sorted() {
+            try await waitUntil(node, sees: nodes.keys.filter { $0 != node }.sorted(), as: "up")
+        }
+    }
+
     static func waitUntil(_ server: ServerProcess, named node: String, sees peers: [String], as state: String, timeout: Double = 20) async throws {
         let deadline = Date().addingTimeInterval(timeout)
         var last: [String: String] = [:]
@@ -221,8 +228,7 @@ final class ClusterTests: XCTestCase {
     func testStreamManagementResumesOnAnotherNode() async throws {
         let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
         defer { cluster.stopAll() }
-        try await cluster.waitUntil("a", sees: ["b"], as: "up")
-        try await cluster.waitUntil("b", sees: ["a"], as: "up")
+        try await cluster.waitUntilLinked()
         let bob = try await login(cluster, "b", "bob", resource: "desk")
         let phone = try await login(cluster, "a", "alice", resource: "phone")
         try await befriend(phone, "alice@localhost", bob, "bob@localhost")
@@ -261,8 +267,7 @@ final class ClusterTests: XCTestCase {
     func testDirectedPresenceGoesWithASessionResumedOnAnotherNode() async throws {
         let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
         defer { cluster.stopAll() }
-        try await cluster.waitUntil("a", sees: ["b"], as: "up")
-        try await cluster.waitUntil("b", sees: ["a"], as: "up")
+        try await cluster.waitUntilLinked()
         let bob = try await login(cluster, "b", "bob")
         let carol = try await login(cluster, "b", "carol")
         let phone = try await login(cluster, "a", "alice", resource: "phone")
@@ -295,8 +300,7 @@ final class ClusterTests: XCTestCase {
                                       extraConfig: "modules:\n  disco: {}\n  roster: {}\n  presence: {}\n  stream_management: {}\n  lua:\n    scripts: [strangers.lua]",
                                       files: ["strangers.lua": try LuaHooksTests.example("strangers.lua")])
         defer { cluster.stopAll() }
-        try await cluster.waitUntil("a", sees: ["b"], as: "up")
-        try await cluster.waitUntil("b", sees: ["a"], as: "up")
+        try await cluster.waitUntilLinked()
         let bob = try await login(cluster, "b", "bob")
         let carol = try await login(cluster, "b", "carol")
         var alice = try await login(cluster, "a", "alice", resource: "phone")
@@ -307,6 +311,10 @@ final class ClusterTests: XCTestCase {
         func move(to node: String) async throws {
             await alice.drop()
             alice = try await resume(cluster, on: node, "alice", id: id)
+            // What alice sends follows her session's binding over the link: once bob has it, node b
+            // routes to her where she is now (before, it would rightly keep messages to her offline).
+            send(alice, to: "bob@localhost", "now on \(node)")
+            _ = try await message(bob, "now on \(node)")
         }
         /// Whether carol's message reached alice: bob's, sent after carol's was handled, marks the end.
         func carolGetsThrough(_ attempt: Int) async throws -> Bool {
@@ -338,8 +346,7 @@ final class ClusterTests: XCTestCase {
     func testAResumedSessionKeepsItsBlocklistPrivacyListsAndAvatarOnItsNewNode() async throws {
         let cluster = try TestCluster(nodes: ["a", "b"], users: Self.users)
         defer { cluster.stopAll() }
-        try await cluster.waitUntil("a", sees: ["b"], as: "up")
-        try await cluster.waitUntil("b", sees: ["a"], as: "up")
+        try await cluster.waitUntilLinked()
         let bob = try await login(cluster, "b", "bob")
         let carol = try await login(cluster, "b", "carol")
         let phone = try await login(cluster, "a", "alice", resource: "phone")
